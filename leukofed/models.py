@@ -1,0 +1,154 @@
+"""The model zoo, and saving a model together with the facts serving needs.
+
+Every model takes float32 RGB 0-255 images (NHWC) and scales them inside the graph, so
+training, the ONNX export and serving share one preprocessing (leukofed.preprocessing).
+
+BatchNorm momentum: Keras defaults (0.99, 0.999 in MobileNetV2) move the moving mean and
+variance so slowly that after a few hundred steps from scratch they are still near their
+initial values (variance 1.0 while the real pre-BN variance is ~1e-3). Training accuracy
+climbs, but inference-mode accuracy sits at the majority-class rate: the previous team's
+"MobileNetV2 from scratch: 0.30". We set momentum 0.9 on every BatchNorm layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from leukofed.labels import CLASSES  # noqa: E402
+from leukofed.preprocessing import PREPROCESSING  # noqa: E402
+
+MODEL_NAMES = ("compact_cnn", "mobilenetv2", "efficientnetb0")
+DEFAULT_MODEL = "mobilenetv2"
+BN_MOMENTUM = 0.9
+METADATA_ENTRY = "leukofed.json"  # extra member inside the .keras zip
+
+
+def compact_cnn(inputs: keras.KerasTensor, width: int = 16) -> keras.KerasTensor:
+    """Four conv blocks (conv-BN-ReLU x2, max-pool): ~0.3M parameters at width 16."""
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    for i, filters in enumerate((width, width * 2, width * 4, width * 8)):
+        for j in range(2 if i else 1):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                    name=f"block{i}_conv{j}")(x)
+            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    return keras.layers.GlobalAveragePooling2D()(x)
+
+
+def _backbone_output(
+    name: str, inputs: keras.KerasTensor, image_size: int, alpha: float, weights: str | None
+) -> keras.KerasTensor:
+    shape = (image_size, image_size, 3)
+    if name == "compact_cnn":
+        if weights:
+            raise ValueError("compact_cnn has no ImageNet weights")
+        return compact_cnn(inputs)
+    if name == "mobilenetv2":
+        x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)  # MobileNetV2 wants [-1, 1]
+        backbone = keras.applications.MobileNetV2(
+            input_shape=shape, alpha=alpha, include_top=False, weights=None
+        )
+    elif name == "efficientnetb0":
+        x = inputs  # EfficientNet rescales and normalises inside its own graph
+        backbone = keras.applications.EfficientNetB0(
+            input_shape=shape, include_top=False, weights=None
+        )
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    if weights:
+        # ImageNet weights from a local file only (a no-top .h5 or .weights.h5); never fetched.
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        backbone.load_weights(str(path))
+    x = backbone(x)
+    return keras.layers.GlobalAveragePooling2D()(x)
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> int:
+    """Set momentum on every BatchNormalization layer (nested models included)."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            count += 1
+    return count
+
+
+def build_model(
+    name: str = DEFAULT_MODEL,
+    image_size: int = 128,
+    alpha: float = 0.35,
+    weights: str | None = None,
+    bn_momentum: float | None = BN_MOMENTUM,
+    dropout: float = 0.2,
+    num_classes: int = len(CLASSES),
+    seed: int | None = None,
+) -> keras.Model:
+    """Build a classifier from scratch (or from local ImageNet backbone weights).
+
+    ``bn_momentum=None`` keeps Keras' defaults: only for demonstrating the failure mode.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
+    x = _backbone_output(name, inputs, image_size, alpha, weights)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=name)
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    return model
+
+
+def model_metadata(
+    model: keras.Model, name: str, image_size: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What travels with a saved model: classes, input shape, preprocessing, architecture."""
+    return {
+        "format": "leukofed-model/1",
+        "architecture": name,
+        "classes": list(CLASSES),
+        "image_size": image_size,
+        "input_shape": [None, image_size, image_size, 3],
+        "preprocessing": PREPROCESSING,
+        "parameters": int(model.count_params()),
+        **(extra or {}),
+    }
+
+
+def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save as .keras with the metadata written into the same zip (one file to move around)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError("model path must end with .keras")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.keras")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as zf:
+        zf.writestr(METADATA_ENTRY, json.dumps(metadata, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    with zipfile.ZipFile(path) as zf:
+        if METADATA_ENTRY not in zf.namelist():
+            raise ValueError(f"{path} has no {METADATA_ENTRY}: not saved by leukofed")
+        return json.loads(zf.read(METADATA_ENTRY))
+
+
+def load_model(path: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    """Load a model saved by save_model, with its metadata."""
+    meta = read_metadata(path)
+    return keras.models.load_model(path, compile=False), meta
