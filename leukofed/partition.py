@@ -117,7 +117,9 @@ def write_partition(
             os.symlink(r.path.resolve(), link)
         hospitals[h] = {
             "count": len(recs),
-            "class_counts": {c: sum(1 for r in recs if r.label == i) for i, c in enumerate(CLASSES)},
+            "class_counts": {
+                c: sum(1 for r in recs if r.label == i) for i, c in enumerate(CLASSES)
+            },
             "fingerprint": fingerprint(recs),
             "groups": sorted({r.group for r in recs}),
         }

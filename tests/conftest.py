@@ -1,0 +1,150 @@
+"""Shared fixtures: real data location, synthetic images, and real servers on free ports.
+
+Integration fixtures start real processes (redis-server, an MLflow tracking server) on
+ports picked at run time, and stop them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("LEUKOFED_REAL_DATA", ROOT.parent / "shared" / "data" / "all-pbs"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "Benign").is_dir():
+        pytest.skip(f"real images not found at {REAL_DATA} (set LEUKOFED_REAL_DATA)")
+    return REAL_DATA
+
+
+def write_synthetic_image(path: Path, label: int, seed: int, size: int = 48) -> Path:
+    """A small image whose colour and pattern depend on the label, so a model can learn it."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[200, 80, 80], [80, 200, 80], [80, 80, 200], [200, 200, 80]][label])
+    img = rng.normal(0, 20, (size, size, 3)) + base
+    yy, xx = np.mgrid[:size, :size]
+    img[(yy // (4 + 2 * label)) % 2 == 0] *= 0.7
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make(per_class=20, folders=CLASSES)`` writes a class-per-folder dataset."""
+
+    def make(per_class: int = 20, folders: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro"),
+             root: Path | None = None, suffix: str = ".png") -> Path:
+        root = root or tmp_path / "data"
+        for label, folder in enumerate(folders):
+            for i in range(per_class):
+                write_synthetic_image(
+                    root / folder / f"img-{folder.split()[-1]}-{i + 1:03d}{suffix}",
+                    label, seed=label * 1000 + i,
+                )
+        return root
+
+    return make
+
+
+@dataclass
+class RedisServer:
+    port: int
+    dir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.dir), "--save", "", "--appendonly", "yes", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 20, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self, downtime: float = 1.0) -> None:
+        self.stop()
+        time.sleep(downtime)
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run `make setup`")
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server (SQLite store, local artifacts) for the whole session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    try:
+        wait_for_port(port, 120, proc)
+        yield MlflowServer(f"http://127.0.0.1:{port}", root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
