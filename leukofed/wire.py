@@ -50,7 +50,8 @@ def _wire_array(name: str, value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.name not in ALLOWED_DTYPES:
         raise WireFormatError(f"tensor {name!r}: dtype {array.dtype} cannot go on the wire")
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
 
 
 def encode_weights(weights: Mapping[str, np.ndarray], fp16: bool = False) -> bytes:

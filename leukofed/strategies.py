@@ -1,0 +1,429 @@
+"""Aggregation strategies: how the aggregator turns hospitals' updates into the next model.
+
+The maths are pure functions over arrays (``weighted_average``, ``coordinate_median``,
+``trimmed_mean``, ``momentum_step``, ``adaptive_step``), so unit tests check them against
+hand-computed numbers. The ``Strategy`` classes add the bookkeeping: which tensors a rule
+applies to, the server optimizer's state (checkpointed by the aggregator via ``state()`` and
+``load_state()``, so a restarted aggregator continues with the same momentum and moments),
+and the extra fit config sent to clients. Server optimizers follow Reddi et al. 2021,
+"Adaptive Federated Optimization", Algorithm 2.
+
+Three kinds of tensor are treated differently, because averaging is not right for all:
+
+* floating-point weights (kernels, biases, BatchNorm gamma/beta): the strategy's rule;
+* BatchNorm moving statistics, named by ``bn_stat_names`` at construction (see
+  ``leukofed.wire.batchnorm_stat_names``). With ``bn_mode="average"`` they are
+  example-weighted averaged by every strategy: they are estimates of activation moments, not
+  parameters descending a loss, so a server optimizer's momentum or a median has no meaning
+  for them (and averaged statistics measured 0.844 vs 0.842 for recomputed ones, BRIEF 6).
+  With ``bn_mode="local"`` (FedBN, Li et al. 2021) the global statistics stay as they were;
+  clients then keep their own local statistics (``set_model_weights(..., skip=bn names)``)
+  and the global model's statistics need recalibrating before it is evaluated centrally;
+* non-float tensors (integer counters): copied from the first result, never averaged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+StateValue = np.ndarray | float | int
+BN_MODES = ("average", "local")
+
+
+@dataclass
+class ClientResult:
+    """One hospital's answer to a fit task."""
+
+    hospital: str
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
+
+
+def _check_same_names(updates: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    if not updates:
+        raise ValueError("nothing to aggregate: no updates")
+    names = list(updates[0])
+    for i, update in enumerate(updates[1:], start=1):
+        if set(update) != set(names):
+            raise ValueError(f"update {i} has tensors {sorted(set(update) ^ set(names))[:5]} "
+                             "that update 0 does not share")
+    return names
+
+
+def weighted_average(updates: Sequence[Mapping[str, np.ndarray]],
+                     weights: Sequence[float]) -> Weights:
+    """Weighted mean of each float tensor (computed in float64, returned in the first update's
+    dtype). Integer tensors are taken from the first update: a rounded mean of counters is a
+    value no client had."""
+    names = _check_same_names(updates)
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and sum > 0, got {list(weights)}")
+    w = w / w.sum()
+    out: Weights = {}
+    for name in names:
+        first = np.asarray(updates[0][name])
+        if not _is_float(first):
+            out[name] = first.copy()
+            continue
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for wi, update in zip(w, updates, strict=True):
+            acc += wi * np.asarray(update[name], dtype=np.float64)
+        out[name] = acc.astype(first.dtype)
+    return out
+
+
+def coordinate_median(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Element-wise median (Yin et al. 2018): one wild client cannot drag it."""
+    return np.median(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0)
+
+
+def trimmed_mean(arrays: Sequence[np.ndarray], beta: float) -> np.ndarray:
+    """Element-wise mean after dropping the int(beta * n) smallest and largest values."""
+    stacked = np.sort(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0)
+    cut = int(beta * len(arrays))
+    return stacked[cut: len(arrays) - cut].mean(axis=0)
+
+
+def momentum_step(x: np.ndarray, delta: np.ndarray, m: np.ndarray, server_lr: float,
+                  momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """FedAvgM (Hsu et al. 2019): m = momentum * m + delta; x = x + server_lr * m."""
+    m = momentum * m + delta
+    return x + server_lr * m, m
+
+
+def adaptive_step(variant: str, x: np.ndarray, delta: np.ndarray, m: np.ndarray, v: np.ndarray,
+                  eta: float, beta_1: float, beta_2: float, tau: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One server step of FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2),
+    ``delta`` being the averaged client model minus the global model. No bias correction, as
+    in the paper; returns the new (x, m, v)."""
+    m = beta_1 * m + (1.0 - beta_1) * delta
+    d2 = delta * delta
+    if variant == "adagrad":
+        v = v + d2
+    elif variant == "adam":
+        v = beta_2 * v + (1.0 - beta_2) * d2
+    elif variant == "yogi":
+        v = v - (1.0 - beta_2) * d2 * np.sign(v - d2)
+    else:
+        raise ValueError(f"unknown adaptive variant {variant!r}")
+    return x + eta * m / (np.sqrt(v) + tau), m, v
+
+
+def _number(name: str, value: Any, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> float:
+    """A real number within bounds, or a ValueError an API client can read."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return float(value)
+
+
+class Strategy(ABC):
+    """Turns one round's client results into the next global weights.
+
+    ``bn_stat_names`` is given at construction (the aggregator knows its model before the
+    first round) so that ``aggregate`` keeps Flower's signature."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, bn_mode: str = "average", bn_stat_names: Iterable[str] = ()) -> None:
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if isinstance(bn_stat_names, str) or not all(isinstance(n, str) for n in bn_stat_names):
+            raise ValueError("bn_stat_names must be a collection of tensor names")
+        self.bn_mode = bn_mode
+        self.bn_stat_names = frozenset(bn_stat_names)
+        self.params: dict[str, Any] = {"bn_mode": bn_mode}
+
+    def configure_fit(self, server_round: int) -> dict[str, Any]:
+        """Extra config for the clients' fit task this round."""
+        return {}
+
+    def state(self) -> dict[str, StateValue]:
+        """Server optimizer state to checkpoint; empty for stateless strategies."""
+        return {}
+
+    def load_state(self, state: Mapping[str, StateValue]) -> None:
+        """Restore what ``state()`` returned (after an aggregator restart)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)[:5]}")
+
+    def aggregate(self, global_weights: Mapping[str, np.ndarray],
+                  results: Sequence[ClientResult], server_round: int) -> Weights:
+        """Next global weights, in ``global_weights``' order and dtypes. Results with no
+        examples carry no information and are ignored."""
+        for r in results:
+            n = r.num_examples
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+                raise ValueError(f"{r.hospital}: num_examples must be an int >= 0, got {n!r}")
+        results = [r for r in results if r.num_examples > 0]
+        if not results:
+            raise ValueError("nothing to aggregate: no result with examples")
+        for r in results:
+            if set(r.weights) != set(global_weights):
+                diff = sorted(set(r.weights) ^ set(global_weights))
+                raise ValueError(f"{r.hospital}: tensor names differ from the global model: "
+                                 f"{diff[:5]}")
+        unknown = self.bn_stat_names - set(global_weights)
+        if unknown:
+            raise ValueError(f"bn_stat_names not in the model: {sorted(unknown)[:5]}")
+        counts = [float(r.num_examples) for r in results]
+        floats = [n for n, g in global_weights.items()
+                  if _is_float(np.asarray(g)) and n not in self.bn_stat_names]
+        combined = self._combine({n: np.asarray(global_weights[n], np.float64) for n in floats},
+                                 [{n: r.weights[n] for n in floats} for r in results], counts)
+        bn = [n for n in global_weights if n in self.bn_stat_names]
+        bn_avg = weighted_average([{n: r.weights[n] for n in bn} for r in results], counts) \
+            if bn and self.bn_mode == "average" else {}
+        out: Weights = {}
+        for name, value in global_weights.items():
+            g = np.asarray(value)
+            if name in combined:
+                new = combined[name]
+            elif name in bn_avg:
+                new = bn_avg[name]
+            elif name in self.bn_stat_names:  # bn_mode == "local": the global stats stay
+                new = g
+            else:  # non-float
+                new = results[0].weights[name]
+            out[name] = np.array(new, dtype=g.dtype)  # always a fresh array
+        return out
+
+    @abstractmethod
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        """The rule for float weights; ``global_weights`` are float64 copies."""
+
+
+class FedAvg(Strategy):
+    """Example-weighted average (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        if not global_weights:
+            return {}
+        return weighted_average(updates, num_examples)
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; clients add (mu / 2) * ||w - w_global||^2 to their loss, which
+    keeps non-IID hospitals from drifting far in many local steps (Li et al. 2020)."""
+
+    name = "fedprox"
+
+    def __init__(self, *, mu: float = 0.01, **common: Any) -> None:
+        super().__init__(**common)
+        self.mu = _number("mu", mu, low=0.0)
+        self.params["mu"] = self.mu
+
+    def configure_fit(self, server_round: int) -> dict[str, Any]:
+        return {"proximal_mu": self.mu}
+
+
+class _Stateful(Strategy):
+    """Keeps per-tensor float64 state arrays under "<slot>/<tensor name>" plus scalars."""
+
+    slots: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        self._arrays: dict[str, dict[str, np.ndarray]] = {s: {} for s in self.slots}
+        self.t = 0  # server steps taken
+
+    def state(self) -> dict[str, StateValue]:
+        out: dict[str, StateValue] = {"t": self.t}
+        for slot, arrays in self._arrays.items():
+            out.update({f"{slot}/{n}": a.copy() for n, a in arrays.items()})
+        return out
+
+    def load_state(self, state: Mapping[str, StateValue]) -> None:
+        arrays: dict[str, dict[str, np.ndarray]] = {s: {} for s in self.slots}
+        t = 0
+        for key, value in state.items():
+            if key == "t":
+                t = int(np.asarray(value))
+                continue
+            slot, _, name = key.partition("/")
+            if slot not in arrays or not name:
+                raise ValueError(f"{self.name}: unexpected state key {key!r}")
+            arrays[slot][name] = np.array(value, dtype=np.float64)
+        self._arrays, self.t = arrays, t
+
+    def _slot(self, slot: str, name: str, like: np.ndarray, init: float) -> np.ndarray:
+        have = self._arrays[slot].get(name)
+        if have is None:
+            if self.t:
+                raise ValueError(f"{self.name}: no {slot} state for {name!r}; state from "
+                                 "another model?")
+            return np.full(like.shape, init)
+        if have.shape != like.shape:
+            raise ValueError(f"{self.name}: {slot} state for {name!r} has shape {have.shape}, "
+                             f"tensor has {like.shape}")
+        return have
+
+
+class FedAvgM(_Stateful):
+    """FedAvg with server momentum (Hsu et al. 2019): smooths the round-to-round swings that
+    non-IID hospitals cause. server_lr=1, momentum=0 is plain FedAvg."""
+
+    name = "fedavgm"
+    slots = ("momentum",)
+
+    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9, **common: Any) -> None:
+        super().__init__(**common)
+        self.server_lr = _number("server_lr", server_lr, low=0.0, low_open=True)
+        self.momentum = _number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.params.update(server_lr=self.server_lr, momentum=self.momentum)
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        if not global_weights:
+            return {}
+        avg = weighted_average([{n: np.asarray(u[n], np.float64) for n in u} for u in updates],
+                               num_examples)
+        out, moms = {}, {}
+        for name, x in global_weights.items():
+            m = self._slot("momentum", name, x, 0.0)
+            out[name], moms[name] = momentum_step(x, avg[name] - x, m, self.server_lr,
+                                                  self.momentum)
+        self._arrays["momentum"].update(moms)  # commit only after every tensor succeeded
+        self.t += 1
+        return out
+
+
+class _FedOpt(_Stateful):
+    """Reddi et al. 2021, Algorithm 2. v starts at tau**2 (the paper's v_{-1} >= tau^2), m at
+    0. ``eta_l`` (client learning rate) is accepted for API familiarity but unused: the run's
+    learning_rate goes to clients in the fit config."""
+
+    variant: ClassVar[str]
+    slots = ("m", "v")
+
+    def __init__(self, *, eta: float = 1e-2, eta_l: float | None = None, beta_1: float = 0.9,
+                 beta_2: float = 0.99, tau: float = 1e-3, **common: Any) -> None:
+        super().__init__(**common)
+        self.eta = _number("eta", eta, low=0.0, low_open=True)
+        self.eta_l = None if eta_l is None else _number("eta_l", eta_l, low=0.0, low_open=True)
+        self.beta_1 = _number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        self.beta_2 = _number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        self.tau = _number("tau", tau, low=0.0, low_open=True)
+        self.params.update(eta=self.eta, beta_1=self.beta_1, beta_2=self.beta_2, tau=self.tau)
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        if not global_weights:
+            return {}
+        avg = weighted_average([{n: np.asarray(u[n], np.float64) for n in u} for u in updates],
+                               num_examples)
+        out, ms, vs = {}, {}, {}
+        for name, x in global_weights.items():
+            m = self._slot("m", name, x, 0.0)
+            v = self._slot("v", name, x, self.tau**2)
+            out[name], ms[name], vs[name] = adaptive_step(
+                self.variant, x, avg[name] - x, m, v, self.eta, self.beta_1, self.beta_2,
+                self.tau)
+        self._arrays["m"].update(ms)  # commit only after every tensor succeeded
+        self._arrays["v"].update(vs)
+        self.t += 1
+        return out
+
+
+class FedAdagrad(_FedOpt):
+    """v accumulates every squared step: the server step size only shrinks."""
+
+    name, variant = "fedadagrad", "adagrad"
+
+    def __init__(self, *, eta: float = 1e-1, **kwargs: Any) -> None:
+        super().__init__(eta=eta, **kwargs)  # the paper's best eta for FedAdagrad is 10x Adam's
+
+
+class FedAdam(_FedOpt):
+    """v is an exponential average of squared steps."""
+
+    name, variant = "fedadam", "adam"
+
+
+class FedYogi(_FedOpt):
+    """Like Adam, but v moves additively towards delta^2, so it forgets large past steps more
+    slowly and grows less abruptly: more stable with heterogeneous clients."""
+
+    name, variant = "fedyogi", "yogi"
+
+
+class FedMedian(Strategy):
+    """Coordinate-wise median, unweighted (a hospital cannot buy influence with a large
+    claimed example count)."""
+
+    name = "fedmedian"
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        return {n: coordinate_median([u[n] for u in updates]) for n in global_weights}
+
+
+class FedTrimmedAvg(Strategy):
+    """Coordinate-wise mean without the int(beta * n) lowest and highest values (unweighted).
+    With fewer than 1/beta clients nothing is trimmed."""
+
+    name = "fedtrimmedavg"
+
+    def __init__(self, *, beta: float = 0.2, **common: Any) -> None:
+        super().__init__(**common)
+        self.beta = _number("beta", beta, low=0.0, high=0.5, high_open=True)
+        self.params["beta"] = self.beta
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        return {n: trimmed_mean([u[n] for u in updates], self.beta) for n in global_weights}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg)
+}
+
+
+def strategy_params(cls: type[Strategy]) -> set[str]:
+    """Keyword parameters a strategy accepts, its own and its base classes'."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(p.name for p in inspect.signature(init).parameters.values()
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return accepted
+
+
+def make_strategy(name: str, **params: Any) -> Strategy:
+    """Build a strategy from a run config; any problem is a ValueError saying what to fix."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    cls = STRATEGIES[key]
+    unknown = set(params) - strategy_params(cls)
+    if unknown:
+        raise ValueError(f"{key} does not take {sorted(unknown)}; it takes "
+                         f"{sorted(strategy_params(cls))}")
+    return cls(**params)

@@ -1,0 +1,102 @@
+"""Server-side checks of one client update before it may join an aggregate.
+
+A single bad update poisons the global model for every hospital: a NaN spreads through
+averaging to every weight, a wrong shape crashes the round, and a huge update (a diverged
+client, or a model-replacement attack that scales its update ~100x, Bagdasaryan et al. 2020)
+drags the average wherever it wants. ``validate_update`` rejects such an update with a short
+machine-readable ``reason`` so the round goes on without it and the log says why.
+
+The norm bound: ||update - global||_2 over the float tensors must not exceed
+``max_norm_ratio * max(||global||_2, min_reference_norm)``. A round of local training moves a
+model by a fraction of its own norm (each Adam step moves a weight by at most about the
+learning rate, and steps mostly cancel), even from scratch, where BatchNorm moving variances
+fall from 1 to ~1e-3. A ratio of 10 leaves an order of magnitude of headroom for honest
+hospitals while a scaled or exploded update is caught. The floor of 1.0 keeps a (near-)zero
+global model from rejecting every honest update; real models are far above it (BatchNorm
+gammas and moving variances start at 1, so ||global|| >= sqrt(channels)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm")
+
+
+class UpdateRejected(ValueError):
+    """An update that must not be aggregated; ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
+
+
+def update_norm(global_weights: Mapping[str, np.ndarray],
+                update: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """(||update - global||_2, ||global||_2) over the global model's float tensors, in float64."""
+    diff_sq = ref_sq = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, g in global_weights.items():
+            g = np.asarray(g)
+            if not _is_float(g):
+                continue
+            g64 = g.astype(np.float64)
+            d = np.asarray(update[name], dtype=np.float64) - g64
+            diff_sq += float(np.dot(d.ravel(), d.ravel()))
+            ref_sq += float(np.dot(g64.ravel(), g64.ravel()))
+    return math.sqrt(diff_sq), math.sqrt(ref_sq)
+
+
+def validate_update(global_weights: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray],
+                    max_norm_ratio: float = 10.0, min_reference_norm: float = 1.0) -> None:
+    """Raise UpdateRejected unless ``update`` fits ``global_weights`` tensor for tensor, is
+    finite everywhere and lies within the norm bound described in the module docstring."""
+    if not isinstance(update, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in update.items()
+    ):
+        raise UpdateRejected("schema", "an update must map tensor names to numpy arrays")
+
+    missing = [n for n in global_weights if n not in update]
+    extra = [n for n in update if n not in global_weights]
+    if missing or extra:
+        parts = ([f"missing {_listed(missing)}"] if missing else []) + (
+            [f"unexpected {_listed(extra)}"] if extra else [])
+        raise UpdateRejected("names", "tensor names differ from the global model: "
+                             + "; ".join(parts))
+
+    wrong = [f"{n} {update[n].shape} != {np.shape(g)}" for n, g in global_weights.items()
+             if update[n].shape != np.shape(g)]
+    if wrong:
+        raise UpdateRejected("shape", f"wrong shapes: {_listed(wrong)}")
+
+    bad_dtype = []
+    for name, g in global_weights.items():
+        g, u = np.asarray(g), update[name]
+        ok = _is_float(u) if _is_float(g) else u.dtype == g.dtype
+        if not ok:
+            bad_dtype.append(f"{name} {u.dtype} for {g.dtype}")
+    if bad_dtype:
+        raise UpdateRejected("dtype", f"incompatible dtypes: {_listed(bad_dtype)}")
+
+    non_finite = [n for n, u in update.items() if _is_float(u) and not np.isfinite(u).all()]
+    if non_finite:
+        raise UpdateRejected("non_finite", f"NaN or inf in {_listed(non_finite)}")
+
+    diff, ref = update_norm(global_weights, update)
+    bound = max_norm_ratio * max(ref, min_reference_norm)
+    if not diff <= bound:  # also catches a norm that overflowed to inf
+        raise UpdateRejected("norm", f"update norm {diff:.4g} exceeds {bound:.4g} "
+                             f"({max_norm_ratio:g} x global norm {ref:.4g})")
