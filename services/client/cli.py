@@ -1,0 +1,123 @@
+"""`leukofed client ...`: run a hospital's worker, and let hospital IT audit and pause it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.client.audit import ParticipationLog, PauseSwitch
+
+client_app = typer.Typer(help="Hospital client: worker, participation log, pause switch.",
+                         no_args_is_help=True)
+
+HospitalOpt = Annotated[str | None, typer.Option("--hospital-id", "-h",
+                                                 help="default: $LEUKOFED_CLIENT_HOSPITAL_ID")]
+StateOpt = Annotated[Path | None, typer.Option(help="default: $LEUKOFED_CLIENT_STATE_DIR or "
+                                                    ".run/client-<id>")]
+
+
+def _state_dir(hospital_id: str | None, state_dir: Path | None) -> Path:
+    if state_dir:
+        return state_dir
+    if os.environ.get("LEUKOFED_CLIENT_STATE_DIR"):
+        return Path(os.environ["LEUKOFED_CLIENT_STATE_DIR"])
+    hid = hospital_id or os.environ.get("LEUKOFED_CLIENT_HOSPITAL_ID")
+    if not hid:
+        raise typer.BadParameter("give --hospital-id or --state-dir (or set the LEUKOFED_CLIENT_"
+                                 "HOSPITAL_ID / LEUKOFED_CLIENT_STATE_DIR environment)")
+    return Path(".run") / f"client-{hid}"
+
+
+def _set_env(**values: object) -> None:
+    for key, value in values.items():
+        if value is not None:
+            os.environ[f"LEUKOFED_CLIENT_{key.upper()}"] = str(value)
+
+
+@client_app.command()
+def worker(
+    hospital_id: HospitalOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="$LEUKOFED_CLIENT_DATA_DIR")] = None,
+    broker_url: Annotated[str | None, typer.Option(help="$LEUKOFED_CLIENT_BROKER_URL")] = None,
+    state_dir: StateOpt = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run this hospital's Celery worker (consumes only queue hospital.<id>)."""
+    _set_env(hospital_id=hospital_id, data_dir=data_dir, broker_url=broker_url,
+             state_dir=state_dir)
+    from services.client.settings import ClientSettings
+    from services.client.worker import create_app, worker_argv
+
+    settings = ClientSettings()  # type: ignore[call-arg]
+    if not settings.data_dir.is_dir():
+        raise typer.BadParameter(f"data dir not found: {settings.data_dir}")
+    create_app(settings).worker_main(worker_argv(settings, loglevel))
+
+
+@client_app.command("log")
+def show_log(hospital_id: HospitalOpt = None, state_dir: StateOpt = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False,
+             tail: Annotated[int, typer.Option(help="last N entries, 0 = all")] = 0) -> None:
+    """Every task this hospital answered: run, round, bytes sent, SHA-256, time."""
+    entries = list(ParticipationLog(_state_dir(hospital_id, state_dir)).entries())
+    if tail:
+        entries = entries[-tail:]
+    if as_json:
+        for e in entries:
+            typer.echo(json.dumps(e, sort_keys=True))
+        return
+    if not entries:
+        typer.echo("no participation yet")
+        return
+    typer.echo(f"{'time':20} {'run':14} {'round':>5} {'task':9} {'status':9} {'bytes':>10}  sha256")
+    for e in entries:
+        typer.echo(f"{e.get('time', ''):20} {str(e.get('run', ''))[:14]:14} "
+                   f"{e.get('round', ''):>5} {e.get('task', ''):9} {e.get('status', ''):9} "
+                   f"{e.get('bytes', 0):>10}  {e.get('sha256') or e.get('reason', '')}")
+
+
+@client_app.command()
+def pause(hospital_id: HospitalOpt = None, state_dir: StateOpt = None,
+          reason: str = "") -> None:
+    """Stop taking part: the worker declines every task until `resume`."""
+    PauseSwitch(_state_dir(hospital_id, state_dir)).pause(reason)
+    typer.echo("paused: the worker declines tasks (status 'declined: paused')")
+
+
+@client_app.command()
+def resume(hospital_id: HospitalOpt = None, state_dir: StateOpt = None) -> None:
+    """Take part again from the next task."""
+    PauseSwitch(_state_dir(hospital_id, state_dir)).resume()
+    typer.echo("resumed: the worker accepts tasks")
+
+
+@client_app.command()
+def status(hospital_id: HospitalOpt = None, state_dir: StateOpt = None) -> None:
+    """Paused or not, and how many updates were sent."""
+    d = _state_dir(hospital_id, state_dir)
+    switch = PauseSwitch(d)
+    sent = [e for e in ParticipationLog(d).entries() if e.get("task") == "fit"
+            and e.get("status") == "ok"]
+    typer.echo(json.dumps({"state_dir": str(d), "paused": switch.paused,
+                           "pause_reason": switch.reason(), "updates_sent": len(sent),
+                           "bytes_sent": sum(int(e.get("bytes", 0)) for e in sent)}, indent=1))
+
+
+@client_app.command()
+def describe(hospital_id: HospitalOpt = None,
+             data_dir: Annotated[Path | None, typer.Option()] = None) -> None:
+    """What the aggregator would learn from describe(): class counts and a fingerprint."""
+    _set_env(hospital_id=hospital_id, data_dir=data_dir)
+    from services.client.core import HospitalClient
+    from services.client.settings import ClientSettings
+
+    typer.echo(json.dumps(HospitalClient(ClientSettings()).describe(),  # type: ignore[call-arg]
+                          indent=1))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(client_app, name="client")

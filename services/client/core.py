@@ -1,0 +1,236 @@
+"""One hospital's side of federated training, free of Celery so it can be tested directly.
+
+What leaves the hospital is exactly what these methods return: a weight blob (wire format),
+example counts, and aggregate metrics (loss, accuracy, confusion-matrix counts). No image
+bytes, file names or per-image predictions: the return values are built from aggregates
+only, and the unit tests check it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+
+from leukofed.data import Dataset, scan_dataset
+from leukofed.labels import CLASSES
+from leukofed.splits import Split, group_split
+from leukofed.transport import round_config
+from leukofed.wire import WireFormatError, decode_weights, encode_weights
+from services.client.audit import ParticipationLog, PauseSwitch
+from services.client.settings import ClientSettings
+
+log = logging.getLogger(__name__)
+
+
+def _status(status: str, hospital: str, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "hospital": hospital, **extra}
+
+
+def split_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Aggregate numbers for one split: counts, mean loss, accuracy, confusion matrix. The
+    aggregator sums confusion matrices over hospitals to get pooled metrics."""
+    n = len(y)
+    if n == 0:
+        return {"n": 0}
+    from leukofed.metrics import confusion_matrix
+
+    p = np.clip(probs[np.arange(n), y], 1e-7, 1.0)
+    cm = confusion_matrix(y, probs.argmax(axis=1), len(CLASSES))
+    return {"n": int(n), "loss": float(-np.log(p).mean()),
+            "accuracy": float(np.trace(cm) / n), "confusion_matrix": cm.tolist()}
+
+
+class HospitalClient:
+    """Holds the local dataset split and ONE Trainer across rounds (rebuilding a model and
+    recompiling its train step every round would cost more than a small round's training)."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.hospital = settings.hospital_id
+        self.participation = ParticipationLog(settings.state_path)
+        self.pause_switch = PauseSwitch(settings.state_path)
+        self._dataset: Dataset | None = None
+        self._split: Split | None = None
+        self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._trainer: Any = None
+        self._trainer_key: tuple[Any, ...] | None = None
+        self._bn_names: set[str] = set()
+        self._local_bn_run: str | None = None  # FedBN: run whose local statistics we hold
+
+    # ------------------------------------------------------------ data
+
+    def dataset(self) -> tuple[Dataset, Split]:
+        if self._dataset is None or self._split is None:
+            s = self.settings
+            ds = scan_dataset(s.data_dir, block_size=s.block_size)
+            self._split = group_split(ds.records, s.val_fraction, s.test_fraction, s.split_seed)
+            self._dataset = ds
+            log.info("hospital %s: %d images (%s), %d bad files skipped", self.hospital,
+                     len(ds.records), ds.class_counts(), len(ds.bad_files))
+        return self._dataset, self._split
+
+    def arrays(self, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (split, image_size)
+        if key not in self._arrays:
+            from leukofed.train import load_arrays
+
+            _, sp = self.dataset()
+            self._arrays[key] = load_arrays(sp[split], image_size, self.settings.cache_dir)
+        return self._arrays[key]
+
+    # ------------------------------------------------------------ model
+
+    def trainer(self, cfg: dict[str, Any]) -> Any:
+        key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), bool(cfg["jit_compile"]))
+        if self._trainer_key != key:
+            from leukofed.models import build_model
+            from leukofed.train import Trainer
+            from leukofed.wire import batchnorm_stat_names
+
+            model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]))
+            self._trainer = Trainer(model, learning_rate=float(cfg["learning_rate"]),
+                                    jit_compile=bool(cfg["jit_compile"]))
+            self._trainer_key = key
+            self._bn_names = batchnorm_stat_names(model)
+            self._local_bn_run = None
+        return self._trainer
+
+    def _load_global(self, blob: bytes, cfg: dict[str, Any]) -> Any:
+        from leukofed.wire import set_model_weights
+
+        weights = decode_weights(blob)
+        trainer = self.trainer(cfg)
+        # FedBN keeps this hospital's BatchNorm statistics once it has its own for this run.
+        keep_local = cfg["bn_mode"] == "local" and self._local_bn_run == cfg["run_id"]
+        set_model_weights(trainer.model, weights, skip=self._bn_names if keep_local else ())
+        return trainer
+
+    # ------------------------------------------------------------ gatekeeping
+
+    def _gate(self, task: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+        """A decline answer when paused or past the round deadline, else None."""
+        reason = None
+        if self.pause_switch.paused:
+            reason = "paused"
+        elif cfg["deadline"] and time.time() > float(cfg["deadline"]):
+            reason = "expired"
+        if reason is None:
+            return None
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
+                                  status="declined", reason=reason, bytes=0)
+        return _status("declined", self.hospital, reason=reason,
+                       message=f"declined: {reason}", round=cfg["round"], run_id=cfg["run_id"])
+
+    # ------------------------------------------------------------ tasks
+
+    def fit(self, blob: bytes, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg = round_config(config)
+        declined = self._gate("fit", cfg)
+        if declined:
+            return declined
+        start = time.perf_counter()
+        try:
+            trainer = self._load_global(blob, cfg)
+        except (WireFormatError, ValueError) as exc:
+            return self._error("fit", cfg, f"global weights unusable: {exc}")
+        if self.settings.fault_delay_s:
+            time.sleep(self.settings.fault_delay_s)
+        from leukofed.train import local_fit
+        from leukofed.wire import weights_from_model
+
+        x, y = self.arrays("train", int(cfg["image_size"]))
+        loaded = time.perf_counter()
+        if len(x) == 0:
+            return self._error("fit", cfg, "no training images at this hospital")
+        seed = (int(cfg["seed"]) * 1_000_003 + int(cfg["round"]) * 101
+                + zlib.crc32(self.hospital.encode())) % 2**31
+        stats = local_fit(trainer, x, y, epochs=int(cfg["local_epochs"]),
+                          batch_size=int(cfg["batch_size"]),
+                          learning_rate=float(cfg["learning_rate"]),
+                          proximal_mu=float(cfg["proximal_mu"]),
+                          class_balanced=bool(cfg["class_balanced"]), seed=seed)
+        if cfg["bn_mode"] == "local":
+            self._local_bn_run = str(cfg["run_id"])
+        trained = time.perf_counter()
+        weights = self._inject_fault(weights_from_model(trainer.model))
+        out = encode_weights(weights, fp16=bool(cfg["fp16"]))
+        digest = hashlib.sha256(out).hexdigest()
+        done = time.perf_counter()
+        _, sp = self.dataset()
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
+                                  status="ok", bytes=len(out), sha256=digest,
+                                  num_examples=int(len(x)), fp16=bool(cfg["fp16"]))
+        return _status(
+            "ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"], weights=out,
+            bytes=len(out), sha256=digest, num_examples=int(len(x)),
+            metrics={"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
+            timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
+                     "encode_s": done - trained, "total_s": done - start},
+            class_counts=_counts(y), dataset_fingerprint=self.dataset()[0].fingerprint,
+        )
+
+    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg = round_config(config)
+        declined = self._gate("evaluate", cfg)
+        if declined:
+            return declined
+        start = time.perf_counter()
+        try:
+            trainer = self._load_global(blob, cfg)
+        except (WireFormatError, ValueError) as exc:
+            return self._error("evaluate", cfg, f"global weights unusable: {exc}")
+        splits = {}
+        for name in ("val", "test"):
+            x, y = self.arrays(name, int(cfg["image_size"]))
+            splits[name] = split_metrics(y, trainer.predict(x)) if len(x) else {"n": 0}
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="evaluate",
+                                  status="ok", bytes=0,
+                                  num_examples=sum(s["n"] for s in splits.values()))
+        return _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
+                       splits=splits, num_examples=splits["test"]["n"],
+                       seconds=time.perf_counter() - start)
+
+    def describe(self) -> dict[str, Any]:
+        ds, sp = self.dataset()
+        return _status("ok", self.hospital, class_counts=ds.class_counts(),
+                       num_images=len(ds.records),
+                       splits={n: len(sp[n]) for n in ("train", "val", "test")},
+                       split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
+                                     for n in ("train", "val", "test")},
+                       dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
+                       paused=self.pause_switch.paused)
+
+    # ------------------------------------------------------------ helpers
+
+    def _error(self, task: str, cfg: dict[str, Any], message: str) -> dict[str, Any]:
+        log.error("%s round %s: %s", task, cfg["round"], message)
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
+                                  status="error", reason=message, bytes=0)
+        return _status("error", self.hospital, reason=message, round=cfg["round"],
+                       run_id=cfg["run_id"])
+
+    def _inject_fault(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fault = self.settings.fault
+        if not fault:
+            return weights
+        log.warning("FAULT INJECTION active: sending a %r update", fault)
+        floats = [n for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)]
+        if fault == "nan":
+            weights[floats[0]] = np.full_like(weights[floats[0]], np.nan)
+        elif fault == "shape":
+            name = next(n for n in floats if weights[n].ndim >= 1 and weights[n].shape[0] > 1)
+            weights[name] = weights[name][:-1]
+        elif fault == "norm":
+            weights = {n: w * np.asarray(1000.0, w.dtype) if n in floats else w
+                       for n, w in weights.items()}
+        return weights
+
+
+def _counts(y: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(y, minlength=len(CLASSES)) if len(y) else np.zeros(len(CLASSES), int)
+    return {name: int(counts[i]) for i, name in enumerate(CLASSES)}

@@ -1,0 +1,52 @@
+"""Settings of one hospital's client worker, from environment variables (prefix
+``LEUKOFED_CLIENT_``) or a ``.env`` file. Nothing else configures the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S, check_hospital_id
+
+FAULTS = ("", "nan", "shape", "norm")
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEUKOFED_CLIENT_", env_file=".env",
+                                      extra="ignore")
+
+    hospital_id: str = Field(description="short id; the worker consumes queue hospital.<id>")
+    data_dir: Path = Field(description="image archive, one sub-folder per class; only read")
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str | None = Field(None, description="defaults to broker_url")
+    state_dir: Path | None = Field(
+        None, description="participation log and pause flag; default .run/client-<id>")
+    cache_dir: Path = Field(Path(".cache"), description="decoded-image cache (local only)")
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    block_size: int = 16
+    # Fault injection for tests and drills only: makes this hospital send a bad update
+    # ("nan", "shape" or "norm") or stall before training, so the aggregator's defences can
+    # be exercised against real processes. Never set in a real deployment.
+    fault: str = ""
+    fault_delay_s: float = 0.0
+
+    @field_validator("hospital_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return check_hospital_id(value)
+
+    @field_validator("fault")
+    @classmethod
+    def _fault(cls, value: str) -> str:
+        if value not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        return value
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or Path(".run") / f"client-{self.hospital_id}"

@@ -1,0 +1,66 @@
+"""The Celery worker of ONE hospital: ``celery -A services.client.worker worker --pool solo``.
+
+Settings come from ``LEUKOFED_CLIENT_*`` (services/client/settings.py). The app's only queue
+is ``hospital.<id>``. One HospitalClient (and so one Trainer) lives per worker process and is
+reused by every round. ``--pool solo`` keeps training in the worker process itself: with one
+training at a time there is nothing to gain from forking, and TensorFlow dislikes fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import Any
+
+from celery import Celery
+
+from leukofed.transport import TASK_DESCRIBE, TASK_EVALUATE, TASK_FIT, make_celery, queue_name
+from services.client.core import HospitalClient
+from services.client.settings import ClientSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ClientSettings | None = None) -> Celery:
+    settings = settings or ClientSettings()  # type: ignore[call-arg]
+    app = make_celery(f"leukofed-client-{settings.hospital_id}", settings.broker_url,
+                      settings.result_backend, settings.visibility_timeout_s,
+                      hospital_id=settings.hospital_id)
+
+    @cache
+    def client() -> HospitalClient:
+        return HospitalClient(settings)
+
+    @app.task(name=TASK_FIT)
+    def fit(blob: bytes, config: dict[str, Any]) -> dict[str, Any]:
+        return client().fit(blob, config)
+
+    @app.task(name=TASK_EVALUATE)
+    def evaluate(blob: bytes, config: dict[str, Any]) -> dict[str, Any]:
+        return client().evaluate(blob, config)
+
+    @app.task(name=TASK_DESCRIBE)
+    def describe() -> dict[str, Any]:
+        if client().pause_switch.paused:
+            return {"status": "declined", "hospital": settings.hospital_id, "reason": "paused",
+                    "message": "declined: paused"}
+        return client().describe()
+
+    app.leukofed_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def worker_argv(settings: ClientSettings, loglevel: str = "INFO") -> list[str]:
+    return ["worker", "--pool", "solo", "--concurrency", "1",
+            "-Q", queue_name(settings.hospital_id), "-n", f"{settings.hospital_id}@%h",
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A services.client.worker` looks up `app`/`celery`; build it on first access so
+    # importing this module (tests, the CLI) needs no settings in the environment.
+    if name in ("app", "celery"):
+        value = create_app()
+        globals()["app"] = globals()["celery"] = value
+        return value
+    raise AttributeError(name)
