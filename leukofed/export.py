@@ -96,6 +96,19 @@ def parity_diff(model: Any, onnx_bytes: bytes, images: np.ndarray) -> float:
     return float(np.max(np.abs(keras_out - onnx_out)))
 
 
+def parity_batch(image_size: int, folder: str | Path | None = None, count: int = 16) -> np.ndarray:
+    """Images for the parity check: real ones from ``folder`` when given, else seeded noise."""
+    if folder is not None:
+        from leukofed.data import scan_dataset
+        from leukofed.preprocessing import load_image
+
+        records = scan_dataset(folder, verify=False).records
+        records = records[:: max(1, len(records) // count)][:count]
+        return np.stack([load_image(r.path, image_size) for r in records])
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
+
+
 def export_onnx(
     model: Any,
     metadata: dict[str, Any],

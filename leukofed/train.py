@@ -1,8 +1,11 @@
 """The training step and the loops around it, shared by centralized and federated training.
 
-Speed on a 2-core CPU comes from three things, each measured in benchmarks/:
-decoded images are cached once as uint8 arrays (no JPEG decoding per epoch), the
-train step is one XLA-compiled tf.function, and augmentation runs vectorised per batch.
+Speed on a 2-core CPU comes from decoded images cached once as uint8 arrays (no JPEG
+decoding per epoch), one tf.function train step and augmentation vectorised per batch
+(benchmarks/bench_central.py measures it against a plain ``model.fit``). XLA
+(``jit_compile``) is off by default: on this CPU it made MobileNetV2 @128 px 4.7x slower
+(depthwise convolutions) and the compact CNN @128 px 1.7x slower; only the compact CNN at
+64 px gained (~8%).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ class Trainer:
         self,
         model: keras.Model,
         learning_rate: float = 1e-3,
-        jit_compile: bool = True,
+        jit_compile: bool = False,
         proximal_mu: float = 0.0,
     ) -> None:
         self.model = model
@@ -309,3 +312,61 @@ def local_fit(
 
 def evaluate(trainer: Trainer, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return classification_metrics(y, trainer.predict(x))
+
+
+def run_central(
+    data: str | Path,
+    out: str | Path,
+    model: str = "mobilenetv2",
+    image_size: int = 128,
+    alpha: float = 0.35,
+    epochs: int = 30,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    patience: int = 8,
+    weights: str | None = None,
+    split_manifest: str | Path | None = None,
+    seed: int = 0,
+    jit_compile: bool = False,
+    bn_momentum: float | None = 0.9,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Split (by blocks), train, pick the best epoch on validation macro-F1, test once.
+
+    Writes OUT/model.keras (with metadata), OUT/metrics.json, OUT/confusion_matrix.png.
+    """
+    import json
+
+    from leukofed.data import scan_dataset
+    from leukofed.metrics import plot_confusion_matrix
+    from leukofed.models import build_model, model_metadata, save_model
+    from leukofed.splits import group_split, read_manifest
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = scan_dataset(data)
+    split = read_manifest(split_manifest, data) if split_manifest else group_split(
+        dataset.records, seed=seed)
+    arrays = {n: load_arrays(split[n], image_size) for n in ("train", "val", "test")}
+    net = build_model(model, image_size, alpha=alpha, weights=weights, seed=seed,
+                      bn_momentum=bn_momentum)
+    trainer = Trainer(net, learning_rate, jit_compile=jit_compile)
+    result = fit(trainer, arrays["train"], arrays["val"], epochs, batch_size, learning_rate,
+                 patience, seed=seed, progress=progress)
+    test = evaluate(trainer, *arrays["test"])
+    from leukofed.data import fingerprint
+
+    meta = model_metadata(net, model, image_size, {
+        "alpha": alpha if model == "mobilenetv2" else None,
+        "dataset_fingerprint": dataset.fingerprint,
+        "train_fingerprint": fingerprint(split.train),
+        "best_epoch": result.best_epoch,
+    })
+    save_model(net, out / "model.keras", meta)
+    plot_confusion_matrix(test["confusion_matrix"], CLASSES, out / "confusion_matrix.png",
+                          f"{model} @{image_size}px, test split")
+    report = {"model": meta, "history": result.history, "best_epoch": result.best_epoch,
+              "train_seconds": result.seconds, "test": test,
+              "counts": {n: len(split[n]) for n in ("train", "val", "test")}}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
+    return report
