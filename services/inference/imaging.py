@@ -1,0 +1,62 @@
+"""Uploaded files to model input, with the HTTP status each kind of bad input deserves.
+
+Decoding is the shared ``leukofed.preprocessing`` (one definition for training, export
+and serving); this module only adds the size limits and the mapping of its errors to
+statuses: too large -> 413, not an image -> 415, empty or broken -> 422. Every message
+names the file, so a user with twenty uploads knows which one to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from leukofed.preprocessing import ImageDecodeError, decode_image, to_model_input
+
+
+class InputError(Exception):
+    """A client error with its HTTP status; the service keeps serving."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+def status_for(error: ImageDecodeError) -> int:
+    """The HTTP status for a decode error (preprocessing words its messages by kind)."""
+    text = str(error)
+    if text.startswith("image too large"):
+        return 413
+    if text.startswith("not a recognised image"):
+        return 415
+    return 422  # empty, truncated, corrupt
+
+
+@dataclass
+class DecodedImage:
+    filename: str
+    image: Image.Image  # RGB, EXIF orientation applied, original size
+
+
+def decode_upload(filename: str, data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+    """Decode one uploaded file or raise InputError naming it."""
+    if len(data) > max_bytes:
+        raise InputError(413, f"{filename}: file is {human_bytes(len(data))}, over the "
+                              f"{human_bytes(max_bytes)} limit")
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise InputError(status_for(exc), f"{filename}: {exc}") from exc
+    return DecodedImage(filename, image)
+
+
+def model_batch(images: list[DecodedImage], size: int) -> np.ndarray:
+    """uint8 (N, size, size, 3): the model's input, resized exactly as in training."""
+    return np.stack([to_model_input(d.image, size) for d in images])

@@ -1,0 +1,178 @@
+"""Which model is served: follow an alias (or a fixed version) and hot-swap atomically.
+
+The watcher polls the registry. When the alias moves it loads the new version beside the
+old one (ONNX from the store, a session, a warm-up run) and only then replaces the single
+``current`` reference. A batch takes that reference once when it starts, so requests in
+flight finish on the model they started with and none fails during a swap. A version that
+fails its parity check (or cannot be exported at all) is refused for good and the
+previous one keeps serving; transient errors (MLflow unreachable) are retried each poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from leukofed.export import ParityError, read_onnx_metadata
+
+from . import runtime
+from .onnx_store import ExportError, OnnxArtifact, OnnxStore, VersionInfo
+from .settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    session: Any
+    metadata: dict[str, Any]
+    sha256: str
+    onnx_origin: str
+    parity_max_abs_diff: float | None
+    providers: list[str]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return runtime.run(self.session, images)
+
+
+class ModelSource:
+    def __init__(self, settings: InferenceSettings,
+                 resolver: Callable[[], VersionInfo | None] | None = None,
+                 fetch_onnx: Callable[[VersionInfo], OnnxArtifact] | None = None) -> None:
+        self.settings = settings
+        self.current: ServedModel | None = None
+        self.status = "starting: the registry has not been asked yet"
+        self.last_error: str | None = None
+        self.refused: dict[str, str] = {}
+        self.swaps = 0
+        self.on_swap: list[Callable[[ServedModel], None]] = []
+        self._lock = threading.Lock()  # one refresh at a time
+        if resolver is None or fetch_onnx is None:
+            import mlflow
+            from mlflow import MlflowClient
+
+            mlflow.set_tracking_uri(settings.tracking_uri)
+            mlflow.set_registry_uri(settings.tracking_uri)
+            self._client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+            store = OnnxStore(settings.onnx_cache_dir, self._client, settings.tracking_uri,
+                              settings.log_onnx_to_mlflow, settings.parity_images_dir)
+        self._resolve = resolver or self._resolve_mlflow
+        self._fetch = fetch_onnx or store.get
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    def _resolve_mlflow(self) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        s = self.settings
+        try:
+            if s.model_version:
+                mv = self._client.get_model_version(s.model_name, s.model_version)
+            else:
+                mv = self._client.get_model_version_by_alias(s.model_name, s.model_alias)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc):
+                return None
+            raise
+        return VersionInfo(s.model_name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+    def _missing_reason(self) -> str:
+        s = self.settings
+        if s.model_version:
+            return f"model {s.model_name!r} has no version {s.model_version}"
+        return (f"no version of model {s.model_name!r} has the alias {s.model_alias!r} yet: "
+                "promote one (MLflow UI or `leukofed promote`)")
+
+    def refresh(self) -> ServedModel | None:
+        """Resolve the target once and swap to it when it changed. Thread-safe."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> ServedModel | None:
+        s = self.settings
+        try:
+            info = self._resolve()
+        except Exception as exc:
+            self._note(f"cannot read the registry at {s.tracking_uri}: {exc}")
+            return self.current
+        if info is None:
+            self._note(self._missing_reason())
+            return self.current
+        if self.current is not None and self.current.version == info.version:
+            return self.current
+        if info.version in self.refused:
+            return self.current
+        self.status = f"loading version {info.version} of {info.name!r}"
+        try:
+            served = self._load(info)
+        except (ParityError, ExportError) as exc:
+            reason = f"version {info.version} refused: {exc}"
+            self.refused[info.version] = reason
+            self._note(reason)
+            log.error("%s; still serving %s", reason,
+                      self.current.version if self.current else "nothing")
+            return self.current
+        except Exception as exc:
+            self._note(f"loading version {info.version} failed (will retry): {exc}")
+            log.exception("loading version %s failed", info.version)
+            return self.current
+        old, self.current = self.current, served  # the atomic swap: one reference
+        self.swaps += 1
+        self.status = f"serving version {served.version}"
+        self.last_error = None
+        log.info("now serving %s version %s (was %s), ONNX from %s, providers %s",
+                 served.name, served.version, old.version if old else "nothing",
+                 served.onnx_origin, served.providers)
+        for hook in self.on_swap:
+            hook(served)
+        return served
+
+    def _note(self, message: str) -> None:
+        self.last_error = message
+        if self.current is None:
+            self.status = message
+
+    def _load(self, info: VersionInfo) -> ServedModel:
+        artifact = self._fetch(info)
+        s = self.settings
+        session = runtime.make_session(artifact.data, s.provider, s.threads)
+        metadata = read_onnx_metadata(session)
+        size = int(metadata["image_size"])
+        # Warm up at both ends of the batch range so the first requests do not pay for it.
+        for n in {1, s.max_batch_size}:
+            runtime.run(session, np.zeros((n, size, size, 3), np.float32))
+        return ServedModel(
+            name=info.name, version=info.version,
+            alias=None if s.model_version else s.model_alias, run_id=info.run_id,
+            session=session, metadata=metadata, sha256=artifact.sha256,
+            onnx_origin=artifact.origin, parity_max_abs_diff=artifact.parity_max_abs_diff,
+            providers=list(session.get_providers()),
+        )
+
+    async def watch(self) -> None:
+        """Poll forever (cancel to stop); the first check happens at once."""
+        while True:
+            await asyncio.to_thread(self.refresh)
+            await asyncio.sleep(self.settings.poll_interval_s)

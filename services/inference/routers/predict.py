@@ -1,0 +1,91 @@
+"""POST /v1/predict and POST /v1/explain: images in, probabilities (and heat maps) out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, HTTPException, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from leukofed.preprocessing import to_model_input
+
+from ..batcher import NotReadyError
+from ..explain import GRID, heatmap_png, occlusion_map, png_base64
+from ..imaging import DecodedImage, InputError, decode_upload, model_batch
+from ..model_source import ServedModel
+from ..schemas import ExplainResponse, PredictResponse
+from ..security import require_api_key
+from ..state import ServiceState, get_state
+
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
+
+
+def served_or_503(state: ServiceState) -> ServedModel:
+    model = state.source.current
+    if model is None:
+        raise HTTPException(503, f"not ready: {state.source.status}",
+                            headers={"Retry-After": "5"})
+    return model
+
+
+async def read_uploads(state: ServiceState, uploads: list[UploadFile]) -> list[DecodedImage]:
+    s = state.settings
+    if not uploads:
+        raise InputError(422, "no image: send files in the multipart field 'files' "
+                              "(or a single one in 'file')")
+    if len(uploads) > s.max_files:
+        raise InputError(413, f"{len(uploads)} files in one request; the limit is {s.max_files}")
+    decoded = []
+    for i, upload in enumerate(uploads):
+        name = upload.filename or f"file {i + 1}"
+        data = await upload.read()
+        # Decoding is CPU work: off the event loop so other requests keep flowing.
+        decoded.append(await run_in_threadpool(
+            decode_upload, name, data, s.max_upload_bytes, s.max_pixels))
+    return decoded
+
+
+def prediction(filename: str, probs: np.ndarray, classes: list[str]) -> dict:
+    return {"filename": filename, "label": classes[int(np.argmax(probs))],
+            "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
+
+
+@router.post("/predict", response_model=PredictResponse,
+             summary="Classify one or more images (multipart field 'files' or 'file')")
+async def predict(files: list[UploadFile] | None = File(None),
+                  file: UploadFile | None = File(None),
+                  state: ServiceState = Depends(get_state)) -> dict:
+    decoded = await read_uploads(state, [*(files or []), *([file] if file else [])])
+    model = served_or_503(state)
+    batch = await run_in_threadpool(model_batch, decoded, model.image_size)
+    try:
+        probs, used = await state.batcher.submit(batch, sources=[d.image for d in decoded])
+    except NotReadyError as exc:
+        raise HTTPException(503, f"not ready: {state.source.status}") from exc
+    return {"model": state.model_ref(used),
+            "predictions": [prediction(d.filename, p, used.classes)
+                            for d, p in zip(decoded, probs)]}
+
+
+@router.post("/explain", response_model=ExplainResponse,
+             summary="Classify one image and return an occlusion heat map (PNG)")
+async def explain(file: UploadFile | None = File(None),
+                  files: list[UploadFile] | None = File(None),
+                  state: ServiceState = Depends(get_state)) -> dict:
+    uploads = [*([file] if file else []), *(files or [])]
+    if len(uploads) > 1:
+        raise InputError(422, f"/v1/explain takes one image, got {len(uploads)}")
+    (decoded,) = await read_uploads(state, uploads)
+    model = served_or_503(state)
+    image = await run_in_threadpool(to_model_input, decoded.image, model.image_size)
+    started = time.perf_counter()
+    heat, probs, target = await asyncio.to_thread(occlusion_map, image, model.predict)
+    png = await run_in_threadpool(heatmap_png, heat)
+    elapsed = (time.perf_counter() - started) * 1000
+    return {"model": state.model_ref(model),
+            "prediction": prediction(decoded.filename, probs, model.classes),
+            "heatmap": {"method": "occlusion", "explained_class": model.classes[target],
+                        "media_type": "image/png", "png_base64": png_base64(png),
+                        "grid": GRID, "elapsed_ms": round(elapsed, 2)}}

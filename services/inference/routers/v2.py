@@ -1,0 +1,184 @@
+"""The Open Inference Protocol (KServe V2) REST routes, so Triton and KServe clients work.
+
+Tensors are exactly what ``GET /v2/models/{name}`` describes: input ``image`` FP32
+[-1, S, S, 3] (RGB 0-255, NHWC, preprocessing as in /v1/model; UINT8 is accepted too)
+and output ``probabilities`` FP32 [-1, 4]. Both the JSON tensor encoding and the binary
+tensor data extension (``Inference-Header-Content-Length``) are supported, in requests
+and responses; tritonclient uses the binary form by default.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+import leukofed
+from leukofed.export import INPUT_NAME, OUTPUT_NAME
+
+from ..batcher import NotReadyError, ShapeError
+from ..model_source import ServedModel
+from ..security import require_api_key
+from ..state import ServiceState, get_state
+
+HEADER_LEN = "Inference-Header-Content-Length"
+DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+models = APIRouter(prefix="/v2/models", tags=["open inference protocol"],
+                   dependencies=[Depends(require_api_key)])
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def v2_error_response(_: Request, exc: V2Error) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return {"name": "leukofed-inference", "version": leukofed.__version__,
+            "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(state: ServiceState = Depends(get_state)) -> JSONResponse:
+    ok = state.source.ready
+    return JSONResponse({"ready": ok, **({} if ok else {"reason": state.source.status})},
+                        status_code=200 if ok else 503)
+
+
+def _served(state: ServiceState, name: str, version: str | None) -> ServedModel:
+    model = state.source.current
+    if name != state.settings.model_name:
+        raise V2Error(404, f"unknown model {name!r}; this server serves "
+                           f"{state.settings.model_name!r}")
+    if model is None:
+        raise V2Error(503, f"model {name!r} not ready: {state.source.status}")
+    if version is not None and version != model.version:
+        raise V2Error(404, f"version {version} of {name!r} is not loaded "
+                           f"(serving version {model.version})")
+    return model
+
+
+def _metadata(model: ServedModel) -> dict:
+    size = model.image_size
+    return {
+        "name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, size, size, 3]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32",
+                     "shape": [-1, len(model.classes)]}],
+        "parameters": {"classes": model.classes, "alias": model.alias,
+                       "preprocessing": model.metadata.get("preprocessing", {})},
+    }
+
+
+@models.get("/{name}", summary="Model metadata")
+@models.get("/{name}/versions/{version}", summary="Model metadata")
+async def model_metadata(name: str, version: str | None = None,
+                         state: ServiceState = Depends(get_state)) -> dict:
+    return _metadata(_served(state, name, version))
+
+
+@models.get("/{name}/ready")
+@models.get("/{name}/versions/{version}/ready")
+async def model_ready(name: str, version: str | None = None,
+                      state: ServiceState = Depends(get_state)) -> dict:
+    model = _served(state, name, version)
+    return {"name": model.name, "version": model.version, "ready": True}
+
+
+def _parse_request(body: bytes, header_len: str | None) -> tuple[dict, bytes]:
+    try:
+        if header_len is not None:
+            n = int(header_len)
+            return json.loads(body[:n]), body[n:]
+        return json.loads(body), b""
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise V2Error(400, f"request is not valid JSON: {exc}") from exc
+
+
+def _input_tensor(request: dict, binary: bytes, size: int) -> np.ndarray:
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise V2Error(400, f"expected exactly one input tensor named {INPUT_NAME!r}")
+    spec = inputs[0]
+    if spec.get("name") != INPUT_NAME:
+        raise V2Error(400, f"unknown input {spec.get('name')!r}; expected {INPUT_NAME!r}")
+    dtype = DTYPES.get(spec.get("datatype", ""))
+    if dtype is None:
+        raise V2Error(400, f"datatype {spec.get('datatype')!r} not supported; use FP32")
+    shape = spec.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4 or list(shape[1:]) != [size, size, 3]
+            or not isinstance(shape[0], int) or shape[0] <= 0):
+        raise V2Error(400, f"input shape {shape} does not match [-1, {size}, {size}, 3]")
+    count = int(np.prod(shape))
+    params = spec.get("parameters") or {}
+    try:
+        if "binary_data_size" in params:
+            nbytes = int(params["binary_data_size"])
+            if nbytes != count * np.dtype(dtype).itemsize or len(binary) < nbytes:
+                raise V2Error(400, f"binary_data_size {nbytes} does not match shape {shape}")
+            array = np.frombuffer(binary[:nbytes], dtype=dtype)
+        else:
+            array = np.asarray(spec.get("data"), dtype=dtype).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise V2Error(400, f"input data does not parse as {spec['datatype']}: {exc}") from exc
+    if array.size != count:
+        raise V2Error(400, f"input has {array.size} values; shape {shape} needs {count}")
+    array = array.reshape(shape).astype(np.float32)
+    if not np.isfinite(array).all():
+        raise V2Error(400, "input contains NaN or infinity")
+    return array
+
+
+def _wants_binary(request: dict) -> bool:
+    binary = bool((request.get("parameters") or {}).get("binary_data_output"))
+    for out in request.get("outputs") or []:
+        if out.get("name") not in (None, OUTPUT_NAME):
+            raise V2Error(400, f"unknown output {out.get('name')!r}; this model has "
+                               f"{OUTPUT_NAME!r}")
+        binary = binary or bool((out.get("parameters") or {}).get("binary_data"))
+    return binary
+
+
+@models.post("/{name}/infer", summary="Run inference (JSON or binary tensors)")
+@models.post("/{name}/versions/{version}/infer", summary="Run inference")
+async def infer(name: str, request: Request, version: str | None = None,
+                state: ServiceState = Depends(get_state)) -> Response:
+    model = _served(state, name, version)
+    payload, binary = _parse_request(await request.body(), request.headers.get(HEADER_LEN))
+    images = _input_tensor(payload, binary, model.image_size)
+    try:
+        probs, used = await state.batcher.submit(images)
+    except NotReadyError as exc:
+        raise V2Error(503, f"model {name!r} not ready: {state.source.status}") from exc
+    except ShapeError as exc:
+        raise V2Error(400, str(exc)) from exc
+    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape)}
+    result: dict[str, Any] = {"model_name": used.name, "model_version": used.version,
+                              "outputs": [out]}
+    if "id" in payload:
+        result["id"] = payload["id"]
+    if not _wants_binary(payload):
+        out["data"] = probs.reshape(-1).tolist()
+        return JSONResponse(result)
+    raw = probs.tobytes()
+    out["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps(result).encode()
+    return Response(header + raw, media_type="application/octet-stream",
+                    headers={HEADER_LEN: str(len(header))})

@@ -1,0 +1,23 @@
+"""Run the app under uvicorn: one process, one event loop (the batcher needs them shared).
+
+Scale out with replicas rather than uvicorn workers: each replica finds the ONNX file of
+the served version in MLflow and never exports again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .settings import InferenceSettings
+
+
+def serve(host: str | None = None, port: int | None = None, log_level: str = "info") -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = InferenceSettings()
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level=log_level, access_log=False, timeout_graceful_shutdown=10)

@@ -1,0 +1,61 @@
+"""Configuration of the inference service, from environment variables (prefix LEUKOFED_INFERENCE_).
+
+Every field can be set as ``LEUKOFED_INFERENCE_<FIELD>``; the tracking URI also falls back
+to MLflow's own ``MLFLOW_TRACKING_URI`` so one variable configures the whole stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from leukofed.preprocessing import DEFAULT_MAX_PIXELS
+
+ENV_PREFIX = "LEUKOFED_INFERENCE_"
+
+
+class InferenceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
+                                      protected_namespaces=())
+
+    tracking_uri: str = Field(
+        "http://127.0.0.1:5000",
+        validation_alias=AliasChoices(f"{ENV_PREFIX}TRACKING_URI", "MLFLOW_TRACKING_URI",
+                                      "tracking_uri"),
+    )
+    model_name: str = "leukofed-all"
+    # A fixed version wins over the alias; with neither moving, the watcher just idles.
+    model_alias: str = "champion"
+    model_version: str | None = None
+    poll_interval_s: float = Field(5.0, gt=0)
+
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    max_files: int = Field(32, gt=0)
+
+    # Dynamic batching: max_batch_size=1 turns it off (every request runs alone).
+    max_batch_size: int = Field(32, gt=0)
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+
+    api_key: SecretStr | None = None
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)  # 0: onnxruntime uses every core
+    onnx_cache_dir: Path = Path.home() / ".cache" / "leukofed" / "onnx"
+    log_onnx_to_mlflow: bool = True
+    parity_images_dir: Path | None = None  # real images for the export's parity check
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("model_version", "api_key", "parity_images_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def target(self) -> str:
+        """What the service follows: a fixed version number or an alias."""
+        return self.model_version or self.model_alias

@@ -1,0 +1,27 @@
+"""What the routers share: settings, the model source and the batcher (on app.state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from .batcher import MicroBatcher
+from .metrics import Metrics
+from .model_source import ModelSource, ServedModel
+from .settings import InferenceSettings
+
+
+@dataclass
+class ServiceState:
+    settings: InferenceSettings
+    source: ModelSource
+    batcher: MicroBatcher
+    metrics: Metrics
+
+    def model_ref(self, model: ServedModel) -> dict[str, str | None]:
+        return {"name": model.name, "version": model.version, "alias": model.alias}
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service

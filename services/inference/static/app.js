@@ -1,0 +1,180 @@
+// The clinician's page: plain JavaScript, no build step, no external resources.
+"use strict";
+
+const CLASS_NAMES = { Benign: "Benign", Early: "Early Pre-B ALL", Pre: "Pre-B ALL",
+                      Pro: "Pro-B ALL" };
+const $ = (id) => document.getElementById(id);
+
+function apiHeaders() {
+  const key = sessionStorage.getItem("leukofed-api-key");
+  return key ? { "X-API-Key": key } : {};
+}
+
+function showKeyField() {
+  $("key-row").hidden = false;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    return body.detail || body.error || response.statusText;
+  } catch (_) {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+async function loadModelLine() {
+  const line = $("model-line");
+  try {
+    const response = await fetch("/v1/model", { headers: apiHeaders() });
+    if (response.status === 401) {
+      showKeyField();
+      line.textContent = "This service needs an API key: enter it below.";
+      return;
+    }
+    if (!response.ok) {
+      line.textContent = `No model is ready yet: ${await errorText(response)}`;
+      return;
+    }
+    const m = await response.json();
+    line.textContent = `Model ${m.name} version ${m.version}` +
+      (m.alias ? ` (${m.alias})` : "") + `, running on ${m.provider}.`;
+  } catch (err) {
+    line.textContent = `The service cannot be reached: ${err}`;
+  }
+}
+
+function renderBars(list, probabilities, label) {
+  list.replaceChildren();
+  for (const [cls, p] of Object.entries(probabilities)) {
+    const li = document.createElement("li");
+    if (cls === label) li.classList.add("top");
+    const pct = (100 * p).toFixed(1);
+    const name = document.createElement("span");
+    name.textContent = CLASS_NAMES[cls] || cls;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("role", "img");
+    bar.setAttribute("aria-label", `${CLASS_NAMES[cls] || cls}: ${pct} percent`);
+    const fill = document.createElement("span");
+    fill.style.width = `${pct}%`;
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.className = "value";
+    value.textContent = `${pct}%`;
+    li.append(name, bar, value);
+    list.append(li);
+  }
+}
+
+function newCard(file) {
+  const node = $("result-template").content.firstElementChild.cloneNode(true);
+  node.querySelector(".filename").textContent = file.name;
+  const photo = node.querySelector(".photo");
+  photo.src = URL.createObjectURL(file);
+  photo.alt = `Uploaded image ${file.name}`;
+  node.querySelector(".heat").hidden = true;
+  node.querySelector(".label-line").textContent = "Analysing\u2026";
+  $("results").prepend(node);
+  return node;
+}
+
+function showError(card, message) {
+  card.classList.add("failed");
+  card.querySelector(".label-line").textContent = "No result";
+  const error = card.querySelector(".error");
+  error.textContent = message;
+  error.hidden = false;
+}
+
+async function analyse(file) {
+  const card = newCard(file);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let response;
+  try {
+    response = await fetch("/v1/explain", { method: "POST", body: form,
+                                            headers: apiHeaders() });
+  } catch (err) {
+    showError(card, `The service cannot be reached: ${err}`);
+    return false;
+  }
+  if (response.status === 401) showKeyField();
+  if (!response.ok) {
+    showError(card, `${file.name}: ${await errorText(response)}`);
+    return false;
+  }
+  const result = await response.json();
+  const pred = result.prediction;
+  const top = pred.probabilities[pred.label];
+  card.querySelector(".label-line").innerHTML = "";
+  const strong = document.createElement("strong");
+  strong.textContent = CLASS_NAMES[pred.label] || pred.label;
+  card.querySelector(".label-line").append("Most likely: ", strong,
+    ` (${(100 * top).toFixed(1)}%)`);
+  renderBars(card.querySelector(".bars"), pred.probabilities, pred.label);
+  const heat = card.querySelector(".heat");
+  heat.src = `data:${result.heatmap.media_type};base64,${result.heatmap.png_base64}`;
+  heat.alt = `Heat map of the regions that drove the prediction ${pred.label}`;
+  heat.hidden = !$("show-heatmap").checked;
+  card.querySelector(".caption").textContent =
+    `Heat map: occlusion, for ${CLASS_NAMES[result.heatmap.explained_class]}`;
+  const m = result.model;
+  card.querySelector(".model-version").textContent =
+    `Answered by ${m.name} version ${m.version}` + (m.alias ? ` (${m.alias})` : "");
+  return true;
+}
+
+async function analyseAll(files) {
+  if (!files.length) return;
+  const status = $("status");
+  let ok = 0;
+  for (const [i, file] of Array.from(files).entries()) {
+    status.textContent = `Analysing image ${i + 1} of ${files.length}\u2026`;
+    if (await analyse(file)) ok += 1;  // one at a time: the server may be small
+  }
+  const failed = files.length - ok;
+  status.textContent = `${ok} image(s) analysed` + (failed ? `, ${failed} failed.` : ".");
+}
+
+function setup() {
+  const input = $("file-input");
+  const zone = $("drop-zone");
+  input.addEventListener("change", () => { analyseAll(input.files); });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, () => zone.classList.remove("dragging"));
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    analyseAll(event.dataTransfer.files);
+  });
+  $("show-heatmap").addEventListener("change", (event) => {
+    for (const img of document.querySelectorAll(".result .heat")) {
+      if (img.getAttribute("src")) img.hidden = !event.target.checked;
+    }
+  });
+  $("clear-button").addEventListener("click", () => {
+    $("results").replaceChildren();
+    $("status").textContent = "Results cleared.";
+    input.value = "";
+  });
+  $("api-key").addEventListener("change", (event) => {
+    sessionStorage.setItem("leukofed-api-key", event.target.value);
+    loadModelLine();
+  });
+  loadModelLine();
+}
+
+document.addEventListener("DOMContentLoaded", setup);
