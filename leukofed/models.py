@@ -104,7 +104,10 @@ def build_model(
     x = _backbone_output(name, inputs, image_size, alpha, weights)
     if dropout:
         x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # float32 output even under a mixed-precision policy: softmax and the loss stay exact.
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", name="probabilities", dtype="float32"
+    )(x)
     model = keras.Model(inputs, outputs, name=name)
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)

@@ -1,0 +1,222 @@
+"""Centralized training from scratch on the real data with the block split.
+
+For each model: plain ``model.fit`` (JPEG decoded every epoch) vs leukofed's train step
+over cached arrays, images/s in the same run; a full training with early stopping on
+validation macro-F1; test metrics; ONNX Runtime vs a tf.function Keras call at batch 1
+and 32. Writes benchmarks/results/central.json and docs/benchmarks-central.md.
+
+    make bench-central        # or: .venv/bin/python benchmarks/bench_central.py --data DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from common import header, peak_rss_mib, write_json  # noqa: E402
+
+from leukofed.data import scan_dataset  # noqa: E402
+from leukofed.export import INPUT_NAME, OUTPUT_NAME, cpu_session, export_onnx  # noqa: E402
+from leukofed.labels import CLASSES  # noqa: E402
+from leukofed.metrics import plot_confusion_matrix  # noqa: E402
+from leukofed.models import build_model, model_metadata, save_model  # noqa: E402
+from leukofed.splits import group_split  # noqa: E402
+from leukofed.train import Trainer, evaluate, fit, load_arrays, make_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_fit_images_per_s(name: str, size: int, records: list, steps: int, bs: int) -> float:
+    """The baseline people write first (the brief's first probe): tf.data decodes and
+    augments each image (flips, transpose, brightness) every epoch, then ``model.fit``."""
+    paths = [str(r.path) for r in records]
+    labels = [r.label for r in records]
+
+    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        img = tf.image.resize(tf.cast(img, tf.float32), (size, size))
+        img = tf.image.random_flip_up_down(tf.image.random_flip_left_right(img))
+        img = tf.cond(tf.random.uniform([]) < 0.5, lambda: tf.transpose(img, [1, 0, 2]),
+                      lambda: img)
+        img = tf.clip_by_value(tf.image.random_brightness(img, 0.08 * 255), 0.0, 255.0)
+        return img, label
+
+    ds = (tf.data.Dataset.from_tensor_slices((paths, labels)).shuffle(len(paths), seed=0)
+          .map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(bs).repeat())
+    model = build_model(name, size, seed=0)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # warm-up: tracing
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps * bs / (time.perf_counter() - start)
+
+
+def fast_images_per_s(name: str, size: int, x: np.ndarray, y: np.ndarray, steps: int,
+                      bs: int) -> float:
+    trainer = Trainer(build_model(name, size, seed=0))
+    ds = make_dataset(x, y, bs, training=True).repeat()
+    trainer.train_epoch(ds.take(3))
+    return trainer.train_epoch(ds.take(steps))["images_per_s"]
+
+
+def time_calls(fn: Any, x: np.ndarray, iters: int) -> float:
+    fn(x)
+    fn(x)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    return iters * len(x) / (time.perf_counter() - start)
+
+
+def inference_speed(model: keras.Model, onnx_path: Path, x: np.ndarray) -> dict[str, Any]:
+    session = cpu_session(onnx_path.read_bytes())
+    keras_call = tf.function(lambda a: model(a, training=False))
+    out: dict[str, Any] = {"onnx_providers": session.get_providers()}
+    for batch, iters in ((1, 300), (32, 20)):
+        xb = x[:batch].astype(np.float32)
+        ort_ips = time_calls(lambda a: session.run([OUTPUT_NAME], {INPUT_NAME: a}), xb, iters)
+        tff_ips = time_calls(lambda a: keras_call(tf.constant(a)).numpy(), xb, max(iters // 3, 5))
+        out[f"batch{batch}"] = {"onnxruntime_images_per_s": ort_ips,
+                                "keras_tf_function_images_per_s": tff_ips,
+                                "onnxruntime_ms_per_batch": 1000 * batch / ort_ips,
+                                "ratio": ort_ips / tff_ips}
+    return out
+
+
+def run_config(name: str, size: int, epochs: int, data: dict[str, Any], args: Any) -> dict:
+    print(f"\n== {name} @ {size}px, up to {epochs} epochs", flush=True)
+    split = data["split"]
+    arrays = {n: load_arrays(split[n], size) for n in ("train", "val", "test")}
+    res: dict[str, Any] = {"model": name, "image_size": size, "batch_size": args.batch_size}
+    if args.throughput_steps:
+        base = plain_fit_images_per_s(name, size, split.train, args.throughput_steps,
+                                      args.batch_size)
+        fast = fast_images_per_s(name, size, *arrays["train"], args.throughput_steps,
+                                 args.batch_size)
+        res["throughput"] = {"plain_model_fit_images_per_s": base,
+                             "leukofed_images_per_s": fast, "speedup": fast / base,
+                             "steps": args.throughput_steps}
+        print(f"  plain model.fit {base:.1f} img/s, leukofed {fast:.1f} img/s "
+              f"({fast / base:.2f}x)", flush=True)
+    net = build_model(name, size, seed=args.seed)
+    trainer = Trainer(net)
+    result = fit(trainer, arrays["train"], arrays["val"], epochs, args.batch_size,
+                 args.learning_rate, args.patience, seed=args.seed, progress=False,
+                 on_epoch=lambda r: print(
+                     f"  epoch {r['epoch']:>2} {r['train_seconds']:.1f}s "
+                     f"train_acc {r['train_accuracy']:.3f} val_acc {r['val_accuracy']:.3f} "
+                     f"val_f1 {r['val_macro_f1']:.3f}", flush=True))
+    test = evaluate(trainer, *arrays["test"])
+    epochs_run = result.history
+    res.update({
+        "epochs_run": len(epochs_run), "best_epoch": result.best_epoch,
+        "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in epochs_run])),
+        "train_images_per_s": float(np.mean([r["train_images_per_s"] for r in epochs_run])),
+        "train_seconds_total": result.seconds, "parameters": int(net.count_params()),
+        "test": {k: test[k] for k in ("accuracy", "macro_f1", "macro_roc_auc", "ece",
+                                      "malignant_sensitivity", "malignant_specificity",
+                                      "confusion_matrix")},
+        "test_recall": {c: test["per_class"][c]["recall"] for c in CLASSES},
+        "history": epochs_run,
+    })
+    out_dir = ROOT / "artifacts" / "bench-central" / f"{name}-{size}"
+    meta = model_metadata(net, name, size, {"dataset_fingerprint": data["fingerprint"]})
+    save_model(net, out_dir / "model.keras", meta)
+    png = plot_confusion_matrix(test["confusion_matrix"], CLASSES,
+                                ROOT / "docs" / "img" / f"central-{name}-{size}-confusion.png",
+                                f"{name} @{size}px, test split (block split)")
+    res["confusion_png"] = str(png.relative_to(ROOT))
+    report = export_onnx(net, meta, out_dir / "model.onnx", arrays["test"][0][:16])
+    res["onnx"] = {"parity_max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
+                   "opset": report.opset}
+    res["inference"] = inference_speed(net, report.path, arrays["test"][0][:32])
+    res["peak_rss_mib_so_far"] = peak_rss_mib()
+    t = res["test"]
+    print(f"  test acc {t['accuracy']:.4f} macro-F1 {t['macro_f1']:.4f} ECE {t['ece']:.4f}; "
+          f"ONNX/Keras batch1 {res['inference']['batch1']['ratio']:.1f}x", flush=True)
+    return res
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        "# Centralized baseline (from scratch, block split)", "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+        f"TF {m['versions'].get('tensorflow')}, onnxruntime {m['versions'].get('onnxruntime')}  ",
+        f"Date: {doc['date']}; split: {doc['counts']} images (train/val/test), block size 16, "
+        "deduplicated. Results: `benchmarks/results/central.json`.", "",
+        "| model | px | epochs (best) | test acc | macro-F1 | recall B/E/Pre/Pro | ECE "
+        "| s/epoch | train img/s | vs plain fit | peak RSS MiB "
+        "| ORT b1 img/s | Keras b1 | ratio b1 | ORT b32 | Keras b32 | ratio b32 |",
+        "|---" * 17 + "|",
+    ]
+    for r in doc["results"]:
+        t, inf = r["test"], r["inference"]
+        rec = "/".join(f"{r['test_recall'][c]:.2f}" for c in CLASSES)
+        speed = r.get("throughput", {})
+        lines.append(
+            f"| {r['model']} | {r['image_size']} | {r['epochs_run']} ({r['best_epoch']}) "
+            f"| {t['accuracy']:.4f} | {t['macro_f1']:.4f} | {rec} | {t['ece']:.3f} "
+            f"| {r['seconds_per_epoch']:.1f} | {r['train_images_per_s']:.0f} "
+            f"| {speed.get('speedup', float('nan')):.2f}x "
+            f"({speed.get('plain_model_fit_images_per_s', float('nan')):.0f} img/s) "
+            f"| {r['peak_rss_mib_so_far']:.0f} "
+            f"| {inf['batch1']['onnxruntime_images_per_s']:.0f} "
+            f"| {inf['batch1']['keras_tf_function_images_per_s']:.0f} "
+            f"| {inf['batch1']['ratio']:.1f}x | {inf['batch32']['onnxruntime_images_per_s']:.0f} "
+            f"| {inf['batch32']['keras_tf_function_images_per_s']:.0f} "
+            f"| {inf['batch32']['ratio']:.1f}x |")
+    lines += ["", "ONNX Runtime used `CPUExecutionProvider` (no GPU here); \"Keras\" is a "
+              "`tf.function`-compiled call of the same model. Peak RSS is the benchmark "
+              "process's high-water mark up to that row. Confusion matrices: "
+              + ", ".join(f"`{r['confusion_png']}`" for r in doc["results"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "all-pbs"))
+    p.add_argument("--configs", default="compact_cnn:64:30,mobilenetv2:128:30",
+                   help="comma-separated model:size:max_epochs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--throughput-steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "central.json"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-central.md"))
+    args = p.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"data folder not found: {args.data}")
+    ds = scan_dataset(args.data)
+    split = group_split(ds.records, seed=args.seed)
+    data = {"split": split, "fingerprint": ds.fingerprint}
+    doc = header()
+    doc["counts"] = [len(split.train), len(split.val), len(split.test)]
+    doc["dataset_fingerprint"] = ds.fingerprint
+    doc["results"] = []
+    for spec in args.configs.split(","):
+        name, size, epochs = spec.split(":")
+        doc["results"].append(run_config(name, int(size), int(epochs), data, args))
+        write_json(args.out, doc)  # after every model, so a long run keeps what it measured
+    Path(args.doc).write_text(markdown(doc))
+    shutil.rmtree(ROOT / "artifacts" / "bench-central" / "tmp", ignore_errors=True)
+    print(f"wrote {args.out} and {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
