@@ -49,7 +49,7 @@ def decode_upload(filename: str, data: bytes, max_bytes: int, max_pixels: int) -
     """Decode one uploaded file or raise InputError naming it."""
     if len(data) > max_bytes:
         raise InputError(413, f"{filename}: file is {human_bytes(len(data))}, over the "
-                              f"{human_bytes(max_bytes)} limit")
+                              f"{human_bytes(max_bytes)} upload limit")
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageDecodeError as exc:

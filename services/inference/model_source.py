@@ -128,7 +128,9 @@ class ModelSource:
         try:
             served = self._load(info)
         except (ParityError, ExportError) as exc:
-            reason = f"version {info.version} refused: {exc}"
+            why = "failed the ONNX parity check" if isinstance(exc, ParityError) else \
+                "cannot be exported"
+            reason = f"version {info.version} refused ({why}): {exc}"
             self.refused[info.version] = reason
             self._note(reason)
             log.error("%s; still serving %s", reason,

@@ -143,3 +143,83 @@ class ServiceProcess:
                 self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and has no pixel data: a bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def encode(img: Any, fmt: str, **kwargs: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_image(size: int = 64, seed: int = 0, mode: str = "RGB") -> Any:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+
+
+# Limits the bad-input tables assume the service runs with (small, so tests stay light).
+BAD_INPUT_MAX_UPLOAD_BYTES = 1_000_000
+BAD_INPUT_MAX_PIXELS = 4_000_000
+
+
+def bad_inputs() -> list[tuple[str, str, bytes, int, str]]:
+    """(case, filename, bytes, expected status, text the message must contain)."""
+    from PIL import Image
+
+    jpeg = encode(noise_image(96), "JPEG", quality=90)
+    png = encode(noise_image(32), "PNG")
+    corrupt_png = png[:60] + bytes(len(png) - 60)
+    return [
+        ("empty", "empty.png", b"", 422, "empty.png: empty file"),
+        ("truncated jpeg", "half.jpg", jpeg[: len(jpeg) // 2], 422, "half.jpg: cannot decode"),
+        ("corrupt png", "zeros.png", corrupt_png, 422, "zeros.png: cannot decode"),
+        ("text file", "notes.txt", b"patient notes, not an image\n" * 10, 415,
+         "notes.txt: not a recognised image"),
+        ("pdf", "report.pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", 415,
+         "report.pdf: not a recognised image"),
+        ("pixel bomb (over max_pixels)", "big.png",
+         encode(Image.new("1", (2500, 2500)), "PNG"), 413, "big.png: image too large"),
+        ("decompression bomb header", "bomb.png", _png_header_only(100_000, 100_000), 413,
+         "bomb.png: image too large"),
+        ("oversize upload", "huge.bmp", b"BM" + bytes(BAD_INPUT_MAX_UPLOAD_BYTES + 10), 413,
+         "upload limit"),
+    ]
+
+
+def good_inputs() -> list[tuple[str, str, bytes]]:
+    """Every supported format and mode: (case, filename, bytes); all must classify."""
+    from PIL import Image
+
+    rgb = noise_image(40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    i16 = Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
+    return [
+        ("jpeg rgb", "a.jpg", encode(rgb, "JPEG")),
+        ("jpeg cmyk", "cmyk.jpg", encode(rgb.convert("CMYK"), "JPEG")),
+        ("jpeg exif orientation", "rotated.jpg",
+         encode(noise_image(40).resize((40, 30)), "JPEG", exif=exif.tobytes())),
+        ("png L", "gray.png", encode(rgb.convert("L"), "PNG")),
+        ("png LA", "gray-alpha.png", encode(rgb.convert("LA"), "PNG")),
+        ("png P", "palette.png", encode(rgb.convert("P"), "PNG")),
+        ("png RGBA", "rgba.png", encode(rgb.convert("RGBA"), "PNG")),
+        ("png I;16", "deep.png", encode(i16, "PNG")),
+        ("bmp", "a.bmp", encode(rgb, "BMP")),
+        ("tiff", "a.tiff", encode(rgb, "TIFF")),
+    ]
