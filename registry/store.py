@@ -13,7 +13,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import mlflow  # noqa: E402
+import mlflow  # noqa: E402, F401  (sets up the package before the flavor imports)
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
@@ -37,6 +37,18 @@ def _tag_value(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("tensorflow", "keras", "numpy"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def log_and_register(
     model: Any,
     metadata: dict[str, Any],
@@ -52,13 +64,18 @@ def log_and_register(
     """
     import mlflow.keras
 
+    # Explicit requirements: MLflow's inference of them reloads the model in a subprocess,
+    # measured 24.7 s per version on 2 cores vs 0.17 s with this list.
     info = mlflow.keras.log_model(
-        model, name=artifact_name, registered_model_name=model_name, metadata=metadata
+        model, name=artifact_name, metadata=metadata, pip_requirements=_requirements()
     )
-    version = str(info.registered_model_version)
+    # Tags go in with the registration itself, not after it: a crash between the two would
+    # leave an untagged version that deduplication by (run_id, round) cannot see.
+    mv = mlflow.register_model(
+        info.model_uri, model_name, tags={k: _tag_value(v) for k, v in (tags or {}).items()}
+    )
+    version = str(mv.version)
     client = MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(model_name, version, key, _tag_value(value))
     if move_candidate:
         client.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version)
     return version

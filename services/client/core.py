@@ -157,11 +157,10 @@ class HospitalClient:
         if cfg["bn_mode"] == "local":
             self._local_bn_run = str(cfg["run_id"])
         trained = time.perf_counter()
-        weights = self._inject_fault(weights_from_model(trainer.model))
+        weights = self._inject_fault(weights_from_model(trainer.model), int(cfg["round"]))
         out = encode_weights(weights, fp16=bool(cfg["fp16"]))
         digest = hashlib.sha256(out).hexdigest()
         done = time.perf_counter()
-        _, sp = self.dataset()
         self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=int(len(x)), fp16=bool(cfg["fp16"]))
@@ -214,8 +213,9 @@ class HospitalClient:
         return _status("error", self.hospital, reason=message, round=cfg["round"],
                        run_id=cfg["run_id"])
 
-    def _inject_fault(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fault = self.settings.fault
+    def _inject_fault(self, weights: dict[str, np.ndarray], server_round: int
+                      ) -> dict[str, np.ndarray]:
+        fault = self.settings.fault_for(server_round)
         if not fault:
             return weights
         log.warning("FAULT INJECTION active: sending a %r update", fault)

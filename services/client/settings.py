@@ -30,8 +30,9 @@ class ClientSettings(BaseSettings):
     split_seed: int = 0
     block_size: int = 16
     # Fault injection for tests and drills only: makes this hospital send a bad update
-    # ("nan", "shape" or "norm") or stall before training, so the aggregator's defences can
-    # be exercised against real processes. Never set in a real deployment.
+    # ("nan", "shape" or "norm"; a comma list cycles by round: "nan,shape,norm") or stall
+    # before training, so the aggregator's defences can be exercised against real processes.
+    # Never set in a real deployment.
     fault: str = ""
     fault_delay_s: float = 0.0
 
@@ -43,9 +44,13 @@ class ClientSettings(BaseSettings):
     @field_validator("fault")
     @classmethod
     def _fault(cls, value: str) -> str:
-        if value not in FAULTS:
-            raise ValueError(f"fault must be one of {FAULTS}")
+        if any(v not in FAULTS for v in value.split(",")):
+            raise ValueError(f"fault must be one of {FAULTS} or a comma list of them")
         return value
+
+    def fault_for(self, server_round: int) -> str:
+        faults = self.fault.split(",")
+        return faults[(max(server_round, 1) - 1) % len(faults)]
 
     @property
     def state_path(self) -> Path:

@@ -1,0 +1,69 @@
+"""The aggregator's FastAPI app: ``uvicorn services.aggregator.app:create_app --factory``.
+
+The lifespan builds the Celery dispatcher, the Keras and MLflow helpers and the run manager,
+resumes unfinished runs from their last completed round, and on shutdown leaves the running
+run resumable (its status stays 'running')."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from leukofed.transport import make_celery
+from services.aggregator.dispatch import CeleryDispatcher
+from services.aggregator.manager import RunManager
+from services.aggregator.modelops import KerasModelOps
+from services.aggregator.routers import hospitals, runs
+from services.aggregator.settings import AggregatorSettings
+from services.aggregator.store import RunStore
+from services.aggregator.tracking import MlflowTracker
+
+
+def create_app(settings: AggregatorSettings | None = None, manager: RunManager | None = None
+               ) -> FastAPI:
+    settings = settings or AggregatorSettings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = RunStore(settings.state_dir)
+        dispatcher = CeleryDispatcher(
+            make_celery("leukofed-aggregator", settings.broker_url, settings.result_backend,
+                        settings.visibility_timeout_s), settings.ping_timeout_s)
+        model_ops = KerasModelOps(settings)
+        tracker = (MlflowTracker(settings.tracking_uri, settings.mlflow_experiment,
+                                 settings.model_name, model_ops) if settings.tracking else None)
+        mgr = manager or RunManager(store, dispatcher, model_ops, tracker,
+                                    settings.poll_interval_s)
+        app.state.store = mgr.store
+        app.state.dispatcher = mgr.dispatcher
+        app.state.manager = mgr
+        app.state.mlflow_url = lambda rec: _mlflow_url(settings, rec)
+        mgr.start(resume=settings.resume_on_start)
+        yield
+        mgr.stop()
+
+    app = FastAPI(title="leukofed aggregator", version="1",
+                  description="Start and follow federated training runs over the hospitals' "
+                              "Celery workers.", lifespan=lifespan)
+    app.include_router(runs.router)
+    app.include_router(hospitals.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _mlflow_url(settings: AggregatorSettings, record: dict[str, Any]) -> str | None:
+    uri = settings.tracking_uri
+    if not settings.tracking or not uri.startswith("http") or not record.get("mlflow_run_id"):
+        return None
+    exp = record.get("mlflow_experiment_id") or "0"
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{record['mlflow_run_id']}"

@@ -1,0 +1,176 @@
+"""`leukofed aggregator serve`, `leukofed run start|status|list|cancel|watch`,
+`leukofed promote VERSION`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+aggregator_app = typer.Typer(help="The aggregator service.", no_args_is_help=True)
+run_app = typer.Typer(help="Federated runs, through the aggregator's REST API.",
+                      no_args_is_help=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="LEUKOFED_AGGREGATOR_URL",
+                                     help="aggregator base URL")]
+DEFAULT_URL = "http://127.0.0.1:8001"
+
+
+def _request(method: str, url: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        response = httpx.request(method, url, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        raise typer.BadParameter(f"cannot reach the aggregator at {url}: {exc}") from exc
+    if response.status_code >= 400:
+        typer.echo(f"error {response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    return response.json()
+
+
+@aggregator_app.command()
+def serve(host: Annotated[str | None, typer.Option()] = None,
+          port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the aggregator (REST API + round loop) with uvicorn."""
+    import uvicorn
+
+    from services.aggregator.app import create_app
+    from services.aggregator.settings import AggregatorSettings
+
+    settings = AggregatorSettings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+
+
+def _progress_line(run: dict[str, Any]) -> str:
+    latest = run.get("latest") or {}
+    scores = "  ".join(f"{k}={latest[k]:.3f}" for k in (
+        "val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",
+        "server_test_accuracy", "server_test_macro_f1") if k in latest)
+    return (f"[{run['status']}] round {run['completed_round']}/{run['rounds']} done"
+            + (f"  {scores}" if scores else "") + (f"  reason: {run['reason']}"
+                                                    if run.get("reason") else ""))
+
+
+@run_app.command()
+def start(
+    config: Annotated[Path | None, typer.Option(help="JSON file with a run config")] = None,
+    model: str = "compact_cnn", image_size: int = 64, rounds: int = 10, local_epochs: int = 1,
+    batch_size: int = 32, learning_rate: float = 1e-3, strategy: str = "fedavg",
+    strategy_param: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
+    hospitals: Annotated[str | None, typer.Option(help="comma-separated ids")] = None,
+    min_fit_clients: int = 1, round_deadline_s: float = 600.0, seed: int = 0,
+    fp16: bool = False, name: str = "", url: UrlOpt = DEFAULT_URL,
+    watch: Annotated[bool, typer.Option(help="follow until the run ends")] = False,
+) -> None:
+    """Start a federated run; prints its id (or follows it with --watch)."""
+    body: dict[str, Any] = json.loads(config.read_text()) if config else {}
+    params = {}
+    for item in strategy_param or []:
+        key, _, value = item.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    if not config:
+        body = {"name": name, "model": model, "image_size": image_size, "rounds": rounds,
+                "local_epochs": local_epochs, "batch_size": batch_size,
+                "learning_rate": learning_rate, "strategy": strategy,
+                "strategy_params": params, "min_fit_clients": min_fit_clients,
+                "round_deadline_s": round_deadline_s, "seed": seed, "fp16": fp16}
+        if hospitals:
+            body["hospitals"] = [h.strip() for h in hospitals.split(",") if h.strip()]
+    run = _request("POST", f"{url}/v1/runs", json=body)
+    typer.echo(run["id"])
+    if watch:
+        _watch(run["id"], url)
+
+
+def _watch(run_id: str, url: str, interval: float = 2.0) -> dict[str, Any]:
+    shown = -1
+    while True:
+        run = _request("GET", f"{url}/v1/runs/{run_id}")
+        if run["completed_round"] != shown or run["status"] not in ("queued", "running"):
+            shown = run["completed_round"]
+            typer.echo(_progress_line(run))
+        if run["status"] not in ("queued", "running"):
+            return run
+        time.sleep(interval)
+
+
+@run_app.command()
+def watch(run_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Print progress per round until the run ends; exit 1 unless it completed."""
+    run = _watch(run_id, url)
+    if run["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@run_app.command()
+def status(run_id: str, url: UrlOpt = DEFAULT_URL,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One run: status, rounds, latest metrics (full JSON with --json)."""
+    run = _request("GET", f"{url}/v1/runs/{run_id}")
+    if as_json:
+        typer.echo(json.dumps(run, indent=1))
+        return
+    typer.echo(_progress_line(run))
+    for r in run["history"]:
+        g = r["global"]
+        typer.echo(f"  round {r['round']}: participants {r['participants']}  "
+                   + "  ".join(f"{k}={v:.3f}" for k, v in g.items()
+                               if k.endswith(("accuracy", "macro_f1"))))
+    if run.get("mlflow_url"):
+        typer.echo(f"  MLflow: {run['mlflow_url']}")
+
+
+@run_app.command("list")
+def list_runs(url: UrlOpt = DEFAULT_URL) -> None:
+    """All runs, newest first."""
+    for run in _request("GET", f"{url}/v1/runs"):
+        typer.echo(f"{run['id']}  {run['name'] or '-':20}  " + _progress_line(run))
+
+
+@run_app.command()
+def cancel(run_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Cancel a queued or running run (the current round stops at its next check)."""
+    _request("POST", f"{url}/v1/runs/{run_id}/cancel")
+    typer.echo(f"cancel requested for {run_id}")
+
+
+def promote(
+    version: Annotated[str, typer.Argument(help="model version, or 'best' (highest tag)")],
+    alias: str = "champion",
+    metric: Annotated[str, typer.Option(help="tag used by 'best'")] = "val_macro_f1",
+    run_id: Annotated[str | None, typer.Option(help="with 'best': only this run")] = None,
+    model_name: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Point an alias (champion by default) at a registered model version."""
+    import mlflow
+
+    from registry.lineage import best_version
+    from registry.lineage import promote as do_promote
+    from registry.store import DEFAULT_MODEL_NAME
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"))
+    name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)
+    if version == "best":
+        found = best_version(metric, run_id, name)
+        if found is None:
+            typer.echo(f"no version of {name} has a {metric} tag", err=True)
+            raise typer.Exit(1)
+        version = found[0]
+        typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
+    tags = do_promote(version, alias, name)
+    typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
+               f"round {tags.get('round', '?')})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(aggregator_app, name="aggregator")
+    app.add_typer(run_app, name="run")
+    app.command("promote")(promote)

@@ -1,0 +1,91 @@
+"""The aggregator's Keras side: the initial global model, server-side evaluation on a
+held-out test set, and a Keras model holding given weights for registration."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.aggregator.config import RunConfig
+from services.aggregator.settings import AggregatorSettings
+
+Weights = dict[str, np.ndarray]
+
+
+class KerasModelOps:
+    def __init__(self, settings: AggregatorSettings) -> None:
+        self.settings = settings
+        self._models: dict[tuple[Any, ...], Any] = {}
+        self._test: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def _model(self, cfg: RunConfig) -> Any:
+        key = (cfg.model, cfg.image_size, cfg.alpha)
+        if key not in self._models:
+            from leukofed.models import build_model
+
+            self._models = {key: build_model(cfg.model, cfg.image_size, alpha=cfg.alpha)}
+        return self._models[key]
+
+    def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]:
+        from leukofed.models import build_model
+        from leukofed.wire import batchnorm_stat_names, weights_from_model
+
+        with self._lock:
+            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha, seed=cfg.seed)
+            self._models = {(cfg.model, cfg.image_size, cfg.alpha): model}
+            return weights_from_model(model), batchnorm_stat_names(model)
+
+    def keras_model(self, cfg: RunConfig, weights: Weights) -> Any:
+        from leukofed.wire import set_model_weights
+
+        model = self._model(cfg)
+        set_model_weights(model, weights)
+        return model
+
+    def metadata(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        from leukofed.models import model_metadata
+
+        return model_metadata(self._model(cfg), cfg.model, cfg.image_size, extra)
+
+    def _test_source(self, cfg: RunConfig) -> tuple[str, str] | None:
+        if cfg.server_test_manifest or self.settings.server_test_manifest:
+            return "manifest", str(cfg.server_test_manifest or self.settings.server_test_manifest)
+        if cfg.server_test_dir or self.settings.server_test_dir:
+            return "dir", str(cfg.server_test_dir or self.settings.server_test_dir)
+        return None
+
+    def server_evaluate(self, cfg: RunConfig, weights: Weights
+                        ) -> tuple[dict[str, float], list[list[int]]] | None:
+        source = self._test_source(cfg)
+        if source is None:
+            return None
+        from leukofed.metrics import classification_metrics, flat_metrics
+
+        with self._lock:
+            x, y = self._test_arrays(source, cfg.image_size)
+            model = self.keras_model(cfg, weights)
+            probs = np.concatenate([np.asarray(model(x[i:i + 128].astype(np.float32),
+                                                     training=False))
+                                    for i in range(0, len(x), 128)])
+        m = classification_metrics(y, probs)
+        flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_",
+                                                                               "f1_"))}
+        return flat, m["confusion_matrix"]  # type: ignore[return-value]
+
+    def _test_arrays(self, source: tuple[str, str], image_size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        key = (f"{source[0]}:{source[1]}", image_size)
+        if key not in self._test:
+            from leukofed.data import scan_dataset
+            from leukofed.splits import read_manifest
+            from leukofed.train import load_arrays
+
+            kind, path = source
+            records = (read_manifest(Path(path)).test if kind == "manifest"
+                       else scan_dataset(path).records)
+            self._test[key] = load_arrays(records, image_size, self.settings.cache_dir)
+        return self._test[key]

@@ -1,0 +1,367 @@
+"""The round loop of one federated run.
+
+select -> dispatch fit -> wait (all answered, or the deadline with a quorum) -> validate ->
+aggregate -> federated evaluation -> checkpoint -> track (MLflow, registry).
+
+I/O sits behind three small interfaces (Dispatcher: Celery; ModelOps: Keras; Tracker:
+MLflow), so unit tests drive this loop with fakes and the decisions themselves are pure
+functions in ``logic.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from leukofed.strategies import ClientResult, Strategy, make_strategy
+from leukofed.transport import TASK_EVALUATE, TASK_FIT
+from leukofed.validation import UpdateRejected, validate_update
+from leukofed.wire import WireFormatError, decode_weights, encode_weights
+from services.aggregator.config import RunConfig
+from services.aggregator.logic import (
+    combine_evaluations,
+    hospital_metrics,
+    quorum_possible,
+    select_hospitals,
+)
+from services.aggregator.store import RunStore
+
+log = logging.getLogger(__name__)
+Weights = dict[str, np.ndarray]
+
+
+class Dispatcher(Protocol):
+    def live_hospitals(self) -> set[str] | None: ...
+    def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> Any: ...
+    def poll(self, handle: Any) -> tuple[bool, dict[str, Any] | None, str | None]: ...
+    def discard(self, handle: Any) -> None: ...
+
+
+class ModelOps(Protocol):
+    def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]: ...
+    def server_evaluate(self, cfg: RunConfig, weights: Weights
+                        ) -> tuple[dict[str, float], list[list[int]]] | None: ...
+
+
+class Tracker(Protocol):
+    def start(self, record: dict[str, Any], cfg: RunConfig) -> str | None: ...
+    def log_round(self, record: dict[str, Any], summary: dict[str, Any]) -> None: ...
+    def register(self, record: dict[str, Any], cfg: RunConfig, summary: dict[str, Any],
+                 weights: Weights) -> str | None: ...
+    def finish(self, record: dict[str, Any]) -> None: ...
+
+
+class RunFailed(Exception):
+    """The run cannot go on; the message is the reason shown to the user."""
+
+
+class RunCancelled(Exception):
+    pass
+
+
+class RunInterrupted(Exception):
+    """The aggregator is shutting down: the run stays 'running' and resumes on restart."""
+
+
+def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Strategy,
+               deadline: float) -> dict[str, Any]:
+    """What a hospital needs to train this round (see leukofed.transport.ROUND_CONFIG_DEFAULTS)."""
+    return {"run_id": record_id, "round": server_round, "model": cfg.model,
+            "image_size": cfg.image_size, "alpha": cfg.alpha, "local_epochs": cfg.local_epochs,
+            "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+            "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
+            "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,
+            **strategy.configure_fit(server_round)}
+
+
+class FederatedRun:
+    def __init__(self, record: dict[str, Any], store: RunStore, dispatcher: Dispatcher,
+                 model_ops: ModelOps, tracker: Tracker | None = None,
+                 poll_interval_s: float = 0.25, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.record = record
+        self.store = store
+        self.dispatcher = dispatcher
+        self.model_ops = model_ops
+        self.tracker = tracker
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock
+        self.sleep = sleep
+        self.cancel_requested = bool(record.get("cancel_requested"))
+        self.stop_requested = False
+        self._late: list[tuple[int, str, str, Any]] = []  # (round, hospital, task, handle)
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def event(self, message: str, **fields: Any) -> None:
+        log.info("run %s: %s", self.record["id"], message)
+        self.store.event(self.record, message, **fields)
+        self.store.save(self.record)
+
+    def _check(self) -> None:
+        if self.cancel_requested:
+            raise RunCancelled()
+        if self.stop_requested:
+            raise RunInterrupted()
+
+    # ------------------------------------------------------------ the run
+
+    def execute(self) -> dict[str, Any]:
+        rec = self.record
+        cfg = RunConfig(**rec["config"])
+        try:
+            self._check()
+            rec["status"], rec["reason"] = "running", None
+            self.store.save(rec)
+            weights, bn_names = self.model_ops.initial(cfg)
+            strategy = make_strategy(cfg.strategy, bn_mode=cfg.bn_mode,
+                                     bn_stat_names=bn_names, **cfg.strategy_params)
+            rng = np.random.default_rng(cfg.seed)
+            checkpoint = self.store.read_checkpoint(rec)
+            if checkpoint is not None:
+                weights, state = checkpoint
+                strategy.load_state(state)
+                rng.bit_generator.state = rec["rng_state"]
+                self.event(f"resumed after round {rec['completed_round']}")
+            if self.tracker is not None and rec.get("mlflow_run_id") is None:
+                rec["mlflow_run_id"] = self.tracker.start(rec, cfg)
+                self.store.save(rec)
+            elif self.tracker is not None:
+                self.tracker.start(rec, cfg)  # re-attach to the existing MLflow run
+            if rec["completed_round"] > rec["registered_round"] and rec["rounds"]:
+                # Checkpointed but not tracked before a crash: track it now, exactly once.
+                self._track(cfg, rec["rounds"][-1], weights)
+            for server_round in range(rec["completed_round"] + 1, cfg.rounds + 1):
+                self._check()
+                rec["current_round"] = server_round
+                self.store.save(rec)
+                weights = self._round(cfg, strategy, rng, server_round, weights)
+            rec["status"] = "completed"
+            self.event(f"completed {cfg.rounds} rounds")
+        except RunCancelled:
+            rec["status"], rec["reason"] = "cancelled", "cancelled by request"
+            self.event("cancelled")
+        except RunInterrupted:
+            self.event("interrupted by aggregator shutdown; resumes on restart")
+            return rec
+        except RunFailed as exc:
+            rec["status"], rec["reason"] = "failed", str(exc)
+            self.event(f"failed: {exc}")
+        except Exception as exc:  # a bug or a broken dependency: fail loudly, keep the reason
+            log.exception("run %s crashed", rec["id"])
+            rec["status"], rec["reason"] = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            self.event(f"failed: {rec['reason']}")
+        self._finish()
+        return rec
+
+    def _finish(self) -> None:
+        for _, _, _, handle in self._late:
+            self.dispatcher.discard(handle)
+        self._late.clear()
+        self.store.save(self.record)
+        if self.tracker is not None:
+            try:
+                self.tracker.finish(self.record)
+            except Exception:  # tracking must not turn a finished run into a crash
+                log.exception("could not close the MLflow run")
+
+    # ------------------------------------------------------------ one round
+
+    def _round(self, cfg: RunConfig, strategy: Strategy, rng: np.random.Generator,
+               server_round: int, weights: Weights) -> Weights:
+        started = self.clock()
+        blob = encode_weights(weights)
+        last_reason = ""
+        for attempt in range(1, cfg.max_round_retries + 2):
+            self._check()
+            deadline = self.clock() + cfg.round_deadline_s
+            selected = self._select(cfg, rng, deadline)
+            if len(selected) < cfg.min_fit_clients:
+                last_reason = (f"{len(selected)} hospitals available, "
+                               f"min_fit_clients is {cfg.min_fit_clients}")
+                self.event(f"round {server_round} attempt {attempt} failed: {last_reason}",
+                           round=server_round)
+                continue
+            config = fit_config(cfg, self.record["id"], server_round, strategy, deadline)
+            self.event(f"round {server_round} attempt {attempt}: fit on {selected}",
+                       round=server_round)
+            fit_start = self.clock()
+            handles = {h: self.dispatcher.submit(h, TASK_FIT, [blob, config], deadline)
+                       for h in selected}
+            answers, failures = self._collect(server_round, TASK_FIT, handles, deadline,
+                                              cfg.min_fit_clients)
+            fit_wall = self.clock() - fit_start
+            accepted, rejected = self._validate(server_round, weights, answers, cfg)
+            if len(accepted) >= cfg.min_fit_clients:
+                break
+            last_reason = (f"{len(accepted)} usable updates, min_fit_clients is "
+                           f"{cfg.min_fit_clients} (failed: {failures or 'none'}; rejected: "
+                           f"{rejected or 'none'})")
+            self.event(f"round {server_round} attempt {attempt} failed: {last_reason}",
+                       round=server_round)
+        else:
+            raise RunFailed(f"round {server_round}: quorum not reached after "
+                            f"{cfg.max_round_retries + 1} attempts: {last_reason}")
+        new_weights = strategy.aggregate(weights, accepted, server_round)
+        eval_start = self.clock()
+        evaluations = self._evaluate(cfg, server_round, new_weights, sorted(answers))
+        eval_wall = self.clock() - eval_start
+        summary = self._summary(cfg, server_round, attempt, selected, answers, accepted,
+                                rejected, failures, evaluations, new_weights)
+        slowest = max((float(answers[r.hospital].get("timings", {}).get("total_s", 0.0))
+                       for r in accepted), default=0.0)
+        summary["timings"] = {"round_s": self.clock() - started, "fit_wall_s": fit_wall,
+                              "slowest_client_s": slowest,
+                              "overhead_s": max(0.0, fit_wall - slowest), "eval_s": eval_wall}
+        self.record["rounds"].append(summary)
+        self.store.write_checkpoint(self.record, server_round, new_weights, strategy.state(),
+                                    rng.bit_generator.state)
+        self.event(f"round {server_round} done: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in summary["global"].items()
+            if k.endswith(("accuracy", "macro_f1"))), round=server_round)
+        self._track(cfg, summary, new_weights)
+        return new_weights
+
+    def _select(self, cfg: RunConfig, rng: np.random.Generator, deadline: float) -> list[str]:
+        """Hospitals for this attempt; with none known yet, wait for some up to the deadline
+        (a worker that reconnects after a broker restart shows up within seconds)."""
+        while True:
+            live = self.dispatcher.live_hospitals()
+            selected = select_hospitals(cfg.hospitals, live, cfg.fraction,
+                                        cfg.min_fit_clients, rng)
+            if len(selected) >= cfg.min_fit_clients or self.clock() >= deadline:
+                return selected
+            self._check()
+            self.sleep(min(1.0, max(0.0, deadline - self.clock())))
+
+    def _collect(self, server_round: int, task: str, handles: dict[str, Any], deadline: float,
+                 need: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Wait until every hospital answered, the deadline passed, or the quorum became
+        impossible. Unanswered tasks become 'late': their results are discarded and logged."""
+        pending = dict(handles)
+        answers: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        while pending and self.clock() < deadline and quorum_possible(len(answers), len(pending),
+                                                                      need):
+            self._check()
+            self._drain_late()
+            for hospital, handle in list(pending.items()):
+                try:
+                    done, result, error = self.dispatcher.poll(handle)
+                except Exception as exc:  # broker or backend down: keep waiting, it retries
+                    log.warning("polling %s: %s", hospital, exc)
+                    continue
+                if not done:
+                    continue
+                del pending[hospital]
+                self.dispatcher.discard(handle)
+                if error is not None:
+                    failures[hospital] = error
+                elif not isinstance(result, dict) or result.get("status") != "ok":
+                    status = result.get("status") if isinstance(result, dict) else type(result)
+                    reason = result.get("reason") if isinstance(result, dict) else ""
+                    failures[hospital] = f"{status}: {reason}"
+                else:
+                    answers[hospital] = result
+            if pending:
+                self.sleep(self.poll_interval_s)
+        for hospital, handle in pending.items():
+            failures[hospital] = "no answer by the deadline"
+            self._late.append((server_round, hospital, task, handle))
+        for hospital, reason in failures.items():
+            self.event(f"round {server_round} {task.rsplit('.', 1)[-1]}: {hospital} {reason}",
+                       round=server_round, hospital=hospital)
+        return answers, failures
+
+    def _drain_late(self) -> None:
+        still = []
+        for server_round, hospital, task, handle in self._late:
+            try:
+                done, _, _ = self.dispatcher.poll(handle)
+            except Exception:
+                done = False
+            if done:
+                self.dispatcher.discard(handle)
+                self.event(f"late {task.rsplit('.', 1)[-1]} result from {hospital} for round "
+                           f"{server_round} discarded", round=server_round, hospital=hospital)
+            else:
+                still.append((server_round, hospital, task, handle))
+        self._late = still
+
+    def _validate(self, server_round: int, weights: Weights, answers: dict[str, dict[str, Any]],
+                  cfg: RunConfig) -> tuple[list[ClientResult], dict[str, str]]:
+        accepted: list[ClientResult] = []
+        rejected: dict[str, str] = {}
+        for hospital, answer in sorted(answers.items()):
+            try:
+                n = answer.get("num_examples")
+                if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                    raise UpdateRejected("schema", f"num_examples must be a positive int, "
+                                                   f"got {n!r}")
+                update = decode_weights(answer.get("weights"))
+                validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio)
+            except WireFormatError as exc:
+                rejected[hospital] = f"wire: {exc}"
+            except UpdateRejected as exc:
+                rejected[hospital] = f"{exc.reason}: {exc.message}"
+            else:
+                accepted.append(ClientResult(hospital, update, n, answer.get("metrics", {})))
+        for hospital, reason in rejected.items():
+            self.event(f"round {server_round}: update from {hospital} rejected ({reason})",
+                       round=server_round, hospital=hospital, rejected=reason.split(":")[0])
+        return accepted, rejected
+
+    def _evaluate(self, cfg: RunConfig, server_round: int, weights: Weights,
+                  hospitals: list[str]) -> dict[str, dict[str, Any]]:
+        if not hospitals:
+            return {}
+        deadline = self.clock() + cfg.round_deadline_s
+        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
+                  "image_size": cfg.image_size, "alpha": cfg.alpha, "bn_mode": cfg.bn_mode,
+                  "jit_compile": cfg.jit_compile, "deadline": deadline}
+        blob = encode_weights(weights)
+        handles = {h: self.dispatcher.submit(h, TASK_EVALUATE, [blob, config], deadline)
+                   for h in hospitals}
+        answers, _ = self._collect(server_round, TASK_EVALUATE, handles, deadline, 0)
+        return answers
+
+    def _summary(self, cfg: RunConfig, server_round: int, attempt: int, selected: list[str],
+                 answers: dict[str, dict[str, Any]], accepted: list[ClientResult],
+                 rejected: dict[str, str], failures: dict[str, str],
+                 evaluations: dict[str, dict[str, Any]], weights: Weights) -> dict[str, Any]:
+        pooled, matrices = combine_evaluations(evaluations)
+        global_metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
+        server = self.model_ops.server_evaluate(cfg, weights)
+        if server is not None:
+            metrics, cm = server
+            global_metrics.update({f"server_test_{k}": v for k, v in metrics.items()})
+            matrices["server_test"] = cm
+        used = {r.hospital for r in accepted}
+        return {
+            "round": server_round, "attempt": attempt, "selected": selected,
+            "participants": {r.hospital: r.num_examples for r in accepted},
+            "rejected": rejected, "failed": failures,
+            "global": global_metrics, "confusion": matrices,
+            "hospitals": {h: hospital_metrics(answers.get(h) if h in used else None,
+                                              evaluations.get(h))
+                          for h in sorted(set(answers) | set(evaluations))},
+            "bytes": {h: int(answers[h].get("bytes", 0)) for h in sorted(used)},
+            "sha256": {h: str(answers[h].get("sha256", "")) for h in sorted(used)},
+            "fingerprints": {h: str(answers[h].get("dataset_fingerprint", ""))
+                             for h in sorted(used)},
+        }
+
+    def _track(self, cfg: RunConfig, summary: dict[str, Any], weights: Weights) -> None:
+        rec = self.record
+        if self.tracker is not None:
+            self.tracker.log_round(rec, summary)
+            if cfg.register_models:
+                version = self.tracker.register(rec, cfg, summary, weights)
+                if version is not None:
+                    rec["versions"][str(summary["round"])] = version
+        rec["registered_round"] = summary["round"]
+        self.store.save(rec)

@@ -1,0 +1,43 @@
+"""Aggregator settings, from ``LEUKOFED_AGGREGATOR_*`` environment variables or ``.env``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S
+from registry.store import DEFAULT_MODEL_NAME
+
+
+class AggregatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEUKOFED_AGGREGATOR_", env_file=".env",
+                                      extra="ignore")
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str | None = Field(None, description="defaults to broker_url")
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    mlflow_tracking_uri: str | None = Field(
+        None, description="default: $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000")
+    mlflow_experiment: str = "leukofed-federated"
+    model_name: str = DEFAULT_MODEL_NAME
+    state_dir: Path = Field(Path(".run/aggregator"), description="run records and checkpoints")
+    cache_dir: Path = Path(".cache")
+    server_test_dir: Path | None = Field(
+        None, description="default held-out server-side test set (class folders)")
+    server_test_manifest: Path | None = Field(
+        None, description="default split manifest whose test split is evaluated server-side")
+    poll_interval_s: float = 0.25
+    ping_timeout_s: float = 1.0
+    resume_on_start: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8001
+    tracking: bool = Field(True, description="log to MLflow and register models")
+
+    @property
+    def tracking_uri(self) -> str:
+        import os
+
+        return (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or "http://127.0.0.1:5000")

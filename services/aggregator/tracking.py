@@ -1,0 +1,160 @@
+"""MLflow for federated runs: one MLflow run per federated run, metrics with step = round,
+per-hospital metrics, curves and confusion matrices as PNG, a registered version per round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from services.aggregator.config import RunConfig
+from services.aggregator.modelops import KerasModelOps
+
+log = logging.getLogger(__name__)
+CURVE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",
+              "server_test_accuracy", "server_test_macro_f1")
+
+
+def flat_params(cfg: RunConfig) -> dict[str, str]:
+    out = {}
+    for key, value in cfg.model_dump().items():
+        if key == "strategy_params":
+            out.update({f"strategy.{k}": str(v) for k, v in value.items()})
+        else:
+            out[key] = "all live" if key == "hospitals" and value is None else str(value)
+    return {k: v[:500] for k, v in out.items()}
+
+
+def round_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in summary["global"].items()}
+    metrics.update({k: float(v) for k, v in summary.get("timings", {}).items()})
+    metrics["participants"] = float(len(summary["participants"]))
+    metrics["rejected"] = float(len(summary["rejected"]))
+    metrics["examples"] = float(sum(summary["participants"].values()))
+    metrics["bytes_per_hospital"] = (sum(summary["bytes"].values()) / len(summary["bytes"])
+                                     if summary["bytes"] else 0.0)
+    for hospital, values in summary["hospitals"].items():
+        metrics.update({f"hospital/{hospital}/{k}": float(v) for k, v in values.items()})
+    return {k: v for k, v in metrics.items() if v == v}  # MLflow rejects NaN in some stores
+
+
+def plot_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    xs = [r["round"] for r in rounds]
+    for key in CURVE_KEYS:
+        ys = [r["global"].get(key) for r in rounds]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=key)
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str, model_name: str,
+                 model_ops: KerasModelOps) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.model_name = model_name
+        self.model_ops = model_ops
+
+    def _client(self) -> Any:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def start(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        client = self._client()
+        if record.get("mlflow_run_id"):
+            run_id = record["mlflow_run_id"]
+            if client.get_run(run_id).info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            return run_id
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        record["mlflow_experiment_id"] = exp_id
+        run = client.create_run(exp_id, run_name=cfg.name or f"federated-{record['id']}",
+                                tags={"leukofed.run_id": record["id"], "kind": "federated"})
+        for key, value in flat_params(cfg).items():
+            client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    def log_round(self, record: dict[str, Any], summary: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        from leukofed.labels import CLASSES
+        from leukofed.metrics import plot_confusion_matrix
+
+        client = self._client()
+        run_id = record["mlflow_run_id"]
+        step = int(summary["round"])
+        import time
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in round_metrics(summary).items()]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[i:i + 500])
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            plot_curves(record["rounds"], d / "curves.png")
+            client.log_artifact(run_id, str(d / "curves.png"))
+            for split, cm in summary.get("confusion", {}).items():
+                p = plot_confusion_matrix(cm, CLASSES, d / f"confusion_{split}_round{step:04d}.png",
+                                          title=f"{split}, round {step}")
+                client.log_artifact(run_id, str(p), "confusion")
+            (d / f"round{step:04d}.json").write_text(json.dumps(summary, indent=1))
+            client.log_artifact(run_id, str(d / f"round{step:04d}.json"), "rounds")
+
+    def register(self, record: dict[str, Any], cfg: RunConfig, summary: dict[str, Any],
+                 weights: dict[str, Any]) -> str | None:
+        import mlflow
+
+        from registry.lineage import register_round
+
+        self._client()
+        glob = summary["global"]
+        tags: dict[str, Any] = {
+            "mlflow_run_id": record["mlflow_run_id"], "strategy": cfg.strategy,
+            "strategy_params": json.dumps(cfg.strategy_params, sort_keys=True),
+            "bn_mode": cfg.bn_mode, "fp16": cfg.fp16, "model": cfg.model,
+            "image_size": cfg.image_size,
+            "hospitals": ",".join(sorted(summary["participants"])),
+            "example_counts": json.dumps(summary["participants"], sort_keys=True),
+            "dataset_fingerprints": json.dumps(summary["fingerprints"], sort_keys=True),
+            "privacy": "none (no differential privacy in this run)",
+        }
+        tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
+                     if k.endswith(("accuracy", "macro_f1", "loss"))})
+        metadata = self.model_ops.metadata(cfg, {"run_id": record["id"],
+                                                 "round": summary["round"]})
+        model = self.model_ops.keras_model(cfg, weights)
+        with mlflow.start_run(run_id=record["mlflow_run_id"]):
+            version = register_round(model, metadata, record["id"], summary["round"], tags,
+                                     self.model_name)
+        # Leaving start_run() marks the run FINISHED; the federated run is still going.
+        self._client().update_run(record["mlflow_run_id"], status="RUNNING")
+        return version
+
+    def finish(self, record: dict[str, Any]) -> None:
+        if not record.get("mlflow_run_id"):
+            return
+        status = {"completed": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}.get(
+            record["status"])
+        if status:
+            client = self._client()
+            if record.get("reason"):
+                client.set_tag(record["mlflow_run_id"], "leukofed.reason", record["reason"][:4000])
+            client.set_terminated(record["mlflow_run_id"], status)

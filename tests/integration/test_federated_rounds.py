@@ -1,0 +1,122 @@
+"""2 hospitals x 2 rounds through real redis-server, Celery workers, uvicorn and MLflow:
+versions with lineage tags, candidate on the last, metrics per round, an audit log at each
+hospital, and no image bytes or file names in any message on the broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from fedstack import (
+    AggregatorProcess,
+    Worker,
+    finished,
+    get_run,
+    hospital_data,
+    start_run,
+    wait_run,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Monitor:
+    """Every command Redis executes, via a MONITOR connection: the wire as the broker sees it."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.conn = redis.Redis.from_url(url)
+        self.lines: list[str] = []
+        self.bytes = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.conn.monitor() as m:
+            for cmd in m.listen():
+                if self._stop:
+                    return
+                text = cmd.get("command", "")
+                self.lines.append(text)
+                self.bytes += len(text)
+
+    def start(self) -> Monitor:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    monitor = Monitor(redis_server.url).start()
+    data = tmp_path / "hospitals"
+    workers = [Worker(h, hospital_data(data, h), redis_server.url, tmp_path / f"state-{h}",
+                      tmp_path / "cache").start() for h in ("a", "b")]
+    agg = AggregatorProcess(redis_server.url, tmp_path / "agg", mlflow_server.url,
+                            model_name="leukofed-it-rounds")
+    try:
+        agg.start()
+        for w in workers:
+            w.wait_ready()
+        run_id = start_run(agg.url, {"rounds": 2, "hospitals": ["a", "b"],
+                                     "min_fit_clients": 2, "round_deadline_s": 120})
+        run = wait_run(lambda: get_run(agg.url, run_id), finished, 240)
+        assert run["status"] == "completed", run["reason"]
+    finally:
+        monitor.stop()
+        agg.stop()
+        for w in workers:
+            w.stop()
+
+    # Per-round global and per-hospital metrics in the API.
+    assert [r["round"] for r in run["history"]] == [1, 2]
+    for r in run["history"]:
+        assert set(r["participants"]) == {"a", "b"}
+        assert 0.0 <= r["global"]["test_accuracy"] <= 1.0
+        assert "val_macro_f1" in r["global"]
+        assert set(r["hospitals"]) == {"a", "b"}
+
+    # MLflow: one run, metrics with step = round, PNG artifacts, one version per round.
+    client = MlflowClient(mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    history = client.get_metric_history(run["mlflow_run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert client.get_metric_history(run["mlflow_run_id"], "hospital/a/train_loss")
+    artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"])}
+    assert "curves.png" in artifacts
+    assert any(a.path.endswith(".png")
+               for a in client.list_artifacts(run["mlflow_run_id"], "confusion"))
+    versions = client.search_model_versions("name='leukofed-it-rounds'")
+    by_round = {int(v.tags["round"]): v for v in versions if v.tags.get("run_id") == run_id}
+    assert sorted(by_round) == [1, 2] and len(versions) == 2
+    tags = by_round[2].tags
+    assert tags["hospitals"] == "a,b"
+    assert set(json.loads(tags["example_counts"])) == {"a", "b"}
+    assert set(json.loads(tags["dataset_fingerprints"])) == {"a", "b"}
+    assert tags["strategy"] == "fedavg" and "val_macro_f1" in tags
+    assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
+        by_round[2].version
+    assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}
+
+    # Each hospital's audit log lists both updates with their size and hash.
+    for h in ("a", "b"):
+        lines = [json.loads(x) for x in (tmp_path / f"state-{h}" / "participation.jsonl")
+                 .read_text().splitlines()]
+        fits = [e for e in lines if e["task"] == "fit" and e["status"] == "ok"]
+        assert [e["round"] for e in fits] == [1, 2]
+        assert all(e["bytes"] > 1000 and len(e["sha256"]) == 64 for e in fits)
+        assert fits[0]["sha256"] in {s for r in run["history"] for s in r["sha256"].values()}
+
+    # Nothing on the wire names an image or carries one.
+    assert monitor.bytes > 100_000, "the monitor saw no weight traffic"
+    wire = "\n".join(monitor.lines)
+    assert "patient-" not in wire and ".png" not in wire
+    assert str(data) not in wire
+    assert "\\x89PNG" not in wire and "\\xff\\xd8\\xff" not in wire
