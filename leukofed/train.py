@@ -213,6 +213,36 @@ class Trainer:
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+# ---------------------------------------------------------------- BatchNorm
+
+
+def recalibrate_batchnorm(
+    model: keras.Model, x: np.ndarray, max_images: int = 512, batch_size: int = 64
+) -> None:
+    """Replace BatchNorm moving statistics by their exact average over un-augmented images.
+
+    Moving averages (momentum 0.9) follow the last few batches of a weight trajectory that
+    keeps moving, so inference accuracy can swing between epochs (measured: 0.94 -> 0.64
+    -> 0.99 validation accuracy for the compact CNN). Averaging batch statistics of the
+    final weights over a fixed sample removes the lag. Runs eagerly because the momentum
+    changes every batch (i/(i+1) gives the running mean of batch statistics).
+    """
+    layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(la, keras.layers.BatchNormalization)]
+    if not layers or len(x) == 0:
+        return
+    saved = [la.momentum for la in layers]
+    idx = np.random.default_rng(0).permutation(len(x))[:max_images]
+    try:
+        for i, start in enumerate(range(0, len(idx), batch_size)):
+            for la in layers:
+                la.momentum = i / (i + 1)
+            model(tf.constant(x[idx[start : start + batch_size]], tf.float32), training=True)
+    finally:
+        for la, m in zip(layers, saved):
+            la.momentum = m
+
+
 # ---------------------------------------------------------------- loops
 
 
@@ -243,9 +273,12 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    recalibrate_bn: bool = True,
 ) -> FitResult:
     """Centralized training: cosine schedule, early stopping on validation macro-F1,
-    best weights restored at the end."""
+    best weights restored at the end. With ``recalibrate_bn`` BatchNorm statistics are
+    recomputed on training images before each validation, so the model that is validated
+    (and kept) is the one that will be served."""
     x, y = train
     trainer.reset(class_weights=class_weights(y) if class_balanced else np.ones(len(CLASSES)))
     ds = make_dataset(x, y, batch_size, training=True, seed=seed)
@@ -259,6 +292,8 @@ def fit(
             print(f"epoch {epoch + 1}/{epochs}", flush=True)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": trainer.learning_rate}
         row.update({f"train_{k}": v for k, v in trainer.train_epoch(ds, steps, progress).items()})
+        if recalibrate_bn:
+            recalibrate_batchnorm(trainer.model, x)
         if val is not None and len(val[0]):
             m = classification_metrics(val[1], trainer.predict(val[0]))
             row.update(val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"])
@@ -292,6 +327,7 @@ def local_fit(
     proximal_mu: float = 0.0,
     class_balanced: bool = True,
     seed: int = 0,
+    recalibrate_bn: bool = True,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
     trainer.model. Returns aggregate numbers only (nothing per image)."""
@@ -306,6 +342,9 @@ def local_fit(
     for _ in range(epochs):
         stats = trainer.train_epoch(ds)
         total += stats["seconds"]
+    if recalibrate_bn:
+        # The BatchNorm statistics this hospital sends then match its final weights.
+        recalibrate_batchnorm(trainer.model, x)
     return {"loss": stats["loss"], "accuracy": stats["accuracy"],
             "num_examples": float(len(x)), "train_seconds": total}
 

@@ -1,0 +1,44 @@
+"""The BatchNorm momentum fix on real images: the previous team's 0.30 reproduced and fixed.
+
+MobileNetV2 from scratch with Keras' default momentum (0.999) keeps near-initial moving
+statistics after a few hundred steps, so inference-mode accuracy stays at the majority
+rate. With momentum 0.9 it moves well above it within a few epochs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukofed.data import scan_dataset
+from leukofed.metrics import classification_metrics
+from leukofed.models import build_model
+from leukofed.splits import group_split
+from leukofed.train import Trainer, fit, load_arrays
+
+pytestmark = pytest.mark.realdata
+
+
+def _val_accuracy(bn_momentum: float | None, train, val) -> float:
+    trainer = Trainer(build_model("mobilenetv2", 64, bn_momentum=bn_momentum, seed=0))
+    # No BN recalibration here: it would hide the momentum effect this test is about.
+    fit(trainer, train, None, epochs=4, batch_size=32, learning_rate=2e-3, progress=False,
+        recalibrate_bn=False)
+    return classification_metrics(val[1], trainer.predict(val[0]))["accuracy"]
+
+
+def test_bn_momentum_fix_lifts_validation_above_majority(real_data: Path, tmp_path) -> None:
+    ds = scan_dataset(real_data, verify=False)
+    split = group_split(ds.records, seed=0)
+    rng = np.random.default_rng(0)
+    train_recs = [split.train[i] for i in rng.choice(len(split.train), 640, replace=False)]
+    train = load_arrays(train_recs, 64, tmp_path)
+    val = load_arrays(split.val, 64, tmp_path)
+    majority = np.bincount(val[1]).max() / len(val[1])
+
+    fixed = _val_accuracy(0.9, train, val)
+    keras_default = _val_accuracy(None, train, val)
+    assert fixed > majority + 0.15, (fixed, majority)
+    assert keras_default < majority + 0.1, (keras_default, majority)  # the trap is real
