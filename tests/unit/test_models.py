@@ -1,0 +1,68 @@
+"""Model zoo: BatchNorm momentum fixed on purpose, metadata travels, local ImageNet weights."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from leukofed.labels import CLASSES
+from leukofed.models import (
+    MODEL_NAMES,
+    build_model,
+    load_model,
+    model_metadata,
+    read_metadata,
+    save_model,
+)
+
+
+def _bn_momenta(model: keras.Model) -> set[float]:
+    return {layer.momentum for layer in model._flatten_layers()
+            if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_gets_bn_momentum_0_9(name: str) -> None:
+    model = build_model(name, 32, seed=0)
+    assert _bn_momenta(model) == {0.9}
+    assert model.output_shape == (None, len(CLASSES))
+
+
+def test_keras_defaults_are_what_we_override() -> None:
+    # Documents the trap: MobileNetV2 ships with 0.999, which is why we set 0.9.
+    assert _bn_momenta(build_model("mobilenetv2", 32, bn_momentum=None)) == {0.999}
+
+
+def test_save_load_keeps_metadata_and_outputs(tmp_path: Path) -> None:
+    model = build_model("compact_cnn", 32, seed=0)
+    meta = model_metadata(model, "compact_cnn", 32, {"note": "x"})
+    path = save_model(model, tmp_path / "m.keras", meta)
+    assert "leukofed.json" in zipfile.ZipFile(path).namelist()
+    loaded, meta2 = load_model(path)
+    assert meta2["classes"] == list(CLASSES) and meta2["image_size"] == 32
+    assert read_metadata(path)["note"] == "x"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
+    assert _bn_momenta(loaded) == {0.9}
+
+
+def test_imagenet_weights_load_from_a_local_file(tmp_path: Path) -> None:
+    # Stand-in for a downloaded ImageNet no-top file: weights of another backbone instance.
+    donor = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                           include_top=False, weights=None)
+    path = tmp_path / "mobilenet_v2_no_top.weights.h5"
+    donor.save_weights(path)
+    model = build_model("mobilenetv2", 32, alpha=0.35, weights=str(path))
+    backbone = next(la for la in model.layers if isinstance(la, keras.Model))
+    for a, b in zip(backbone.get_weights(), donor.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        build_model("mobilenetv2", 32, weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="no ImageNet"):
+        build_model("compact_cnn", 32, weights=str(path))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet9000", 32)
