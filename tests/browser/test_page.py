@@ -1,0 +1,96 @@
+"""The clinician's page in Debian's chromium (Playwright, no browser download).
+
+Upload an image with the keyboard (Enter on the drop zone opens the file chooser) and see
+the label, the four bars, the heat map and the model version; upload a text file and see
+the error. The screenshot is kept as a CI artifact: tests/output/inference-page.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REAL_DATA, ROOT, free_port, write_synthetic_image
+
+from services.inference.testing import ServiceProcess, register_tiny_model
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM = "/usr/bin/chromium"
+NAME = "leukofed-page-it"
+SCREENSHOT = ROOT / "tests" / "output" / "inference-page.png"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("Debian chromium is not installed (make setup installs it)")
+    register_tiny_model(mlflow_server.url, NAME, seed=31, image_size=32, champion=True)
+    tmp = tmp_path_factory.mktemp("page")
+    svc = ServiceProcess(free_port(), {
+        "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
+        "LEUKOFED_INFERENCE_MODEL_NAME": NAME,
+        "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache"),
+        "LEUKOFED_INFERENCE_THREADS": "1",
+    }, tmp / "service.log")
+    try:
+        svc.start()
+        svc.wait_ready(timeout=180)
+        yield svc
+    finally:
+        svc.stop()
+
+
+def sample_image(tmp_path: Path) -> Path:
+    real = sorted((REAL_DATA / "Pro").glob("*.jpg"))[:1] if REAL_DATA.is_dir() else []
+    if real:
+        return real[0]
+    return write_synthetic_image(tmp_path / "synthetic-cell.png", label=3, seed=1, size=96)
+
+
+def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
+                                                   tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    image = sample_image(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("this is a text file, not a smear image\n")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(service.url + "/")
+            expect(page.get_by_role("heading", name="Decision support, not a diagnosis")) \
+                .to_be_visible()
+            expect(page.locator("#model-line")).to_contain_text(f"{NAME} version 1")
+
+            # Keyboard only: focus the drop zone, Enter opens the chooser.
+            page.focus("#drop-zone")
+            assert page.evaluate("document.activeElement.id") == "drop-zone"
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Enter")
+            chooser.value.set_files(str(image))
+            card = page.locator(".result").first
+            expect(card.locator(".label-line")).to_contain_text("Most likely", timeout=30_000)
+            expect(card.locator(".bars li")).to_have_count(4)
+            expect(card.locator(".heat")).to_be_visible()
+            assert card.locator(".heat").get_attribute("src").startswith("data:image/png")
+            expect(card.locator(".model-version")).to_contain_text("version 1 (champion)")
+            expect(card.locator(".filename")).to_have_text(image.name)
+
+            page.set_input_files("#file-input", str(text))
+            bad = page.locator(".result").first
+            expect(bad.get_by_role("alert")).to_contain_text("notes.txt", timeout=30_000)
+            expect(bad.get_by_role("alert")).to_contain_text("not a recognised image")
+            expect(page.locator("#status")).to_contain_text("1 failed")
+            # The good result is still there under the error.
+            expect(page.locator(".result")).to_have_count(2)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
