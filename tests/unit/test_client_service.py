@@ -1,0 +1,98 @@
+"""The hospital client without Celery: tasks, audit log, pause switch, and what leaves."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from leukofed.wire import decode_weights, encode_weights
+from services.client.audit import ParticipationLog, PauseSwitch
+from services.client.cli import register
+from services.client.core import HospitalClient
+from services.client.settings import ClientSettings
+
+CFG = {"run_id": "r1", "round": 1, "model": "compact_cnn", "image_size": 32,
+       "batch_size": 8, "jit_compile": False}
+
+
+@pytest.fixture
+def client(tmp_path: Path, synthetic_dataset) -> HospitalClient:
+    data = synthetic_dataset(per_class=8)
+    settings = ClientSettings(hospital_id="a", data_dir=data, state_dir=tmp_path / "state",
+                              cache_dir=tmp_path / "cache", block_size=2)
+    return HospitalClient(settings)
+
+
+@pytest.fixture
+def global_blob() -> bytes:
+    from leukofed.models import build_model
+    from leukofed.wire import weights_from_model
+
+    return encode_weights(weights_from_model(build_model("compact_cnn", 32, seed=0)))
+
+
+def test_fit_evaluate_describe_send_only_aggregates(client: HospitalClient,
+                                                    global_blob: bytes) -> None:
+    fit = client.fit(global_blob, CFG)
+    assert fit["status"] == "ok" and fit["num_examples"] > 0
+    update = decode_weights(fit["weights"])
+    assert update.keys() == decode_weights(global_blob).keys()
+    assert fit["bytes"] == len(fit["weights"])
+    evaluation = client.evaluate(fit["weights"], CFG)
+    assert evaluation["status"] == "ok" and evaluation["splits"]["test"]["n"] > 0
+    described = client.describe()
+    assert sum(described["class_counts"].values()) == 32
+    # Nothing names an image: no path, no file name anywhere in what the tasks return.
+    for answer in (fit, evaluation, described):
+        wire = msgpack.packb(answer, use_bin_type=True)
+        assert b"img-" not in wire and b".png" not in wire
+        assert str(client.settings.data_dir).encode() not in wire
+    entries = list(client.participation.entries())
+    assert [e["task"] for e in entries] == ["fit", "evaluate"]
+    assert entries[0]["sha256"] == fit["sha256"] and entries[0]["bytes"] == fit["bytes"]
+
+
+def test_paused_and_expired_tasks_are_declined(client: HospitalClient, global_blob: bytes
+                                               ) -> None:
+    client.pause_switch.pause("audit")
+    answer = client.fit(global_blob, CFG)
+    assert answer["status"] == "declined" and answer["message"] == "declined: paused"
+    client.pause_switch.resume()
+    answer = client.fit(global_blob, {**CFG, "deadline": time.time() - 1})
+    assert answer["status"] == "declined" and answer["reason"] == "expired"
+    assert [e["status"] for e in client.participation.entries()] == ["declined", "declined"]
+
+
+def test_garbage_weights_give_an_error_answer(client: HospitalClient) -> None:
+    answer = client.fit(b"not msgpack", CFG)
+    assert answer["status"] == "error" and "global weights unusable" in answer["reason"]
+
+
+def test_fault_injection_cycles_by_round(tmp_path: Path) -> None:
+    s = ClientSettings(hospital_id="a", data_dir=tmp_path, fault="nan,shape")
+    assert [s.fault_for(r) for r in (1, 2, 3)] == ["nan", "shape", "nan"]
+    with pytest.raises(ValueError):
+        ClientSettings(hospital_id="a", data_dir=tmp_path, fault="evil")
+
+
+def test_audit_cli(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    state = str(tmp_path / "s")
+    ParticipationLog(state).append(run="r", round=1, task="fit", status="ok", bytes=5,
+                                   sha256="f" * 64)
+    assert runner.invoke(app, ["client", "pause", "--state-dir", state]).exit_code == 0
+    assert PauseSwitch(state).paused
+    out = runner.invoke(app, ["client", "status", "--state-dir", state]).output
+    assert json.loads(out)["paused"] is True and json.loads(out)["updates_sent"] == 1
+    assert runner.invoke(app, ["client", "resume", "--state-dir", state]).exit_code == 0
+    assert not PauseSwitch(state).paused
+    out = runner.invoke(app, ["client", "log", "--state-dir", state, "--json"]).output
+    assert json.loads(out.splitlines()[0])["sha256"] == "f" * 64

@@ -1,0 +1,97 @@
+"""Pure decisions of the round loop and the transport settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leukofed.transport import (
+    ACCEPTED_CONTENT,
+    check_hospital_id,
+    hospital_of_queue,
+    make_celery,
+    queue_name,
+    round_config,
+)
+from services.aggregator.logic import (
+    combine_evaluations,
+    hospital_metrics,
+    pooled_metrics,
+    quorum_possible,
+    select_hospitals,
+)
+
+
+def test_celery_never_accepts_pickle() -> None:
+    app = make_celery("t", "redis://127.0.0.1:1/0", hospital_id="a")
+    conf = app.conf
+    assert conf.task_serializer == "msgpack" and conf.result_serializer == "msgpack"
+    assert "pickle" not in conf.accept_content and "pickle" not in conf.result_accept_content
+    assert "pickle" not in ACCEPTED_CONTENT
+    assert conf.task_acks_late and conf.broker_connection_retry_on_startup
+    assert conf.broker_connection_max_retries is None
+    assert conf.broker_transport_options["visibility_timeout"] >= 3600
+    assert [q.name for q in conf.task_queues] == ["hospital.a"]
+
+
+def test_queue_names() -> None:
+    assert queue_name("a") == "hospital.a"
+    assert hospital_of_queue("hospital.h001") == "h001"
+    assert hospital_of_queue("celery") is None
+    for bad in ("", "A", "a.b", "a b", "x" * 40, "-a"):
+        with pytest.raises(ValueError):
+            check_hospital_id(bad)
+
+
+def test_round_config_fills_defaults_and_drops_unknown() -> None:
+    cfg = round_config({"round": 3, "surprise": 1})
+    assert cfg["round"] == 3 and "surprise" not in cfg and cfg["model"] == "compact_cnn"
+
+
+def test_select_prefers_live_and_falls_back_to_requested() -> None:
+    rng = np.random.default_rng(0)
+    assert select_hospitals(["a", "b", "c"], {"a", "c"}, 1.0, 1, rng) == ["a", "c"]
+    # Too few live for the quorum (or liveness unknown): ask everyone requested.
+    assert select_hospitals(["a", "b"], {"a"}, 1.0, 2, rng) == ["a", "b"]
+    assert select_hospitals(["a", "b"], None, 1.0, 1, rng) == ["a", "b"]
+    assert select_hospitals(None, {"b", "a"}, 1.0, 1, rng) == ["a", "b"]
+    assert select_hospitals(None, set(), 1.0, 1, rng) == []
+
+
+def test_select_fraction_never_below_quorum() -> None:
+    rng = np.random.default_rng(0)
+    live = {f"h{i}" for i in range(10)}
+    picked = select_hospitals(None, live, 0.3, 1, rng)
+    assert len(picked) == 3 and set(picked) <= live
+    assert len(select_hospitals(None, live, 0.1, 4, rng)) == 4
+
+
+def test_quorum_possible() -> None:
+    assert quorum_possible(1, 1, 2)
+    assert not quorum_possible(0, 1, 2)
+
+
+def test_pooled_metrics_hand_computed() -> None:
+    cm = np.array([[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]])
+    m = pooled_metrics(cm, loss_sum=7.0, n=7)
+    assert m["accuracy"] == pytest.approx(6 / 7)
+    assert m["recall_Early"] == pytest.approx(0.5)
+    # F1: Benign p=2/3 r=1 -> 0.8; Early p=1 r=.5 -> 2/3; Pro 1; Pre absent -> not averaged
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 1.0) / 3)
+    assert m["loss"] == 1.0
+
+
+def test_combine_evaluations_sums_confusion_matrices() -> None:
+    a = {"splits": {"test": {"n": 2, "loss": 1.0, "accuracy": 1.0,
+                             "confusion_matrix": [[1, 0, 0, 0], [0, 1, 0, 0], [0] * 4, [0] * 4]},
+                    "val": {"n": 0}}}
+    b = {"splits": {"test": {"n": 2, "loss": 3.0, "accuracy": 0.0,
+                             "confusion_matrix": [[0, 1, 0, 0], [1, 0, 0, 0], [0] * 4, [0] * 4]}}}
+    metrics, matrices = combine_evaluations({"a": a, "b": b})
+    assert metrics["test"]["accuracy"] == 0.5 and metrics["test"]["loss"] == 2.0
+    assert matrices["test"][0][:2] == [1, 1]
+    assert "val" not in metrics
+    h = hospital_metrics({"metrics": {"loss": 0.5}, "num_examples": 4, "bytes": 10,
+                          "timings": {"train_s": 1.0}}, a)
+    assert h == {"train_loss": 0.5, "num_examples": 4.0, "bytes_sent": 10.0, "train_s": 1.0,
+                 "test_accuracy": 1.0, "test_loss": 1.0, "test_n": 2.0}

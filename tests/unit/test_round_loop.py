@@ -1,0 +1,221 @@
+"""The round loop against fakes: quorum, deadline, late results, rejection, resume, cancel.
+A fake clock makes deadlines instant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from leukofed.wire import decode_weights, encode_weights
+from services.aggregator.config import RunConfig
+from services.aggregator.rounds import FederatedRun
+from services.aggregator.store import RunStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += max(s, 0.01)
+
+
+def honest(delta: float, n: int):
+    def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        weights = decode_weights(args[0])
+        if task.endswith("evaluate"):
+            cm = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+            return {"status": "ok", "hospital": hospital, "splits": {
+                "test": {"n": 4, "loss": 0.5, "accuracy": 1.0, "confusion_matrix": cm}}}
+        update = {k: v + np.float32(delta) for k, v in weights.items()}
+        return {"status": "ok", "hospital": hospital, "weights": encode_weights(update),
+                "num_examples": n, "bytes": 10, "sha256": "x" * 64,
+                "metrics": {"loss": 1.0}, "timings": {"total_s": 1.0},
+                "dataset_fingerprint": f"fp-{hospital}"}
+    return answer
+
+
+class FakeDispatcher:
+    def __init__(self, clock: Clock, behaviours: dict[str, Any], live: set[str] | None = None,
+                 slow: dict[str, float] | None = None) -> None:
+        self.clock, self.behaviours, self.live = clock, behaviours, live
+        self.slow = slow or {}  # hospital -> seconds before its answer is ready
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        self.discarded = 0
+
+    def live_hospitals(self) -> set[str] | None:
+        return self.live
+
+    def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> Any:
+        self.sent.append((hospital, task, args[1]))
+        return {"hospital": hospital, "task": task, "args": args, "at": self.clock()}
+
+    def poll(self, handle: Any) -> tuple[bool, dict[str, Any] | None, str | None]:
+        h = handle["hospital"]
+        behaviour = self.behaviours.get(h)
+        if behaviour is None or self.clock() < handle["at"] + self.slow.get(h, 0.0):
+            return False, None, None
+        return True, behaviour(handle["task"], handle["args"], h), None
+
+    def discard(self, handle: Any) -> None:
+        self.discarded += 1
+
+
+class FakeOps:
+    def initial(self, cfg: RunConfig) -> tuple[dict[str, np.ndarray], set[str]]:
+        return {"dense/kernel": np.zeros((2, 2), np.float32),
+                "bn/moving_mean": np.ones(2, np.float32)}, {"bn/moving_mean"}
+
+    def server_evaluate(self, cfg: RunConfig, weights: Any) -> None:
+        return None
+
+
+class FakeTracker:
+    def __init__(self) -> None:
+        self.registry: dict[tuple[str, int], str] = {}
+        self.logged: list[int] = []
+        self.on_log = None
+
+    def start(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        return record.get("mlflow_run_id") or "mlflow-1"
+
+    def log_round(self, record: dict[str, Any], summary: dict[str, Any]) -> None:
+        self.logged.append(summary["round"])
+        if self.on_log:
+            self.on_log(summary["round"])
+
+    def register(self, record: dict[str, Any], cfg: RunConfig, summary: dict[str, Any],
+                 weights: Any) -> str:
+        key = (record["id"], summary["round"])
+        return self.registry.setdefault(key, str(len(self.registry) + 1))
+
+    def finish(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def make_run(tmp_path, dispatcher, clock, tracker=None, **config) -> FederatedRun:
+    store = RunStore(tmp_path)
+    cfg = RunConfig(**{"rounds": 2, "hospitals": ["a", "b"], "round_deadline_s": 10,
+                       "max_round_retries": 0, **config})
+    record = store.create(cfg.model_dump())
+    return FederatedRun(record, store, dispatcher, FakeOps(), tracker, 0.5, clock, clock.sleep)
+
+
+def test_fedavg_two_rounds_weighted_and_tracked(tmp_path) -> None:
+    clock = Clock()
+    tracker = FakeTracker()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": honest(3.0, 3)}, live={"a", "b"})
+    run = make_run(tmp_path, d, clock, tracker, min_fit_clients=2)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    weights, _ = run.store.read_checkpoint(rec)
+    # (1*1 + 3*3)/4 = 2.5 per round, two rounds; BN statistics averaged the same way.
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), 5.0))
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 6.0))
+    assert rec["versions"] == {"1": "1", "2": "2"} and tracker.logged == [1, 2]
+    assert rec["rounds"][0]["global"]["test_accuracy"] == 1.0
+    assert rec["rounds"][0]["participants"] == {"a": 1, "b": 3}
+    fit_configs = [c for _, task, c in d.sent if task.endswith("fit")]
+    assert {c["round"] for c in fit_configs} == {1, 2} and all(c["deadline"] for c in fit_configs)
+
+
+def test_dead_hospital_deadline_quorum_and_late_result(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": honest(3.0, 3)}, slow={"b": 15.0})
+    run = make_run(tmp_path, d, clock, min_fit_clients=1)
+    rec = run.execute()
+    assert rec["status"] == "completed"
+    assert rec["rounds"][0]["participants"] == {"a": 1}
+    assert rec["rounds"][0]["failed"]["b"] == "no answer by the deadline"
+    assert any("late fit result from b for round 1 discarded" in e["message"]
+               for e in rec["events"])
+
+
+def test_quorum_unreachable_fails_with_reason(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1)})
+    run = make_run(tmp_path, d, clock, min_fit_clients=2, max_round_retries=2)
+    rec = run.execute()
+    assert rec["status"] == "failed"
+    assert "round 1: quorum not reached after 3 attempts" in rec["reason"]
+    assert "no answer by the deadline" in rec["reason"]
+    assert sum(1 for _, t, _ in d.sent if t.endswith("fit")) == 6
+
+
+def test_declined_and_bad_updates_are_left_out(tmp_path) -> None:
+    clock = Clock()
+
+    def nan(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        answer = honest(1.0, 5)(task, args, hospital)
+        if task.endswith("fit"):
+            w = decode_weights(answer["weights"])
+            w["dense/kernel"][0, 0] = np.nan
+            answer["weights"] = encode_weights(w)
+        return answer
+
+    def paused(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        return {"status": "declined", "hospital": hospital, "reason": "paused"}
+
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": nan, "c": paused})
+    run = make_run(tmp_path, d, clock, hospitals=["a", "b", "c"], rounds=1)
+    rec = run.execute()
+    assert rec["status"] == "completed"
+    r = rec["rounds"][0]
+    assert r["participants"] == {"a": 1}
+    assert r["rejected"]["b"].startswith("non_finite")
+    assert r["failed"]["c"] == "declined: paused"
+
+
+def test_resume_after_interrupt_continues_and_never_duplicates(tmp_path) -> None:
+    def run_all(path, interrupt_after: int | None):
+        clock = Clock()
+        tracker = FakeTracker()
+        d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": honest(3.0, 3)})
+        run = make_run(path, d, clock, tracker, rounds=3, strategy="fedavgm",
+                       strategy_params={"momentum": 0.5})
+        if interrupt_after:
+            tracker.on_log = lambda r: setattr(run, "stop_requested", r == interrupt_after)
+        rec = run.execute()
+        if interrupt_after:
+            assert rec["status"] == "running" and rec["completed_round"] == interrupt_after
+            again = FederatedRun(run.store.load(rec["id"]), run.store, d, FakeOps(), tracker,
+                                 0.5, clock, clock.sleep)
+            rec = again.execute()
+        return rec, run.store.read_checkpoint(rec)[0], tracker
+
+    rec, resumed, tracker = run_all(tmp_path / "x", interrupt_after=1)
+    assert rec["status"] == "completed"
+    assert any("resumed after round 1" in e["message"] for e in rec["events"])
+    assert sorted(r for _, r in tracker.registry) == [1, 2, 3]
+    _, straight, _ = run_all(tmp_path / "y", interrupt_after=None)
+    # Momentum state and RNG came back from the checkpoint: same weights as uninterrupted.
+    np.testing.assert_allclose(resumed["dense/kernel"], straight["dense/kernel"])
+
+
+def test_cancel(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1)}, slow={"a": 5.0})
+    run = make_run(tmp_path, d, clock, hospitals=["a"])
+    original = clock.sleep
+
+    def sleep(s: float) -> None:
+        run.cancel_requested = True
+        original(s)
+
+    run.sleep = sleep
+    rec = run.execute()
+    assert rec["status"] == "cancelled"
+
+
+def test_invalid_config_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        RunConfig(strategy="nope")
+    with pytest.raises(ValueError, match="min_fit_clients"):
+        RunConfig(hospitals=["a"], min_fit_clients=2)
+    with pytest.raises(ValueError, match="does not take"):
+        RunConfig(strategy="fedavg", strategy_params={"eta": 1})
