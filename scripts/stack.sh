@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Local process mode of the whole stack: redis-server, MLflow (SQLite + local artifacts), the
+# aggregator under uvicorn, and one Celery worker per hospital.
+#
+#   scripts/stack.sh up | down | status | logs [NAME]
+#
+# Environment (all optional):
+#   REDIS_PORT=6379  MLFLOW_PORT=5000  AGGREGATOR_PORT=8001  RUN_DIR=.run
+#   HOSPITAL_DATA=DIR   folder with one sub-folder per hospital (DIR/a, DIR/b, ...); workers
+#                       are started for its sub-folders (or for HOSPITAL_IDS=a,b,c)
+#   SERVER_TEST_MANIFEST=FILE  split manifest whose test split the aggregator evaluates
+# Each process runs in its own session; its pid file is RUN_DIR/pids/NAME.pid and its log
+# RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REDIS_PORT=${REDIS_PORT:-6379}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+AGGREGATOR_PORT=${AGGREGATOR_PORT:-8001}
+RUN_DIR=${RUN_DIR:-.run}
+VENV=${VENV:-.venv/bin}
+PIDS=$RUN_DIR/pids
+LOGS=$RUN_DIR/logs
+mkdir -p "$PIDS" "$LOGS"
+RUN_DIR_ABS=$(cd "$RUN_DIR" && pwd)
+BROKER_URL="redis://127.0.0.1:${REDIS_PORT}/0"
+MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
+
+alive() {  # alive NAME: the recorded process still runs
+    local f="$PIDS/$1.pid"
+    [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+start() {  # start NAME COMMAND...: in its own session, so `down` can stop its whole group
+    local name=$1; shift
+    if alive "$name"; then
+        echo "  $name already running (pid $(cat "$PIDS/$name.pid"))"
+        return
+    fi
+    setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+    echo $! >"$PIDS/$name.pid"
+    echo "  $name started (pid $!, log $LOGS/$name.log)"
+}
+
+wait_port() {  # wait_port PORT NAME SECONDS
+    local port=$1 name=$2 limit=${3:-60} i
+    for ((i = 0; i < limit * 5; i++)); do
+        if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        if ! alive "$name"; then
+            echo "  $name exited; last log lines:" >&2
+            tail -20 "$LOGS/$name.log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+    echo "  $name: nothing on port $port after ${limit}s (log $LOGS/$name.log)" >&2
+    return 1
+}
+
+hospital_ids() {
+    if [[ -n ${HOSPITAL_IDS:-} ]]; then
+        tr ',' ' ' <<<"$HOSPITAL_IDS"
+    elif [[ -n ${HOSPITAL_DATA:-} && -d $HOSPITAL_DATA ]]; then
+        find "$HOSPITAL_DATA" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | tr '\n' ' '
+    fi
+}
+
+up() {
+    echo "starting the stack (state in $RUN_DIR)"
+    mkdir -p "$RUN_DIR/redis" "$RUN_DIR/mlflow/artifacts"
+    start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN_DIR_ABS/redis" \
+        --appendonly yes --save "" --protected-mode no
+    wait_port "$REDIS_PORT" redis 20
+    start mlflow "$VENV/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+        --backend-store-uri "sqlite:///$RUN_DIR_ABS/mlflow/mlflow.db" \
+        --artifacts-destination "$RUN_DIR_ABS/mlflow/artifacts"
+    local agg_env=(LEUKOFED_AGGREGATOR_BROKER_URL="$BROKER_URL"
+                   LEUKOFED_AGGREGATOR_MLFLOW_TRACKING_URI="$MLFLOW_URL"
+                   LEUKOFED_AGGREGATOR_STATE_DIR="$RUN_DIR_ABS/aggregator")
+    if [[ -n ${SERVER_TEST_MANIFEST:-} ]]; then
+        agg_env+=(LEUKOFED_AGGREGATOR_SERVER_TEST_MANIFEST="$SERVER_TEST_MANIFEST")
+    fi
+    start aggregator env "${agg_env[@]}" "$VENV/uvicorn" services.aggregator.app:create_app \
+        --factory --host 127.0.0.1 --port "$AGGREGATOR_PORT"
+    local h
+    for h in $(hospital_ids); do
+        start "client-$h" env LEUKOFED_CLIENT_HOSPITAL_ID="$h" \
+            LEUKOFED_CLIENT_DATA_DIR="${HOSPITAL_DATA:-data}/$h" \
+            LEUKOFED_CLIENT_BROKER_URL="$BROKER_URL" \
+            LEUKOFED_CLIENT_STATE_DIR="$RUN_DIR_ABS/client-$h" \
+            "$VENV/celery" -A services.client.worker worker --pool solo --concurrency 1 \
+            -Q "hospital.$h" -n "$h@%h" --loglevel INFO --without-gossip --without-mingle
+    done
+    wait_port "$MLFLOW_PORT" mlflow 180
+    wait_port "$AGGREGATOR_PORT" aggregator 180
+    echo "up: redis $BROKER_URL | MLflow UI $MLFLOW_URL | aggregator" \
+         "http://127.0.0.1:$AGGREGATOR_PORT/docs | hospitals: $(hospital_ids)"
+}
+
+stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
+    local name=$1 f="$PIDS/$1.pid" pid i
+    [[ -f $f ]] || return 0
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        echo "  $name stopped"
+    fi
+    rm -f "$f"
+}
+
+down() {
+    local f name
+    # Workers and the aggregator first, so nothing reconnects to a broker going away.
+    for f in "$PIDS"/client-*.pid "$PIDS"/aggregator.pid "$PIDS"/mlflow.pid "$PIDS"/redis.pid; do
+        [[ -f $f ]] || continue
+        name=$(basename "$f" .pid)
+        stop_one "$name"
+    done
+    echo "down"
+}
+
+status() {
+    local f name state=0
+    for f in "$PIDS"/*.pid; do
+        [[ -f $f ]] || { echo "nothing started"; return 0; }
+        name=$(basename "$f" .pid)
+        if alive "$name"; then
+            echo "  $name: running (pid $(cat "$f"))"
+        else
+            echo "  $name: DEAD (see $LOGS/$name.log)"
+            state=1
+        fi
+    done
+    if (echo >"/dev/tcp/127.0.0.1/$AGGREGATOR_PORT") 2>/dev/null; then
+        curl -fsS "http://127.0.0.1:$AGGREGATOR_PORT/v1/hospitals" 2>/dev/null \
+            | "$VENV/python" -c 'import json,sys; [print(f"  hospital {h[\"hospital\"]}: " + ("live" if h["live"] else "not live") + f", {h[\"num_images\"]} images") for h in json.load(sys.stdin)]' \
+            || true
+    fi
+    return $state
+}
+
+logs() {
+    if [[ -n ${1:-} ]]; then
+        tail -n 100 -f "$LOGS/$1.log"
+    else
+        tail -n 20 "$LOGS"/*.log
+    fi
+}
+
+case ${1:-} in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    logs) shift; logs "${1:-}" ;;
+    *) echo "usage: $0 up|down|status|logs [NAME]" >&2; exit 2 ;;
+esac
