@@ -40,7 +40,8 @@ def group_split(
 ) -> Split:
     """Assign whole groups to splits, per class, so each split gets its share of every class.
 
-    Groups are shuffled with ``seed``; test is filled first, then validation, the rest train.
+    Groups are shuffled with ``seed``; test is filled first, then validation, the rest train
+    (a class with very few groups always keeps its last group for training).
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1:
         raise ValueError("fractions must be in [0, 1)")
@@ -56,8 +57,12 @@ def group_split(
         total = sum(len(g) for g in groups)
         targets = {"test": test_fraction * total, "val": val_fraction * total}
         filled = {"test": 0, "val": 0}
-        for members in groups:
+        train_has_class = False
+        for i, members in enumerate(groups):
             name = next((n for n in ("test", "val") if filled[n] < targets[n]), "train")
+            if i == len(groups) - 1 and not train_has_class:
+                name = "train"  # tiny data: never leave a class out of training
+            train_has_class |= name == "train"
             if name != "train":
                 filled[name] += len(members)
             out[name].extend(members)

@@ -386,6 +386,8 @@ def run_central(
     dataset = scan_dataset(data)
     split = read_manifest(split_manifest, data) if split_manifest else group_split(
         dataset.records, seed=seed)
+    if not split.train:
+        raise ValueError("the training split is empty: too few images or groups")
     arrays = {n: load_arrays(split[n], image_size) for n in ("train", "val", "test")}
     net = build_model(model, image_size, alpha=alpha, weights=weights, seed=seed,
                       bn_momentum=bn_momentum)
