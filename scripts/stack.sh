@@ -57,6 +57,13 @@ wait_port() {  # wait_port PORT NAME SECONDS
     return 1
 }
 
+# Remember where the hospitals' data lives, so a later `up` or `status` needs no settings.
+if [[ -n ${HOSPITAL_DATA:-} ]]; then
+    echo "HOSPITAL_DATA=$HOSPITAL_DATA" >"$RUN_DIR/stack.env"
+elif [[ -f $RUN_DIR/stack.env ]]; then
+    HOSPITAL_DATA=$(sed -n 's/^HOSPITAL_DATA=//p' "$RUN_DIR/stack.env")
+fi
+
 hospital_ids() {
     if [[ -n ${HOSPITAL_IDS:-} ]]; then
         tr ',' ' ' <<<"$HOSPITAL_IDS"
@@ -138,7 +145,11 @@ status() {
     done
     if (echo >"/dev/tcp/127.0.0.1/$AGGREGATOR_PORT") 2>/dev/null; then
         curl -fsS "http://127.0.0.1:$AGGREGATOR_PORT/v1/hospitals" 2>/dev/null \
-            | "$VENV/python" -c 'import json,sys; [print(f"  hospital {h[\"hospital\"]}: " + ("live" if h["live"] else "not live") + f", {h[\"num_images\"]} images") for h in json.load(sys.stdin)]' \
+            | "$VENV/python" -c '
+import json, sys
+for h in json.load(sys.stdin):
+    print("  hospital %s: %s, %s images" % (h["hospital"], "live" if h["live"] else "not live",
+                                            h["num_images"]))' \
             || true
     fi
     return $state
