@@ -7,7 +7,8 @@
 # Environment (all optional):
 #   REDIS_PORT=6379  MLFLOW_PORT=5000  AGGREGATOR_PORT=8001  RUN_DIR=.run
 #   HOSPITAL_DATA=DIR   folder with one sub-folder per hospital (DIR/a, DIR/b, ...); workers
-#                       are started for its sub-folders (or for HOSPITAL_IDS=a,b,c)
+#                       are started for its sub-folders (or for HOSPITAL_IDS=a,b,c). Default:
+#                       the last value given, else RUN_DIR/demo/hospitals when the demo ran
 #   SERVER_TEST_MANIFEST=FILE  split manifest whose test split the aggregator evaluates
 # Each process runs in its own session; its pid file is RUN_DIR/pids/NAME.pid and its log
 # RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started.
@@ -62,6 +63,8 @@ if [[ -n ${HOSPITAL_DATA:-} ]]; then
     echo "HOSPITAL_DATA=$HOSPITAL_DATA" >"$RUN_DIR/stack.env"
 elif [[ -f $RUN_DIR/stack.env ]]; then
     HOSPITAL_DATA=$(sed -n 's/^HOSPITAL_DATA=//p' "$RUN_DIR/stack.env")
+elif [[ -d $RUN_DIR/demo/hospitals ]]; then  # the demo's partition, once it has run
+    HOSPITAL_DATA=$RUN_DIR/demo/hospitals
 fi
 
 hospital_ids() {

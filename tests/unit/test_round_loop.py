@@ -219,3 +219,14 @@ def test_invalid_config_rejected() -> None:
         RunConfig(hospitals=["a"], min_fit_clients=2)
     with pytest.raises(ValueError, match="does not take"):
         RunConfig(strategy="fedavg", strategy_params={"eta": 1})
+
+
+def test_hospital_joining_between_rounds_takes_part_next_round(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": honest(3.0, 3)}, live={"a"})
+    run = make_run(tmp_path, d, clock, hospitals=None, rounds=2)
+    tracker = FakeTracker()
+    tracker.on_log = lambda r: setattr(d, "live", {"a", "b"})  # b's worker starts
+    run.tracker = tracker
+    rec = run.execute()
+    assert [r["selected"] for r in rec["rounds"]] == [["a"], ["a", "b"]]
