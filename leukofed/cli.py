@@ -120,8 +120,8 @@ def data_partition(
 def train_central(
     data: Path = typer.Argument(..., help="folder with one sub-folder per class"),
     out: Path = typer.Option(Path("artifacts/central"), help="output folder"),
-    model: str = typer.Option("mobilenetv2", help="compact_cnn, mobilenetv2 or efficientnetb0"),
-    image_size: int = typer.Option(128),
+    model: str = typer.Option("compact_cnn", help="compact_cnn, mobilenetv2 or efficientnetb0"),
+    image_size: int = typer.Option(64),
     alpha: float = typer.Option(0.35, help="MobileNetV2 width multiplier"),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(32),

@@ -26,7 +26,7 @@ from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.preprocessing import PREPROCESSING  # noqa: E402
 
 MODEL_NAMES = ("compact_cnn", "mobilenetv2", "efficientnetb0")
-DEFAULT_MODEL = "mobilenetv2"
+DEFAULT_MODEL = "compact_cnn"  # best measured here: docs/benchmarks-central.md
 BN_MOMENTUM = 0.9
 METADATA_ENTRY = "leukofed.json"  # extra member inside the .keras zip
 
@@ -86,7 +86,7 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 def build_model(
     name: str = DEFAULT_MODEL,
-    image_size: int = 128,
+    image_size: int = 64,
     alpha: float = 0.35,
     weights: str | None = None,
     bn_momentum: float | None = BN_MOMENTUM,

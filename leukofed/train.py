@@ -356,8 +356,8 @@ def evaluate(trainer: Trainer, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 def run_central(
     data: str | Path,
     out: str | Path,
-    model: str = "mobilenetv2",
-    image_size: int = 128,
+    model: str = "compact_cnn",
+    image_size: int = 64,
     alpha: float = 0.35,
     epochs: int = 30,
     batch_size: int = 32,
