@@ -73,6 +73,8 @@ function newCard(file) {
   const photo = node.querySelector(".photo");
   photo.src = URL.createObjectURL(file);
   photo.alt = `Uploaded image ${file.name}`;
+  // A file the browser cannot show (TIFF, or not an image): keep the card, drop the picture.
+  photo.addEventListener("error", () => { photo.hidden = true; });
   node.querySelector(".heat").hidden = true;
   node.querySelector(".label-line").textContent = "Analysing\u2026";
   $("results").prepend(node);
@@ -81,6 +83,7 @@ function newCard(file) {
 
 function showError(card, message) {
   card.classList.add("failed");
+  card.querySelector(".picture").hidden = true;
   card.querySelector(".label-line").textContent = "No result";
   const error = card.querySelector(".error");
   error.textContent = message;
@@ -101,7 +104,8 @@ async function analyse(file) {
   }
   if (response.status === 401) showKeyField();
   if (!response.ok) {
-    showError(card, `${file.name}: ${await errorText(response)}`);
+    const message = await errorText(response);  // the service names the file itself
+    showError(card, message.startsWith(file.name) ? message : `${file.name}: ${message}`);
     return false;
   }
   const result = await response.json();
@@ -141,12 +145,8 @@ function setup() {
   const input = $("file-input");
   const zone = $("drop-zone");
   input.addEventListener("change", () => { analyseAll(input.files); });
-  zone.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault();
-      input.click();
-    }
-  });
+  // A real button: Tab reaches it, Enter and Space press it, screen readers announce it.
+  $("choose-button").addEventListener("click", () => input.click());
   for (const type of ["dragenter", "dragover"]) {
     zone.addEventListener(type, (event) => {
       event.preventDefault();
