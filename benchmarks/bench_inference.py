@@ -3,7 +3,7 @@ concurrent clients with and without dynamic batching, the cost of one explanatio
 onnxruntime vs Keras images/s on the same model and machine.
 
 The service runs under real uvicorn (``python -m services.inference``) against an MLflow
-server started here (or ``--tracking-uri`` / ``--model-name`` for an existing one). The
+server started here, for each model configuration and serving mode. The
 load generator speaks raw HTTP/1.1 over asyncio streams with pre-built multipart bodies,
 so on a 2-core machine it takes as little CPU from the server as possible.
 
@@ -230,6 +230,13 @@ def runtime_comparison(cache: Path, model_name: str, tracking_uri: str,
     return out
 
 
+MODES = {  # label -> (max_batch_size, max_queue_delay_ms)
+    "batch-1": (1, 0.0),
+    "batching": (32, 0.0),
+    "batching+2ms": (32, 2.0),
+}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
@@ -239,64 +246,69 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
         f"load average before the run: {doc['load_average_before']}",
         f"- date: {doc['date']}",
-        f"- model: {doc['model']['architecture']} at {doc['model']['image_size']} px "
-        "(untrained weights: speed does not depend on them), ONNX on onnxruntime CPU",
+        "- models: untrained weights (speed does not depend on them), ONNX on onnxruntime "
+        "CPU provider, threads = all cores",
         f"- each level runs {doc['seconds_per_level']} s of back-to-back requests, one image "
-        "per request (a real 224 px JPEG from the data set when present), upload to JSON answer",
-        "- the load generator runs on the same 2 cores as the service; other engineers' jobs "
-        "share the machine, so treat differences under ~20% as noise",
-        "",
-        "## /v1/predict",
-        "",
-        "| serving | clients | requests | errors | p50 ms | p99 ms | images/s | mean batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "per request (real 224 px JPEGs from the data set when present), upload to JSON "
+        "answer, measured by the client",
+        "- serving modes: " + "; ".join(f"`{k}` = max batch {b}, queue delay {d:g} ms"
+                                        for k, (b, d) in MODES.items()),
+        "- the load generator runs on the same 2 cores as the service and other engineers' "
+        "jobs share the machine: treat differences under ~20% as noise",
     ]
-    for row in doc["predict"]:
-        lines.append(f"| {row['mode']} | {row['concurrency']} | {row['requests']} | "
-                     f"{row['errors']} | {row['p50_ms']} | {row['p99_ms']} | "
-                     f"{row['throughput_img_s']} | {row['mean_batch_size']} |")
-    by = {(r["mode"], r["concurrency"]): r for r in doc["predict"]}
-    if ("batching", 32) in by and ("batch-1", 32) in by:
-        ratio = by[("batching", 32)]["throughput_img_s"] / by[("batch-1", 32)]["throughput_img_s"]
-        lines += ["", f"Dynamic batching vs batch-1 serving at 32 clients: **{ratio:.2f}x** "
-                      "throughput."]
-    rt = doc["runtime"]
-    lines += [
-        "",
-        "## Runtimes on the same model (in-process, images/s)",
-        "",
-        "| runtime | batch 1 | batch 32 |",
-        "|---|---|---|",
-        f"| onnxruntime (CPU provider) | {rt['onnxruntime_b1']} | {rt['onnxruntime_b32']} |",
-        f"| Keras, `tf.function` call | {rt['keras_tf_function_b1']} | "
-        f"{rt['keras_tf_function_b32']} |",
-        f"| Keras `model.predict` | {rt['keras_predict_b1']} | {rt['keras_predict_b32']} |",
-        "",
-        "## Cost of one explanation",
-        "",
-        "| what | ms |",
-        "|---|---|",
-        f"| `POST /v1/explain` (occlusion, 1 + 49 images in one onnxruntime run, PNG), p50 of "
-        f"{doc['explain_ms']['requests']} | {doc['explain_ms']['p50']} |",
-        f"| occlusion map alone, in-process | {rt['occlusion_in_process_ms']} |",
-        f"| one Keras forward + backward pass (the floor under Grad-CAM) | "
-        f"{rt['keras_forward_backward_ms']} |",
-        "",
-        "Occlusion costs about as much as a Grad-CAM gradient pass here, needs no "
-        "TensorFlow in the serving process and explains exactly the ONNX model that answered.",
-        "",
-    ]
+    for run in doc["runs"]:
+        c = run["config"]
+        lines += [
+            "",
+            f"## {c['architecture']} alpha {c['alpha']} at {c['image_size']} px",
+            "",
+            "### /v1/predict",
+            "",
+            "| serving | clients | requests | errors | p50 ms | p99 ms | images/s | mean batch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in run["predict"]:
+            lines.append(f"| {row['mode']} | {row['concurrency']} | {row['requests']} | "
+                         f"{row['errors']} | {row['p50_ms']} | {row['p99_ms']} | "
+                         f"{row['throughput_img_s']} | {row['mean_batch_size']} |")
+        by = {(r["mode"], r["concurrency"]): r for r in run["predict"]}
+        if ("batching", 32) in by and ("batch-1", 32) in by:
+            ratio = (by[("batching", 32)]["throughput_img_s"]
+                     / by[("batch-1", 32)]["throughput_img_s"])
+            lines += ["", f"Dynamic batching vs batch-1 serving at 32 clients: **{ratio:.2f}x** "
+                          "throughput."]
+        rt = run["runtime"]
+        lines += [
+            "",
+            "### Runtimes on the same model (in-process, images/s)",
+            "",
+            "| runtime | batch 1 | batch 32 |",
+            "|---|---|---|",
+            f"| onnxruntime (CPU provider) | {rt['onnxruntime_b1']} | {rt['onnxruntime_b32']} |",
+            f"| Keras, `tf.function` call | {rt['keras_tf_function_b1']} | "
+            f"{rt['keras_tf_function_b32']} |",
+            f"| Keras `model.predict` | {rt['keras_predict_b1']} | {rt['keras_predict_b32']} |",
+            "",
+            "### Cost of one explanation",
+            "",
+            "| what | ms |",
+            "|---|---|",
+            f"| `POST /v1/explain` (occlusion: 1 + 49 images in one onnxruntime run, PNG), "
+            f"p50 of {run['explain_ms']['requests']} | {run['explain_ms']['p50']} |",
+            f"| occlusion map alone, in-process | {rt['occlusion_in_process_ms']} |",
+            f"| one Keras forward + backward pass (the floor under Grad-CAM) | "
+            f"{rt['keras_forward_backward_ms']} |",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--architecture", default="mobilenetv2")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    p.add_argument("--configs", default="mobilenetv2:0.35:128,mobilenetv2:1.0:224",
+                   help="architecture:alpha:image_size, comma-separated")
+    p.add_argument("--seconds", type=float, default=6.0, help="per concurrency level")
     p.add_argument("--levels", default="1,8,32")
-    p.add_argument("--tracking-uri", help="use this MLflow (and its champion) instead")
-    p.add_argument("--model-name", default="leukofed-bench")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks-inference.md"))
     args = p.parse_args()
@@ -304,53 +316,55 @@ def main() -> None:
     doc = header()
     doc["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     doc["seconds_per_level"] = args.seconds
+    doc["modes"] = {k: {"max_batch_size": b, "max_queue_delay_ms": d}
+                    for k, (b, d) in MODES.items()}
+    doc["runs"] = []
     images = sample_images()
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        mlflow_proc = None
-        uri = args.tracking_uri
-        if uri is None:
-            from conftest import free_port, wait_for_port
+        from conftest import free_port, wait_for_port
 
-            port = free_port()
-            mlflow_proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                 f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
-                 str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                 "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
+        mlflow_proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
+             str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
             wait_for_port(port, 180, mlflow_proc)
             uri = f"http://127.0.0.1:{port}"
-            register_bench_model(uri, args.model_name, args.architecture, args.image_size)
-        try:
-            base = {"LEUKOFED_INFERENCE_TRACKING_URI": uri,
-                    "LEUKOFED_INFERENCE_MODEL_NAME": args.model_name,
-                    "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache")}
-            batching = run_mode("batching", {**base, "LEUKOFED_INFERENCE_MAX_BATCH_SIZE": "32",
-                                             "LEUKOFED_INFERENCE_MAX_QUEUE_DELAY_MS": "2"},
-                                images, levels, args.seconds, tmp, explain=True)
-            single = run_mode("batch-1", {**base, "LEUKOFED_INFERENCE_MAX_BATCH_SIZE": "1",
-                                          "LEUKOFED_INFERENCE_MAX_QUEUE_DELAY_MS": "0"},
-                              images, levels, args.seconds, tmp, explain=False)
-            doc["predict"] = batching["rows"] + single["rows"]
-            doc["explain_ms"] = batching["explain_ms"]
-            doc["model"] = {**batching["model"], "architecture": args.architecture,
-                            "image_size": args.image_size}
-            doc["runtime"] = runtime_comparison(tmp / "cache", args.model_name, uri,
-                                                args.image_size)
+            for spec in args.configs.split(","):
+                arch, alpha, size = spec.split(":")
+                name = f"bench-{arch}-{alpha}-{size}"
+                register_bench_model(uri, name, arch, float(alpha), int(size))
+                base = {"LEUKOFED_INFERENCE_TRACKING_URI": uri,
+                        "LEUKOFED_INFERENCE_MODEL_NAME": name,
+                        "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache" / name)}
+                run: dict[str, Any] = {"config": {"architecture": arch, "alpha": float(alpha),
+                                                  "image_size": int(size)}, "predict": []}
+                for mode, (batch, delay) in MODES.items():
+                    env = {**base, "LEUKOFED_INFERENCE_MAX_BATCH_SIZE": str(batch),
+                           "LEUKOFED_INFERENCE_MAX_QUEUE_DELAY_MS": str(delay)}
+                    result = run_mode(mode, env, images, levels, args.seconds, tmp,
+                                      explain=mode == "batching")
+                    run["predict"] += result["rows"]
+                    if result.get("explain_ms"):
+                        run["explain_ms"] = result["explain_ms"]
+                run["runtime"] = runtime_comparison(tmp / "cache" / name, name, uri, int(size))
+                doc["runs"].append(run)
+                write_json(args.json, doc)  # partial results survive a later failure
         finally:
-            if mlflow_proc is not None:
-                mlflow_proc.terminate()
-                mlflow_proc.wait(30)
-    doc["settings"] = {"batching": {"max_batch_size": 32, "max_queue_delay_ms": 2},
-                       "batch-1": {"max_batch_size": 1, "max_queue_delay_ms": 0}}
+            mlflow_proc.terminate()
+            mlflow_proc.wait(30)
     write_json(args.json, doc)
     Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
     Path(args.markdown).write_text(markdown(doc))
     print(f"wrote {args.json} and {args.markdown}")
 
 
-def register_bench_model(uri: str, name: str, architecture: str, size: int) -> str:
+def register_bench_model(uri: str, name: str, architecture: str, alpha: float,
+                         size: int) -> str:
     if architecture == "compact_cnn":
         return register_tiny_model(uri, name, seed=0, image_size=size, champion=True)
     import mlflow
@@ -359,7 +373,7 @@ def register_bench_model(uri: str, name: str, architecture: str, size: int) -> s
     from registry.store import log_and_register, set_alias
 
     mlflow.set_tracking_uri(uri)
-    model = build_model(architecture, image_size=size, seed=0)
+    model = build_model(architecture, image_size=size, alpha=alpha, seed=0)
     with mlflow.start_run():
         version = log_and_register(model, model_metadata(model, architecture, size),
                                    model_name=name)

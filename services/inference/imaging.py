@@ -57,6 +57,14 @@ def decode_upload(filename: str, data: bytes, max_bytes: int, max_pixels: int) -
     return DecodedImage(filename, image)
 
 
+def decode_all(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
+               size: int | None) -> tuple[list[DecodedImage], np.ndarray | None]:
+    """Decode every file and, when the model's size is known, build its input batch: one
+    worker-thread hop per request instead of one per step."""
+    decoded = [decode_upload(name, data, max_bytes, max_pixels) for name, data in files]
+    return decoded, (model_batch(decoded, size) if size else None)
+
+
 def model_batch(images: list[DecodedImage], size: int) -> np.ndarray:
     """uint8 (N, size, size, 3): the model's input, resized exactly as in training."""
     return np.stack([to_model_input(d.image, size) for d in images])

@@ -36,9 +36,11 @@ class InferenceSettings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     max_files: int = Field(32, gt=0)
 
-    # Dynamic batching: max_batch_size=1 turns it off (every request runs alone).
+    # Dynamic batching: max_batch_size=1 turns it off (every request runs alone). A queue
+    # delay of 0 is greedy, as Triton's default: a batch takes whatever queued while the
+    # previous one ran, so one client pays no wait and many clients still get batches.
     max_batch_size: int = Field(32, gt=0)
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_delay_ms: float = Field(0.0, ge=0)
 
     api_key: SecretStr | None = None
     provider: Literal["auto", "cpu", "cuda"] = "auto"

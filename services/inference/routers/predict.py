@@ -13,7 +13,7 @@ from leukofed.preprocessing import to_model_input
 
 from ..batcher import NotReadyError
 from ..explain import GRID, heatmap_png, occlusion_map, png_base64
-from ..imaging import DecodedImage, InputError, decode_upload, model_batch
+from ..imaging import DecodedImage, InputError, decode_all, model_batch
 from ..model_source import ServedModel
 from ..schemas import ExplainResponse, PredictResponse
 from ..security import require_api_key
@@ -30,21 +30,19 @@ def served_or_503(state: ServiceState) -> ServedModel:
     return model
 
 
-async def read_uploads(state: ServiceState, uploads: list[UploadFile]) -> list[DecodedImage]:
+async def read_uploads(state: ServiceState, uploads: list[UploadFile],
+                       size: int | None = None) -> tuple[list[DecodedImage], np.ndarray | None]:
+    """Decode the uploads (and resize them to ``size``); bad input fails before anything
+    else, so a client learns about a broken file even while no model is loaded."""
     s = state.settings
     if not uploads:
         raise InputError(422, "no image: send files in the multipart field 'files' "
                               "(or a single one in 'file')")
     if len(uploads) > s.max_files:
         raise InputError(413, f"{len(uploads)} files in one request; the limit is {s.max_files}")
-    decoded = []
-    for i, upload in enumerate(uploads):
-        name = upload.filename or f"file {i + 1}"
-        data = await upload.read()
-        # Decoding is CPU work: off the event loop so other requests keep flowing.
-        decoded.append(await run_in_threadpool(
-            decode_upload, name, data, s.max_upload_bytes, s.max_pixels))
-    return decoded
+    files = [(u.filename or f"file {i + 1}", await u.read()) for i, u in enumerate(uploads)]
+    # Decoding is CPU work: off the event loop so other requests keep flowing.
+    return await run_in_threadpool(decode_all, files, s.max_upload_bytes, s.max_pixels, size)
 
 
 def prediction(filename: str, probs: np.ndarray, classes: list[str]) -> dict:
@@ -57,9 +55,12 @@ def prediction(filename: str, probs: np.ndarray, classes: list[str]) -> dict:
 async def predict(files: list[UploadFile] | None = File(None),
                   file: UploadFile | None = File(None),
                   state: ServiceState = Depends(get_state)) -> dict:
-    decoded = await read_uploads(state, [*(files or []), *([file] if file else [])])
+    current = state.source.current
+    decoded, batch = await read_uploads(state, [*(files or []), *([file] if file else [])],
+                                        current.image_size if current else None)
     model = served_or_503(state)
-    batch = await run_in_threadpool(model_batch, decoded, model.image_size)
+    if batch is None or batch.shape[1] != model.image_size:  # a model arrived meanwhile
+        batch = await run_in_threadpool(model_batch, decoded, model.image_size)
     try:
         probs, used = await state.batcher.submit(batch, sources=[d.image for d in decoded])
     except NotReadyError as exc:
@@ -77,7 +78,7 @@ async def explain(file: UploadFile | None = File(None),
     uploads = [*([file] if file else []), *(files or [])]
     if len(uploads) > 1:
         raise InputError(422, f"/v1/explain takes one image, got {len(uploads)}")
-    (decoded,) = await read_uploads(state, uploads)
+    (decoded,), _ = await read_uploads(state, uploads)
     model = served_or_503(state)
     image = await run_in_threadpool(to_model_input, decoded.image, model.image_size)
     started = time.perf_counter()
