@@ -68,11 +68,8 @@ class ModelSource:
         self.on_swap: list[Callable[[ServedModel], None]] = []
         self._lock = threading.Lock()  # one refresh at a time
         if resolver is None or fetch_onnx is None:
-            import mlflow
             from mlflow import MlflowClient
 
-            mlflow.set_tracking_uri(settings.tracking_uri)
-            mlflow.set_registry_uri(settings.tracking_uri)
             self._client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
             store = OnnxStore(settings.onnx_cache_dir, self._client, settings.tracking_uri,
                               settings.log_onnx_to_mlflow, settings.parity_images_dir)

@@ -150,9 +150,14 @@ class OnnxStore:
         return OnnxArtifact(data, expected, "mlflow-artifact", diff)
 
     def _export(self, info: VersionInfo, path: Path) -> OnnxArtifact:
+        import mlflow
+
         from leukofed.export import ParityError, export_onnx
         from registry.store import load_version
 
+        # registry.store reads MLflow's global URI; only the export path needs it.
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
         loaded = load_version(info.version, info.name)
         meta = loaded.metadata
         if not meta.get("classes") or not meta.get("image_size"):

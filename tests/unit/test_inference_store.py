@@ -59,3 +59,40 @@ def test_predict_table_lists_files_labels_and_model() -> None:
     table = format_table(body)
     assert "a.jpg" in table and "0.600" in table and "version 3 (champion)" in table
     assert "not a diagnosis" in table
+
+
+class FakeVersion:
+    def __init__(self, version: str) -> None:
+        self.version, self.run_id, self.tags = version, f"run{version}", {"k": "v"}
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def get_model_version(self, name: str, version: str) -> FakeVersion:
+        self.calls.append(("version", name, version))
+        return FakeVersion(version)
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> FakeVersion:
+        from mlflow.exceptions import MlflowException
+
+        self.calls.append(("alias", name, alias))
+        raise MlflowException(f"Registered model alias {alias} not found.")
+
+
+def test_fixed_version_wins_over_the_alias_and_a_missing_alias_is_not_an_error(
+        tmp_path: Path) -> None:
+    from services.inference.model_source import ModelSource
+    from services.inference.settings import InferenceSettings
+
+    fixed = ModelSource(InferenceSettings(model_name="m", model_version="7",
+                                          onnx_cache_dir=tmp_path))
+    fixed._client = FakeClient()
+    info = fixed._resolve_mlflow()
+    assert info.version == "7" and info.run_id == "run7" and fixed._client.calls[0][0] == "version"
+
+    follow = ModelSource(InferenceSettings(model_name="m", onnx_cache_dir=tmp_path))
+    follow._client = FakeClient()
+    assert follow._resolve_mlflow() is None
+    assert follow.refresh() is None and "alias 'champion'" in follow.status
