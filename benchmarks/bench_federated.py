@@ -1,0 +1,264 @@
+"""Federated training on the real data, against centralized training with the same epochs.
+
+Each scenario partitions the block split's train+val images into hospitals (the test
+blocks are held out from every hospital and evaluated at the aggregator), starts the
+stack as local processes (scripts/stack.sh: redis-server, MLflow, aggregator, one Celery
+worker per hospital), runs a federated run through the REST API and records per round:
+server-side test accuracy, macro-F1, per-class recall, seconds per round, orchestration
+overhead, bytes per hospital. Writes benchmarks/results/federated.json,
+docs/benchmarks-federated.md and per-round curves docs/img/federated-*.png.
+
+    make bench-federated      # or: .venv/bin/python benchmarks/bench_federated.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv" / "bin"
+CLASSES = ("Benign", "Early", "Pre", "Pro")
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
+                          capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def scenario_name(s: dict[str, Any]) -> str:
+    fp = "-fp16" if s["fp16"] else ""
+    alpha = f"{s['alpha']:g}" if s["scheme"] == "dirichlet" else ""
+    return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{fp}"
+
+
+def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int]) -> dict:
+    name = scenario_name(s)
+    work = ROOT / ".run" / "bench-federated" / name
+    env = {"RUN_DIR": str(work / "run"), "REDIS_PORT": str(ports["redis"]),
+           "MLFLOW_PORT": str(ports["mlflow"]), "AGGREGATOR_PORT": str(ports["aggregator"]),
+           "HOSPITAL_DATA": str(work / "hospitals"), "SERVER_TEST_MANIFEST": str(split)}
+    print(f"\n== {name}", flush=True)
+    table = sh(str(VENV / "leukofed"), "data", "partition", args.data, str(work / "hospitals"),
+               "--hospitals", str(s["hospitals"]), "--scheme", s["scheme"], "--alpha",
+               str(s["alpha"]), "--seed", str(args.seed), "--split-manifest", str(split),
+               "--force")
+    print(table, flush=True)
+    sh("scripts/stack.sh", "up", env=env)
+    api = f"http://127.0.0.1:{ports['aggregator']}"
+    try:
+        ids = sorted(p.name for p in (work / "hospitals").iterdir() if p.is_dir())
+        config = {"name": f"bench {name}", "model": args.model, "image_size": args.image_size,
+                  "rounds": args.rounds, "local_epochs": args.local_epochs,
+                  "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                  "strategy": s["strategy"], "strategy_params": s.get("params", {}),
+                  "hospitals": ids, "min_fit_clients": len(ids), "round_deadline_s": 1800,
+                  "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
+                  "server_test_manifest": str(split), "register_models": True}
+        run = httpx.post(f"{api}/v1/runs", json=config, timeout=30)
+        run.raise_for_status()
+        run_id = run.json()["id"]
+        started = time.monotonic()
+        seen = 0
+        while True:
+            rec = httpx.get(f"{api}/v1/runs/{run_id}", timeout=30).json()
+            for r in rec["history"][seen:]:
+                g = r["global"]
+                print(f"  round {r['round']:>2}  test acc {g.get('server_test_accuracy', 0):.4f}"
+                      f"  macro-F1 {g.get('server_test_macro_f1', 0):.4f}"
+                      f"  {r['timings']['round_s']:.1f}s", flush=True)
+            seen = len(rec["history"])
+            if rec["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(2)
+        wall = time.monotonic() - started
+    finally:
+        sh("scripts/stack.sh", "down", env=env)
+    if rec["status"] != "completed":
+        raise RuntimeError(f"{name}: run {rec['status']}: {rec.get('reason')}")
+    rounds = []
+    for r in rec["history"]:
+        g = r["global"]
+        rounds.append({
+            "round": r["round"],
+            "test_accuracy": g.get("server_test_accuracy"),
+            "test_macro_f1": g.get("server_test_macro_f1"),
+            "test_recall": {c: g.get(f"server_test_recall_{c}") for c in CLASSES},
+            "federated_eval_accuracy": g.get("test_accuracy"),
+            "round_s": r["timings"]["round_s"], "fit_wall_s": r["timings"]["fit_wall_s"],
+            "slowest_client_s": r["timings"]["slowest_client_s"],
+            "overhead_s": r["timings"]["overhead_s"], "eval_s": r["timings"]["eval_s"],
+            "bytes_per_hospital": r["bytes"],
+        })
+    return {"scenario": name, **s, "partition_table": table, "run_id": run_id,
+            "wall_s": wall, "rounds": rounds}
+
+
+def centralized(args: Any, split: Path) -> dict[str, Any]:
+    """Same model, same total epochs (rounds x local epochs), on the union of the train
+    splits, evaluated on the same held-out test blocks."""
+    from leukofed.models import build_model
+    from leukofed.splits import read_manifest
+    from leukofed.train import Trainer, evaluate, fit, load_arrays
+
+    sp = read_manifest(split)
+    tr, te = load_arrays(sp.train + sp.val, args.image_size), load_arrays(sp.test, args.image_size)
+    epochs = args.rounds * args.local_epochs
+    trainer = Trainer(build_model(args.model, args.image_size, seed=args.seed))
+    curve = []
+
+    def after_epoch(row: dict[str, Any]) -> None:
+        m = evaluate(trainer, *te)
+        curve.append({"epoch": row["epoch"], "test_accuracy": m["accuracy"],
+                      "test_macro_f1": m["macro_f1"], "seconds": row["train_seconds"]})
+        print(f"  central epoch {row['epoch']:>2} test acc {m['accuracy']:.4f}", flush=True)
+
+    fit(trainer, tr, None, epochs, args.batch_size, args.learning_rate, patience=epochs + 1,
+        seed=args.seed, progress=False, on_epoch=after_epoch)
+    final = evaluate(trainer, *te)
+    return {"epochs": epochs, "curve": curve, "test_accuracy": final["accuracy"],
+            "test_macro_f1": final["macro_f1"],
+            "test_recall": {c: final["per_class"][c]["recall"] for c in CLASSES}}
+
+
+def summarise(res: dict[str, Any], central_acc: float) -> dict[str, Any]:
+    rounds = res["rounds"]
+    last = rounds[-1]
+    reach = next((r["round"] for r in rounds if (r["test_accuracy"] or 0) >= 0.95), None)
+    t_reach = sum(r["round_s"] for r in rounds[:reach]) if reach else None
+    overhead = [r["overhead_s"] / r["round_s"] for r in rounds if r["round_s"]]
+    per_h = [np.mean(list(r["bytes_per_hospital"].values())) for r in rounds]
+    return {"final_test_accuracy": last["test_accuracy"],
+            "final_test_macro_f1": last["test_macro_f1"],
+            "best_test_accuracy": max(r["test_accuracy"] or 0 for r in rounds),
+            "final_recall": last["test_recall"],
+            "gap_to_central_points": 100 * (central_acc - (last["test_accuracy"] or 0)),
+            "mean_round_s": float(np.mean([r["round_s"] for r in rounds])),
+            "mean_overhead_share": float(np.mean(overhead)) if overhead else None,
+            "mean_bytes_per_hospital_round": float(np.mean(per_h)),
+            "round_reaching_0.95": reach, "seconds_to_0.95": t_reach}
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for res in doc["scenarios"]:
+        xs = [r["round"] for r in res["rounds"]]
+        axes[0].plot(xs, [r["test_accuracy"] for r in res["rounds"]], label=res["scenario"])
+        axes[1].plot(xs, [r["test_macro_f1"] for r in res["rounds"]], label=res["scenario"])
+    c = doc["centralized"]
+    le = doc["config"]["local_epochs"]
+    xs = [p["epoch"] / le for p in c["curve"]]
+    axes[0].plot(xs, [p["test_accuracy"] for p in c["curve"]], "k--", label="centralized")
+    axes[1].plot(xs, [p["test_macro_f1"] for p in c["curve"]], "k--", label="centralized")
+    for ax, title in zip(axes, ("test accuracy", "test macro-F1"), strict=True):
+        ax.set_xlabel("round (centralized: epochs / local epochs)")
+        ax.set_title(title)
+        ax.set_ylim(0.2, 1.0)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    cfg, m, c = doc["config"], doc["machine"], doc["centralized"]
+    lines = [
+        "# Federated training benchmark (real data, block split, test blocks held out)", "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB (all hospitals, the "
+        "aggregator, Redis and MLflow share it)  ",
+        f"Date: {doc['date']}. Model {cfg['model']} @{cfg['image_size']} px, "
+        f"{cfg['rounds']} rounds x {cfg['local_epochs']} local epochs, batch "
+        f"{cfg['batch_size']}, lr {cfg['learning_rate']}. Results: "
+        "`benchmarks/results/federated.json`; curves: `docs/img/federated-curves.png`.", "",
+        f"Centralized, same model and {c['epochs']} epochs on the union of the train "
+        f"splits: test accuracy **{c['test_accuracy']:.4f}**, macro-F1 "
+        f"**{c['test_macro_f1']:.4f}**.", "",
+        "| scenario | final test acc | macro-F1 | recall B/E/Pre/Pro | gap to central (points) "
+        "| best acc | s/round | overhead share | KB/hospital/round | round (s) to 0.95 |",
+        "|---" * 10 + "|",
+    ]
+    for res in doc["scenarios"]:
+        s = res["summary"]
+        rec = "/".join(f"{(s['final_recall'][k] or 0):.2f}" for k in CLASSES)
+        reach = (f"{s['round_reaching_0.95']} ({s['seconds_to_0.95']:.0f})"
+                 if s["round_reaching_0.95"] else "not reached")
+        lines.append(
+            f"| {res['scenario']} | {s['final_test_accuracy']:.4f} "
+            f"| {s['final_test_macro_f1']:.4f} | {rec} | {s['gap_to_central_points']:+.1f} "
+            f"| {s['best_test_accuracy']:.4f} | {s['mean_round_s']:.1f} "
+            f"| {100 * (s['mean_overhead_share'] or 0):.1f}% "
+            f"| {s['mean_bytes_per_hospital_round'] / 1024:.0f} | {reach} |")
+    lines += ["", "Overhead share: (fit wall time − slowest hospital's own fit time) / round "
+              "time, i.e. dispatch, transfer, validation and aggregation; the rest of a round "
+              "is local training, federated evaluation, the server-side test evaluation and "
+              "MLflow registration. Partitions (class counts per hospital) are in the JSON.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "all-pbs"))
+    p.add_argument("--model", default="compact_cnn")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenarios", default="3:dirichlet:fedavg,3:dirichlet:fedavg:fp16,"
+                   "3:iid:fedavg,5:dirichlet:fedavg,5:iid:fedavg",
+                   help="comma-separated hospitals:scheme:strategy[:fp16]")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
+    args = p.parse_args()
+    work = ROOT / ".run" / "bench-federated"
+    work.mkdir(parents=True, exist_ok=True)
+    split = work / "split.json"
+    sh(str(VENV / "leukofed"), "data", "split", args.data, str(split), "--seed", str(args.seed))
+    ports = {"redis": 6390, "mlflow": 5090, "aggregator": 8091}
+    doc = header()
+    doc["config"] = {k: getattr(args, k) for k in ("model", "image_size", "rounds",
+                                                   "local_epochs", "batch_size",
+                                                   "learning_rate", "seed", "alpha")}
+    print("== centralized reference", flush=True)
+    doc["centralized"] = centralized(args, split)
+    doc["scenarios"] = []
+    for spec in args.scenarios.split(","):
+        parts = spec.split(":")
+        s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
+             "fp16": "fp16" in parts[3:], "alpha": args.alpha if parts[1] != "iid" else 1.0}
+        res = run_scenario(s, args, split, ports)
+        res["summary"] = summarise(res, doc["centralized"]["test_accuracy"])
+        doc["scenarios"].append(res)
+        write_json(args.out, doc)
+    plot(doc, ROOT / "docs" / "img" / "federated-curves.png")
+    Path(args.doc).write_text(markdown(doc))
+    print(json.dumps([{r["scenario"]: r["summary"]} for r in doc["scenarios"]], indent=1))
+
+
+if __name__ == "__main__":
+    main()
