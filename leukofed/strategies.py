@@ -16,9 +16,11 @@ Three kinds of tensor are treated differently, because averaging is not right fo
   example-weighted averaged by every strategy: they are estimates of activation moments, not
   parameters descending a loss, so a server optimizer's momentum or a median has no meaning
   for them (and averaged statistics measured 0.844 vs 0.842 for recomputed ones, BRIEF 6).
-  With ``bn_mode="local"`` (FedBN, Li et al. 2021) the global statistics stay as they were;
-  clients then keep their own local statistics (``set_model_weights(..., skip=bn names)``)
-  and the global model's statistics need recalibrating before it is evaluated centrally;
+  With ``bn_mode="local"`` (FedBN, Li et al. 2021) clients keep their own statistics
+  (``set_model_weights(..., skip=bn names)``) and never load the global ones; the global
+  model still gets the example-weighted average, because it is the model that is
+  registered, evaluated at the server and served (left at their initial values, its
+  statistics made it useless: measured 0.306 in BRIEF 6);
 * non-float tensors (integer counters): copied from the first result, never averaged.
 """
 
@@ -193,8 +195,9 @@ class Strategy(ABC):
         combined = self._combine({n: np.asarray(global_weights[n], np.float64) for n in floats},
                                  [{n: r.weights[n] for n in floats} for r in results], counts)
         bn = [n for n in global_weights if n in self.bn_stat_names]
+        # Averaged in both modes: with "local" only the clients ignore them (see above).
         bn_avg = weighted_average([{n: r.weights[n] for n in bn} for r in results], counts) \
-            if bn and self.bn_mode == "average" else {}
+            if bn else {}
         out: Weights = {}
         for name, value in global_weights.items():
             g = np.asarray(value)
@@ -202,8 +205,6 @@ class Strategy(ABC):
                 new = combined[name]
             elif name in bn_avg:
                 new = bn_avg[name]
-            elif name in self.bn_stat_names:  # bn_mode == "local": the global stats stay
-                new = g
             else:  # non-float
                 new = results[0].weights[name]
             out[name] = np.array(new, dtype=g.dtype)  # always a fresh array

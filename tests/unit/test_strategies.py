@@ -200,12 +200,14 @@ def test_adaptive_optimizer_acts_on_weights_only() -> None:
     np.testing.assert_allclose(out["bn/moving_mean"], [2.5])  # not an Adam step
 
 
-def test_bn_local_mode_keeps_global_stats() -> None:
+def test_bn_local_mode_still_gives_the_served_global_model_averaged_stats() -> None:
+    # FedBN: clients keep their own statistics (client side); the global model, which is
+    # registered and served, gets the plain average instead of its initial 0 / 1.
     s = FedAvg(bn_mode="local", bn_stat_names=BN)
     out = s.aggregate(bn_global(), bn_results(), 1)
     np.testing.assert_allclose(out["k"], [7.0])
-    np.testing.assert_allclose(out["bn/moving_mean"], [0.0])
-    np.testing.assert_allclose(out["bn/moving_variance"], [1.0])
+    np.testing.assert_allclose(out["bn/moving_mean"], [2.5])
+    np.testing.assert_allclose(out["bn/moving_variance"], [0.2], rtol=1e-6)
 
 
 def test_without_bn_names_stats_follow_the_strategy() -> None:
