@@ -4,7 +4,12 @@ PY := .venv/bin/python
 DATA ?= ../shared/data/all-pbs
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-unit lint lock bench-central
+HOSPITALS ?= 3
+ROUNDS ?=
+MODEL ?=
+IMAGE_SIZE ?=
+
+.PHONY: setup test test-unit lint lock bench-central bench-federated up down status logs demo
 
 setup:
 	@bash scripts/setup.sh
@@ -24,3 +29,21 @@ lock:
 
 bench-central: setup
 	$(PY) benchmarks/bench_central.py --data $(DATA)
+
+bench-federated: setup
+	$(PY) benchmarks/bench_federated.py --data $(DATA)
+
+up: setup
+	@bash scripts/stack.sh up
+
+down:
+	@bash scripts/stack.sh down
+
+status:
+	@bash scripts/stack.sh status
+
+logs:
+	@bash scripts/stack.sh logs $(NAME)
+
+demo: setup
+	@DATA=$(DATA) HOSPITALS=$(HOSPITALS) ROUNDS=$(ROUNDS) MODEL=$(MODEL) IMAGE_SIZE=$(IMAGE_SIZE) bash scripts/demo.sh
