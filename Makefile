@@ -22,7 +22,6 @@ test-unit: setup
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/ruff format --check leukofed services registry tests benchmarks || true
 
 lock:
 	bash scripts/lock.sh

@@ -129,7 +129,7 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "bn_mode": "average",
     "fp16": False,
     "seed": 0,
-    "jit_compile": True,
+    "jit_compile": False,  # XLA measured slower on CPU for most models
     "deadline": 0.0,  # epoch seconds; a task received after it is declined as expired
 }
 

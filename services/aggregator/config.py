@@ -36,7 +36,8 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**31)
     fp16: bool = False
     max_norm_ratio: float = Field(10.0, gt=0)
-    jit_compile: bool = True
+    jit_compile: bool = Field(
+        False, description="XLA for the local train step (measured slower on CPU for most models)")
     server_test_dir: str | None = None
     server_test_manifest: str | None = None
     register_models: bool = True
