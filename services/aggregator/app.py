@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from leukofed import signing
 from leukofed.transport import make_celery
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.manager import RunManager
@@ -34,12 +35,16 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         store = RunStore(settings.state_dir)
         dispatcher = CeleryDispatcher(
             make_celery("leukofed-aggregator", settings.broker_url, settings.result_backend,
-                        settings.visibility_timeout_s), settings.ping_timeout_s)
+                        settings.visibility_timeout_s), settings.ping_timeout_s,
+            signing.load_private_key(settings.signing_key_file)
+            if settings.signing_key_file else None)
+        verifier = (signing.UpdateVerifier(signing.load_public_keys(settings.hospital_keys_dir))
+                    if settings.hospital_keys_dir else None)
         model_ops = KerasModelOps(settings)
         tracker = (MlflowTracker(settings.tracking_uri, settings.mlflow_experiment,
                                  settings.model_name, model_ops) if settings.tracking else None)
         mgr = manager or RunManager(store, dispatcher, model_ops, tracker,
-                                    settings.poll_interval_s)
+                                    settings.poll_interval_s, verifier=verifier)
         app.state.store = mgr.store
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr

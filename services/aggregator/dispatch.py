@@ -10,14 +10,17 @@ from typing import Any
 from celery import Celery, states
 from celery.result import AsyncResult
 
+from leukofed import signing
 from leukofed.transport import TASK_DESCRIBE, hospital_of_queue, queue_name
 
 log = logging.getLogger(__name__)
 
 
 class CeleryDispatcher:
-    def __init__(self, app: Celery, ping_timeout_s: float = 1.0) -> None:
+    def __init__(self, app: Celery, ping_timeout_s: float = 1.0,
+                 signing_key: signing.Ed25519PrivateKey | None = None) -> None:
         self.app = app
+        self.signing_key = signing_key  # when set, every task carries the aggregator's signature
         self.ping_timeout_s = ping_timeout_s
         self.last_seen: dict[str, float] = {}
         self.describes: dict[str, dict[str, Any]] = {}
@@ -47,8 +50,14 @@ class CeleryDispatcher:
     def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> AsyncResult:
         # expires: a message still queued after the round deadline (a worker that was down)
         # is dropped by Celery instead of training on a stale model.
-        return self.app.send_task(task, args=args, queue=queue_name(hospital),
+        return self.app.send_task(task, args=args, kwargs=self._auth(task, hospital, args),
+                                  queue=queue_name(hospital),
                                   expires=max(1.0, expires - time.time()) + 30.0)
+
+    def _auth(self, task: str, hospital: str, args: list[Any]) -> dict[str, Any]:
+        if self.signing_key is None:
+            return {}
+        return {"auth": signing.sign_task(self.signing_key, task, hospital, args)}
 
     def poll(self, handle: AsyncResult) -> tuple[bool, dict[str, Any] | None, str | None]:
         state = handle.state
@@ -69,7 +78,8 @@ class CeleryDispatcher:
 
     def describe(self, hospitals: list[str], timeout_s: float = 3.0) -> dict[str, dict[str, Any]]:
         """Ask live hospitals for their class counts and fingerprint (cached)."""
-        handles = {h: self.app.send_task(TASK_DESCRIBE, queue=queue_name(h),
+        handles = {h: self.app.send_task(TASK_DESCRIBE, kwargs=self._auth(TASK_DESCRIBE, h, []),
+                                         queue=queue_name(h),
                                          expires=timeout_s + 30) for h in hospitals}
         deadline = time.time() + timeout_s
         while handles and time.time() < deadline:

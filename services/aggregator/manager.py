@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from services.aggregator.config import RunConfig
-from services.aggregator.rounds import Dispatcher, FederatedRun, ModelOps, Tracker
+from services.aggregator.rounds import Dispatcher, FederatedRun, ModelOps, Tracker, UpdateCheck
 from services.aggregator.store import ACTIVE, RunStore
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 class RunManager:
     def __init__(self, store: RunStore, dispatcher: Dispatcher, model_ops: ModelOps,
-                 tracker: Tracker | None, poll_interval_s: float = 0.25) -> None:
+                 tracker: Tracker | None, poll_interval_s: float = 0.25,
+                 verifier: UpdateCheck | None = None) -> None:
+        self.verifier = verifier
         self.store = store
         self.dispatcher = dispatcher
         self.model_ops = model_ops
@@ -74,7 +76,7 @@ class RunManager:
             if record is None or record["status"] not in ACTIVE:
                 continue
             run = FederatedRun(record, self.store, self.dispatcher, self.model_ops,
-                               self.tracker, self.poll_interval_s)
+                               self.tracker, self.poll_interval_s, verifier=self.verifier)
             with self._lock:
                 self._current = run
             try:

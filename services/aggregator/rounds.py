@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from leukofed.signing import SignatureRejected
 from leukofed.strategies import ClientResult, Strategy, make_strategy
 from leukofed.transport import TASK_EVALUATE, TASK_FIT
 from leukofed.validation import UpdateRejected, validate_update
@@ -55,6 +56,10 @@ class Tracker(Protocol):
     def finish(self, record: dict[str, Any]) -> None: ...
 
 
+# Checks a fit answer's signature (leukofed.signing.UpdateVerifier); raises SignatureRejected.
+UpdateCheck = Callable[[dict[str, Any], str, str, int], None]
+
+
 class RunFailed(Exception):
     """The run cannot go on; the message is the reason shown to the user."""
 
@@ -82,8 +87,10 @@ class FederatedRun:
     def __init__(self, record: dict[str, Any], store: RunStore, dispatcher: Dispatcher,
                  model_ops: ModelOps, tracker: Tracker | None = None,
                  poll_interval_s: float = 0.25, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 verifier: UpdateCheck | None = None) -> None:
         self.record = record
+        self.verifier = verifier
         self.store = store
         self.dispatcher = dispatcher
         self.model_ops = model_ops
@@ -298,12 +305,16 @@ class FederatedRun:
         rejected: dict[str, str] = {}
         for hospital, answer in sorted(answers.items()):
             try:
+                if self.verifier is not None:  # first: nothing unsigned is even decoded
+                    self.verifier(answer, hospital, self.record["id"], server_round)
                 n = answer.get("num_examples")
                 if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                     raise UpdateRejected("schema", f"num_examples must be a positive int, "
                                                    f"got {n!r}")
                 update = decode_weights(answer.get("weights"))
                 validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio)
+            except SignatureRejected as exc:
+                rejected[hospital] = f"{exc.reason}: {exc.message}"
             except WireFormatError as exc:
                 rejected[hospital] = f"wire: {exc}"
             except UpdateRejected as exc:

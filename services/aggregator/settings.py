@@ -34,6 +34,12 @@ class AggregatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8001
     tracking: bool = Field(True, description="log to MLflow and register models")
+    # Signing (leukofed.signing), off by default. signing_key_file: the aggregator's Ed25519
+    # key; every task is signed with it. hospital_keys_dir: one <hospital>.pub per hospital;
+    # when set, every update must carry a valid signature of the hospital that was asked.
+    signing_key_file: Path | None = Field(None, description="aggregator.key: sign tasks")
+    hospital_keys_dir: Path | None = Field(
+        None, description="folder of <hospital>.pub; when set, unsigned updates are rejected")
 
     @property
     def tracking_uri(self) -> str:

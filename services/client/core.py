@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from leukofed import signing
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
 from leukofed.splits import Split, group_split
-from leukofed.transport import round_config
+from leukofed.transport import TASK_DESCRIBE, TASK_EVALUATE, TASK_FIT, round_config
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
 from services.client.settings import ClientSettings
@@ -61,6 +62,12 @@ class HospitalClient:
         self._trainer_key: tuple[Any, ...] | None = None
         self._bn_names: set[str] = set()
         self._local_bn_run: str | None = None  # FedBN: run whose local statistics we hold
+        self._signing_key = (signing.load_private_key(settings.signing_key_file)
+                             if settings.signing_key_file else None)
+        self._aggregator_key = (signing.load_public_key(settings.aggregator_public_key_file)
+                                if settings.aggregator_public_key_file else None)
+        self._task_nonces = signing.NonceCache()
+        self._previous_answer: dict[str, Any] | None = None  # for the "replay" drill only
 
     # ------------------------------------------------------------ data
 
@@ -112,6 +119,26 @@ class HospitalClient:
 
     # ------------------------------------------------------------ gatekeeping
 
+    def check_task(self, task: str, args: list[Any], auth: Any, cfg: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+        """A decline answer for a task without a valid aggregator signature, else None. Runs
+        before anything in the task is decoded, so a forged task costs the hospital nothing."""
+        if self._aggregator_key is None:
+            return None
+        try:
+            signing.verify_task(self._aggregator_key, auth, task, self.hospital, args,
+                                nonces=self._task_nonces,
+                                max_age_s=self.settings.task_max_age_s)
+        except signing.SignatureRejected as exc:
+            log.warning("refused %s task: %s (%s)", task, exc.reason, exc.message)
+            self.participation.append(run=cfg.get("run_id", ""), round=cfg.get("round", 0),
+                                      task=task.rsplit(".", 1)[-1], status="refused",
+                                      reason=f"task_{exc.reason}", bytes=0)
+            return _status("declined", self.hospital, reason=f"task_{exc.reason}",
+                           message=f"task refused: {exc.message}", round=cfg.get("round", 0),
+                           run_id=cfg.get("run_id", ""))
+        return None
+
     def _gate(self, task: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
         """A decline answer when paused or past the round deadline, else None."""
         reason = None
@@ -128,9 +155,10 @@ class HospitalClient:
 
     # ------------------------------------------------------------ tasks
 
-    def fit(self, blob: bytes, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    def fit(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
+            ) -> dict[str, Any]:
         cfg = round_config(config)
-        declined = self._gate("fit", cfg)
+        declined = self.check_task(TASK_FIT, [blob, config], auth, cfg) or self._gate("fit", cfg)
         if declined:
             return declined
         start = time.perf_counter()
@@ -164,7 +192,7 @@ class HospitalClient:
         self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=int(len(x)), fp16=bool(cfg["fp16"]))
-        return _status(
+        answer = _status(
             "ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"], weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
             metrics={"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
@@ -172,10 +200,13 @@ class HospitalClient:
                      "encode_s": done - trained, "total_s": done - start},
             class_counts=_counts(y), dataset_fingerprint=self.dataset()[0].fingerprint,
         )
+        return self._sign_answer(answer, cfg)
 
-    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
+                 ) -> dict[str, Any]:
         cfg = round_config(config)
-        declined = self._gate("evaluate", cfg)
+        declined = (self.check_task(TASK_EVALUATE, [blob, config], auth, cfg)
+                    or self._gate("evaluate", cfg))
         if declined:
             return declined
         start = time.perf_counter()
@@ -194,7 +225,10 @@ class HospitalClient:
                        splits=splits, num_examples=splits["test"]["n"],
                        seconds=time.perf_counter() - start)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
+        declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, {})
+        if declined:
+            return declined
         ds, sp = self.dataset()
         return _status("ok", self.hospital, class_counts=ds.class_counts(),
                        num_images=len(ds.records),
@@ -213,10 +247,30 @@ class HospitalClient:
         return _status("error", self.hospital, reason=message, round=cfg["round"],
                        run_id=cfg["run_id"])
 
+    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+        """Attach this hospital's signature (run, round, hospital, nonce, weights, count)."""
+        fault = self.settings.fault_for(int(cfg["round"])) if self.settings.fault else ""
+        previous, self._previous_answer = self._previous_answer, answer
+        if self._signing_key is None or fault == "unsigned":
+            return answer
+        if fault == "replay" and previous is not None:
+            log.warning("FAULT INJECTION active: replaying the previous round's update")
+            return previous
+        key = self._signing_key
+        if fault == "forged":  # a key that is not this hospital's: what an impostor has
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            log.warning("FAULT INJECTION active: signing with a key that is not ours")
+            key = Ed25519PrivateKey.generate()
+        answer["signature"] = signing.sign_update(key, self.hospital, str(cfg["run_id"]),
+                                                  int(cfg["round"]), answer["weights"],
+                                                  answer["num_examples"])
+        return answer
+
     def _inject_fault(self, weights: dict[str, np.ndarray], server_round: int
                       ) -> dict[str, np.ndarray]:
         fault = self.settings.fault_for(server_round)
-        if not fault:
+        if fault not in ("nan", "shape", "norm"):  # signature faults act in _sign_answer
             return weights
         log.warning("FAULT INJECTION active: sending a %r update", fault)
         floats = [n for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)]

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S, check_hospital_id
 
-FAULTS = ("", "nan", "shape", "norm")
+FAULTS = ("", "nan", "shape", "norm", "unsigned", "forged", "replay")
 
 
 class ClientSettings(BaseSettings):
@@ -29,8 +29,18 @@ class ClientSettings(BaseSettings):
     test_fraction: float = 0.15
     split_seed: int = 0
     block_size: int = 16
+    # Signing (leukofed.signing). With signing_key_file set, every update is signed with this
+    # hospital's Ed25519 key; with aggregator_public_key_file set, only tasks signed by the
+    # aggregator are executed (others are declined with the reason). Both off by default.
+    signing_key_file: Path | None = Field(None, description="this hospital's <id>.key")
+    aggregator_public_key_file: Path | None = Field(
+        None, description="aggregator.pub; when set, unsigned or forged tasks are refused")
+    task_max_age_s: float = Field(
+        7 * 24 * 3600.0, description="a signed task older than this is refused as expired")
     # Fault injection for tests and drills only: makes this hospital send a bad update
-    # ("nan", "shape" or "norm"; a comma list cycles by round: "nan,shape,norm") or stall
+    # ("nan", "shape", "norm"; "unsigned", "forged" (signed with a key that is not this
+    # hospital's), "replay" (the previous round's signed update again); a comma list
+    # cycles by round: "nan,shape,norm") or stall
     # before training, so the aggregator's defences can be exercised against real processes.
     # Never set in a real deployment.
     fault: str = ""

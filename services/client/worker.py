@@ -32,19 +32,23 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
         return HospitalClient(settings)
 
     @app.task(name=TASK_FIT)
-    def fit(blob: bytes, config: dict[str, Any]) -> dict[str, Any]:
-        return client().fit(blob, config)
+    def fit(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+        # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
+        return client().fit(blob, config, auth)
 
     @app.task(name=TASK_EVALUATE)
-    def evaluate(blob: bytes, config: dict[str, Any]) -> dict[str, Any]:
-        return client().evaluate(blob, config)
+    def evaluate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+        return client().evaluate(blob, config, auth)
 
     @app.task(name=TASK_DESCRIBE)
-    def describe() -> dict[str, Any]:
+    def describe(auth: Any = None) -> dict[str, Any]:
+        declined = client().check_task(TASK_DESCRIBE, [], auth, {})
+        if declined:  # checked first: an unsigned caller learns not even the pause state
+            return declined
         if client().pause_switch.paused:
             return {"status": "declined", "hospital": settings.hospital_id, "reason": "paused",
                     "message": "declined: paused"}
-        return client().describe()
+        return client().describe(verified=True)
 
     app.leukofed_settings = settings  # type: ignore[attr-defined]
     return app

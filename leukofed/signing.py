@@ -1,0 +1,297 @@
+"""Ed25519 signatures on the two messages that cross the broker: tasks and updates.
+
+Why: the broker is shared by every hospital, so anyone who can write to it (a compromised
+hospital, a stolen broker password, the broker operator) could otherwise inject an update
+into the aggregate or make a hospital train on a model of their choosing. With signatures
+
+* each hospital signs its update with its own private key; the aggregator holds every
+  hospital's public key and aggregates only updates signed by the hospital it asked;
+* the aggregator signs every task; a hospital runs only tasks signed by the aggregator's key.
+
+A signature covers a canonical msgpack document of *claims* (see ``_message``): the kind of
+message, the run, the round, the hospital, a random nonce, the time of signing and the
+SHA-256 of the payload (the weight blob, plus the config for a task). The verifier checks the
+signature first, then that every claim matches what it expects. That binding is what stops
+replays: an update signed for round 3 is rejected in round 4 even though its signature is
+valid, and a second message with a nonce already seen is rejected too.
+
+Keys are files: ``<name>.key`` (PKCS#8 PEM, mode 0600, stays where it was made) and
+``<name>.pub`` (SubjectPublicKeyInfo PEM, handed to the other side).
+``python -m leukofed.signing generate --out DIR NAME...`` makes them.
+
+Rejection reasons (``SignatureRejected.reason``) are short codes that go into the run's event
+log: ``unsigned``, ``unknown_key``, ``forged`` (bad signature, or a payload that does not
+match the signed digest, or claims about another hospital), ``replay`` (another run or
+round, or a nonce seen before), ``expired`` (a task past its validity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+ALG = "ed25519"
+DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
+KINDS = ("update", "task")
+REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
+_ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
+                    "digest", "extra", "sig"}
+
+
+class SignatureRejected(ValueError):
+    """A message whose signature does not hold; ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# ---------------------------------------------------------------- keys
+
+
+def generate_keypair(out_dir: Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (private, 0600) and ``<name>.pub`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    if not overwrite and (key_path.exists() or pub_path.exists()):
+        raise FileExistsError(f"{key_path} or {pub_path} exists; pass overwrite to rotate")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    # Created 0600 from the start: a chmod after writing would leave a readable window.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub_path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key_path, pub_path
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def load_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
+    """Every ``<name>.pub`` in ``directory``, by name (the hospital id)."""
+    return {p.stem: load_public_key(p) for p in sorted(Path(directory).glob("*.pub"))}
+
+
+# ---------------------------------------------------------------- digests
+
+
+def _canonical(value: Any) -> Any:
+    """Maps with sorted keys, so both sides pack the same bytes whatever the dict order."""
+    if isinstance(value, Mapping):
+        return [[k, _canonical(value[k])] for k in sorted(value)]
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def payload_digest(*parts: Any) -> str:
+    """SHA-256 over a canonical msgpack of ``parts`` (bytes, dicts, numbers, strings)."""
+    return hashlib.sha256(msgpack.packb(_canonical(list(parts)), use_bin_type=True)).hexdigest()
+
+
+def _message(env: Mapping[str, Any]) -> bytes:
+    claims = [DOMAIN, env["alg"], env["kind"], env["signer"], env["run"], env["round"],
+              env["hospital"], env["nonce"], env["signed_at"], env["digest"],
+              _canonical(env["extra"])]
+    return msgpack.packb(claims, use_bin_type=True)
+
+
+# ---------------------------------------------------------------- sign
+
+
+def sign(key: Ed25519PrivateKey, *, kind: str, signer: str, run: str, round: int,
+         hospital: str, digest: str, extra: Mapping[str, Any] | None = None,
+         now: float | None = None) -> dict[str, Any]:
+    """A signed envelope (a plain dict that crosses msgpack) over the given claims."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    env: dict[str, Any] = {
+        "alg": ALG, "kind": kind, "signer": signer, "run": str(run), "round": int(round),
+        "hospital": hospital, "nonce": secrets.token_hex(16),
+        "signed_at": float(time.time() if now is None else now), "digest": digest,
+        "extra": dict(extra or {}),
+    }
+    env["sig"] = key.sign(_message(env))
+    return env
+
+
+# ---------------------------------------------------------------- verify
+
+
+class NonceCache:
+    """Nonces seen recently (bounded, thread-safe): a message delivered twice is a replay."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, nonce: str) -> bool:
+        """True if new; False if seen before."""
+        with self._lock:
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = None
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
+            return True
+
+
+def verify(keys: Mapping[str, Ed25519PublicKey], envelope: Any, *, kind: str, signer: str,
+           run: str, round: int, hospital: str, digest: str,
+           nonces: NonceCache | None = None, max_age_s: float | None = None,
+           now: float | None = None) -> dict[str, Any]:
+    """Check ``envelope`` was signed by ``signer``'s key over exactly these claims; raise
+    SignatureRejected with a reason code otherwise. Returns the envelope's ``extra``."""
+    if envelope is None:
+        raise SignatureRejected("unsigned", "no signature")
+    if not isinstance(envelope, Mapping) or set(envelope) != _ENVELOPE_FIELDS:
+        raise SignatureRejected("unsigned", "signature envelope malformed")
+    if envelope["alg"] != ALG:
+        raise SignatureRejected("forged", f"algorithm {envelope['alg']!r} is not {ALG}")
+    key = keys.get(signer)
+    if key is None:
+        raise SignatureRejected("unknown_key", f"no public key for {signer!r}")
+    sig = envelope["sig"]
+    try:
+        if not isinstance(sig, bytes):
+            raise InvalidSignature()
+        key.verify(sig, _message(envelope))
+    except (InvalidSignature, KeyError, TypeError, ValueError) as exc:
+        raise SignatureRejected("forged", f"signature does not verify with {signer}'s key") \
+            from exc
+    # The signature holds: now every claim must be the one expected here.
+    if envelope["kind"] != kind or envelope["signer"] != signer:
+        raise SignatureRejected("forged", f"signed as a {envelope['kind']} by "
+                                f"{envelope['signer']!r}, expected a {kind} by {signer!r}")
+    if envelope["hospital"] != hospital:
+        raise SignatureRejected("forged", f"signed for hospital {envelope['hospital']!r}, "
+                                          f"not {hospital!r}")
+    if envelope["run"] != str(run) or envelope["round"] != int(round):
+        raise SignatureRejected("replay", f"signed for run {envelope['run']!r} round "
+                                          f"{envelope['round']}, this is run {run!r} round {round}")
+    if envelope["digest"] != digest:
+        raise SignatureRejected("forged", "payload does not match the signed digest")
+    if max_age_s is not None:
+        age = (time.time() if now is None else now) - float(envelope["signed_at"])
+        if age > max_age_s:
+            raise SignatureRejected("expired", f"signed {age:.0f}s ago, valid {max_age_s:.0f}s")
+    if nonces is not None and not nonces.add(str(envelope["nonce"])):
+        raise SignatureRejected("replay", f"nonce {envelope['nonce']} seen before")
+    return dict(envelope["extra"])
+
+
+# ---------------------------------------------------------------- the two messages
+
+AGGREGATOR = "aggregator"  # the signer name of tasks (its public key file: aggregator.pub)
+
+
+def update_digest(blob: bytes, num_examples: int) -> str:
+    """What a hospital's signature covers besides run/round/hospital: the exact weight bytes
+    and the example count (it sets the update's weight in FedAvg, so it must not be altered)."""
+    return payload_digest("update", blob, int(num_examples))
+
+
+def sign_update(key: Ed25519PrivateKey, hospital: str, run: str, round: int, blob: bytes,
+                num_examples: int) -> dict[str, Any]:
+    return sign(key, kind="update", signer=hospital, run=run, round=round, hospital=hospital,
+                digest=update_digest(blob, num_examples))
+
+
+def verify_update(keys: Mapping[str, Ed25519PublicKey], answer: Mapping[str, Any], hospital: str,
+                  run: str, round: int, nonces: NonceCache | None = None) -> None:
+    """Check a fit answer was signed by ``hospital`` for this run and round."""
+    blob, n = answer.get("weights"), answer.get("num_examples")
+    if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
+        raise SignatureRejected("forged", "answer has no weight bytes or example count")
+    verify(keys, answer.get("signature"), kind="update", signer=hospital, run=run, round=round,
+           hospital=hospital, digest=update_digest(blob, n), nonces=nonces)
+
+
+class UpdateVerifier:
+    """The aggregator's check of fit answers: hospitals' public keys plus the nonces seen."""
+
+    def __init__(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        self.keys = dict(keys)
+        self.nonces = NonceCache()
+
+    def __call__(self, answer: Mapping[str, Any], hospital: str, run: str, round: int) -> None:
+        verify_update(self.keys, answer, hospital, run, round, self.nonces)
+
+
+def task_digest(task: str, args: list[Any] | tuple[Any, ...]) -> str:
+    """A task signature covers the task name and every argument (weights and config)."""
+    return payload_digest("task", task, list(args))
+
+
+def sign_task(key: Ed25519PrivateKey, task: str, hospital: str, args: list[Any],
+              ) -> dict[str, Any]:
+    config = args[1] if len(args) > 1 and isinstance(args[1], Mapping) else {}
+    return sign(key, kind="task", signer=AGGREGATOR, run=str(config.get("run_id", "")),
+                round=int(config.get("round", 0)), hospital=hospital,
+                digest=task_digest(task, args), extra={"task": task})
+
+
+def verify_task(key: Ed25519PublicKey, auth: Any, task: str, hospital: str, args: list[Any],
+                nonces: NonceCache | None = None, max_age_s: float | None = None) -> None:
+    """Check a task was signed by the aggregator, for this hospital, over these arguments."""
+    config = args[1] if len(args) > 1 and isinstance(args[1], Mapping) else {}
+    try:
+        round_ = int(config.get("round", 0))
+    except (TypeError, ValueError) as exc:
+        raise SignatureRejected("forged", "round is not an int") from exc
+    verify({AGGREGATOR: key}, auth, kind="task", signer=AGGREGATOR,
+           run=str(config.get("run_id", "")), round=round_, hospital=hospital,
+           digest=task_digest(task, args), nonces=nonces, max_age_s=max_age_s)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m leukofed.signing",
+                                     description="Ed25519 keys for tasks and updates.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    gen = sub.add_parser("generate", help="make <name>.key and <name>.pub for each name")
+    gen.add_argument("names", nargs="+", help="'aggregator' and/or hospital ids")
+    gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--overwrite", action="store_true", help="rotate existing keys")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        key_path, pub_path = generate_keypair(args.out, name, args.overwrite)
+        print(f"{name}: private {key_path} (keep it there), public {pub_path} (share it)")
+
+
+if __name__ == "__main__":
+    main()
