@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -194,7 +195,9 @@ def runtime_comparison(cache: Path, model_name: str, tracking_uri: str,
             n += batch
         return round(n / (time.perf_counter() - started), 1)
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"onnxruntime_by_batch": {
+        b: rate(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x}), b, 1.5)
+        for b in (1, 2, 4, 8, 16, 32)}}
     for batch in (1, 32):
         out[f"onnxruntime_b{batch}"] = rate(
             lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x}), batch)
@@ -230,10 +233,11 @@ def runtime_comparison(cache: Path, model_name: str, tracking_uri: str,
     return out
 
 
-MODES = {  # label -> (max_batch_size, max_queue_delay_ms)
+MODES = {  # label -> (max_batch_size, max_queue_delay_ms); "batching" is the default
     "batch-1": (1, 0.0),
-    "batching": (32, 0.0),
-    "batching+2ms": (32, 2.0),
+    "batching": (8, 0.0),
+    "batching-32": (32, 0.0),
+    "batching+2ms": (8, 2.0),
 }
 
 
@@ -260,7 +264,9 @@ def markdown(doc: dict[str, Any]) -> str:
         c = run["config"]
         lines += [
             "",
-            f"## {c['architecture']} alpha {c['alpha']} at {c['image_size']} px",
+            f"## {c['architecture']}"
+            + (f" alpha {c['alpha']}" if c["architecture"] == "mobilenetv2" else "")
+            + f" at {c['image_size']} px",
             "",
             "### /v1/predict",
             "",
@@ -289,6 +295,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{rt['keras_tf_function_b32']} |",
             f"| Keras `model.predict` | {rt['keras_predict_b1']} | {rt['keras_predict_b32']} |",
             "",
+            "onnxruntime images/s by batch size: " + ", ".join(
+                f"{b}: {v}" for b, v in rt["onnxruntime_by_batch"].items()) + ".",
+            "",
             "### Cost of one explanation",
             "",
             "| what | ms |",
@@ -305,13 +314,16 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="mobilenetv2:0.35:128,mobilenetv2:1.0:224",
+    p.add_argument("--configs",
+                   default="compact_cnn:0:64,mobilenetv2:0.35:128,mobilenetv2:1.0:224",
                    help="architecture:alpha:image_size, comma-separated")
     p.add_argument("--seconds", type=float, default=6.0, help="per concurrency level")
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks-inference.md"))
     args = p.parse_args()
+    # A terminated benchmark still stops the servers it started (finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     levels = [int(x) for x in args.levels.split(",")]
     doc = header()
     doc["load_average_before"] = [round(x, 2) for x in os.getloadavg()]

@@ -39,7 +39,9 @@ class InferenceSettings(BaseSettings):
     # Dynamic batching: max_batch_size=1 turns it off (every request runs alone). A queue
     # delay of 0 is greedy, as Triton's default: a batch takes whatever queued while the
     # previous one ran, so one client pays no wait and many clients still get batches.
-    max_batch_size: int = Field(32, gt=0)
+    # 8, not 32: on a 2-core CPU onnxruntime's images/s peaks at batch 4-8 for MobileNetV2
+    # and falls beyond (cache-bound; docs/benchmarks-inference.md). Raise it on a GPU.
+    max_batch_size: int = Field(8, gt=0)
     max_queue_delay_ms: float = Field(0.0, ge=0)
 
     api_key: SecretStr | None = None
