@@ -11,13 +11,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from starlette.concurrency import run_in_threadpool
 
 from leukofed import signing
+from leukofed.logging import add_filter
+from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.manager import RunManager
 from services.aggregator.modelops import KerasModelOps
+from services.aggregator.observability import AggregatorMetrics, RunContextFilter
 from services.aggregator.routers import hospitals, runs
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.store import RunStore
@@ -27,8 +31,8 @@ from services.aggregator.tracking import MlflowTracker
 def create_app(settings: AggregatorSettings | None = None, manager: RunManager | None = None
                ) -> FastAPI:
     settings = settings or AggregatorSettings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
+    configure_logging("aggregator")  # JSON lines (leukofed.logging)
+    metrics = AggregatorMetrics(settings.state_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +52,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         app.state.store = mgr.store
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr
+        metrics.collector.live_hospitals = mgr.dispatcher.live_hospitals
+        add_filter(RunContextFilter(mgr))  # run_id and round on the round loop's lines
         app.state.mlflow_url = lambda rec: _mlflow_url(settings, rec)
         mgr.start(resume=settings.resume_on_start)
         yield
@@ -62,6 +68,12 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        # A scrape pings the workers (up to ping_timeout_s): keep it off the event loop.
+        body, content_type = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=content_type)
 
     return app
 

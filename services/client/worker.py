@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 
+from leukofed.logging import install_celery_logging
 from leukofed.transport import TASK_DESCRIBE, TASK_EVALUATE, TASK_FIT, make_celery, queue_name
 from services.client.core import HospitalClient
 from services.client.settings import ClientSettings
@@ -26,6 +27,7 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
     app = make_celery(f"leukofed-client-{settings.hospital_id}", settings.broker_url,
                       settings.result_backend, settings.visibility_timeout_s,
                       hospital_id=settings.hospital_id)
+    install_celery_logging("client", hospital=settings.hospital_id)  # JSON lines with ids
 
     @cache
     def client() -> HospitalClient:

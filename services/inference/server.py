@@ -6,8 +6,6 @@ the served version in MLflow and never exports again.
 
 from __future__ import annotations
 
-import logging
-
 from .settings import InferenceSettings
 
 
@@ -17,7 +15,9 @@ def serve(host: str | None = None, port: int | None = None, log_level: str = "in
     from .app import create_app
 
     settings = InferenceSettings()
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from leukofed.logging import configure
+
+    configure("inference", level=log_level)  # JSON lines shared by every service
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+                log_level=log_level, log_config=None, access_log=False,
+                timeout_graceful_shutdown=10)

@@ -1,0 +1,160 @@
+"""Prometheus metrics and log context of the aggregator, without touching the round loop.
+
+Metrics are derived at scrape time from the run records the round loop already persists
+(``<state_dir>/runs/*/run.json``): rounds completed and their durations (the summaries),
+updates accepted (the participants) and rejected by reason (the rejection events). So they
+survive an aggregator restart, as the runs themselves do, and cannot drift from what the API
+reports. Hospitals alive is a live ping of the workers at scrape time.
+
+Log context: the runs execute one at a time on the manager's thread, so a logging filter can
+tag every line of that thread with the current run id and round number.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+# Rounds last from seconds (tiny test models) to hours (large models on CPUs).
+ROUND_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+                 7200.0, 14400.0)
+
+
+def _reason_code(reason: Any) -> str:
+    # Only the reason's code ("nan", "shape", "norm", "wire"...), never its free text: label
+    # values must stay few, or the number of Prometheus series grows without bound.
+    return str(reason).split(":")[0].strip()[:32] or "unknown"
+
+
+class RunRecordCollector:
+    """Reads the run records on each scrape (cached by file modification time)."""
+
+    def __init__(self, state_dir: Path,
+                 live_hospitals: Callable[[], set[str] | None] | None = None) -> None:
+        self.runs_dir = Path(state_dir) / "runs"
+        self.live_hospitals = live_hospitals
+        self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+
+    def _records(self) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        paths = sorted(self.runs_dir.glob("*/run.json")) if self.runs_dir.is_dir() else []
+        for path in paths:
+            try:
+                mtime = path.stat().st_mtime
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != mtime:
+                    cached = (mtime, json.loads(path.read_text()))
+                    self._cache[path] = cached
+                out.append(cached[1])
+            except (OSError, ValueError):  # being replaced right now: next scrape reads it
+                continue
+        return out
+
+    def collect(self) -> Iterable[Metric]:
+        records = self._records()
+        rounds = CounterMetricFamily("leukofed_rounds_completed",
+                                     "Federated rounds completed (aggregated, checkpointed)",
+                                     labels=["strategy"])
+        accepted = CounterMetricFamily("leukofed_updates_accepted",
+                                       "Hospital updates aggregated", labels=["hospital"])
+        rejected = CounterMetricFamily("leukofed_updates_rejected",
+                                       "Hospital updates rejected by validation, by reason",
+                                       labels=["hospital", "reason"])
+        runs = GaugeMetricFamily("leukofed_runs", "Federated runs by status",
+                                 labels=["status"])
+        current = GaugeMetricFamily("leukofed_current_round",
+                                    "Round in progress of the running run (0: none)")
+        by_strategy: dict[str, int] = {}
+        by_hospital: dict[str, int] = {}
+        by_reason: dict[tuple[str, str], int] = {}
+        by_status: dict[str, int] = {}
+        durations: list[float] = []
+        running_round = 0
+        for rec in records:
+            strategy = str(rec.get("config", {}).get("strategy", "unknown"))
+            by_status[rec.get("status", "unknown")] = by_status.get(rec.get("status"), 0) + 1
+            if rec.get("status") == "running":
+                running_round = int(rec.get("current_round") or 0)
+            for summary in rec.get("rounds", []):
+                by_strategy[strategy] = by_strategy.get(strategy, 0) + 1
+                seconds = summary.get("timings", {}).get("round_s")
+                if isinstance(seconds, int | float):
+                    durations.append(float(seconds))
+                for hospital in summary.get("participants", {}):
+                    by_hospital[hospital] = by_hospital.get(hospital, 0) + 1
+            for event in rec.get("events", []):
+                if "rejected" in event and "hospital" in event:
+                    key = (str(event["hospital"]), _reason_code(event["rejected"]))
+                    by_reason[key] = by_reason.get(key, 0) + 1
+        for strategy, n in sorted(by_strategy.items()):
+            rounds.add_metric([strategy], n)
+        for hospital, n in sorted(by_hospital.items()):
+            accepted.add_metric([hospital], n)
+        for (hospital, reason), n in sorted(by_reason.items()):
+            rejected.add_metric([hospital, reason], n)
+        for status, n in sorted(by_status.items()):
+            runs.add_metric([str(status)], n)
+        current.add_metric([], running_round)
+        yield from (rounds, accepted, rejected, runs, current,
+                    _histogram("leukofed_round_duration_seconds",
+                               "Wall time of completed rounds, selection to checkpoint",
+                               durations))
+        if self.live_hospitals is not None:
+            live = self.live_hospitals()
+            alive = GaugeMetricFamily("leukofed_hospitals_alive",
+                                      "Hospitals whose worker answered a ping at scrape time "
+                                      "(0 when the broker is unreachable)")
+            alive.add_metric([], len(live) if live is not None else 0)
+            yield alive
+
+
+def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
+    buckets = [(str(b), sum(v <= b for v in values)) for b in ROUND_BUCKETS]
+    buckets.append(("+Inf", len(values)))
+    hist = HistogramMetricFamily(name, documentation)
+    hist.add_metric([], buckets, sum_value=sum(values))
+    return hist
+
+
+class AggregatorMetrics:
+    """One registry per app (tests build many apps in one process)."""
+
+    def __init__(self, state_dir: Path,
+                 live_hospitals: Callable[[], set[str] | None] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.collector = RunRecordCollector(state_dir, live_hospitals)
+        self.registry.register(self.collector)  # type: ignore[arg-type]
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RunContextFilter(logging.Filter):
+    """Adds run_id and round to every record logged by the thread that executes runs."""
+
+    def __init__(self, manager: Any) -> None:
+        super().__init__()
+        self.manager = manager  # services.aggregator.manager.RunManager (or a test fake)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = getattr(self.manager, "_thread", None)
+        current = getattr(self.manager, "_current", None)
+        if thread is not None and current is not None and record.thread == thread.ident:
+            run = current.record
+            if not hasattr(record, "run_id"):
+                record.run_id = run.get("id")
+            if not hasattr(record, "round") and run.get("current_round"):
+                record.round = run["current_round"]
+        return True
