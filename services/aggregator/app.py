@@ -6,7 +6,6 @@ run resumable (its status stays 'running')."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
