@@ -1,12 +1,12 @@
 """Aggregation strategies: how the aggregator turns hospitals' updates into the next model.
 
 The maths are pure functions over arrays (``weighted_average``, ``coordinate_median``,
-``trimmed_mean``, ``momentum_step``, ``adaptive_step``), so unit tests check them against
-hand-computed numbers. The ``Strategy`` classes add the bookkeeping: which tensors a rule
-applies to, the server optimizer's state (checkpointed by the aggregator via ``state()`` and
-``load_state()``, so a restarted aggregator continues with the same momentum and moments),
-and the extra fit config sent to clients. Server optimizers follow Reddi et al. 2021,
-"Adaptive Federated Optimization", Algorithm 2.
+``trimmed_mean``, ``krum_scores``/``krum_select``, ``momentum_step``, ``adaptive_step``), so
+unit tests check them against hand-computed numbers. The ``Strategy`` classes add the
+bookkeeping: which tensors a rule applies to, the server optimizer's state (checkpointed by
+the aggregator via ``state()`` and ``load_state()``, so a restarted aggregator continues with
+the same momentum and moments), and the extra fit config sent to clients. Server optimizers
+follow Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2.
 
 Three kinds of tensor are treated differently, because averaging is not right for all:
 
@@ -100,6 +100,33 @@ def trimmed_mean(arrays: Sequence[np.ndarray], beta: float) -> np.ndarray:
     stacked = np.sort(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0)
     cut = int(beta * len(arrays))
     return stacked[cut: len(arrays) - cut].mean(axis=0)
+
+
+def krum_scores(vectors: Sequence[np.ndarray], num_malicious: int) -> np.ndarray:
+    """Krum score of each update (Blanchard et al. 2017): the sum of squared distances to its
+    n - f - 2 nearest other updates (at least 1). An honest update sits among other honest
+    ones, so its score is small; a poisoned one is far from everyone."""
+    n = len(vectors)
+    if n == 0:
+        raise ValueError("nothing to score: no updates")
+    if n == 1:
+        return np.zeros(1)
+    x = np.stack([np.asarray(v, dtype=np.float64).ravel() for v in vectors])
+    sq = np.einsum("ij,ij->i", x, x)
+    # ||a-b||^2 = |a|^2 + |b|^2 - 2ab; clipped at 0 against rounding
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    k = min(n - 1, max(1, n - num_malicious - 2))
+    np.fill_diagonal(d2, np.inf)
+    return np.sort(d2, axis=1)[:, :k].sum(axis=1)
+
+
+def krum_select(vectors: Sequence[np.ndarray], num_malicious: int, num_selected: int
+                ) -> list[int]:
+    """Indices of the ``num_selected`` lowest Krum scores (ties: lower index first).
+    num_selected=1 is Krum, more is multi-Krum (El Mhamdi et al. 2018)."""
+    scores = krum_scores(vectors, num_malicious)
+    order = np.argsort(scores, kind="stable")
+    return sorted(int(i) for i in order[:max(1, min(num_selected, len(vectors)))])
 
 
 def momentum_step(x: np.ndarray, delta: np.ndarray, m: np.ndarray, server_lr: float,
@@ -400,9 +427,55 @@ class FedTrimmedAvg(Strategy):
         return {n: trimmed_mean([u[n] for u in updates], self.beta) for n in global_weights}
 
 
+class MultiKrum(Strategy):
+    """Multi-Krum: scores every update on all float tensors at once (one point per hospital
+    in weight space), keeps the ``num_selected`` with the lowest scores and averages them,
+    unweighted (as the median: a claimed example count must not buy influence).
+    ``num_malicious`` is the number of attackers to tolerate, f; Krum's guarantee needs
+    n > 2f + 2 updates. ``num_selected`` defaults to n - f."""
+
+    name = "multikrum"
+
+    def __init__(self, *, num_malicious: int = 1, num_selected: int | None = None,
+                 **common: Any) -> None:
+        super().__init__(**common)
+        self.num_malicious = int(_number("num_malicious", num_malicious, low=0.0))
+        self.num_selected = (None if num_selected is None
+                             else int(_number("num_selected", num_selected, low=1.0)))
+        self.params.update(num_malicious=self.num_malicious, num_selected=self.num_selected)
+        self.last_selected: list[int] = []  # indices kept in the last round, for the log
+
+    def _selected(self, n: int) -> int:
+        if self.num_selected is not None:
+            return self.num_selected
+        return max(1, n - self.num_malicious)
+
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        if not global_weights:
+            return {}
+        names = list(global_weights)
+        vectors = [np.concatenate([np.asarray(u[n], np.float64).ravel() for n in names])
+                   for u in updates]
+        keep = krum_select(vectors, self.num_malicious, self._selected(len(updates)))
+        self.last_selected = keep
+        return weighted_average([{n: np.asarray(updates[i][n], np.float64) for n in names}
+                                 for i in keep], [1.0] * len(keep))
+
+
+class Krum(MultiKrum):
+    """Krum: the single update with the lowest score becomes the next model."""
+
+    name = "krum"
+
+    def __init__(self, *, num_malicious: int = 1, **common: Any) -> None:
+        super().__init__(num_malicious=num_malicious, num_selected=1, **common)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg)
+    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg,
+                Krum, MultiKrum)
 }
 
 

@@ -291,7 +291,8 @@ def test_aggregate_does_not_mutate_inputs() -> None:
 
 def test_registry_names() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi",
-                               "fedadagrad", "fedmedian", "fedtrimmedavg"}
+                               "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
+                               "multikrum"}
     assert isinstance(make_strategy(" FedAdam "), FedAdam)
     assert strategy_params(FedAdagrad) >= {"eta", "eta_l", "beta_1", "beta_2", "tau",
                                            "bn_mode", "bn_stat_names"}
