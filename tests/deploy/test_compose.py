@@ -1,0 +1,211 @@
+"""docker-compose.yml: valid against the Compose specification, complete, consistent with
+the code (settings classes, ports, health routes) and with no secret in the repository."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from leukofed.logging import FORMAT_ENV, LEVEL_ENV
+from services.aggregator.settings import AggregatorSettings
+from services.client.settings import ClientSettings
+from services.inference.settings import InferenceSettings
+
+from .conftest import COMPOSE, ENV_EXAMPLE, ROOT, load_compose, read_env_file
+
+SETTINGS: dict[str, type[BaseSettings]] = {
+    "LEUKOFED_CLIENT_": ClientSettings,
+    "LEUKOFED_AGGREGATOR_": AggregatorSettings,
+    "LEUKOFED_INFERENCE_": InferenceSettings,
+}
+# Variables read outside the settings classes, and by whom.
+OTHER_LEUKOFED_ENV = {FORMAT_ENV, LEVEL_ENV}
+SERVICES = {"redis", "postgres", "mlflow", "aggregator", "client-a", "client-b", "client-c",
+            "inference", "inference-gpu", "flower", "prometheus"}
+HOSPITALS = ("a", "b", "c")
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_schema_valid_as_written_and_interpolated(compose: dict[str, Any],
+                                                  tmp_path: Path) -> None:
+    # check-jsonschema ships the Compose specification's own JSON schema (vendored).
+    resolved = tmp_path / "compose.resolved.json"
+    resolved.write_text(json.dumps(compose))
+    for target in (COMPOSE, resolved):
+        proc = subprocess.run(
+            [sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+             "vendor.compose-spec", str(target)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schema_check_catches_mistakes(tmp_path: Path) -> None:
+    # The validator above must be able to fail: a typo'd key is rejected.
+    broken = tmp_path / "compose.yml"
+    broken.write_text(yaml.safe_dump({"services": {"x": {"image": "a", "helthcheck": {}}}}))
+    proc = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                           "vendor.compose-spec", str(broken)], capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
+def test_every_required_variable_is_in_env_example(example_env: dict[str, str]) -> None:
+    text = json.dumps(load_compose())  # values only: comments may mention ${VAR:?} freely
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):?\?", text))
+    assert required and required <= set(example_env), required - set(example_env)
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):  # compose would refuse too
+        load_compose({k: v for k, v in example_env.items() if k != "POSTGRES_PASSWORD"})
+
+
+def test_services_topology(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == SERVICES
+    assert list(compose["networks"]) == ["leukofed"]
+    declared = set(compose["volumes"])
+    for name, svc in services.items():
+        assert svc.get("networks") == ["leukofed"], name
+        assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source in declared, f"{name}: {source} is not a named volume"
+    assert services["inference-gpu"]["profiles"] == ["gpu"]
+    assert "profiles" not in services["inference"]  # the CPU variant runs by default
+    devices = services["inference-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert services["flower"]["profiles"] == ["monitoring"]
+    mlflow_env = _env(services["mlflow"])
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:")
+    assert urlsplit(mlflow_env["MLFLOW_BACKEND_STORE_URI"]).hostname == "postgres"
+    assert any(v.endswith(":/var/lib/mlflow/artifacts") for v in services["mlflow"]["volumes"])
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    assert {c["target"] for c in services["redis"]["configs"]} >= {
+        "/usr/local/etc/redis/users.acl", "/usr/local/etc/redis/redis.conf"}
+
+
+def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(
+        compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        check = svc.get("healthcheck")
+        assert check and check.get("test") and not check.get("disable"), name
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert cond == {"condition": "service_healthy"}, (name, dep)
+
+
+def test_no_service_runs_as_root(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        user = str(svc.get("user", ""))
+        assert user, f"{name}: set user: explicitly"
+        assert user.split(":")[0] not in ("0", "root"), name
+
+
+def test_build_contexts_and_dockerfiles_exist(compose: dict[str, Any]) -> None:
+    built = 0
+    for name, svc in compose["services"].items():
+        if "build" not in svc:
+            assert ":" in svc["image"] and not svc["image"].endswith(":latest"), name
+            continue
+        context = ROOT / svc["build"]["context"]
+        assert context.is_dir(), name
+        assert (context / svc["build"]["dockerfile"]).is_file(), name
+        built += 1
+    assert built >= 7
+
+
+def test_environment_names_match_the_settings_classes(compose: dict[str, Any]) -> None:
+    used: set[str] = set()
+    for name, svc in compose["services"].items():
+        for key in _env(svc):
+            if not key.startswith("LEUKOFED_"):
+                continue
+            used.add(key)
+            if key in OTHER_LEUKOFED_ENV:
+                continue
+            prefix = next((p for p in SETTINGS if key.startswith(p)), None)
+            assert prefix, f"{name}: {key} is read by no settings class"
+            field = key[len(prefix):].lower()
+            assert field in SETTINGS[prefix].model_fields, f"{name}: {key} is not a setting"
+    assert any(k.startswith("LEUKOFED_CLIENT_") for k in used)
+
+
+@pytest.mark.parametrize("service, cls", [
+    ("aggregator", AggregatorSettings), ("inference", InferenceSettings),
+    ("inference-gpu", InferenceSettings),
+    *((f"client-{h}", ClientSettings) for h in HOSPITALS)])
+def test_settings_load_from_the_compose_environment(
+        compose: dict[str, Any], service: str, cls: type[BaseSettings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The settings class itself parses the container's environment: names, types, validators.
+    for key in list(__import__("os").environ):
+        if key.startswith("LEUKOFED_") or key == "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(key)
+    for key, value in _env(compose["services"][service]).items():
+        monkeypatch.setenv(key, value)
+    settings = cls(_env_file=None)  # type: ignore[call-arg]
+    svc = compose["services"][service]
+    if hasattr(settings, "port"):
+        published = [p.rsplit(":", 1)[1] for p in svc["ports"]]
+        assert published == [str(settings.port)], service
+        assert str(settings.host) == "0.0.0.0"
+        assert f":{settings.port}/" in " ".join(svc["healthcheck"]["test"])
+    if cls is ClientSettings:
+        assert settings.hospital_id == service.split("-")[1]
+        assert str(settings.data_dir) == "/data"
+        mounts = {v.split(":")[1]: v for v in svc["volumes"]}
+        assert mounts["/data"].endswith(":ro"), "hospital data must be mounted read-only"
+        assert mounts["/data"].startswith(f"hospital-{settings.hospital_id}-data:")
+    if cls is InferenceSettings:
+        assert settings.tracking_uri == "http://mlflow:5000"
+        assert settings.provider == ("cuda" if service.endswith("gpu") else "cpu")
+
+
+def test_each_party_has_its_own_broker_account(compose: dict[str, Any],
+                                               raw_compose: dict[str, Any]) -> None:
+    acl = compose["configs"]["redis_acl"]["content"]
+    users = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
+    assert users["default"].split()[2] == "off"
+    urls = {"aggregator": _env(compose["services"]["aggregator"])[
+        "LEUKOFED_AGGREGATOR_BROKER_URL"]}
+    urls |= {f"client-{h}": _env(compose["services"][f"client-{h}"])[
+        "LEUKOFED_CLIENT_BROKER_URL"] for h in HOSPITALS}
+    raw_passwords = set()
+    for service, url in urls.items():
+        parts = urlsplit(url)
+        assert parts.hostname == "redis" and parts.port == 6379, service
+        assert parts.username in users and users[parts.username].split()[2] == "on", service
+        raw = _env(raw_compose["services"][service])
+        raw_url = next(v for k, v in raw.items() if k.endswith("_BROKER_URL"))
+        raw_passwords.add(re.search(r":\$\{([A-Z0-9_]+)", raw_url).group(1))
+    assert len(raw_passwords) == len(urls)  # no two parties share a password variable
+
+
+def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
+    secretish = re.compile(r"PASSWORD|SECRET|API_KEY|BASIC_AUTH|TOKEN")
+    for name, svc in raw_compose["services"].items():
+        for key, value in _env(svc).items():
+            if secretish.search(key):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}", value), (name, key)
+            for m in re.finditer(r"//[^:/@]+:([^@]+)@", value):  # credentials in URLs
+                assert m.group(1).startswith("${"), (name, key)
+    example = read_env_file(ENV_EXAMPLE)
+    for key, value in example.items():
+        if secretish.search(key):
+            assert value in ("", "change-me") or value.endswith(":change-me"), key
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
+    assert ignored.returncode == 0, ".env must be git-ignored"
+
+
+def test_interpolated_file_loads_like_the_raw_one(example_env: dict[str, str]) -> None:
+    assert set(load_compose(example_env)["services"]) == set(load_compose()["services"])
