@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: DATA split (test blocks held out at the aggregator), partitioned into HOSPITALS
 # simulated hospitals (Dirichlet label skew), the stack started as local processes, a
-# federated run followed round by round, and the best round promoted to champion.
+# federated run followed round by round, the best round promoted to champion, and one
+# held-out test image classified by the inference service, which picks up the champion.
 #
 # Environment (all optional): DATA=../shared/data/all-pbs HOSPITALS=3 ALPHA=0.5 SCHEME=dirichlet
 #   ROUNDS=12 LOCAL_EPOCHS=2 MODEL=compact_cnn IMAGE_SIZE=64 STRATEGY=fedavg BATCH_SIZE=32
@@ -25,9 +26,11 @@ FP16=${FP16:-false}
 RUN_DIR=${RUN_DIR:-.run}
 AGGREGATOR_PORT=${AGGREGATOR_PORT:-8001}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
+INFERENCE_PORT=${INFERENCE_PORT:-8000}
 VENV=${VENV:-.venv/bin}
 DEMO=$RUN_DIR/demo
-export RUN_DIR AGGREGATOR_PORT MLFLOW_PORT
+export RUN_DIR AGGREGATOR_PORT MLFLOW_PORT INFERENCE_PORT
+INFERENCE_URL="http://127.0.0.1:${INFERENCE_PORT}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export LEUKOFED_AGGREGATOR_URL="http://127.0.0.1:${AGGREGATOR_PORT}"
 started=$(date +%s)
@@ -66,5 +69,25 @@ fi
 
 echo "== promote: the version with the best validation macro-F1 becomes champion"
 "$VENV/leukofed" promote best --metric val_macro_f1 --run-id "$run_id"
+
+echo "== predict: one held-out test image through the inference service ($INFERENCE_URL)"
+# The service polls the champion alias (every 5 s by default), exports the new version to
+# ONNX once and swaps it in: wait until /readyz reports it ready.
+for ((i = 0; i < 120; i++)); do
+    if curl -fsS "$INFERENCE_URL/readyz" >/dev/null 2>&1; then break; fi
+    sleep 2
+done
+if ! curl -fsS "$INFERENCE_URL/readyz" >/dev/null 2>&1; then
+    echo "the inference service did not become ready: $(curl -sS "$INFERENCE_URL/readyz")" >&2
+    echo "see scripts/stack.sh logs inference" >&2
+    exit 1
+fi
+image=$("$VENV/python" -c '
+import json, sys
+doc = json.load(open(sys.argv[1]))
+print(doc["root"] + "/" + doc["splits"]["test"][0]["path"])' "$DEMO/split.json")
+echo "image: $image"
+"$VENV/leukofed" predict "$image" --url "$INFERENCE_URL"
 echo "demo done in $(( $(date +%s) - started )) s. MLflow UI: $MLFLOW_TRACKING_URI ; aggregator API:" \
-     "$LEUKOFED_AGGREGATOR_URL/docs ; stop everything with: scripts/stack.sh down"
+     "$LEUKOFED_AGGREGATOR_URL/docs ; web page: $INFERENCE_URL/ ;" \
+     "stop everything with: scripts/stack.sh down"

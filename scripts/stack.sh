@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Local process mode of the whole stack: redis-server, MLflow (SQLite + local artifacts), the
-# aggregator under uvicorn, and one Celery worker per hospital.
+# aggregator under uvicorn, one Celery worker per hospital, and the inference service (it
+# serves the champion once one is promoted; until then /readyz says why it is not ready).
 #
 #   scripts/stack.sh up | down | status | logs [NAME]
 #
 # Environment (all optional):
-#   REDIS_PORT=6379  MLFLOW_PORT=5000  AGGREGATOR_PORT=8001  RUN_DIR=.run
+#   REDIS_PORT=6379  MLFLOW_PORT=5000  AGGREGATOR_PORT=8001  INFERENCE_PORT=8000  RUN_DIR=.run
+#   LEUKOFED_LOG_FORMAT=json|text  (every service logs JSON lines by default)
 #   HOSPITAL_DATA=DIR   folder with one sub-folder per hospital (DIR/a, DIR/b, ...); workers
 #                       are started for its sub-folders (or for HOSPITAL_IDS=a,b,c). Default:
 #                       the last value given, else RUN_DIR/demo/hospitals when the demo ran
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 REDIS_PORT=${REDIS_PORT:-6379}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 AGGREGATOR_PORT=${AGGREGATOR_PORT:-8001}
+INFERENCE_PORT=${INFERENCE_PORT:-8000}
 RUN_DIR=${RUN_DIR:-.run}
 VENV=${VENV:-.venv/bin}
 PIDS=$RUN_DIR/pids
@@ -101,10 +104,16 @@ up() {
             "$VENV/celery" -A services.client.worker worker --pool solo --concurrency 1 \
             -Q "hospital.$h" -n "$h@%h" --loglevel INFO --without-gossip --without-mingle
     done
+    mkdir -p "$RUN_DIR_ABS/inference/onnx"
+    start inference env LEUKOFED_INFERENCE_TRACKING_URI="$MLFLOW_URL" \
+        LEUKOFED_INFERENCE_ONNX_CACHE_DIR="$RUN_DIR_ABS/inference/onnx" \
+        "$VENV/leukofed" serve --host 127.0.0.1 --port "$INFERENCE_PORT"
     wait_port "$MLFLOW_PORT" mlflow 180
     wait_port "$AGGREGATOR_PORT" aggregator 180
+    wait_port "$INFERENCE_PORT" inference 180
     echo "up: redis $BROKER_URL | MLflow UI $MLFLOW_URL | aggregator" \
-         "http://127.0.0.1:$AGGREGATOR_PORT/docs | hospitals: $(hospital_ids)"
+         "http://127.0.0.1:$AGGREGATOR_PORT/docs | inference page" \
+         "http://127.0.0.1:$INFERENCE_PORT/ | hospitals: $(hospital_ids)"
 }
 
 stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
@@ -126,7 +135,8 @@ stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
 down() {
     local f name
     # Workers and the aggregator first, so nothing reconnects to a broker going away.
-    for f in "$PIDS"/client-*.pid "$PIDS"/aggregator.pid "$PIDS"/mlflow.pid "$PIDS"/redis.pid; do
+    for f in "$PIDS"/inference.pid "$PIDS"/client-*.pid "$PIDS"/aggregator.pid \
+             "$PIDS"/mlflow.pid "$PIDS"/redis.pid; do
         [[ -f $f ]] || continue
         name=$(basename "$f" .pid)
         stop_one "$name"
@@ -154,6 +164,10 @@ for h in json.load(sys.stdin):
     print("  hospital %s: %s, %s images" % (h["hospital"], "live" if h["live"] else "not live",
                                             h["num_images"]))' \
             || true
+    fi
+    if (echo >"/dev/tcp/127.0.0.1/$INFERENCE_PORT") 2>/dev/null; then
+        echo "  inference: $(curl -sS "http://127.0.0.1:$INFERENCE_PORT/readyz" 2>/dev/null \
+            || echo 'no answer')"
     fi
     return $state
 }
