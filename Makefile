@@ -46,3 +46,15 @@ logs:
 
 demo: setup
 	@DATA=$(DATA) HOSPITALS=$(HOSPITALS) ROUNDS=$(ROUNDS) MODEL=$(MODEL) IMAGE_SIZE=$(IMAGE_SIZE) bash scripts/demo.sh
+
+# Deployment (issue 5): static checks of docker-compose.yml and the Dockerfiles, the generated
+# configuration reference, and the images (needs a Docker engine; none runs on the dev boxes).
+.PHONY: test-deploy config-docs images
+test-deploy: setup
+	.venv/bin/pytest -q tests/deploy
+
+config-docs: setup
+	$(PY) scripts/gen_config_docs.py
+
+images:
+	docker compose build
