@@ -131,6 +131,11 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "seed": 0,
     "jit_compile": False,  # XLA measured slower on CPU for most models
     "deadline": 0.0,  # epoch seconds; a task received after it is declined as expired
+    # local differential privacy (leukofed.privacy): the hospital clips its update delta to
+    # dp_clip_norm and adds N(0, (dp_noise_multiplier * dp_clip_norm)^2) before sending
+    "dp_mode": "",
+    "dp_clip_norm": 0.0,
+    "dp_noise_multiplier": 0.0,
 }
 
 

@@ -13,6 +13,31 @@ from leukofed.strategies import make_strategy
 from leukofed.transport import check_hospital_id
 
 
+class PrivacyConfig(BaseModel):
+    """Client-level differential privacy (leukofed.privacy). ``central``: the aggregator clips
+    every update and adds the noise; ``local``: each hospital does it before sending."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["central", "local"] = "central"
+    noise_multiplier: float = Field(1.0, ge=0, le=1000,
+                                    description="noise std / clip norm; 0 = clipping only")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of one hospital's update delta")
+    adaptive_clipping: bool = Field(False, description="central only: follow a norm quantile")
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    count_noise: float | None = Field(None, gt=0, description="std of the noised unclipped "
+                                      "count; default selected/20")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    target_epsilon: float | None = Field(None, gt=0, description="stop before exceeding it")
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> PrivacyConfig:
+        if self.adaptive_clipping and self.mode != "central":
+            raise ValueError("adaptive_clipping needs mode 'central'")
+        return self
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -41,6 +66,7 @@ class RunConfig(BaseModel):
     server_test_dir: str | None = None
     server_test_manifest: str | None = None
     register_models: bool = True
+    privacy: PrivacyConfig | None = Field(None, description="differential privacy; off if null")
 
     @field_validator("model")
     @classmethod
@@ -75,6 +101,16 @@ class RunConfig(BaseModel):
             make_strategy(self.strategy, bn_mode=self.bn_mode, **self.strategy_params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"strategy: {exc}") from exc
+        if self.privacy is not None and self.privacy.adaptive_clipping and \
+                self.privacy.noise_multiplier > 0:
+            from leukofed.privacy import adaptive_split
+
+            n = len(self.hospitals) if self.hospitals else self.min_fit_clients
+            sigma_b = self.privacy.count_noise or n / 20.0
+            try:
+                adaptive_split(self.privacy.noise_multiplier, sigma_b)
+            except ValueError as exc:
+                raise ValueError(f"privacy: {exc}") from exc
         if self.hospitals is not None and self.min_fit_clients > len(self.hospitals):
             raise ValueError(f"min_fit_clients={self.min_fit_clients} exceeds the "
                              f"{len(self.hospitals)} hospitals listed")

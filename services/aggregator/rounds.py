@@ -68,6 +68,10 @@ class RunCancelled(Exception):
     pass
 
 
+class BudgetReached(Exception):
+    """The next round would spend more privacy than the run's target epsilon."""
+
+
 class RunInterrupted(Exception):
     """The aggregator is shutting down: the run stays 'running' and resumes on restart."""
 
@@ -80,7 +84,32 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
             "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,
-            **strategy.configure_fit(server_round)}
+            **_local_dp(cfg), **strategy.configure_fit(server_round)}
+
+
+def _local_dp(cfg: RunConfig) -> dict[str, Any]:
+    p = cfg.privacy
+    if p is None or p.mode != "local":
+        return {}
+    return {"dp_mode": "local", "dp_clip_norm": p.clip_norm,
+            "dp_noise_multiplier": p.noise_multiplier}
+
+
+def dp_sampling_rate(cfg: RunConfig) -> float:
+    """q for the accountant. Central: the share of hospitals sampled per round (amplification
+    assumes the choice is random and not known to the attacker). Local: each hospital's
+    release counts in full, so 1."""
+    if cfg.privacy is None or cfg.privacy.mode == "local":
+        return 1.0
+    return cfg.fraction
+
+
+def dp_epsilon(cfg: RunConfig, rounds: int) -> float:
+    from leukofed.privacy import epsilon
+
+    assert cfg.privacy is not None
+    return epsilon(cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta,
+                   dp_sampling_rate(cfg))
 
 
 class FederatedRun:
@@ -144,11 +173,15 @@ class FederatedRun:
                 self._track(cfg, rec["rounds"][-1], weights)
             for server_round in range(rec["completed_round"] + 1, cfg.rounds + 1):
                 self._check()
+                self._check_budget(cfg, server_round)
                 rec["current_round"] = server_round
                 self.store.save(rec)
                 weights = self._round(cfg, strategy, rng, server_round, weights)
             rec["status"] = "completed"
             self.event(f"completed {cfg.rounds} rounds")
+        except BudgetReached as exc:
+            rec["status"], rec["reason"] = "completed", str(exc)
+            self.event(f"stopped: {exc}")
         except RunCancelled:
             rec["status"], rec["reason"] = "cancelled", "cancelled by request"
             self.event("cancelled")
@@ -164,6 +197,54 @@ class FederatedRun:
             self.event(f"failed: {rec['reason']}")
         self._finish()
         return rec
+
+    def _check_budget(self, cfg: RunConfig, server_round: int) -> None:
+        p = cfg.privacy
+        if p is None or p.target_epsilon is None:
+            return
+        after = dp_epsilon(cfg, server_round)
+        if after > p.target_epsilon:
+            spent = dp_epsilon(cfg, server_round - 1)
+            raise BudgetReached(
+                f"privacy budget reached after {server_round - 1} rounds: epsilon {spent:.3f} "
+                f"at delta {p.delta:g}; round {server_round} would make it {after:.3f} > "
+                f"target {p.target_epsilon:g}")
+
+    def _clip_norm(self, cfg: RunConfig) -> float:
+        """The current clip norm: adaptive clipping carries it from round to round (in the
+        round summaries, so a resumed run continues with it)."""
+        assert cfg.privacy is not None
+        for summary in reversed(self.record["rounds"]):
+            if "privacy" in summary:
+                return float(summary["privacy"]["next_clip_norm"])
+        return cfg.privacy.clip_norm
+
+    def _privatize(self, cfg: RunConfig, weights: Weights, accepted: list[ClientResult],
+                   selected: list[str]) -> tuple[list[ClientResult], dict[str, Any] | None]:
+        """Central DP: the clipped, noised mean replaces the individual updates; the strategy
+        then only post-processes it. Returns (results for the strategy, privacy summary)."""
+        p = cfg.privacy
+        if p is None:
+            return accepted, None
+        clip = self._clip_norm(cfg)
+        summary: dict[str, Any] = {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
+                                   "delta": p.delta, "clip_norm": clip, "next_clip_norm": clip,
+                                   "sampling_rate": dp_sampling_rate(cfg)}
+        if p.mode == "central":
+            from leukofed.privacy import central_mean
+
+            # Noise from the OS entropy pool, never from the run seed: noise that can be
+            # regenerated from a known seed can be subtracted, and the privacy is gone.
+            res = central_mean(weights, [r.weights for r in accepted], len(selected), clip,
+                               p.noise_multiplier, np.random.default_rng(),
+                               adaptive=p.adaptive_clipping, target_quantile=p.target_quantile,
+                               clip_learning_rate=p.clip_learning_rate,
+                               count_noise=p.count_noise)
+            summary.update(next_clip_norm=res.next_clip_norm,
+                           clipped_fraction=res.clipped_fraction)
+            accepted = [ClientResult("dp-mean", res.weights,
+                                     sum(r.num_examples for r in accepted))]
+        return accepted, summary
 
     def _finish(self) -> None:
         for _, _, _, handle in self._late:
@@ -213,7 +294,8 @@ class FederatedRun:
         else:
             raise RunFailed(f"round {server_round}: quorum not reached after "
                             f"{cfg.max_round_retries + 1} attempts: {last_reason}")
-        new_weights = strategy.aggregate(weights, accepted, server_round)
+        private, dp_summary = self._privatize(cfg, weights, accepted, selected)
+        new_weights = strategy.aggregate(weights, private, server_round)
         eval_start = self.clock()
         evaluations = self._evaluate(cfg, server_round, new_weights, sorted(answers))
         eval_wall = self.clock() - eval_start
@@ -221,6 +303,11 @@ class FederatedRun:
                                 rejected, failures, evaluations, new_weights)
         slowest = max((float(answers[r.hospital].get("timings", {}).get("total_s", 0.0))
                        for r in accepted), default=0.0)
+        if dp_summary is not None:
+            dp_summary["epsilon"] = dp_epsilon(cfg, server_round)
+            summary["privacy"] = dp_summary
+            if np.isfinite(dp_summary["epsilon"]):  # an MLflow metric per round
+                summary["global"]["dp_epsilon"] = dp_summary["epsilon"]
         summary["timings"] = {"round_s": self.clock() - started, "fit_wall_s": fit_wall,
                               "slowest_client_s": slowest,
                               "overhead_s": max(0.0, fit_wall - slowest), "eval_s": eval_wall}

@@ -62,6 +62,16 @@ def plot_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _privacy_tag(privacy: dict[str, Any] | None) -> str:
+    """The budget spent up to this version, as every registered version carries it."""
+    if not privacy:
+        return "none (no differential privacy in this run)"
+    return (f"{privacy['mode']} DP-FedAvg: epsilon {float(privacy['epsilon']):.4g} at delta "
+            f"{float(privacy['delta']):g} (noise multiplier {privacy['noise_multiplier']:g}, "
+            f"clip norm {float(privacy['clip_norm']):.4g}, sampling rate "
+            f"{privacy['sampling_rate']:g}, RDP accountant)")
+
+
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, model_name: str,
                  model_ops: KerasModelOps) -> None:
@@ -134,8 +144,11 @@ class MlflowTracker:
             "hospitals": ",".join(sorted(summary["participants"])),
             "example_counts": json.dumps(summary["participants"], sort_keys=True),
             "dataset_fingerprints": json.dumps(summary["fingerprints"], sort_keys=True),
-            "privacy": "none (no differential privacy in this run)",
+            "privacy": _privacy_tag(summary.get("privacy")),
         }
+        if summary.get("privacy"):
+            tags["dp_epsilon"] = f"{float(summary['privacy']['epsilon']):.6g}"
+            tags["dp_delta"] = f"{float(summary['privacy']['delta']):g}"
         tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
                      if k.endswith(("accuracy", "macro_f1", "loss"))})
         metadata = self.model_ops.metadata(cfg, {"run_id": record["id"],

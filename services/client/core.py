@@ -186,6 +186,13 @@ class HospitalClient:
             self._local_bn_run = str(cfg["run_id"])
         trained = time.perf_counter()
         weights = self._inject_fault(weights_from_model(trainer.model), int(cfg["round"]))
+        if cfg["dp_mode"] == "local":
+            from leukofed.privacy import privatize_local
+
+            # Local DP: clipped and noised here, so neither the broker nor the aggregator
+            # ever sees this hospital's exact update. OS entropy, never a known seed.
+            weights = privatize_local(decode_weights(blob), weights, float(cfg["dp_clip_norm"]),
+                                      float(cfg["dp_noise_multiplier"]), np.random.default_rng())
         out = encode_weights(weights, fp16=bool(cfg["fp16"]))
         digest = hashlib.sha256(out).hexdigest()
         done = time.perf_counter()

@@ -99,3 +99,38 @@ def test_local_mode_clips_and_noises_the_update() -> None:
     assert privacy.delta_norm(g, out) == pytest.approx(1.0, rel=1e-5)
     noisy = privacy.privatize_local(g, u, 1.0, 0.1, np.random.default_rng(0))
     assert float(np.std(noisy["k"] - out["k"])) == pytest.approx(0.1, rel=0.02)
+
+
+# --- the round loop with DP (fakes from test_round_loop) ------------------------------------
+
+
+def test_round_loop_central_dp_logs_epsilon_and_stops_at_the_target(tmp_path) -> None:
+    from test_round_loop import Clock, FakeDispatcher, FakeTracker, honest, make_run
+
+    clock, tracker = Clock(), FakeTracker()
+    d = FakeDispatcher(clock, {"a": honest(1.0, 1), "b": honest(3.0, 3)}, live={"a", "b"})
+    # z = 1, no sampling: eps(1) = 4.75, eps(2) = 7.09, eps(3) = 9.09 at delta 1e-5 -> a
+    # target of 8 allows two of the five rounds asked for.
+    run = make_run(tmp_path, d, clock, tracker, rounds=5, min_fit_clients=2,
+                   privacy={"noise_multiplier": 1.0, "clip_norm": 0.5, "target_epsilon": 8.0})
+    rec = run.execute()
+    assert rec["status"] == "completed" and "privacy budget reached after 2 rounds" in rec["reason"]
+    eps = [r["privacy"]["epsilon"] for r in rec["rounds"]]
+    assert eps == [pytest.approx(privacy.epsilon(1.0, n, 1e-5)) for n in (1, 2)]
+    assert rec["rounds"][1]["global"]["dp_epsilon"] == eps[1]  # logged to MLflow per round
+    assert rec["rounds"][0]["privacy"]["clipped_fraction"] == 1.0  # deltas of norm 2 and 6
+    assert tracker.logged == [1, 2]
+
+
+def test_round_loop_local_dp_sends_the_parameters_to_hospitals(tmp_path) -> None:
+    from test_round_loop import Clock, FakeDispatcher, honest, make_run
+
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": honest(0.1, 1), "b": honest(0.1, 1)}, live={"a", "b"})
+    run = make_run(tmp_path, d, clock, rounds=1, min_fit_clients=2,
+                   privacy={"mode": "local", "noise_multiplier": 0.5, "clip_norm": 2.0})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    fit = next(c for _, task, c in d.sent if task.endswith("fit"))
+    assert (fit["dp_mode"], fit["dp_clip_norm"], fit["dp_noise_multiplier"]) == ("local", 2.0, 0.5)
+    assert rec["rounds"][0]["privacy"]["epsilon"] == pytest.approx(privacy.epsilon(0.5, 1, 1e-5))
