@@ -82,7 +82,8 @@ async def explain(file: UploadFile | None = File(None),
     model = served_or_503(state)
     image = await run_in_threadpool(to_model_input, decoded.image, model.image_size)
     started = time.perf_counter()
-    heat, probs, target = await asyncio.to_thread(occlusion_map, image, model.predict)
+    heat, probs, target = await asyncio.to_thread(
+        occlusion_map, image, model.predict, GRID, state.settings.max_batch_size)
     png = await run_in_threadpool(heatmap_png, heat)
     elapsed = (time.perf_counter() - started) * 1000
     return {"model": state.model_ref(model),
