@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from starlette.concurrency import run_in_threadpool
 
 from leukofed import signing
 from leukofed.logging import add_filter
 from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
+from services.aggregator.auth import read_secret, require_admin
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.manager import RunManager
 from services.aggregator.modelops import KerasModelOps
@@ -61,8 +62,14 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     app = FastAPI(title="leukofed aggregator", version="1",
                   description="Start and follow federated training runs over the hospitals' "
                               "Celery workers.", lifespan=lifespan)
-    app.include_router(runs.router)
-    app.include_router(hospitals.router)
+    # The token is read once at startup, from env or a secret file, and kept off the settings
+    # object's repr (SecretStr); routers other than /healthz and /metrics require it.
+    app.state.admin_token = read_secret(
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
+        str(settings.admin_token_file) if settings.admin_token_file else None)
+    admin = [Depends(require_admin)]
+    app.include_router(runs.router, dependencies=admin)
+    app.include_router(hospitals.router, dependencies=admin)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -23,6 +23,13 @@ DEFAULT_URL = "http://127.0.0.1:8001"
 def _request(method: str, url: str, **kwargs: Any) -> Any:
     import httpx
 
+    from services.aggregator.auth import read_secret
+
+    # The same token the server reads (env or secret file), sent as a bearer token.
+    token = read_secret(os.environ.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN"),
+                        os.environ.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE"))
+    if token:
+        kwargs.setdefault("headers", {})["Authorization"] = f"Bearer {token}"
     try:
         response = httpx.request(method, url, timeout=30, **kwargs)
     except httpx.HTTPError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S
@@ -37,6 +37,9 @@ class AggregatorSettings(BaseSettings):
     # Signing (leukofed.signing), off by default. signing_key_file: the aggregator's Ed25519
     # key; every task is signed with it. hospital_keys_dir: one <hospital>.pub per hospital;
     # when set, every update must carry a valid signature of the hospital that was asked.
+    # Admin token for /v1/* (services/aggregator/auth.py); unset = open API. Prefer the file.
+    admin_token: SecretStr | None = Field(None, description="bearer token for the API")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
     signing_key_file: Path | None = Field(None, description="aggregator.key: sign tasks")
     hospital_keys_dir: Path | None = Field(
         None, description="folder of <hospital>.pub; when set, unsigned updates are rejected")
