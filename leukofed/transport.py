@@ -54,15 +54,45 @@ def hospital_of_queue(queue: str) -> str | None:
     return hid if _HOSPITAL_ID.fullmatch(hid) else None
 
 
+def key_prefix(hospital_id: str) -> str:
+    """Every Redis key and pub/sub channel of one hospital's traffic starts with this, so an
+    ACL user limited to ``~<id>:*`` and ``&<id>:*`` (infra/security) can reach nothing else.
+    Ids contain no ':', so no hospital's prefix is a prefix of another's."""
+    return check_hospital_id(hospital_id) + ":"
+
+
+def tls_options(ca_file: str | None, cert_file: str | None = None,
+                key_file: str | None = None) -> dict[str, object] | None:
+    """redis-py SSL options for ``rediss://``: verify the server against our CA; with a
+    client certificate when the server asks for one (``tls-auth-clients yes``)."""
+    if not ca_file:
+        return None
+    import ssl
+
+    opts: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file}
+    if cert_file:
+        opts.update(ssl_certfile=cert_file, ssl_keyfile=key_file)
+    return opts
+
+
 def make_celery(
     name: str,
     broker_url: str = DEFAULT_BROKER_URL,
     result_backend: str | None = None,
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S,
     hospital_id: str | None = None,
+    isolate: bool = False,
+    tls: dict[str, object] | None = None,
 ) -> Celery:
     """A Celery app with leukofed's transport settings. With ``hospital_id`` the app's only
-    queue is that hospital's, so a worker started without ``-Q`` still consumes nothing else."""
+    queue is that hospital's, so a worker started without ``-Q`` still consumes nothing else.
+
+    ``isolate`` (needs ``hospital_id``): kombu's ``global_keyprefix`` puts every key of this
+    app (queue, ``unacked``, ``unacked_index``, bindings, results) and every pub/sub channel
+    (remote control, result notifications) under ``key_prefix(hospital_id)``. Key patterns
+    alone cannot isolate hospitals because kombu shares those structures between queues; with
+    one prefix per hospital nothing is shared, and the aggregator holds one app per hospital.
+    ``tls``: ``tls_options(...)``, for ``rediss://`` URLs."""
     app = Celery(name, broker=broker_url, backend=result_backend or broker_url)
     transport_options = {
         "visibility_timeout": visibility_timeout_s,
@@ -105,6 +135,16 @@ def make_celery(
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_pool_limit=4,
     )
+    if isolate:
+        if hospital_id is None:
+            raise ValueError("isolate needs hospital_id")
+        prefix = key_prefix(hospital_id)
+        app.conf.broker_transport_options = {**transport_options, "global_keyprefix": prefix}
+        app.conf.result_backend_transport_options = {
+            **app.conf.result_backend_transport_options, "global_keyprefix": prefix}
+    if tls:
+        app.conf.broker_use_ssl = dict(tls)
+        app.conf.redis_backend_use_ssl = dict(tls)
     if hospital_id is not None:
         q = queue_name(hospital_id)
         app.conf.task_default_queue = q

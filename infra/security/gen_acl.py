@@ -1,0 +1,73 @@
+"""Generate Redis ACL users from the list of hospitals: ``users.acl`` plus one password file
+per user (mode 0600), so each party gets only its own secret.
+
+    python infra/security/gen_acl.py --out infra/security/generated a b c
+
+* ``default`` is disabled: no anonymous access at all.
+* hospital ``<id>``: keys ``~<id>:*`` and channels ``&<id>:*`` only (the prefix of
+  leukofed.transport.key_prefix), and no dangerous/admin commands (no KEYS, FLUSHALL,
+  CONFIG, MONITOR, ACL...). With Celery's ``global_keyprefix`` every queue, unacked,
+  binding and result key and every pub/sub channel of that hospital lies under the prefix.
+* ``aggregator``: every hospital's prefix (it holds one connection per hospital), still
+  without dangerous commands.
+Passwords are stored in users.acl as SHA-256 (``#<hex>``), never in clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
+
+# Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
+COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
+
+
+def user_line(name: str, password: str, prefixes: list[str]) -> str:
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    keys = " ".join(f"~{p}*" for p in prefixes)
+    channels = " ".join(f"&{p}*" for p in prefixes)
+    return f"user {name} on #{digest} resetkeys {keys} resetchannels {channels} {COMMANDS}"
+
+
+def _secret_file(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def generate(hospitals: list[str], out: Path) -> dict[str, str]:
+    """Write users.acl and <user>.password files; return {user: password}."""
+    hospitals = [check_hospital_id(h) for h in hospitals]
+    if "aggregator" in hospitals or len(set(hospitals)) != len(hospitals):
+        raise ValueError("hospital ids must be unique and not 'aggregator'")
+    out.mkdir(parents=True, exist_ok=True)
+    passwords = {u: secrets.token_urlsafe(32) for u in [*hospitals, "aggregator"]}
+    lines = ["user default off resetkeys resetchannels -@all"]
+    lines += [user_line(h, passwords[h], [key_prefix(h)]) for h in hospitals]
+    lines.append(user_line("aggregator", passwords["aggregator"],
+                           [key_prefix(h) for h in hospitals]))
+    (out / "users.acl").write_text("\n".join(lines) + "\n")
+    for user, password in passwords.items():
+        _secret_file(out / f"{user}.password", password)
+    return passwords
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("hospitals", nargs="+")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "generated")
+    args = parser.parse_args()
+    generate(args.hospitals, args.out)
+    print(f"wrote {args.out / 'users.acl'} and one .password file per user; start redis with "
+          f"--aclfile {args.out / 'users.acl'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Per-hospital isolation on a real redis-server with the generated ACL (infra/security):
+hospital a's user cannot read or write hospital b's queue, results or channels (NOPERM), the
+default user is disabled, and a Celery app isolated under a's key prefix works with a's
+credentials while the same credentials cannot publish into b's."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ROOT, free_port, wait_for_port
+
+from leukofed.transport import make_celery
+
+pytestmark = pytest.mark.integration
+
+
+def _gen_acl():
+    spec = importlib.util.spec_from_file_location("gen_acl", ROOT / "infra/security/gen_acl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path):
+    passwords = _gen_acl().generate(["a", "b"], tmp_path / "acl")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--dir", str(tmp_path), "--aclfile",
+                             str(tmp_path / "acl" / "users.acl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 20, proc)
+        yield port, passwords
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_hospital_a_cannot_touch_hospital_b(acl_redis) -> None:
+    port, pw = acl_redis
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=port).ping()  # default user: off
+    a = redis.Redis(port=port, username="a", password=pw["a"])
+    agg = redis.Redis(port=port, username="aggregator", password=pw["aggregator"])
+    a.lpush("a:hospital.a", b"mine")  # its own queue
+    assert a.llen("a:hospital.a") == 1
+    agg.lpush("b:hospital.b", b"task for b")
+    agg.set("b:celery-task-meta-1", b"b's result")
+    attempts = {
+        "read b's queue": lambda: a.lrange("b:hospital.b", 0, -1),
+        "steal b's task": lambda: a.rpop("b:hospital.b"),
+        "inject into b's queue": lambda: a.lpush("b:hospital.b", b"evil"),
+        "read b's result": lambda: a.get("b:celery-task-meta-1"),
+        "read b's unacked": lambda: a.hgetall("b:unacked"),
+        "publish on b's channel": lambda: a.publish("b:/0.celery.pidbox", b"x"),
+        "unprefixed shared unacked": lambda: a.hgetall("unacked"),
+        "list every key": lambda: a.keys("*"),
+        "flush": lambda: a.flushall(),
+        "read config": lambda: a.config_get("requirepass"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+            pytest.fail(what)
+    sub = a.pubsub()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        sub.subscribe("b:celery-task-meta-1")
+        sub.get_message(timeout=1)
+    assert agg.llen("b:hospital.b") == 1 and agg.get("b:celery-task-meta-1") == b"b's result"
+
+
+def test_isolated_celery_apps_follow_the_acl(acl_redis) -> None:
+    port, pw = acl_redis
+    url_a = f"redis://a:{pw['a']}@127.0.0.1:{port}/0"
+    own = make_celery("a", url_a, hospital_id="a", isolate=True)
+    own.send_task("leukofed.client.describe", queue="hospital.a")  # lands under a:
+    agg = redis.Redis(port=port, username="aggregator", password=pw["aggregator"])
+    assert agg.llen("a:hospital.a") == 1
+    # a's credentials with b's prefix: refused by Redis, whatever the client code does.
+    other = make_celery("a-as-b", url_a, hospital_id="b", isolate=True)
+    other.conf.task_publish_retry = False
+    other.conf.broker_connection_retry = False
+    other.conf.broker_connection_max_retries = 0
+    with pytest.raises(Exception, match="NOPERM|permission"):
+        other.send_task("leukofed.client.describe", queue="hospital.b", retry=False)
+    assert agg.llen("b:hospital.b") == 0
