@@ -3,9 +3,9 @@
 Why occlusion and not Grad-CAM: it needs nothing but the served ONNX model, so the map
 explains exactly the model that answered (Grad-CAM needs the Keras model, TensorFlow in
 the serving process, ~0.5 GB more memory and seconds of import, and a chosen conv layer
-per architecture). The price is compute: 1 + 7x7 forward passes, about ten times one
-Keras forward + backward pass (the floor under Grad-CAM), measured per model in
-docs/benchmarks-inference.md: tens of ms for the default 64 px CNN, acceptable for a
+per architecture). The price is compute: 1 + 7x7 forward passes, 1-10 times one Keras
+forward + backward pass (the floor under Grad-CAM), measured per model in
+docs/benchmarks-inference.md: ~25 ms for the default 64 px CNN, acceptable for a
 person waiting on the page; explanations run outside the batcher and do not slow
 /v1/predict's batches.
 
