@@ -178,3 +178,19 @@ def test_explain_and_metrics(service: ServiceProcess) -> None:
     assert 'route="/v1/predict",status="413"' in text or 'status="413"' in text
     assert f'leukofed_model_info{{alias="champion",name="{NAME}"' in text
     assert json.loads(json.dumps(httpx.get(f"{service.url}/v2").json()))["extensions"]
+
+
+def test_demanding_cuda_without_a_gpu_stops_start_up(mlflow_server, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is available here")
+    env = {**service_env(mlflow_server.url, tmp_path / "cache"),
+           "LEUKOFED_INFERENCE_PROVIDER": "cuda"}
+    svc = ServiceProcess(free_port(), env, tmp_path / "cuda.log")
+    try:
+        with pytest.raises(RuntimeError, match="service exited"):
+            svc.start(timeout=60)
+    finally:
+        svc.stop()
+    assert "provider=cuda but onnxruntime offers only" in svc.log()
