@@ -9,7 +9,8 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-central bench-federated up down status logs demo
+.PHONY: setup test test-unit lint lock bench-central bench-federated bench-inference up down \
+	status logs demo test-browser test-security keys acl
 
 setup:
 	@bash scripts/setup.sh
@@ -58,3 +59,20 @@ config-docs: setup
 
 images:
 	docker compose build
+
+bench-inference: setup
+	$(PY) benchmarks/bench_inference.py
+
+test-browser: setup
+	.venv/bin/pytest -q tests/browser
+
+test-security: setup
+	.venv/bin/pytest -q tests/unit/test_signing.py tests/unit/test_privacy.py tests/unit/test_robust.py tests/integration/test_security_*.py
+
+# Ed25519 key pairs for the aggregator and each hospital (ids a, b, c, ... by default).
+keys: setup
+	$(PY) -m leukofed.signing generate --out .run/keys aggregator $(shell $(PY) -c "import string; print(' '.join(string.ascii_lowercase[:$(HOSPITALS)]))")
+
+# Redis ACL users: one per hospital, one for the aggregator, the default user disabled.
+acl: setup
+	$(PY) infra/security/gen_acl.py --out infra/security/generated $(shell $(PY) -c "import string; print(' '.join(string.ascii_lowercase[:$(HOSPITALS)]))")

@@ -32,7 +32,7 @@ if [[ -f $stamp && "$(cat $stamp)" == "$want" ]]; then
 fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/python -m pip install -q "uv==${UV_VERSION}"
-.venv/bin/uv pip sync -q --python .venv/bin/python requirements.lock
+.venv/bin/uv pip sync -q --compile-bytecode --python .venv/bin/python requirements.lock
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
 echo "$want" > "$stamp"
 echo "setup: .venv ready ($(.venv/bin/python --version))"

@@ -69,7 +69,7 @@ class Worker:
                 start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 180) -> None:  # TF import on a loaded 2-core box
         wait_log(self.log_path, "ready.", timeout, self.proc)
 
     def log(self) -> str:
