@@ -43,8 +43,9 @@ def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
 
 def scenario_name(s: dict[str, Any]) -> str:
     fp = "-fp16" if s["fp16"] else ""
+    bn = "-fedbn" if s["bn_mode"] == "local" else ""
     alpha = f"{s['alpha']:g}" if s["scheme"] == "dirichlet" else ""
-    return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{fp}"
+    return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{fp}{bn}"
 
 
 def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int]) -> dict:
@@ -67,6 +68,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                   "rounds": args.rounds, "local_epochs": args.local_epochs,
                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                   "strategy": s["strategy"], "strategy_params": s.get("params", {}),
+                  "bn_mode": s["bn_mode"],
                   "hospitals": ids, "min_fit_clients": len(ids), "round_deadline_s": 1800,
                   "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
                   "server_test_manifest": str(split), "register_models": True}
@@ -192,7 +194,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Date: {doc['date']}. Model {cfg['model']} @{cfg['image_size']} px, "
         f"{cfg['rounds']} rounds x {cfg['local_epochs']} local epochs, batch "
         f"{cfg['batch_size']}, lr {cfg['learning_rate']}. Results: "
-        "`benchmarks/results/federated.json`; curves: `docs/img/federated-curves.png`.", "",
+        f"`{doc['results_json']}`; curves: `{doc['curves_png']}`.", "",
         f"Centralized, same model and {c['epochs']} epochs on the union of the train "
         f"splits: test accuracy **{c['test_accuracy']:.4f}**, macro-F1 "
         f"**{c['test_macro_f1']:.4f}**.", "",
@@ -230,7 +232,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenarios", default="3:dirichlet:fedavg,3:dirichlet:fedavg:fp16,"
                    "3:iid:fedavg,5:dirichlet:fedavg,5:iid:fedavg",
-                   help="comma-separated hospitals:scheme:strategy[:fp16]")
+                   help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn]")
+    p.add_argument("--central-from", default=None,
+                   help="reuse the centralized reference of an earlier results JSON")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
@@ -244,18 +248,24 @@ def main() -> None:
     doc["config"] = {k: getattr(args, k) for k in ("model", "image_size", "rounds",
                                                    "local_epochs", "batch_size",
                                                    "learning_rate", "seed", "alpha")}
-    print("== centralized reference", flush=True)
-    doc["centralized"] = centralized(args, split)
+    if args.central_from:
+        doc["centralized"] = json.loads(Path(args.central_from).read_text())["centralized"]
+    else:
+        print("== centralized reference", flush=True)
+        doc["centralized"] = centralized(args, split)
+    doc["results_json"] = str(Path(args.out).resolve().relative_to(ROOT))
+    doc["curves_png"] = f"docs/img/{Path(args.out).stem}-curves.png"
     doc["scenarios"] = []
     for spec in args.scenarios.split(","):
         parts = spec.split(":")
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
-             "fp16": "fp16" in parts[3:], "alpha": args.alpha if parts[1] != "iid" else 1.0}
+             "fp16": "fp16" in parts[3:], "alpha": args.alpha if parts[1] != "iid" else 1.0,
+             "bn_mode": "local" if "fedbn" in parts[3:] else "average"}
         res = run_scenario(s, args, split, ports)
         res["summary"] = summarise(res, doc["centralized"]["test_accuracy"])
         doc["scenarios"].append(res)
         write_json(args.out, doc)
-    plot(doc, ROOT / "docs" / "img" / "federated-curves.png")
+    plot(doc, ROOT / doc["curves_png"])
     Path(args.doc).write_text(markdown(doc))
     print(json.dumps([{r["scenario"]: r["summary"]} for r in doc["scenarios"]], indent=1))
 
