@@ -20,6 +20,7 @@ import leukofed
 
 from . import runtime
 from .batcher import MicroBatcher
+from .hygiene import RateLimitMiddleware, SecurityHeadersMiddleware
 from .imaging import InputError
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -73,6 +74,12 @@ def create_app(settings: InferenceSettings | None = None,
                    page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
+    # The last added runs first: metrics see every answer (429s included), the headers go
+    # on every response (413/429 too), and a limited client is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.rate_limit_per_s > 0:
+        app.add_middleware(RateLimitMiddleware, rate_per_s=settings.rate_limit_per_s,
+                           burst=settings.rate_limit_burst)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

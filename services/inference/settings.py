@@ -45,6 +45,13 @@ class InferenceSettings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0)
 
     api_key: SecretStr | None = None
+    # Per-client-IP token bucket (services/inference/hygiene.py); 0 turns it off (the
+    # default, so benchmarks and tests that hammer one port are unaffected). Health probes
+    # and /metrics are never limited. A deployment facing many users: e.g. 5/s, burst 20.
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="requests per second per client IP; 0 = no rate limit")
+    rate_limit_burst: int = Field(
+        20, ge=1, description="requests a client may send at once before the rate applies")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)  # 0: onnxruntime uses every core
     onnx_cache_dir: Path = Path.home() / ".cache" / "leukofed" / "onnx"

@@ -63,7 +63,12 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(service.url + "/")
+            # The Content-Security-Policy (services/inference/hygiene.py) must block nothing
+            # the page needs: Chromium reports every blocked script/style/image here.
+            console: list[str] = []
+            page.on("console", lambda msg: console.append(msg.text))
+            response = page.goto(service.url + "/")
+            assert "default-src 'self'" in response.headers["content-security-policy"]
             expect(page.get_by_role("heading", name="Decision support, not a diagnosis")) \
                 .to_be_visible()
             expect(page.locator("#model-line")).to_contain_text(f"{NAME} version 1")
@@ -97,6 +102,8 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
             expect(page.locator("#status")).to_contain_text("1 failed")
             # The good result is still there under the error.
             expect(page.locator(".result")).to_have_count(2)
+            violations = [m for m in console if "Content Security Policy" in m]
+            assert not violations, violations
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
