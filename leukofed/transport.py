@@ -75,6 +75,21 @@ def tls_options(ca_file: str | None, cert_file: str | None = None,
     return opts
 
 
+def check_tls(broker_url: str, ca_file: object, cert_file: object, key_file: object) -> None:
+    """Refuse half-configured TLS at start-up rather than at the first connection: a
+    ``rediss://`` URL needs the CA (we never skip server verification), TLS files need a
+    ``rediss://`` URL (they would be silently unused otherwise), and a certificate needs its
+    key."""
+    secure = broker_url.startswith("rediss://")
+    if secure and not ca_file:
+        raise ValueError("a rediss:// broker URL needs tls_ca_file (the CA that signed the "
+                         "broker's certificate; infra/security/make_certs.py)")
+    if (ca_file or cert_file) and not secure:
+        raise ValueError("TLS files are set but the broker URL is not rediss://")
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("tls_cert_file and tls_key_file go together")
+
+
 def make_celery(
     name: str,
     broker_url: str = DEFAULT_BROKER_URL,
@@ -161,6 +176,7 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "model": "compact_cnn",
     "image_size": 64,
     "alpha": 0.35,  # MobileNetV2 width
+    "norm": "batch",  # compact_cnn only: "group" for GroupNorm (differential privacy)
     "local_epochs": 1,
     "batch_size": 32,
     "learning_rate": 1e-3,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from celery import Celery
 from fastapi import Depends, FastAPI, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -37,11 +38,21 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = RunStore(settings.state_dir)
-        dispatcher = CeleryDispatcher(
-            make_celery("leukofed-aggregator", settings.broker_url, settings.result_backend,
-                        settings.visibility_timeout_s), settings.ping_timeout_s,
-            signing.load_private_key(settings.signing_key_file)
-            if settings.signing_key_file else None)
+        def celery_app(hospital: str | None = None) -> Celery:
+            # hospital given: isolated mode, this hospital's key prefix (see dispatch.py)
+            name = "leukofed-aggregator" + (f"-{hospital}" if hospital else "")
+            return make_celery(name, settings.broker_url, settings.result_backend,
+                               settings.visibility_timeout_s, hospital_id=hospital,
+                               isolate=hospital is not None, tls=settings.tls)
+
+        signing_key = (signing.load_private_key(settings.signing_key_file)
+                       if settings.signing_key_file else None)
+        if settings.isolated:
+            dispatcher = CeleryDispatcher(None, settings.ping_timeout_s, signing_key,
+                                          hospital_app=celery_app,
+                                          hospitals=settings.isolated)
+        else:
+            dispatcher = CeleryDispatcher(celery_app(), settings.ping_timeout_s, signing_key)
         verifier = (signing.UpdateVerifier(signing.load_public_keys(settings.hospital_keys_dir))
                     if settings.hospital_keys_dir else None)
         model_ops = KerasModelOps(settings)

@@ -1,10 +1,19 @@
-"""Sending tasks to hospitals over Celery, and knowing who is live."""
+"""Sending tasks to hospitals over Celery, and knowing who is live.
+
+Two modes. Shared: one Celery app for every hospital (queues ``hospital.<id>``). Isolated
+(``hospital_app`` given): one app per hospital, each with that hospital's key prefix
+(``make_celery(isolate=True)``), because with per-hospital Redis ACLs a hospital's worker
+sees only keys and channels under ``<id>:``; tasks, results and remote-control replies for
+hospital X then only exist under X's prefix and must go through X's app.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery, states
@@ -17,14 +26,37 @@ log = logging.getLogger(__name__)
 
 
 class CeleryDispatcher:
-    def __init__(self, app: Celery, ping_timeout_s: float = 1.0,
-                 signing_key: signing.Ed25519PrivateKey | None = None) -> None:
+    def __init__(self, app: Celery | None, ping_timeout_s: float = 1.0,
+                 signing_key: signing.Ed25519PrivateKey | None = None,
+                 hospital_app: Callable[[str], Celery] | None = None,
+                 hospitals: Iterable[str] = ()) -> None:
+        if (app is None) == (hospital_app is None):
+            raise ValueError("give either one shared app or hospital_app (isolated mode)")
         self.app = app
+        self._hospital_app = hospital_app
+        self._apps: dict[str, Celery] = {}
         self.signing_key = signing_key  # when set, every task carries the aggregator's signature
         self.ping_timeout_s = ping_timeout_s
         self.last_seen: dict[str, float] = {}
         self.describes: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        for h in hospitals:
+            self.app_for(h)
+
+    @property
+    def isolated(self) -> bool:
+        return self._hospital_app is not None
+
+    def app_for(self, hospital: str) -> Celery:
+        """The app that reaches ``hospital``: the shared one, or its own (made on first use,
+        so a run may name a hospital the settings did not list)."""
+        if self._hospital_app is None:
+            assert self.app is not None
+            return self.app
+        with self._lock:
+            if hospital not in self._apps:
+                self._apps[hospital] = self._hospital_app(hospital)
+            return self._apps[hospital]
 
     def seen(self, hospital: str) -> None:
         with self._lock:
@@ -33,26 +65,52 @@ class CeleryDispatcher:
     def live_hospitals(self) -> set[str] | None:
         """Hospitals whose worker answered now, from the queues each worker consumes. A
         worker busy training (solo pool) cannot answer; None means the broker is unreachable."""
-        try:
-            replies = self.app.control.inspect(timeout=self.ping_timeout_s).active_queues()
-        except Exception as exc:
-            log.warning("cannot reach workers: %s", exc)
-            return None
+        if self.isolated:
+            with self._lock:
+                apps = dict(self._apps)
+            if not apps:
+                return set()
+            # One broadcast per hospital prefix, in parallel: each waits the full timeout.
+            with ThreadPoolExecutor(len(apps)) as pool:
+                answers = dict(zip(apps, pool.map(self._active_queues, apps.values()),
+                                   strict=True))
+            if all(a is None for a in answers.values()):
+                return None
+            # A worker under hospital X's prefix counts only for X, whatever queues it
+            # claims: one hospital cannot make another look live.
+            live = {h for h, answer in answers.items() if h in self._live_in(answer or {})}
+        else:
+            assert self.app is not None
+            answer = self._active_queues(self.app)
+            if answer is None:
+                return None
+            live = self._live_in(answer)
+        for hospital in live:
+            self.seen(hospital)
+        return live
+
+    def _live_in(self, replies: dict[str, Any]) -> set[str]:
         live = set()
-        for queues in (replies or {}).values():
+        for queues in replies.values():
             for q in queues or ():
                 hospital = hospital_of_queue(q.get("name", ""))
                 if hospital:
                     live.add(hospital)
-                    self.seen(hospital)
         return live
+
+    def _active_queues(self, app: Celery) -> dict[str, Any] | None:
+        try:
+            return app.control.inspect(timeout=self.ping_timeout_s).active_queues() or {}
+        except Exception as exc:
+            log.warning("cannot reach workers: %s", exc)
+            return None
 
     def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> AsyncResult:
         # expires: a message still queued after the round deadline (a worker that was down)
         # is dropped by Celery instead of training on a stale model.
-        return self.app.send_task(task, args=args, kwargs=self._auth(task, hospital, args),
-                                  queue=queue_name(hospital),
-                                  expires=max(1.0, expires - time.time()) + 30.0)
+        return self.app_for(hospital).send_task(
+            task, args=args, kwargs=self._auth(task, hospital, args),
+            queue=queue_name(hospital), expires=max(1.0, expires - time.time()) + 30.0)
 
     def _auth(self, task: str, hospital: str, args: list[Any]) -> dict[str, Any]:
         if self.signing_key is None:
@@ -78,9 +136,9 @@ class CeleryDispatcher:
 
     def describe(self, hospitals: list[str], timeout_s: float = 3.0) -> dict[str, dict[str, Any]]:
         """Ask live hospitals for their class counts and fingerprint (cached)."""
-        handles = {h: self.app.send_task(TASK_DESCRIBE, kwargs=self._auth(TASK_DESCRIBE, h, []),
-                                         queue=queue_name(h),
-                                         expires=timeout_s + 30) for h in hospitals}
+        handles = {h: self.app_for(h).send_task(
+                       TASK_DESCRIBE, kwargs=self._auth(TASK_DESCRIBE, h, []),
+                       queue=queue_name(h), expires=timeout_s + 30) for h in hospitals}
         deadline = time.time() + timeout_s
         while handles and time.time() < deadline:
             for h, handle in list(handles.items()):

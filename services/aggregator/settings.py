@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S
+from leukofed.transport import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    check_hospital_id,
+    check_tls,
+    tls_options,
+)
 from registry.store import DEFAULT_MODEL_NAME
 
 
@@ -18,6 +24,16 @@ class AggregatorSettings(BaseSettings):
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str | None = Field(None, description="defaults to broker_url")
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    # TLS to the broker (rediss:// URLs; infra/security/make_certs.py).
+    tls_ca_file: Path | None = Field(None, description="ca.crt: verify the broker (rediss://)")
+    tls_cert_file: Path | None = Field(None, description="aggregator.crt: client certificate")
+    tls_key_file: Path | None = Field(None, description="aggregator.key: its private key")
+    # Per-hospital isolation (infra/security/gen_acl.py): one Celery connection per hospital,
+    # each under that hospital's "<id>:" key prefix, as the hospitals' workers use with
+    # LEUKOFED_CLIENT_ISOLATE=true. Listed hospitals are the ones polled for liveness; a run
+    # naming another hospital gets a connection for it on first use.
+    isolated_hospitals: str = Field(
+        "", description="comma list of hospital ids isolated by key prefix; empty = off")
     mlflow_tracking_uri: str | None = Field(
         None, description="default: $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000")
     mlflow_experiment: str = "leukofed-federated"
@@ -43,6 +59,25 @@ class AggregatorSettings(BaseSettings):
     signing_key_file: Path | None = Field(None, description="aggregator.key: sign tasks")
     hospital_keys_dir: Path | None = Field(
         None, description="folder of <hospital>.pub; when set, unsigned updates are rejected")
+
+    @field_validator("isolated_hospitals")
+    @classmethod
+    def _hospitals(cls, value: str) -> str:
+        ids = [check_hospital_id(h.strip()) for h in value.split(",") if h.strip()]
+        return ",".join(dict.fromkeys(ids))
+
+    @model_validator(mode="after")
+    def _tls(self) -> AggregatorSettings:
+        check_tls(self.broker_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        return self
+
+    @property
+    def isolated(self) -> list[str]:
+        return [h for h in self.isolated_hospitals.split(",") if h]
+
+    @property
+    def tls(self) -> dict[str, object] | None:
+        return tls_options(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
     @property
     def tracking_uri(self) -> str:

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from leukofed.transport import DEFAULT_BROKER_URL, DEFAULT_VISIBILITY_TIMEOUT_S, check_hospital_id
+from leukofed.transport import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    check_hospital_id,
+    check_tls,
+    tls_options,
+)
 
 FAULTS = ("", "nan", "shape", "norm", "unsigned", "forged", "replay")
 
@@ -25,6 +31,15 @@ class ClientSettings(BaseSettings):
         None, description="participation log and pause flag; default .run/client-<id>")
     cache_dir: Path = Field(Path(".cache"), description="decoded-image cache (local only)")
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    # TLS to the broker (rediss:// URLs; infra/security/make_certs.py): the broker is verified
+    # against tls_ca_file; the client certificate is sent when the broker demands one.
+    tls_ca_file: Path | None = Field(None, description="ca.crt: verify the broker (rediss://)")
+    tls_cert_file: Path | None = Field(None, description="<id>.crt: this hospital's TLS cert")
+    tls_key_file: Path | None = Field(None, description="<id>.key: its private key")
+    # Per-hospital isolation (infra/security/gen_acl.py): every key and channel of this
+    # worker's traffic lies under "<id>:", the only prefix its Redis ACL user may touch. The
+    # aggregator must list this hospital in LEUKOFED_AGGREGATOR_ISOLATED_HOSPITALS.
+    isolate: bool = Field(False, description="keys and channels under '<id>:' (ACL isolation)")
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
@@ -51,6 +66,11 @@ class ClientSettings(BaseSettings):
     def _id(cls, value: str) -> str:
         return check_hospital_id(value)
 
+    @model_validator(mode="after")
+    def _tls(self) -> ClientSettings:
+        check_tls(self.broker_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        return self
+
     @field_validator("fault")
     @classmethod
     def _fault(cls, value: str) -> str:
@@ -61,6 +81,10 @@ class ClientSettings(BaseSettings):
     def fault_for(self, server_round: int) -> str:
         faults = self.fault.split(",")
         return faults[(max(server_round, 1) - 1) % len(faults)]
+
+    @property
+    def tls(self) -> dict[str, object] | None:
+        return tls_options(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
     @property
     def state_path(self) -> Path:

@@ -26,7 +26,8 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
     settings = settings or ClientSettings()  # type: ignore[call-arg]
     app = make_celery(f"leukofed-client-{settings.hospital_id}", settings.broker_url,
                       settings.result_backend, settings.visibility_timeout_s,
-                      hospital_id=settings.hospital_id)
+                      hospital_id=settings.hospital_id, isolate=settings.isolate,
+                      tls=settings.tls)
     install_celery_logging("client", hospital=settings.hospital_id)  # JSON lines with ids
 
     @cache

@@ -1,0 +1,150 @@
+"""Redis over TLS with certificates from infra/security/make_certs.py, on a real
+``redis-server --tls-port`` (plain port off, client certificates required): a hospital's
+Celery worker and the aggregator's dispatcher complete a describe round-trip over
+``rediss://``, while a plain ``redis://`` connection, a client without a certificate, a
+client certificate from another CA and a client that does not trust our CA all fail."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ROOT, free_port, wait_for_port
+from fedstack import Worker, hospital_data
+
+from leukofed.transport import make_celery, tls_options
+from services.aggregator.dispatch import CeleryDispatcher
+
+pytestmark = pytest.mark.integration
+
+
+def _make_certs():
+    spec = importlib.util.spec_from_file_location("make_certs",
+                                                  ROOT / "infra/security/make_certs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class TlsRedis:
+    port: int
+    certs: Path
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def tls(self, name: str) -> dict[str, object]:
+        c = self.certs
+        options = tls_options(str(c / "ca.crt"), str(c / f"{name}.crt"), str(c / f"{name}.key"))
+        assert options is not None
+        return options
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run `make setup`")
+    certs = tmp_path / "certs"
+    _make_certs().generate(["a"], certs)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--dir", str(tmp_path), "--tls-cert-file", str(certs / "server.crt"),
+         "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file",
+         str(certs / "ca.crt"), "--tls-auth-clients", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 20, proc)
+        yield TlsRedis(port, certs)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_certificates_are_what_the_script_promises(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    certs = tmp_path / "certs"
+    written = _make_certs().generate(["a", "b"], certs, server_names=["redis"])
+    assert set(written) == {"ca", "server", "a", "b", "aggregator"}
+    for key in certs.glob("*.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    server = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"redis", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+    client = x509.load_pem_x509_certificate((certs / "a.crt").read_bytes())
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in \
+        client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    for name in ("server", "a", "b", "aggregator"):  # openssl agrees they chain to the CA
+        subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"),
+                        str(certs / f"{name}.crt")], check=True, capture_output=True)
+    ca_before = (certs / "ca.crt").read_bytes()
+    _make_certs().generate(["a", "b", "c"], certs)  # adding a hospital keeps the CA
+    assert (certs / "ca.crt").read_bytes() == ca_before and (certs / "c.crt").exists()
+
+
+def test_only_tls_clients_with_our_certificates_get_in(tls_redis: TlsRedis,
+                                                       tmp_path: Path) -> None:
+    ok = redis.Redis.from_url(tls_redis.url, **tls_redis.tls("a"))
+    assert ok.ping()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(f"redis://127.0.0.1:{tls_redis.port}/0",
+                             socket_timeout=5).ping()  # plain text to the TLS port
+    no_cert = tls_options(str(tls_redis.certs / "ca.crt"))
+    with pytest.raises(redis.exceptions.ConnectionError):  # alert or EOF, by timing
+        redis.Redis.from_url(tls_redis.url, socket_timeout=5, **no_cert).ping()
+    other = tmp_path / "other-ca"  # a certificate for "a", but minted by someone else's CA
+    _make_certs().generate(["a"], other)
+    foreign = tls_options(str(tls_redis.certs / "ca.crt"), str(other / "a.crt"),
+                          str(other / "a.key"))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(tls_redis.url, socket_timeout=5, **foreign).ping()
+    # The client side verifies too: a server not signed by the CA we trust is refused.
+    distrust = tls_options(str(other / "ca.crt"), str(tls_redis.certs / "a.crt"),
+                           str(tls_redis.certs / "a.key"))
+    with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
+        redis.Redis.from_url(tls_redis.url, socket_timeout=5, **distrust).ping()
+
+
+def test_settings_refuse_half_configured_tls(tmp_path: Path) -> None:
+    from services.aggregator.settings import AggregatorSettings
+    from services.client.settings import ClientSettings
+
+    with pytest.raises(ValueError, match="tls_ca_file"):
+        AggregatorSettings(broker_url="rediss://h:6379/0")
+    with pytest.raises(ValueError, match="not rediss"):
+        ClientSettings(hospital_id="a", data_dir=tmp_path, tls_ca_file=tmp_path / "ca.crt")
+    with pytest.raises(ValueError, match="go together"):
+        ClientSettings(hospital_id="a", data_dir=tmp_path, broker_url="rediss://h/0",
+                       tls_ca_file=tmp_path / "ca.crt", tls_cert_file=tmp_path / "a.crt")
+
+
+def test_celery_round_trip_over_tls(tls_redis: TlsRedis, tmp_path: Path) -> None:
+    c = tls_redis.certs
+    worker = Worker("a", hospital_data(tmp_path / "data", "a", per_class=3), tls_redis.url,
+                    tmp_path / "state-a", tmp_path / "cache",
+                    {"LEUKOFED_CLIENT_TLS_CA_FILE": str(c / "ca.crt"),
+                     "LEUKOFED_CLIENT_TLS_CERT_FILE": str(c / "a.crt"),
+                     "LEUKOFED_CLIENT_TLS_KEY_FILE": str(c / "a.key")}).start()
+    try:
+        worker.wait_ready()
+        # The aggregator's side, built the way services/aggregator/app.py builds it.
+        app = make_celery("aggregator-tls", tls_redis.url, tls=tls_redis.tls("aggregator"))
+        dispatcher = CeleryDispatcher(app, ping_timeout_s=2.0)
+        assert dispatcher.live_hospitals() == {"a"}  # remote control over TLS
+        described = dispatcher.describe(["a"], timeout_s=60)
+    finally:
+        worker.stop()
+    assert described["a"]["status"] == "ok"
+    assert sum(described["a"]["class_counts"].values()) > 0
