@@ -31,27 +31,44 @@ BN_MOMENTUM = 0.9
 METADATA_ENTRY = "leukofed.json"  # extra member inside the .keras zip
 
 
-def compact_cnn(inputs: keras.KerasTensor, width: int = 16) -> keras.KerasTensor:
-    """Four conv blocks (conv-BN-ReLU x2, max-pool): ~0.3M parameters at width 16."""
+NORMS = ("batch", "group")
+
+
+def compact_cnn(inputs: keras.KerasTensor, width: int = 16, norm: str = "batch"
+                ) -> keras.KerasTensor:
+    """Four conv blocks (conv-norm-ReLU x2, max-pool): ~0.3M parameters at width 16.
+
+    ``norm="group"`` uses GroupNormalization (8 groups): no moving statistics, so nothing
+    data-dependent sits outside the weights. Differential privacy needs that: clipping an
+    update whose BatchNorm statistics must travel from 1.0 to ~1e-3 shrinks everything else.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
     x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
     for i, filters in enumerate((width, width * 2, width * 4, width * 8)):
         for j in range(2 if i else 1):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                                     name=f"block{i}_conv{j}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            if norm == "group":
+                x = keras.layers.GroupNormalization(groups=8, name=f"block{i}_gn{j}")(x)
+            else:
+                x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
             x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     return keras.layers.GlobalAveragePooling2D()(x)
 
 
 def _backbone_output(
-    name: str, inputs: keras.KerasTensor, image_size: int, alpha: float, weights: str | None
+    name: str, inputs: keras.KerasTensor, image_size: int, alpha: float, weights: str | None,
+    norm: str = "batch",
 ) -> keras.KerasTensor:
     shape = (image_size, image_size, 3)
     if name == "compact_cnn":
         if weights:
             raise ValueError("compact_cnn has no ImageNet weights")
-        return compact_cnn(inputs)
+        return compact_cnn(inputs, norm=norm)
+    if norm != "batch":
+        raise ValueError(f"{name} comes with BatchNorm only; norm='group' is for compact_cnn")
     if name == "mobilenetv2":
         x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)  # MobileNetV2 wants [-1, 1]
         backbone = keras.applications.MobileNetV2(
@@ -93,6 +110,7 @@ def build_model(
     dropout: float = 0.2,
     num_classes: int = len(CLASSES),
     seed: int | None = None,
+    norm: str = "batch",
 ) -> keras.Model:
     """Build a classifier from scratch (or from local ImageNet backbone weights).
 
@@ -101,7 +119,7 @@ def build_model(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
-    x = _backbone_output(name, inputs, image_size, alpha, weights)
+    x = _backbone_output(name, inputs, image_size, alpha, weights, norm)
     if dropout:
         x = keras.layers.Dropout(dropout)(x)
     # float32 output even under a mixed-precision policy: softmax and the loss stay exact.

@@ -45,6 +45,9 @@ class RunConfig(BaseModel):
     model: str = Field("compact_cnn", description=f"one of {MODEL_NAMES}")
     image_size: int = Field(64, ge=16, le=512)
     alpha: float = Field(0.35, gt=0, le=1.4, description="MobileNetV2 width multiplier")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="compact_cnn normalisation; 'group' has no moving statistics, "
+        "which differential privacy needs (docs/architecture.md)")
     rounds: int = Field(10, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -97,6 +100,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.norm != "batch" and self.model != "compact_cnn":
+            raise ValueError(f"norm={self.norm!r} is available for compact_cnn only")
         try:
             make_strategy(self.strategy, bn_mode=self.bn_mode, **self.strategy_params)
         except (TypeError, ValueError) as exc:

@@ -23,11 +23,12 @@ class KerasModelOps:
         self._lock = threading.Lock()
 
     def _model(self, cfg: RunConfig) -> Any:
-        key = (cfg.model, cfg.image_size, cfg.alpha)
+        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm)
         if key not in self._models:
             from leukofed.models import build_model
 
-            self._models = {key: build_model(cfg.model, cfg.image_size, alpha=cfg.alpha)}
+            self._models = {key: build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
+                                             norm=cfg.norm)}
         return self._models[key]
 
     def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]:
@@ -35,8 +36,9 @@ class KerasModelOps:
         from leukofed.wire import batchnorm_stat_names, weights_from_model
 
         with self._lock:
-            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha, seed=cfg.seed)
-            self._models = {(cfg.model, cfg.image_size, cfg.alpha): model}
+            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha, seed=cfg.seed,
+                                norm=cfg.norm)
+            self._models = {(cfg.model, cfg.image_size, cfg.alpha, cfg.norm): model}
             return weights_from_model(model), batchnorm_stat_names(model)
 
     def keras_model(self, cfg: RunConfig, weights: Weights) -> Any:
@@ -49,7 +51,8 @@ class KerasModelOps:
     def metadata(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         from leukofed.models import model_metadata
 
-        return model_metadata(self._model(cfg), cfg.model, cfg.image_size, extra)
+        return model_metadata(self._model(cfg), cfg.model, cfg.image_size,
+                              {"norm": cfg.norm, **(extra or {})})
 
     def _test_source(self, cfg: RunConfig) -> tuple[str, str] | None:
         if cfg.server_test_manifest or self.settings.server_test_manifest:

@@ -80,7 +80,8 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
                deadline: float) -> dict[str, Any]:
     """What a hospital needs to train this round (see leukofed.transport.ROUND_CONFIG_DEFAULTS)."""
     return {"run_id": record_id, "round": server_round, "model": cfg.model,
-            "image_size": cfg.image_size, "alpha": cfg.alpha, "local_epochs": cfg.local_epochs,
+            "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+            "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
             "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,
@@ -419,7 +420,8 @@ class FederatedRun:
             return {}
         deadline = self.clock() + cfg.round_deadline_s
         config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
-                  "image_size": cfg.image_size, "alpha": cfg.alpha, "bn_mode": cfg.bn_mode,
+                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+                  "bn_mode": cfg.bn_mode,
                   "jit_compile": cfg.jit_compile, "deadline": deadline}
         blob = encode_weights(weights)
         handles = {h: self.dispatcher.submit(h, TASK_EVALUATE, [blob, config], deadline)

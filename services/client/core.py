@@ -93,13 +93,15 @@ class HospitalClient:
     # ------------------------------------------------------------ model
 
     def trainer(self, cfg: dict[str, Any]) -> Any:
-        key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), bool(cfg["jit_compile"]))
+        key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), str(cfg["norm"]),
+               bool(cfg["jit_compile"]))
         if self._trainer_key != key:
             from leukofed.models import build_model
             from leukofed.train import Trainer
             from leukofed.wire import batchnorm_stat_names
 
-            model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]))
+            model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]),
+                                norm=str(cfg["norm"]))
             self._trainer = Trainer(model, learning_rate=float(cfg["learning_rate"]),
                                     jit_compile=bool(cfg["jit_compile"]))
             self._trainer_key = key

@@ -66,3 +66,13 @@ def test_imagenet_weights_load_from_a_local_file(tmp_path: Path) -> None:
         build_model("compact_cnn", 32, weights=str(path))
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet9000", 32)
+
+
+def test_group_norm_compact_cnn_has_no_moving_statistics() -> None:
+    model = build_model("compact_cnn", 32, norm="group", seed=0)
+    assert not _bn_momenta(model)
+    assert not [v for v in model.non_trainable_variables if "moving" in v.path]
+    with pytest.raises(ValueError, match="is for compact_cnn"):
+        build_model("mobilenetv2", 32, norm="group")
+    with pytest.raises(ValueError, match="unknown norm"):
+        build_model("compact_cnn", 32, norm="layer")
