@@ -27,12 +27,24 @@ from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
 
 # Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
 COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
+# kombu subscribes to fanout exchanges (Celery's remote control, ``celery.pidbox``) with
+# PSUBSCRIBE, and Redis checks a PSUBSCRIBE pattern *literally* against the user's channel
+# patterns (it is not glob-matched like a channel name), so ``&a:*`` alone makes a worker's
+# remote-control subscription fail with NOPERM. The exact pattern kombu uses is allowed;
+# it has no wildcard, so it reaches no other channel. ``/<db>.`` is kombu's fanout prefix
+# for the database number in the broker URL (workers run without gossip, so no celeryev).
+FANOUT_CHANNELS = ("celery.pidbox",)
 
 
-def user_line(name: str, password: str, prefixes: list[str]) -> str:
+def fanout_channels(prefix: str, db: int = 0) -> list[str]:
+    return [f"{prefix}/{db}.{exchange}" for exchange in FANOUT_CHANNELS]
+
+
+def user_line(name: str, password: str, prefixes: list[str], db: int = 0) -> str:
     digest = hashlib.sha256(password.encode()).hexdigest()
     keys = " ".join(f"~{p}*" for p in prefixes)
-    channels = " ".join(f"&{p}*" for p in prefixes)
+    channels = " ".join([f"&{p}*" for p in prefixes]
+                        + [f"&{c}" for p in prefixes for c in fanout_channels(p, db)])
     return f"user {name} on #{digest} resetkeys {keys} resetchannels {channels} {COMMANDS}"
 
 
@@ -42,7 +54,7 @@ def _secret_file(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def generate(hospitals: list[str], out: Path) -> dict[str, str]:
+def generate(hospitals: list[str], out: Path, db: int = 0) -> dict[str, str]:
     """Write users.acl and <user>.password files; return {user: password}."""
     hospitals = [check_hospital_id(h) for h in hospitals]
     if "aggregator" in hospitals or len(set(hospitals)) != len(hospitals):
@@ -50,9 +62,9 @@ def generate(hospitals: list[str], out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     passwords = {u: secrets.token_urlsafe(32) for u in [*hospitals, "aggregator"]}
     lines = ["user default off resetkeys resetchannels -@all"]
-    lines += [user_line(h, passwords[h], [key_prefix(h)]) for h in hospitals]
+    lines += [user_line(h, passwords[h], [key_prefix(h)], db) for h in hospitals]
     lines.append(user_line("aggregator", passwords["aggregator"],
-                           [key_prefix(h) for h in hospitals]))
+                           [key_prefix(h) for h in hospitals], db))
     (out / "users.acl").write_text("\n".join(lines) + "\n")
     for user, password in passwords.items():
         _secret_file(out / f"{user}.password", password)
@@ -63,8 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("hospitals", nargs="+")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "generated")
+    parser.add_argument("--db", type=int, default=0,
+                        help="Redis database number of the broker URLs (default 0)")
     args = parser.parse_args()
-    generate(args.hospitals, args.out)
+    generate(args.hospitals, args.out, args.db)
     print(f"wrote {args.out / 'users.acl'} and one .password file per user; start redis with "
           f"--aclfile {args.out / 'users.acl'}")
 
