@@ -50,7 +50,8 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     from services.aggregator.settings import AggregatorSettings
 
     settings = AggregatorSettings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                ssl_certfile=settings.https_cert_file, ssl_keyfile=settings.https_key_file)
 
 
 def _progress_line(run: dict[str, Any]) -> str:

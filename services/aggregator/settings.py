@@ -49,6 +49,9 @@ class AggregatorSettings(BaseSettings):
     resume_on_start: bool = True
     host: str = "127.0.0.1"
     port: int = 8001
+    # HTTPS for the API (`serve`), e.g. server.crt/.key from infra/security/make_certs.py.
+    https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
+    https_key_file: Path | None = Field(None, description="the HTTPS certificate's key")
     tracking: bool = Field(True, description="log to MLflow and register models")
     # Signing (leukofed.signing), off by default. signing_key_file: the aggregator's Ed25519
     # key; every task is signed with it. hospital_keys_dir: one <hospital>.pub per hospital;
@@ -69,6 +72,8 @@ class AggregatorSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls(self) -> AggregatorSettings:
         check_tls(self.broker_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if bool(self.https_cert_file) != bool(self.https_key_file):
+            raise ValueError("https_cert_file and https_key_file go together")
         return self
 
     @property

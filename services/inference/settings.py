@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leukofed.preprocessing import DEFAULT_MAX_PIXELS
@@ -60,11 +60,22 @@ class InferenceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # HTTPS served by uvicorn itself (server.crt/.key from infra/security/make_certs.py),
+    # for deployments without a TLS-terminating proxy in front. Both or neither.
+    https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
+    https_key_file: Path | None = Field(None, description="the HTTPS certificate's key")
 
-    @field_validator("model_version", "api_key", "parity_images_dir", mode="before")
+    @field_validator("model_version", "api_key", "parity_images_dir", "https_cert_file",
+                     "https_key_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> InferenceSettings:
+        if bool(self.https_cert_file) != bool(self.https_key_file):
+            raise ValueError("https_cert_file and https_key_file go together")
+        return self
 
     @property
     def target(self) -> str:

@@ -148,3 +148,47 @@ def test_celery_round_trip_over_tls(tls_redis: TlsRedis, tmp_path: Path) -> None
         worker.stop()
     assert described["a"]["status"] == "ok"
     assert sum(described["a"]["class_counts"].values()) > 0
+
+
+def test_inference_service_serves_https_with_our_certificate(tmp_path: Path) -> None:
+    import os
+    import ssl
+    import sys
+    import time
+    import urllib.request
+
+    certs = tmp_path / "certs"
+    _make_certs().generate(["a"], certs)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LEUKOFED_")},
+           "LEUKOFED_INFERENCE_PORT": str(port), "LEUKOFED_INFERENCE_HOST": "127.0.0.1",
+           "LEUKOFED_INFERENCE_TRACKING_URI": "http://127.0.0.1:9",  # no model needed here
+           "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "cache"),
+           "LEUKOFED_INFERENCE_HTTPS_CERT_FILE": str(certs / "server.crt"),
+           "LEUKOFED_INFERENCE_HTTPS_KEY_FILE": str(certs / "server.key")}
+    log = (tmp_path / "inference.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.inference"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    trusted = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    try:
+        wait_for_port(port, 90, proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://localhost:{port}/healthz",
+                                            context=trusted, timeout=5) as r:
+                    assert r.status == 200 and r.headers["x-frame-options"] == "DENY"
+                break
+            except (ConnectionError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"https://localhost:{port}/healthz",  # system CAs only
+                                   context=ssl.create_default_context(), timeout=5)
+        with pytest.raises((ConnectionError, urllib.error.URLError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
