@@ -44,6 +44,10 @@ def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
 def scenario_name(s: dict[str, Any]) -> str:
     fp = "-fp16" if s["fp16"] else ""
     bn = "-fedbn" if s["bn_mode"] == "local" else ""
+    if s.get("norm") == "group":
+        bn += "-groupnorm"
+    if s.get("privacy"):
+        bn += f"-dp{s['privacy']['noise_multiplier']:g}"
     alpha = f"{s['alpha']:g}" if s["scheme"] == "dirichlet" else ""
     return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{fp}{bn}"
 
@@ -68,7 +72,8 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                   "rounds": args.rounds, "local_epochs": args.local_epochs,
                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                   "strategy": s["strategy"], "strategy_params": s.get("params", {}),
-                  "bn_mode": s["bn_mode"],
+                  "bn_mode": s["bn_mode"], "privacy": s.get("privacy"),
+                  "norm": s.get("norm", "batch"),
                   "hospitals": ids, "min_fit_clients": len(ids), "round_deadline_s": 1800,
                   "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
                   "server_test_manifest": str(split), "register_models": True}
@@ -106,6 +111,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
             "slowest_client_s": r["timings"]["slowest_client_s"],
             "overhead_s": r["timings"]["overhead_s"], "eval_s": r["timings"]["eval_s"],
             "bytes_per_hospital": r["bytes"],
+            "dp_epsilon": g.get("dp_epsilon"),
         })
     return {"scenario": name, **s, "partition_table": table, "run_id": run_id,
             "wall_s": wall, "rounds": rounds}
@@ -153,7 +159,8 @@ def summarise(res: dict[str, Any], central_acc: float) -> dict[str, Any]:
             "mean_round_s": float(np.mean([r["round_s"] for r in rounds])),
             "mean_overhead_share": float(np.mean(overhead)) if overhead else None,
             "mean_bytes_per_hospital_round": float(np.mean(per_h)),
-            "round_reaching_0.95": reach, "seconds_to_0.95": t_reach}
+            "round_reaching_0.95": reach, "seconds_to_0.95": t_reach,
+            "dp_epsilon": last.get("dp_epsilon")}
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -199,8 +206,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"splits: test accuracy **{c['test_accuracy']:.4f}**, macro-F1 "
         f"**{c['test_macro_f1']:.4f}**.", "",
         "| scenario | final test acc | macro-F1 | recall B/E/Pre/Pro | gap to central (points) "
-        "| best acc | s/round | overhead share | KB/hospital/round | round (s) to 0.95 |",
-        "|---" * 10 + "|",
+        "| best acc | s/round | overhead share | KB/hospital/round | round (s) to 0.95 "
+        "| epsilon (delta 1e-5) |",
+        "|---" * 11 + "|",
     ]
     for res in doc["scenarios"]:
         s = res["summary"]
@@ -212,7 +220,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {s['final_test_macro_f1']:.4f} | {rec} | {s['gap_to_central_points']:+.1f} "
             f"| {s['best_test_accuracy']:.4f} | {s['mean_round_s']:.1f} "
             f"| {100 * (s['mean_overhead_share'] or 0):.1f}% "
-            f"| {s['mean_bytes_per_hospital_round'] / 1024:.0f} | {reach} |")
+            f"| {s['mean_bytes_per_hospital_round'] / 1024:.0f} | {reach} "
+            f"| {s['dp_epsilon'] if s.get('dp_epsilon') is None else round(s['dp_epsilon'], 2)} |")
     lines += ["", "Overhead share: (fit wall time − slowest hospital's own fit time) / round "
               "time, i.e. dispatch, transfer, validation and aggregation; the rest of a round "
               "is local training, federated evaluation, the server-side test evaluation and "
@@ -232,7 +241,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenarios", default="3:dirichlet:fedavg,3:dirichlet:fedavg:fp16,"
                    "3:iid:fedavg,5:dirichlet:fedavg,5:iid:fedavg",
-                   help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn]")
+                   help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn][:gn][:dpZ]; "
+                   "gn: GroupNorm compact CNN; dpZ: central DP, noise multiplier Z, "
+                   "adaptive clipping")
     p.add_argument("--central-from", default=None,
                    help="reuse the centralized reference of an earlier results JSON")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -260,7 +271,12 @@ def main() -> None:
         parts = spec.split(":")
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
              "fp16": "fp16" in parts[3:], "alpha": args.alpha if parts[1] != "iid" else 1.0,
-             "bn_mode": "local" if "fedbn" in parts[3:] else "average"}
+             "bn_mode": "local" if "fedbn" in parts[3:] else "average",
+             "norm": "group" if "gn" in parts[3:] else "batch"}
+        dp = [t for t in parts[3:] if t.startswith("dp")]
+        if dp:
+            s["privacy"] = {"mode": "central", "noise_multiplier": float(dp[0][2:]),
+                            "adaptive_clipping": True}
         res = run_scenario(s, args, split, ports)
         res["summary"] = summarise(res, doc["centralized"]["test_accuracy"])
         doc["scenarios"].append(res)
