@@ -3,11 +3,12 @@ processes, a real uvicorn aggregator process, and polling the REST API."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,27 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+class ProcessGroup:
+    """A subprocess started in its own session, stopped with its whole process group."""
+
+    proc: subprocess.Popen | None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, grace_s: float = 20) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
 @dataclass
-class Worker:
+class Worker(ProcessGroup):
     hospital: str
     data_dir: Path
     broker_url: str
@@ -75,18 +95,6 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def wait_log(path: Path | None, text: str, timeout: float,
@@ -103,7 +111,7 @@ def wait_log(path: Path | None, text: str, timeout: float,
 
 
 @dataclass
-class AggregatorProcess:
+class AggregatorProcess(ProcessGroup):
     broker_url: str
     state_dir: Path
     tracking_uri: str | None
@@ -135,18 +143,6 @@ class AggregatorProcess:
         wait_for_port(self.port, 90, self.proc)
         return self
 
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def start_run(url: str, config: dict[str, Any]) -> str:
@@ -180,3 +176,34 @@ def wait_run(get: Callable[[], dict[str, Any]], until: Callable[[dict[str, Any]]
 
 def finished(run: dict[str, Any]) -> bool:
     return run.get("status") in ("completed", "failed", "cancelled")
+
+
+def gen_acl_module() -> Any:
+    """infra/security/gen_acl.py, a script rather than a package module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_acl", ROOT / "infra/security/gen_acl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def acl_redis_server(tmp_path: Path, hospitals: list[str], extra_acl_lines: tuple[str, ...] = ()
+                     ) -> Iterator[tuple[int, dict[str, str]]]:
+    """A real redis-server with the ACL file generated for ``hospitals``: (port, passwords)."""
+    acl = tmp_path / "acl"
+    passwords = gen_acl_module().generate(hospitals, acl)
+    with (acl / "users.acl").open("a") as f:
+        f.writelines(f"{line}\n" for line in extra_acl_lines)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--dir", str(tmp_path), "--aclfile",
+                             str(acl / "users.acl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 20, proc)
+        yield port, passwords
+    finally:
+        proc.terminate()
+        proc.wait(10)

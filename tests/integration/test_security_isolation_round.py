@@ -7,46 +7,24 @@ credentials still get NOPERM on b's queue, results, unacked and channels."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, free_port, wait_for_port
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, finished, hospital_data, wait_run
+from fedstack import TINY, Worker, acl_redis_server, finished, hospital_data, wait_run
 
 pytestmark = pytest.mark.integration
 
 AUDITOR = "auditor-only-in-this-test"  # reads every key name; not part of gen_acl's output
 
 
-def _gen_acl():
-    spec = importlib.util.spec_from_file_location("gen_acl", ROOT / "infra/security/gen_acl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def acl_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    acl = tmp_path / "acl"
-    passwords = _gen_acl().generate(["a", "b"], acl)
-    with (acl / "users.acl").open("a") as f:
-        f.write(f"user auditor on >{AUDITOR} ~* &* +@all\n")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--dir", str(tmp_path), "--aclfile",
-                             str(acl / "users.acl")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, 20, proc)
-        yield port, passwords
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with acl_redis_server(tmp_path, ["a", "b"],
+                          (f"user auditor on >{AUDITOR} ~* &* +@all",)) as server:
+        yield server
 
 
 def url(user: str, password: str, port: int) -> str:

@@ -5,40 +5,22 @@ credentials while the same credentials cannot publish into b's."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, free_port, wait_for_port
+from fedstack import acl_redis_server
 
 from leukofed.transport import make_celery
 
 pytestmark = pytest.mark.integration
 
 
-def _gen_acl():
-    spec = importlib.util.spec_from_file_location("gen_acl", ROOT / "infra/security/gen_acl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def acl_redis(tmp_path: Path):
-    passwords = _gen_acl().generate(["a", "b"], tmp_path / "acl")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--dir", str(tmp_path), "--aclfile",
-                             str(tmp_path / "acl" / "users.acl")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, 20, proc)
-        yield port, passwords
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def acl_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    with acl_redis_server(tmp_path, ["a", "b"]) as server:
+        yield server
 
 
 def test_hospital_a_cannot_touch_hospital_b(acl_redis) -> None:
