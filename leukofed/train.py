@@ -11,6 +11,7 @@ decoding per epoch), one tf.function train step and augmentation vectorised per 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -374,9 +375,7 @@ def run_central(
 
     Writes OUT/model.keras (with metadata), OUT/metrics.json, OUT/confusion_matrix.png.
     """
-    import json
-
-    from leukofed.data import scan_dataset
+    from leukofed.data import fingerprint, scan_dataset
     from leukofed.metrics import plot_confusion_matrix
     from leukofed.models import build_model, model_metadata, save_model
     from leukofed.splits import group_split, read_manifest
@@ -395,8 +394,6 @@ def run_central(
     result = fit(trainer, arrays["train"], arrays["val"], epochs, batch_size, learning_rate,
                  patience, seed=seed, progress=progress)
     test = evaluate(trainer, *arrays["test"])
-    from leukofed.data import fingerprint
-
     meta = model_metadata(net, model, image_size, {
         "alpha": alpha if model == "mobilenetv2" else None,
         "dataset_fingerprint": dataset.fingerprint,
