@@ -191,6 +191,47 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def privacy_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Final and best test accuracy per noise multiplier, sorted by epsilon (None: no noise)."""
+    rows = [{"scenario": r["scenario"], "noise_multiplier": r["privacy"]["noise_multiplier"],
+             "epsilon": r["summary"]["dp_epsilon"],
+             "final_test_accuracy": r["summary"]["final_test_accuracy"],
+             "best_test_accuracy": r["summary"]["best_test_accuracy"]}
+            for r in doc["scenarios"] if r.get("privacy")]
+    return sorted(rows, key=lambda r: (r["epsilon"] is None, r["epsilon"] or 0.0))
+
+
+def plot_epsilon(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in privacy_rows(doc) if r["epsilon"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    eps = [r["epsilon"] for r in rows]
+    ax.plot(eps, [r["final_test_accuracy"] for r in rows], "o-", label="final round")
+    ax.plot(eps, [r["best_test_accuracy"] for r in rows], "s--", label="best round")
+    for r in rows:
+        ax.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon"], r["final_test_accuracy"]),
+                    textcoords="offset points", xytext=(4, 6), fontsize=7)
+    for r in privacy_rows(doc):
+        if r["epsilon"] is None:
+            ax.axhline(r["final_test_accuracy"], color="k", ls=":",
+                       label="clipping only, no noise (epsilon infinite)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"epsilon at delta 1e-5 after {doc['config']['rounds']} rounds (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Client-level DP, 3 hospitals: accuracy against epsilon")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown(doc: dict[str, Any]) -> str:
     cfg, m, c = doc["config"], doc["machine"], doc["centralized"]
     lines = [
@@ -226,6 +267,16 @@ def markdown(doc: dict[str, Any]) -> str:
               "time, i.e. dispatch, transfer, validation and aggregation; the rest of a round "
               "is local training, federated evaluation, the server-side test evaluation and "
               "MLflow registration. Partitions (class counts per hospital) are in the JSON.", ""]
+    if doc.get("epsilon_png"):
+        lines += ["## Accuracy against epsilon", "",
+                  f"Plot: `{doc['epsilon_png']}`.", "",
+                  "| noise multiplier z | epsilon (delta 1e-5) | final test acc | best test acc |",
+                  "|---|---|---|---|"]
+        for r in privacy_rows(doc):
+            e = "infinite (no noise)" if r["epsilon"] is None else f"{r['epsilon']:,.0f}"
+            lines.append(f"| {r['noise_multiplier']:g} | {e} | {r['final_test_accuracy']:.4f} "
+                         f"| {r['best_test_accuracy']:.4f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -246,6 +297,8 @@ def main() -> None:
                    "adaptive clipping")
     p.add_argument("--central-from", default=None,
                    help="reuse the centralized reference of an earlier results JSON")
+    p.add_argument("--append", action="store_true",
+                   help="keep the scenarios already in --out and add (or rerun) these")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
@@ -267,6 +320,9 @@ def main() -> None:
     doc["results_json"] = str(Path(args.out).resolve().relative_to(ROOT))
     doc["curves_png"] = f"docs/img/{Path(args.out).stem}-curves.png"
     doc["scenarios"] = []
+    if args.append and Path(args.out).exists():
+        doc["scenarios"] = json.loads(Path(args.out).read_text())["scenarios"]
+        doc["command"] = f"{json.loads(Path(args.out).read_text())['command']}; {doc['command']}"
     for spec in args.scenarios.split(","):
         parts = spec.split(":")
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
@@ -279,9 +335,14 @@ def main() -> None:
                             "adaptive_clipping": True}
         res = run_scenario(s, args, split, ports)
         res["summary"] = summarise(res, doc["centralized"]["test_accuracy"])
+        doc["scenarios"] = [r for r in doc["scenarios"] if r["scenario"] != res["scenario"]]
         doc["scenarios"].append(res)
         write_json(args.out, doc)
     plot(doc, ROOT / doc["curves_png"])
+    if any(r.get("privacy") for r in doc["scenarios"]):
+        doc["epsilon_png"] = f"docs/img/{Path(args.out).stem}-epsilon.png"
+        plot_epsilon(doc, ROOT / doc["epsilon_png"])
+        write_json(args.out, doc)
     Path(args.doc).write_text(markdown(doc))
     print(json.dumps([{r["scenario"]: r["summary"]} for r in doc["scenarios"]], indent=1))
 
