@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from conftest import ROOT, free_port, wait_for_port
@@ -190,5 +191,62 @@ def test_inference_service_serves_https_with_our_certificate(tmp_path: Path) -> 
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
     finally:
         proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def test_aggregator_serves_https_and_the_cli_trusts_only_our_ca(tmp_path: Path,
+                                                                 redis_server) -> None:
+    """`leukofed aggregator serve` with a certificate; the `leukofed run` CLI reaches it with
+    SSL_CERT_FILE=ca.crt and the admin token, and fails clearly without our CA or token."""
+    import os
+    import sys
+
+    certs = tmp_path / "certs"
+    _make_certs().generate(["a"], certs)
+    port = free_port()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("LEUKOFED_") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    token = "https-test-admin-token-0123456789"
+    env = {**base, "LEUKOFED_AGGREGATOR_BROKER_URL": redis_server.url,
+           "LEUKOFED_AGGREGATOR_STATE_DIR": str(tmp_path / "state"),
+           "LEUKOFED_AGGREGATOR_CACHE_DIR": str(tmp_path / "cache"),
+           "LEUKOFED_AGGREGATOR_TRACKING": "false",
+           "LEUKOFED_AGGREGATOR_ADMIN_TOKEN": token,
+           "LEUKOFED_AGGREGATOR_HTTPS_CERT_FILE": str(certs / "server.crt"),
+           "LEUKOFED_AGGREGATOR_HTTPS_KEY_FILE": str(certs / "server.key")}
+    log = (tmp_path / "aggregator.log").open("wb")
+    cli = [str(Path(sys.executable).parent / "leukofed")]
+    proc = subprocess.Popen([*cli, "aggregator", "serve", "--host", "127.0.0.1", "--port",
+                             str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"https://localhost:{port}"
+
+    def run_list(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, "run", "list", "--url", url], cwd=ROOT, text=True,
+                              capture_output=True, timeout=60, env={**base, **extra})
+
+    try:
+        wait_for_port(port, 90, proc)
+        ok = run_list(SSL_CERT_FILE=str(certs / "ca.crt"), LEUKOFED_AGGREGATOR_ADMIN_TOKEN=token)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == ""  # no runs yet; the handshake and the token passed
+        direct = httpx.get(f"{url}/v1/runs", verify=str(certs / "ca.crt"), timeout=10,
+                           headers={"Authorization": f"Bearer {token}"})
+        assert direct.status_code == 200 and direct.json() == []
+
+        untrusted = run_list(LEUKOFED_AGGREGATOR_ADMIN_TOKEN=token)  # system CAs only
+        assert untrusted.returncode != 0
+        assert "cannot reach the aggregator" in untrusted.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+        wrong = run_list(SSL_CERT_FILE=str(certs / "ca.crt"),
+                         LEUKOFED_AGGREGATOR_ADMIN_TOKEN="not-the-token")
+        assert wrong.returncode == 1 and "error 403" in wrong.stderr
+
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/v1/runs", timeout=5)
+    finally:
+        os.killpg(proc.pid, 15)
         proc.wait(20)
         log.close()
