@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-central bench-federated bench-inference up down \
+.PHONY: setup test test-unit lint lock bench-central bench-federated bench-privacy bench-inference up down \
 	status logs demo test-browser test-security keys acl
 
 setup:
@@ -32,6 +32,14 @@ bench-central: setup
 
 bench-federated: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA)
+
+# Accuracy against epsilon (client-level DP, GroupNorm compact CNN, 3 IID hospitals); reuses
+# the centralized reference of bench-federated's results.
+DP_SCENARIOS ?= 3:iid:fedavg:gn,3:iid:fedavg:gn:dp0,3:iid:fedavg:gn:dp0.003,3:iid:fedavg:gn:dp0.01,3:iid:fedavg:gn:dp0.03,3:iid:fedavg:gn:dp0.1
+bench-privacy: setup
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(DP_SCENARIOS) \
+	  --central-from benchmarks/results/federated.json \
+	  --out benchmarks/results/federated-privacy.json --doc docs/benchmarks-federated-privacy.md
 
 up: setup
 	@bash scripts/stack.sh up

@@ -269,7 +269,9 @@ def markdown(doc: dict[str, Any]) -> str:
               "MLflow registration. Partitions (class counts per hospital) are in the JSON.", ""]
     if doc.get("epsilon_png"):
         lines += ["## Accuracy against epsilon", "",
-                  f"Plot: `{doc['epsilon_png']}`.", "",
+                  f"Plot: `{doc['epsilon_png']}`. Central mode, adaptive clipping (target "
+                  "quantile 0.5), every hospital in every round (sampling rate 1); what the "
+                  "numbers mean: `docs/security.md`, section Differential privacy.", "",
                   "| noise multiplier z | epsilon (delta 1e-5) | final test acc | best test acc |",
                   "|---|---|---|---|"]
         for r in privacy_rows(doc):
@@ -321,8 +323,10 @@ def main() -> None:
     doc["curves_png"] = f"docs/img/{Path(args.out).stem}-curves.png"
     doc["scenarios"] = []
     if args.append and Path(args.out).exists():
-        doc["scenarios"] = json.loads(Path(args.out).read_text())["scenarios"]
-        doc["command"] = f"{json.loads(Path(args.out).read_text())['command']}; {doc['command']}"
+        earlier = json.loads(Path(args.out).read_text())
+        doc["scenarios"] = earlier["scenarios"]
+        doc["command"] = f"{earlier['command']}; {doc['command']}"
+        doc["date"] = f"{earlier['date']}; {doc['date']}"
     for spec in args.scenarios.split(","):
         parts = spec.split(":")
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
