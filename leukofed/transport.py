@@ -27,6 +27,9 @@ QUEUE_PREFIX = "hospital."
 TASK_FIT = "leukofed.client.fit"
 TASK_EVALUATE = "leukofed.client.evaluate"
 TASK_DESCRIBE = "leukofed.client.describe"
+# BatchNorm statistics of the new global weights over the hospital's training images
+# (aggregate per-channel means and variances, like those every fit update already carries).
+TASK_CALIBRATE = "leukofed.client.calibrate"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600  # longer than any local training we run
 ACCEPTED_CONTENT = ["msgpack", "json"]
@@ -187,6 +190,7 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "seed": 0,
     "jit_compile": False,  # XLA measured slower on CPU for most models
     "deadline": 0.0,  # epoch seconds; a task received after it is declined as expired
+    "calibration_images": 512,  # calibrate: at most this many un-augmented training images
     # local differential privacy (leukofed.privacy): the hospital clips its update delta to
     # dp_clip_norm and adds N(0, (dp_noise_multiplier * dp_clip_norm)^2) before sending
     "dp_mode": "",

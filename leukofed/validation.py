@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm")
+REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm", "range")
 
 
 class UpdateRejected(ValueError):
@@ -100,3 +100,14 @@ def validate_update(global_weights: Mapping[str, np.ndarray], update: Mapping[st
     if not diff <= bound:  # also catches a norm that overflowed to inf
         raise UpdateRejected("norm", f"update norm {diff:.4g} exceeds {bound:.4g} "
                              f"({max_norm_ratio:g} x global norm {ref:.4g})")
+
+
+def validate_batchnorm_stats(global_stats: Mapping[str, np.ndarray],
+                             stats: Mapping[str, np.ndarray],
+                             max_norm_ratio: float = 10.0) -> None:
+    """A hospital's calibrated BatchNorm statistics: the update checks above on exactly the
+    BatchNorm tensors, plus no negative variance (``range``)."""
+    validate_update(global_stats, stats, max_norm_ratio=max_norm_ratio)
+    negative = [n for n, v in stats.items() if n.endswith("moving_variance") and (v < 0).any()]
+    if negative:
+        raise UpdateRejected("range", f"negative variance in {_listed(negative)}")

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from leukofed.models import MODEL_NAMES
-from leukofed.strategies import make_strategy
+from leukofed.strategies import STRATEGIES, make_strategy
 from leukofed.transport import check_hospital_id
 
 
@@ -37,6 +37,14 @@ class PrivacyConfig(BaseModel):
             raise ValueError("adaptive_clipping needs mode 'central'")
         return self
 
+    def calibrates_batchnorm(self) -> bool:
+        """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""
+        if self.bn_calibration == "off" or self.bn_mode == "local" or self.privacy is not None:
+            return False
+        if self.bn_calibration == "on":
+            return True
+        return not STRATEGIES[self.strategy.strip().lower()].weights_are_client_average
+
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -56,6 +64,13 @@ class RunConfig(BaseModel):
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     bn_mode: Literal["average", "local"] = "average"
+    bn_calibration: Literal["auto", "on", "off"] = Field(
+        "auto", description="after each server step, hospitals measure BatchNorm statistics "
+        "of the new global weights and the aggregator pools them; auto: on for every "
+        "strategy whose global weights are not the clients' average (all but fedavg, "
+        "fedprox), off with bn_mode 'local' or differential privacy")
+    calibration_images: int = Field(512, ge=1, le=100_000,
+                                    description="training images per hospital for it")
     hospitals: list[str] | None = Field(None, description="default: every live hospital")
     fraction: float = Field(1.0, gt=0, le=1, description="share of hospitals sampled per round")
     min_fit_clients: int = Field(1, ge=1)
@@ -116,7 +131,21 @@ class RunConfig(BaseModel):
                 adaptive_split(self.privacy.noise_multiplier, sigma_b)
             except ValueError as exc:
                 raise ValueError(f"privacy: {exc}") from exc
+        if self.bn_calibration == "on" and self.bn_mode == "local":
+            raise ValueError("bn_calibration 'on' contradicts bn_mode 'local' (FedBN keeps "
+                             "statistics at the hospitals)")
+        if self.bn_calibration == "on" and self.privacy is not None:
+            raise ValueError("bn_calibration 'on' would release statistics outside the "
+                             "privacy accounting; use norm 'group' with differential privacy")
         if self.hospitals is not None and self.min_fit_clients > len(self.hospitals):
             raise ValueError(f"min_fit_clients={self.min_fit_clients} exceeds the "
                              f"{len(self.hospitals)} hospitals listed")
         return self
+
+    def calibrates_batchnorm(self) -> bool:
+        """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""
+        if self.bn_calibration == "off" or self.bn_mode == "local" or self.privacy is not None:
+            return False
+        if self.bn_calibration == "on":
+            return True
+        return not STRATEGIES[self.strategy.strip().lower()].weights_are_client_average

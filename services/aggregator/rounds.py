@@ -1,7 +1,8 @@
 """The round loop of one federated run.
 
 select -> dispatch fit -> wait (all answered, or the deadline with a quorum) -> validate ->
-aggregate -> federated evaluation -> checkpoint -> track (MLflow, registry).
+aggregate -> [BatchNorm calibration] -> federated evaluation -> checkpoint -> track (MLflow,
+registry).
 
 I/O sits behind three small interfaces (Dispatcher: Celery; ModelOps: Keras; Tracker:
 MLflow), so unit tests drive this loop with fakes and the decisions themselves are pure
@@ -18,9 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from leukofed.signing import SignatureRejected
-from leukofed.strategies import ClientResult, Strategy, make_strategy
-from leukofed.transport import TASK_EVALUATE, TASK_FIT
-from leukofed.validation import UpdateRejected, validate_update
+from leukofed.strategies import ClientResult, Strategy, make_strategy, pool_batchnorm_stats
+from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE, TASK_FIT
+from leukofed.validation import UpdateRejected, validate_batchnorm_stats, validate_update
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.logic import (
@@ -297,6 +298,11 @@ class FederatedRun:
                             f"{cfg.max_round_retries + 1} attempts: {last_reason}")
         private, dp_summary = self._privatize(cfg, weights, accepted, selected)
         new_weights = strategy.aggregate(weights, private, server_round)
+        calibration = None
+        if cfg.calibrates_batchnorm() and strategy.bn_stat_names:
+            new_weights, calibration = self._calibrate(
+                cfg, server_round, new_weights, sorted(r.hospital for r in accepted),
+                strategy.bn_stat_names)
         eval_start = self.clock()
         evaluations = self._evaluate(cfg, server_round, new_weights, sorted(answers))
         eval_wall = self.clock() - eval_start
@@ -304,6 +310,8 @@ class FederatedRun:
                                 rejected, failures, evaluations, new_weights)
         slowest = max((float(answers[r.hospital].get("timings", {}).get("total_s", 0.0))
                        for r in accepted), default=0.0)
+        if calibration is not None:
+            summary["bn_calibration"] = calibration
         if dp_summary is not None:
             dp_summary["epsilon"] = dp_epsilon(cfg, server_round)
             summary["privacy"] = dp_summary
@@ -413,6 +421,61 @@ class FederatedRun:
             self.event(f"round {server_round}: update from {hospital} rejected ({reason})",
                        round=server_round, hospital=hospital, rejected=reason.split(":")[0])
         return accepted, rejected
+
+    def _calibrate(self, cfg: RunConfig, server_round: int, weights: Weights,
+                   hospitals: list[str], bn_names: frozenset[str]
+                   ) -> tuple[Weights, dict[str, Any]]:
+        """Replace the new global model's BatchNorm statistics by those the round's hospitals
+        measure on it, pooled exactly (leukofed.strategies.pool_batchnorm_stats). Statistics
+        that fail a check are rejected with a logged reason; with none usable the averaged
+        statistics stay and the round goes on."""
+        start = self.clock()
+        deadline = start + cfg.round_deadline_s
+        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
+                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+                  "bn_mode": "average", "jit_compile": cfg.jit_compile, "deadline": deadline,
+                  "calibration_images": cfg.calibration_images}
+        blob = encode_weights(weights)
+        handles = {h: self.dispatcher.submit(h, TASK_CALIBRATE, [blob, config], deadline)
+                   for h in hospitals}
+        answers, failures = self._collect(server_round, TASK_CALIBRATE, handles, deadline, 0)
+        current = {n: weights[n] for n in sorted(bn_names)}
+        stats: list[Weights] = []
+        used: dict[str, int] = {}
+        rejected: dict[str, str] = {}
+        for hospital, answer in sorted(answers.items()):
+            try:
+                if self.verifier is not None:
+                    self.verifier(answer, hospital, self.record["id"], server_round)
+                n = answer.get("num_examples")
+                if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                    raise UpdateRejected("schema", f"num_examples must be a positive int, "
+                                                   f"got {n!r}")
+                measured = decode_weights(answer.get("weights"))
+                validate_batchnorm_stats(current, measured, max_norm_ratio=cfg.max_norm_ratio)
+            except SignatureRejected as exc:
+                rejected[hospital] = f"{exc.reason}: {exc.message}"
+            except WireFormatError as exc:
+                rejected[hospital] = f"wire: {exc}"
+            except UpdateRejected as exc:
+                rejected[hospital] = f"{exc.reason}: {exc.message}"
+            else:
+                stats.append(measured)
+                used[hospital] = n
+        for hospital, reason in rejected.items():
+            self.event(f"round {server_round}: BatchNorm statistics from {hospital} rejected "
+                       f"({reason})", round=server_round, hospital=hospital,
+                       rejected=reason.split(":")[0])
+        summary = {"hospitals": used, "rejected": rejected, "failed": failures,
+                   "seconds": self.clock() - start}
+        if not stats:
+            self.event(f"round {server_round}: no usable BatchNorm statistics; the averaged "
+                       "ones stay", round=server_round)
+            return weights, summary
+        pooled = pool_batchnorm_stats(stats, [float(n) for n in used.values()])
+        out = dict(weights)
+        out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
+        return out, summary
 
     def _evaluate(self, cfg: RunConfig, server_round: int, weights: Weights,
                   hospitals: list[str]) -> dict[str, dict[str, Any]]:

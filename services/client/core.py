@@ -20,7 +20,13 @@ from leukofed import signing
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
 from leukofed.splits import Split, group_split
-from leukofed.transport import TASK_DESCRIBE, TASK_EVALUATE, TASK_FIT, round_config
+from leukofed.transport import (
+    TASK_CALIBRATE,
+    TASK_DESCRIBE,
+    TASK_EVALUATE,
+    TASK_FIT,
+    round_config,
+)
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
 from services.client.settings import ClientSettings
@@ -234,6 +240,41 @@ class HospitalClient:
                        splits=splits, num_examples=splits["test"]["n"],
                        seconds=time.perf_counter() - start)
 
+    def calibrate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
+                  ) -> dict[str, Any]:
+        """BatchNorm moving statistics of the given global weights, measured exactly on up to
+        ``calibration_images`` un-augmented local training images. Leaves the hospital: one
+        mean and one variance per channel and the image count (the aggregator pools them);
+        the same kind of numbers every fit update carries in its BatchNorm tensors."""
+        cfg = round_config(config)
+        declined = (self.check_task(TASK_CALIBRATE, [blob, config], auth, cfg)
+                    or self._gate("calibrate", cfg))
+        if declined:
+            return declined
+        start = time.perf_counter()
+        try:
+            trainer = self._load_global(blob, cfg)
+        except (WireFormatError, ValueError) as exc:
+            return self._error("calibrate", cfg, f"global weights unusable: {exc}")
+        from leukofed.train import recalibrate_batchnorm
+        from leukofed.wire import weights_from_model
+
+        x, _ = self.arrays("train", int(cfg["image_size"]))
+        used = min(len(x), int(cfg["calibration_images"]))
+        if used == 0 or not self._bn_names:
+            return self._error("calibrate", cfg, "no training images or no BatchNorm layer")
+        recalibrate_batchnorm(trainer.model, x, max_images=used)
+        weights = weights_from_model(trainer.model)
+        out = encode_weights({n: weights[n] for n in sorted(self._bn_names)})
+        digest = hashlib.sha256(out).hexdigest()
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="calibrate",
+                                  status="ok", bytes=len(out), sha256=digest,
+                                  num_examples=used)
+        answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
+                         weights=out, bytes=len(out), sha256=digest, num_examples=used,
+                         seconds=time.perf_counter() - start)
+        return self._sign_answer(answer, cfg, fault_drills=False)
+
     def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
         declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, {})
         if declined:
@@ -256,10 +297,15 @@ class HospitalClient:
         return _status("error", self.hospital, reason=message, round=cfg["round"],
                        run_id=cfg["run_id"])
 
-    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
+                     fault_drills: bool = True) -> dict[str, Any]:
         """Attach this hospital's signature (run, round, hospital, nonce, weights, count)."""
         fault = self.settings.fault_for(int(cfg["round"])) if self.settings.fault else ""
-        previous, self._previous_answer = self._previous_answer, answer
+        previous = None
+        if fault_drills:
+            previous, self._previous_answer = self._previous_answer, answer
+        else:  # the signature drills act on fit updates only
+            fault = ""
         if self._signing_key is None or fault == "unsigned":
             return answer
         if fault == "replay" and previous is not None:

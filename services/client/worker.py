@@ -15,7 +15,14 @@ from typing import Any
 from celery import Celery
 
 from leukofed.logging import install_celery_logging
-from leukofed.transport import TASK_DESCRIBE, TASK_EVALUATE, TASK_FIT, make_celery, queue_name
+from leukofed.transport import (
+    TASK_CALIBRATE,
+    TASK_DESCRIBE,
+    TASK_EVALUATE,
+    TASK_FIT,
+    make_celery,
+    queue_name,
+)
 from services.client.core import HospitalClient
 from services.client.settings import ClientSettings
 
@@ -42,6 +49,10 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
     @app.task(name=TASK_EVALUATE)
     def evaluate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         return client().evaluate(blob, config, auth)
+
+    @app.task(name=TASK_CALIBRATE)
+    def calibrate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+        return client().calibrate(blob, config, auth)
 
     @app.task(name=TASK_DESCRIBE)
     def describe(auth: Any = None) -> dict[str, Any]:

@@ -96,3 +96,33 @@ def test_audit_cli(tmp_path: Path) -> None:
     assert not PauseSwitch(state).paused
     out = runner.invoke(app, ["client", "log", "--state-dir", state, "--json"]).output
     assert json.loads(out.splitlines()[0])["sha256"] == "f" * 64
+
+
+def test_calibrate_returns_batchnorm_statistics_of_the_given_weights(
+        client: HospitalClient, global_blob: bytes) -> None:
+    import numpy as np
+
+    from leukofed.models import build_model
+    from leukofed.train import recalibrate_batchnorm
+    from leukofed.wire import batchnorm_stat_names, set_model_weights, weights_from_model
+
+    answer = client.calibrate(global_blob, {**CFG, "calibration_images": 10})
+    assert answer["status"] == "ok" and answer["num_examples"] == 10
+    stats = decode_weights(answer["weights"])
+    model = build_model("compact_cnn", 32, seed=0)
+    assert set(stats) == batchnorm_stat_names(model)  # BatchNorm tensors and nothing else
+    # The same numbers a central recalibration of these weights on these images gives.
+    set_model_weights(model, decode_weights(global_blob))
+    x, _ = client.arrays("train", 32)
+    recalibrate_batchnorm(model, x, max_images=10)
+    expected = weights_from_model(model)
+    for name, value in stats.items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-6)
+    initial = decode_weights(global_blob)
+    assert any(not np.allclose(stats[n], initial[n]) for n in stats)  # they were measured
+    wire = msgpack.packb(answer, use_bin_type=True)
+    assert b"img-" not in wire and str(client.settings.data_dir).encode() not in wire
+    entry = list(client.participation.entries())[-1]
+    assert entry["task"] == "calibrate" and entry["sha256"] == answer["sha256"]
+    client.pause_switch.pause("audit")
+    assert client.calibrate(global_blob, CFG)["status"] == "declined"

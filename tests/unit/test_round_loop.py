@@ -230,3 +230,100 @@ def test_hospital_joining_between_rounds_takes_part_next_round(tmp_path) -> None
     run.tracker = tracker
     rec = run.execute()
     assert [r["selected"] for r in rec["rounds"]] == [["a"], ["a", "b"]]
+
+
+def calibrating(delta: float, n: int, stats: dict[str, Any] | None = None,
+                count: int | None = None):
+    """Fits like ``honest``; answers calibrate with the given BatchNorm statistics."""
+    fit = honest(delta, n)
+
+    def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        if not task.endswith("calibrate"):
+            return fit(task, args, hospital)
+        measured = stats if stats is not None else {"bn/moving_mean": np.full(2, delta,
+                                                                               np.float32)}
+        return {"status": "ok", "hospital": hospital, "weights": encode_weights(measured),
+                "num_examples": count if count is not None else n, "bytes": 10}
+    return answer
+
+
+def test_server_optimizer_rounds_end_with_pooled_batchnorm_calibration(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": calibrating(1.0, 1), "b": calibrating(3.0, 3)},
+                       live={"a", "b"})
+    run = make_run(tmp_path, d, clock, min_fit_clients=2, strategy="fedadam")
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    calibrations = [(h, c) for h, task, c in d.sent if task.endswith("calibrate")]
+    assert sorted(h for h, _ in calibrations) == ["a", "a", "b", "b"]  # 2 rounds
+    assert all(c["calibration_images"] == 512 and c["deadline"] for _, c in calibrations)
+    weights, _ = run.store.read_checkpoint(rec)
+    # The hospitals' measured means (1 with 1 image, 3 with 3 images) pooled: 2.5, not the
+    # averaged statistics of the fit updates (those were 1 + 2.5 + 2.5 = 6 after two rounds).
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 2.5))
+    assert rec["rounds"][1]["bn_calibration"]["hospitals"] == {"a": 1, "b": 3}
+
+
+def test_bad_batchnorm_statistics_are_rejected_and_the_round_goes_on(tmp_path) -> None:
+    clock = Clock()
+    nan = {"bn/moving_mean": np.full(2, np.nan, np.float32)}
+    d = FakeDispatcher(clock, {"a": calibrating(1.0, 1), "b": calibrating(3.0, 3, nan)},
+                       live={"a", "b"})
+    run = make_run(tmp_path, d, clock, min_fit_clients=2, strategy="fedmedian", rounds=1)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    calibration = rec["rounds"][0]["bn_calibration"]
+    assert calibration["hospitals"] == {"a": 1}
+    assert calibration["rejected"]["b"].startswith("non_finite")
+    assert any("BatchNorm statistics from b rejected (non_finite" in e["message"]
+               for e in rec["events"])
+    weights, _ = run.store.read_checkpoint(rec)
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 1.0))
+
+
+def test_without_usable_statistics_the_averaged_ones_stay(tmp_path) -> None:
+    clock = Clock()
+    wrong = {"other/moving_mean": np.ones(2, np.float32)}
+    d = FakeDispatcher(clock, {"a": calibrating(1.0, 1, wrong), "b": calibrating(3.0, 3, wrong)},
+                       live={"a", "b"})
+    run = make_run(tmp_path, d, clock, min_fit_clients=2, strategy="fedavgm", rounds=1)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    assert set(rec["rounds"][0]["bn_calibration"]["rejected"]) == {"a", "b"}
+    assert any("no usable BatchNorm statistics" in e["message"] for e in rec["events"])
+    weights, _ = run.store.read_checkpoint(rec)
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 1 + 2.5))  # averaged
+
+
+@pytest.mark.parametrize(("config", "calibrates"), [
+    ({"strategy": "fedavg"}, False),
+    ({"strategy": "fedprox"}, False),
+    ({"strategy": "fedadam"}, True),
+    ({"strategy": "krum"}, True),
+    ({"strategy": "fedavg", "bn_calibration": "on"}, True),
+    ({"strategy": "fedadam", "bn_calibration": "off"}, False),
+    ({"strategy": "fedadam", "bn_mode": "local"}, False),
+    ({"strategy": "fedadam", "privacy": {"noise_multiplier": 0.0}}, False),
+])
+def test_when_rounds_calibrate(config: dict[str, Any], calibrates: bool) -> None:
+    assert RunConfig(**config).calibrates_batchnorm() is calibrates
+
+
+@pytest.mark.parametrize("config", [
+    {"bn_calibration": "on", "bn_mode": "local"},
+    {"bn_calibration": "on", "privacy": {"noise_multiplier": 0.0}},
+    {"bn_calibration": "sometimes"},
+])
+def test_contradictory_calibration_configs_are_refused(config: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RunConfig(**config)
+
+
+def test_fedavg_sends_no_calibration_task(tmp_path) -> None:
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": calibrating(1.0, 1), "b": calibrating(3.0, 3)},
+                       live={"a", "b"})
+    rec = make_run(tmp_path, d, clock, min_fit_clients=2, rounds=1).execute()
+    assert rec["status"] == "completed"
+    assert not any(task.endswith("calibrate") for _, task, _ in d.sent)
+    assert "bn_calibration" not in rec["rounds"][0]

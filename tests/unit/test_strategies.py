@@ -17,6 +17,7 @@ from leukofed.strategies import (
     FedTrimmedAvg,
     FedYogi,
     make_strategy,
+    pool_batchnorm_stats,
     strategy_params,
     weighted_average,
 )
@@ -318,3 +319,30 @@ def test_registry_names() -> None:
 def test_make_strategy_rejects_bad_configs(name: str, params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_strategy(name, **params)
+
+
+def test_pooled_batchnorm_stats_equal_those_of_the_union() -> None:
+    # Hospital a saw activations [1, 3] (mean 2, var 1), b saw [5, 7, 9] (mean 7, var 8/3).
+    # Their union [1, 3, 5, 7, 9] has mean 5 and variance (16 + 4 + 0 + 4 + 16) / 5 = 8:
+    # the spread between the hospitals' means counts, which a plain average (1.83) misses.
+    a = {"bn/moving_mean": np.array([2.0], np.float32),
+         "bn/moving_variance": np.array([1.0], np.float32)}
+    b = {"bn/moving_mean": np.array([7.0], np.float32),
+         "bn/moving_variance": np.array([8 / 3], np.float32)}
+    pooled = pool_batchnorm_stats([a, b], [2, 3])
+    np.testing.assert_allclose(pooled["bn/moving_mean"], [5.0], rtol=1e-6)
+    np.testing.assert_allclose(pooled["bn/moving_variance"], [8.0], rtol=1e-6)
+    assert pooled["bn/moving_variance"].dtype == np.float32
+    data = np.array([1, 3, 5, 7, 9], np.float64)  # the same, computed from the union
+    assert pooled["bn/moving_variance"][0] == pytest.approx(data.var(), rel=1e-6)
+    # A tensor without its mean partner is example-weighted.
+    lone = pool_batchnorm_stats([{"x/moving_variance": np.ones(1)},
+                                 {"x/moving_variance": np.full(1, 5.0)}], [3, 1])
+    np.testing.assert_allclose(lone["x/moving_variance"], [2.0])
+    with pytest.raises(ValueError):
+        pool_batchnorm_stats([a, b], [2, 0, 1])
+
+
+def test_only_averaging_strategies_leave_batchnorm_stats_to_the_average() -> None:
+    averaging = {n for n, cls in STRATEGIES.items() if cls.weights_are_client_average}
+    assert averaging == {"fedavg", "fedprox"}
