@@ -48,8 +48,11 @@ def scenario_name(s: dict[str, Any]) -> str:
         bn += "-groupnorm"
     if s.get("privacy"):
         bn += f"-dp{s['privacy']['noise_multiplier']:g}"
+    if s.get("bn_calibration") == "off":
+        bn += "-nocal"
     alpha = f"{s['alpha']:g}" if s["scheme"] == "dirichlet" else ""
-    return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{fp}{bn}"
+    params = "".join(f"-{k}{v:g}" for k, v in sorted(s.get("params", {}).items()))
+    return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{params}{fp}{bn}"
 
 
 def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int]) -> dict:
@@ -74,6 +77,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                   "strategy": s["strategy"], "strategy_params": s.get("params", {}),
                   "bn_mode": s["bn_mode"], "privacy": s.get("privacy"),
                   "norm": s.get("norm", "batch"),
+                  "bn_calibration": s.get("bn_calibration", "auto"),
                   "hospitals": ids, "min_fit_clients": len(ids), "round_deadline_s": 1800,
                   "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
                   "server_test_manifest": str(split), "register_models": True}
@@ -234,6 +238,7 @@ def plot_epsilon(doc: dict[str, Any], path: Path) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     cfg, m, c = doc["config"], doc["machine"], doc["centralized"]
+    private = any(r.get("privacy") for r in doc["scenarios"])
     lines = [
         "# Federated training benchmark (real data, block split, test blocks held out)", "",
         f"Command: `{doc['command']}`  ",
@@ -247,9 +252,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"splits: test accuracy **{c['test_accuracy']:.4f}**, macro-F1 "
         f"**{c['test_macro_f1']:.4f}**.", "",
         "| scenario | final test acc | macro-F1 | recall B/E/Pre/Pro | gap to central (points) "
-        "| best acc | s/round | overhead share | KB/hospital/round | round (s) to 0.95 "
-        "| epsilon (delta 1e-5) |",
-        "|---" * 11 + "|",
+        "| best acc | s/round | overhead share | KB/hospital/round | round (s) to 0.95 |"
+        + (" epsilon (delta 1e-5) |" if private else ""),
+        "|---" * (11 if private else 10) + "|",
     ]
     for res in doc["scenarios"]:
         s = res["summary"]
@@ -261,12 +266,18 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {s['final_test_macro_f1']:.4f} | {rec} | {s['gap_to_central_points']:+.1f} "
             f"| {s['best_test_accuracy']:.4f} | {s['mean_round_s']:.1f} "
             f"| {100 * (s['mean_overhead_share'] or 0):.1f}% "
-            f"| {s['mean_bytes_per_hospital_round'] / 1024:.0f} | {reach} "
-            f"| {s['dp_epsilon'] if s.get('dp_epsilon') is None else round(s['dp_epsilon'], 2)} |")
+            f"| {s['mean_bytes_per_hospital_round'] / 1024:.0f} | {reach} |"
+            + (f" {eps if (eps := s.get('dp_epsilon')) is None else round(eps, 2)} |"
+               if private else ""))
     lines += ["", "Overhead share: (fit wall time − slowest hospital's own fit time) / round "
               "time, i.e. dispatch, transfer, validation and aggregation; the rest of a round "
               "is local training, federated evaluation, the server-side test evaluation and "
               "MLflow registration. Partitions (class counts per hospital) are in the JSON.", ""]
+    if any(r.get("bn_calibration") == "off" for r in doc["scenarios"]):
+        lines += ["`-nocal`: without the BatchNorm calibration step (`bn_calibration: off`); "
+                  "the global model keeps the averaged statistics of the fit updates. Other "
+                  "rows use the default (`auto`: calibration after every server step that is "
+                  "not a plain average).", ""]
     if doc.get("epsilon_png"):
         lines += ["## Accuracy against epsilon", "",
                   f"Plot: `{doc['epsilon_png']}`. Central mode, adaptive clipping (target "
@@ -294,9 +305,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenarios", default="3:dirichlet:fedavg,3:dirichlet:fedavg:fp16,"
                    "3:iid:fedavg,5:dirichlet:fedavg,5:iid:fedavg",
-                   help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn][:gn][:dpZ]; "
-                   "gn: GroupNorm compact CNN; dpZ: central DP, noise multiplier Z, "
-                   "adaptive clipping")
+                   help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn][:gn][:dpZ]"
+                   "[:nocal][:param=value]; gn: GroupNorm compact CNN; dpZ: central DP, noise "
+                   "multiplier Z, adaptive clipping; nocal: no BatchNorm calibration; "
+                   "param=value: a strategy parameter")
     p.add_argument("--central-from", default=None,
                    help="reuse the centralized reference of an earlier results JSON")
     p.add_argument("--append", action="store_true",
@@ -332,7 +344,9 @@ def main() -> None:
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],
              "fp16": "fp16" in parts[3:], "alpha": args.alpha if parts[1] != "iid" else 1.0,
              "bn_mode": "local" if "fedbn" in parts[3:] else "average",
-             "norm": "group" if "gn" in parts[3:] else "batch"}
+             "norm": "group" if "gn" in parts[3:] else "batch",
+             "bn_calibration": "off" if "nocal" in parts[3:] else "auto"}
+        s["params"] = {k: float(v) for k, v in (t.split("=", 1) for t in parts[3:] if "=" in t)}
         dp = [t for t in parts[3:] if t.startswith("dp")]
         if dp:
             s["privacy"] = {"mode": "central", "noise_multiplier": float(dp[0][2:]),
