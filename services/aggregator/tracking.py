@@ -146,6 +146,10 @@ class MlflowTracker:
             "dataset_fingerprints": json.dumps(summary["fingerprints"], sort_keys=True),
             "privacy": _privacy_tag(summary.get("privacy")),
         }
+        # Whose measured BatchNorm statistics the version carries (the lineage of those too).
+        calibration = summary.get("bn_calibration")
+        tags["bn_calibration"] = (json.dumps(calibration["hospitals"], sort_keys=True)
+                                  if calibration else "none (averaged statistics)")
         if summary.get("privacy"):
             tags["dp_epsilon"] = f"{float(summary['privacy']['epsilon']):.6g}"
             tags["dp_delta"] = f"{float(summary['privacy']['delta']):g}"

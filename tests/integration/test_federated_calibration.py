@@ -18,7 +18,8 @@ from leukofed import signing
 pytestmark = pytest.mark.integration
 
 
-def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_server) -> None:
+def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_server,
+                                                          mlflow_server) -> None:
     keys = tmp_path / "keys"
     signing.main(["generate", "--out", str(keys), "aggregator", "a", "b", "c"])
     data = tmp_path / "hospitals"
@@ -30,7 +31,7 @@ def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_s
     try:
         for w in workers:
             w.wait_ready(120)
-        with signed_aggregator(tmp_path, redis_server.url, keys) as client:
+        with signed_aggregator(tmp_path, redis_server.url, keys, mlflow_server.url) as client:
             response = client.post("/v1/runs", json={
                 **TINY, "rounds": 1, "strategy": "fedadam", "hospitals": ["a", "b"],
                 "min_fit_clients": 2, "round_deadline_s": 120, "max_round_retries": 0})
@@ -60,3 +61,10 @@ def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_s
         assert sent[h]["num_examples"] == calibration["hospitals"][h]
     variances = [v for n, v in weights.items() if n.endswith("moving_variance")]
     assert variances and all(np.isfinite(v).all() and (v >= 0).all() for v in variances)
+
+    # The registered version names whose statistics it carries.
+    from mlflow import MlflowClient
+
+    version = MlflowClient(mlflow_server.url).get_model_version(
+        "leukofed-it-signed", run["versions"]["1"])
+    assert json.loads(version.tags["bn_calibration"]) == calibration["hospitals"]

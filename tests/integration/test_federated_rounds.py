@@ -101,6 +101,7 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     assert set(json.loads(tags["example_counts"])) == {"a", "b"}
     assert set(json.loads(tags["dataset_fingerprints"])) == {"a", "b"}
     assert tags["strategy"] == "fedavg" and "val_macro_f1" in tags
+    assert tags["bn_calibration"] == "none (averaged statistics)"  # FedAvg: the average fits
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version
     assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}

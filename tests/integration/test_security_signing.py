@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 @contextmanager
-def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path) -> Iterator[TestClient]:
+def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path,
+                      tracking_uri: str | None = None) -> Iterator[TestClient]:
     from services.aggregator.app import create_app
     from services.aggregator.settings import AggregatorSettings
 
@@ -29,7 +30,9 @@ def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path) -> Iterator[T
     for h in ("a", "b", "c"):
         (pubs / f"{h}.pub").write_bytes((keys / f"{h}.pub").read_bytes())
     settings = AggregatorSettings(broker_url=broker_url, state_dir=tmp_path / "agg",
-                                  cache_dir=tmp_path / "cache", tracking=False,
+                                  cache_dir=tmp_path / "cache", tracking=bool(tracking_uri),
+                                  mlflow_tracking_uri=tracking_uri,
+                                  model_name="leukofed-it-signed",
                                   poll_interval_s=0.1, ping_timeout_s=0.5,
                                   signing_key_file=keys / "aggregator.key",
                                   hospital_keys_dir=pubs)
