@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-central bench-federated bench-privacy bench-inference up down \
+.PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference up down \
 	status logs demo test-browser test-security keys acl
 
 setup:
@@ -32,6 +32,13 @@ bench-central: setup
 
 bench-federated: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA)
+
+# Strategies and BatchNorm handling (3 non-IID hospitals); :nocal = without calibration.
+STRATEGY_SCENARIOS ?= 3:dirichlet:fedprox,3:dirichlet:fedavg:fedbn,3:dirichlet:fedavgm,3:dirichlet:fedadam,3:dirichlet:fedyogi,3:dirichlet:fedavgm:nocal,3:dirichlet:fedadam:nocal
+bench-strategies: setup
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(STRATEGY_SCENARIOS) \
+	  --central-from benchmarks/results/federated.json \
+	  --out benchmarks/results/federated-strategies.json --doc docs/benchmarks-federated-strategies.md
 
 # Accuracy against epsilon (client-level DP, GroupNorm compact CNN, 3 IID hospitals); reuses
 # the centralized reference of bench-federated's results.
