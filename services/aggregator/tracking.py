@@ -158,6 +158,10 @@ class MlflowTracker:
         metadata = self.model_ops.metadata(cfg, {"run_id": record["id"],
                                                  "round": summary["round"]})
         model = self.model_ops.keras_model(cfg, weights)
+        # start_run(run_id) refuses a run outside the process's active experiment; make it
+        # this run's, whatever else in the process set one before (found in the test suite).
+        run = self._client().get_run(record["mlflow_run_id"])
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         with mlflow.start_run(run_id=record["mlflow_run_id"]):
             version = register_round(model, metadata, record["id"], summary["round"], tags,
                                      self.model_name)

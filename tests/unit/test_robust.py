@@ -18,6 +18,7 @@ from leukofed.strategies import (
     krum_scores,
     krum_select,
     make_strategy,
+    pool_batchnorm_stats,
 )
 
 
@@ -89,6 +90,22 @@ def dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.repeat(np.arange(4), count)
 
 
+def calibrated(model, g: dict[str, np.ndarray], data: list[tuple[np.ndarray, np.ndarray]],
+               bn: set[str]) -> dict[str, np.ndarray]:
+    """The round loop's BatchNorm calibration step (services/aggregator/rounds.py), in
+    process: every hospital measures the statistics of ``g`` on its images (the attacker's
+    honest ones too), pooled exactly."""
+    from leukofed.train import recalibrate_batchnorm
+    from leukofed.wire import set_model_weights, weights_from_model
+
+    measured = []
+    for x, _ in data:
+        set_model_weights(model, g)
+        recalibrate_batchnorm(model, x)
+        measured.append({n: v for n, v in weights_from_model(model).items() if n in bn})
+    return {**g, **pool_batchnorm_stats(measured, [len(x) for x, _ in data])}
+
+
 def poisoning_accuracies(strategies: list[str], scale: float = 10.0) -> dict[str, float]:
     """Test accuracy after ROUNDS rounds with HONEST honest hospitals and one attacker that
     sends global - scale * (its honest update - global)."""
@@ -121,6 +138,8 @@ def poisoning_accuracies(strategies: list[str], scale: float = 10.0) -> dict[str
                 results.append(ClientResult(f"h{h}", w, len(x)))
             g = strategy.aggregate(g, results, rnd)
             kept_attacker |= HONEST in getattr(strategy, "last_selected", [])
+            if not strategy.weights_are_client_average:
+                g = calibrated(model, g, data, bn)
         set_model_weights(model, g)
         out[name] = float((trainer.predict(x_test).argmax(axis=1) == y_test).mean())
         out[f"{name}_kept_attacker"] = float(kept_attacker)
