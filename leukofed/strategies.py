@@ -91,14 +91,21 @@ def weighted_average(updates: Sequence[Mapping[str, np.ndarray]],
 
 
 def pool_batchnorm_stats(stats: Sequence[Mapping[str, np.ndarray]],
-                         counts: Sequence[float]) -> Weights:
+                         counts: Sequence[float], robust: bool = False) -> Weights:
     """Pooled BatchNorm statistics of several hospitals, as if measured on their union.
 
     Means are example-weighted; a ``.../moving_variance`` whose ``.../moving_mean`` is also
     given is pooled exactly, including the spread *between* the hospitals' means:
     var = sum_i n_i (var_i + mean_i^2) / N - mean^2. Any other tensor is example-weighted.
+    ``robust``: the coordinate-wise median of each tensor instead, unweighted, for the robust
+    strategies (one hospital's statistics, or its claimed count, cannot move it).
     """
     names = _check_same_names(stats)
+    if robust:
+        if len(counts) != len(stats):
+            raise ValueError(f"{len(stats)} statistics but {len(counts)} counts")
+        return {n: coordinate_median([s[n] for s in stats]).astype(
+            np.asarray(stats[0][n]).dtype) for n in names}
     w = weighted_average([{n: np.asarray(s[n], np.float64) for n in names} for s in stats],
                          counts)  # float64, validated weights
     total = float(sum(counts))
@@ -208,6 +215,8 @@ class Strategy(ABC):
     # to weights nobody has: the aggregator recalibrates them ("bn_calibration", measured
     # FedAdam 0.44 -> 0.98 test accuracy after central recalibration of its final model).
     weights_are_client_average: ClassVar[bool] = False
+    # Robust rules take the median of calibrated statistics too (pool_batchnorm_stats).
+    robust: ClassVar[bool] = False
 
     def __init__(self, *, bn_mode: str = "average", bn_stat_names: Iterable[str] = ()) -> None:
         if bn_mode not in BN_MODES:
@@ -440,6 +449,7 @@ class FedMedian(Strategy):
     claimed example count)."""
 
     name = "fedmedian"
+    robust = True
 
     def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
                  num_examples: list[float]) -> Weights:
@@ -451,6 +461,7 @@ class FedTrimmedAvg(Strategy):
     With fewer than 1/beta clients nothing is trimmed."""
 
     name = "fedtrimmedavg"
+    robust = True
 
     def __init__(self, *, beta: float = 0.2, **common: Any) -> None:
         super().__init__(**common)
@@ -470,6 +481,7 @@ class MultiKrum(Strategy):
     n > 2f + 2 updates. ``num_selected`` defaults to n - f."""
 
     name = "multikrum"
+    robust = True
 
     def __init__(self, *, num_malicious: int = 1, num_selected: int | None = None,
                  **common: Any) -> None:

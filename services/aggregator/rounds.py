@@ -302,7 +302,7 @@ class FederatedRun:
         if cfg.calibrates_batchnorm() and strategy.bn_stat_names:
             new_weights, calibration = self._calibrate(
                 cfg, server_round, new_weights, sorted(r.hospital for r in accepted),
-                strategy.bn_stat_names)
+                strategy.bn_stat_names, robust=strategy.robust)
         eval_start = self.clock()
         evaluations = self._evaluate(cfg, server_round, new_weights, sorted(answers))
         eval_wall = self.clock() - eval_start
@@ -423,7 +423,7 @@ class FederatedRun:
         return accepted, rejected
 
     def _calibrate(self, cfg: RunConfig, server_round: int, weights: Weights,
-                   hospitals: list[str], bn_names: frozenset[str]
+                   hospitals: list[str], bn_names: frozenset[str], robust: bool = False
                    ) -> tuple[Weights, dict[str, Any]]:
         """Replace the new global model's BatchNorm statistics by those the round's hospitals
         measure on it, pooled exactly (leukofed.strategies.pool_batchnorm_stats). Statistics
@@ -467,12 +467,12 @@ class FederatedRun:
                        f"({reason})", round=server_round, hospital=hospital,
                        rejected=reason.split(":")[0])
         summary = {"hospitals": used, "rejected": rejected, "failed": failures,
-                   "seconds": self.clock() - start}
+                   "pooling": "median" if robust else "exact", "seconds": self.clock() - start}
         if not stats:
             self.event(f"round {server_round}: no usable BatchNorm statistics; the averaged "
                        "ones stay", round=server_round)
             return weights, summary
-        pooled = pool_batchnorm_stats(stats, [float(n) for n in used.values()])
+        pooled = pool_batchnorm_stats(stats, [float(n) for n in used.values()], robust=robust)
         out = dict(weights)
         out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
         return out, summary

@@ -91,19 +91,22 @@ def dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrated(model, g: dict[str, np.ndarray], data: list[tuple[np.ndarray, np.ndarray]],
-               bn: set[str]) -> dict[str, np.ndarray]:
+               bn: set[str], robust: bool) -> dict[str, np.ndarray]:
     """The round loop's BatchNorm calibration step (services/aggregator/rounds.py), in
-    process: every hospital measures the statistics of ``g`` on its images (the attacker's
-    honest ones too), pooled exactly."""
+    process: every hospital measures the statistics of ``g`` on its images, the attacker
+    sends poisoned ones, pooled as the strategy asks (median for the robust ones)."""
     from leukofed.train import recalibrate_batchnorm
     from leukofed.wire import set_model_weights, weights_from_model
 
     measured = []
-    for x, _ in data:
+    for h, (x, _) in enumerate(data):
         set_model_weights(model, g)
         recalibrate_batchnorm(model, x)
-        measured.append({n: v for n, v in weights_from_model(model).items() if n in bn})
-    return {**g, **pool_batchnorm_stats(measured, [len(x) for x, _ in data])}
+        stats = {n: v for n, v in weights_from_model(model).items() if n in bn}
+        if h == HONEST:  # the attacker poisons its statistics as well: flipped means, 10x var
+            stats = {n: (v * 10 if n.endswith("variance") else -v) for n, v in stats.items()}
+        measured.append(stats)
+    return {**g, **pool_batchnorm_stats(measured, [len(x) for x, _ in data], robust=robust)}
 
 
 def poisoning_accuracies(strategies: list[str], scale: float = 10.0) -> dict[str, float]:
@@ -139,7 +142,7 @@ def poisoning_accuracies(strategies: list[str], scale: float = 10.0) -> dict[str
             g = strategy.aggregate(g, results, rnd)
             kept_attacker |= HONEST in getattr(strategy, "last_selected", [])
             if not strategy.weights_are_client_average:
-                g = calibrated(model, g, data, bn)
+                g = calibrated(model, g, data, bn, strategy.robust)
         set_model_weights(model, g)
         out[name] = float((trainer.predict(x_test).argmax(axis=1) == y_test).mean())
         out[f"{name}_kept_attacker"] = float(kept_attacker)

@@ -262,6 +262,7 @@ def test_server_optimizer_rounds_end_with_pooled_batchnorm_calibration(tmp_path)
     # averaged statistics of the fit updates (those were 1 + 2.5 + 2.5 = 6 after two rounds).
     np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 2.5))
     assert rec["rounds"][1]["bn_calibration"]["hospitals"] == {"a": 1, "b": 3}
+    assert rec["rounds"][1]["bn_calibration"]["pooling"] == "exact"
 
 
 def test_bad_batchnorm_statistics_are_rejected_and_the_round_goes_on(tmp_path) -> None:
@@ -273,7 +274,7 @@ def test_bad_batchnorm_statistics_are_rejected_and_the_round_goes_on(tmp_path) -
     rec = run.execute()
     assert rec["status"] == "completed", rec["reason"]
     calibration = rec["rounds"][0]["bn_calibration"]
-    assert calibration["hospitals"] == {"a": 1}
+    assert calibration["hospitals"] == {"a": 1} and calibration["pooling"] == "median"
     assert calibration["rejected"]["b"].startswith("non_finite")
     assert any("BatchNorm statistics from b rejected (non_finite" in e["message"]
                for e in rec["events"])

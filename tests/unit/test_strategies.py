@@ -346,3 +346,16 @@ def test_pooled_batchnorm_stats_equal_those_of_the_union() -> None:
 def test_only_averaging_strategies_leave_batchnorm_stats_to_the_average() -> None:
     averaging = {n for n, cls in STRATEGIES.items() if cls.weights_are_client_average}
     assert averaging == {"fedavg", "fedprox"}
+
+
+def test_robust_pooling_takes_the_median_so_one_hospital_cannot_move_it() -> None:
+    honest = [{"bn/moving_mean": np.array([m], np.float32),
+               "bn/moving_variance": np.array([v], np.float32)} for m, v in ((1, 1), (2, 2))]
+    wild = {"bn/moving_mean": np.array([1e4], np.float32),
+            "bn/moving_variance": np.array([1e4], np.float32)}
+    pooled = pool_batchnorm_stats([*honest, wild], [1, 1, 10_000], robust=True)
+    np.testing.assert_allclose(pooled["bn/moving_mean"], [2.0])  # a big count buys nothing
+    np.testing.assert_allclose(pooled["bn/moving_variance"], [2.0])
+    assert pool_batchnorm_stats([*honest, wild], [1, 1, 1])["bn/moving_mean"][0] > 3000
+    robust = {n for n, cls in STRATEGIES.items() if cls.robust}
+    assert robust == {"fedmedian", "fedtrimmedavg", "krum", "multikrum"}
