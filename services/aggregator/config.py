@@ -37,14 +37,6 @@ class PrivacyConfig(BaseModel):
             raise ValueError("adaptive_clipping needs mode 'central'")
         return self
 
-    def calibrates_batchnorm(self) -> bool:
-        """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""
-        if self.bn_calibration == "off" or self.bn_mode == "local" or self.privacy is not None:
-            return False
-        if self.bn_calibration == "on":
-            return True
-        return not STRATEGIES[self.strategy.strip().lower()].weights_are_client_average
-
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

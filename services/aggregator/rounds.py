@@ -395,28 +395,39 @@ class FederatedRun:
                 still.append((server_round, hospital, task, handle))
         self._late = still
 
-    def _validate(self, server_round: int, weights: Weights, answers: dict[str, dict[str, Any]],
-                  cfg: RunConfig) -> tuple[list[ClientResult], dict[str, str]]:
-        accepted: list[ClientResult] = []
+    def _checked(self, server_round: int, answers: dict[str, dict[str, Any]],
+                 check: Callable[[Weights], None]
+                 ) -> tuple[dict[str, tuple[int, Weights]], dict[str, str]]:
+        """Signature first (nothing unsigned is even decoded), then a positive example count,
+        the wire format and ``check`` on the decoded tensors. Returns {hospital: (count,
+        tensors)} and {hospital: reason}; a bad answer is a reason, never an exception."""
+        usable: dict[str, tuple[int, Weights]] = {}
         rejected: dict[str, str] = {}
         for hospital, answer in sorted(answers.items()):
             try:
-                if self.verifier is not None:  # first: nothing unsigned is even decoded
+                if self.verifier is not None:
                     self.verifier(answer, hospital, self.record["id"], server_round)
                 n = answer.get("num_examples")
                 if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                     raise UpdateRejected("schema", f"num_examples must be a positive int, "
                                                    f"got {n!r}")
-                update = decode_weights(answer.get("weights"))
-                validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio)
-            except SignatureRejected as exc:
+                tensors = decode_weights(answer.get("weights"))
+                check(tensors)
+            except (SignatureRejected, UpdateRejected) as exc:
                 rejected[hospital] = f"{exc.reason}: {exc.message}"
             except WireFormatError as exc:
                 rejected[hospital] = f"wire: {exc}"
-            except UpdateRejected as exc:
-                rejected[hospital] = f"{exc.reason}: {exc.message}"
             else:
-                accepted.append(ClientResult(hospital, update, n, answer.get("metrics", {})))
+                usable[hospital] = (n, tensors)
+        return usable, rejected
+
+    def _validate(self, server_round: int, weights: Weights, answers: dict[str, dict[str, Any]],
+                  cfg: RunConfig) -> tuple[list[ClientResult], dict[str, str]]:
+        usable, rejected = self._checked(
+            server_round, answers,
+            lambda update: validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio))
+        accepted = [ClientResult(h, update, n, answers[h].get("metrics", {}))
+                    for h, (n, update) in usable.items()]
         for hospital, reason in rejected.items():
             self.event(f"round {server_round}: update from {hospital} rejected ({reason})",
                        round=server_round, hospital=hospital, rejected=reason.split(":")[0])
@@ -440,28 +451,12 @@ class FederatedRun:
                    for h in hospitals}
         answers, failures = self._collect(server_round, TASK_CALIBRATE, handles, deadline, 0)
         current = {n: weights[n] for n in sorted(bn_names)}
-        stats: list[Weights] = []
-        used: dict[str, int] = {}
-        rejected: dict[str, str] = {}
-        for hospital, answer in sorted(answers.items()):
-            try:
-                if self.verifier is not None:
-                    self.verifier(answer, hospital, self.record["id"], server_round)
-                n = answer.get("num_examples")
-                if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                    raise UpdateRejected("schema", f"num_examples must be a positive int, "
-                                                   f"got {n!r}")
-                measured = decode_weights(answer.get("weights"))
-                validate_batchnorm_stats(current, measured, max_norm_ratio=cfg.max_norm_ratio)
-            except SignatureRejected as exc:
-                rejected[hospital] = f"{exc.reason}: {exc.message}"
-            except WireFormatError as exc:
-                rejected[hospital] = f"wire: {exc}"
-            except UpdateRejected as exc:
-                rejected[hospital] = f"{exc.reason}: {exc.message}"
-            else:
-                stats.append(measured)
-                used[hospital] = n
+        usable, rejected = self._checked(
+            server_round, answers,
+            lambda measured: validate_batchnorm_stats(current, measured,
+                                                      max_norm_ratio=cfg.max_norm_ratio))
+        used = {h: n for h, (n, _) in usable.items()}
+        stats = [measured for _, measured in usable.values()]
         for hospital, reason in rejected.items():
             self.event(f"round {server_round}: BatchNorm statistics from {hospital} rejected "
                        f"({reason})", round=server_round, hospital=hospital,

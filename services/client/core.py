@@ -163,17 +163,26 @@ class HospitalClient:
 
     # ------------------------------------------------------------ tasks
 
+    def _prepare(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
+                 ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+        """(round config, trainer holding the global weights, None), or (config, None, the
+        answer to send instead: declined or error). The signature check runs first."""
+        cfg = round_config(config)
+        short = task.rsplit(".", 1)[-1]
+        declined = self.check_task(task, [blob, config], auth, cfg) or self._gate(short, cfg)
+        if declined:
+            return cfg, None, declined
+        try:
+            return cfg, self._load_global(blob, cfg), None
+        except (WireFormatError, ValueError) as exc:
+            return cfg, None, self._error(short, cfg, f"global weights unusable: {exc}")
+
     def fit(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
             ) -> dict[str, Any]:
-        cfg = round_config(config)
-        declined = self.check_task(TASK_FIT, [blob, config], auth, cfg) or self._gate("fit", cfg)
-        if declined:
-            return declined
         start = time.perf_counter()
-        try:
-            trainer = self._load_global(blob, cfg)
-        except (WireFormatError, ValueError) as exc:
-            return self._error("fit", cfg, f"global weights unusable: {exc}")
+        cfg, trainer, refusal = self._prepare(TASK_FIT, blob, config, auth)
+        if refusal:
+            return refusal
         if self.settings.fault_delay_s:
             time.sleep(self.settings.fault_delay_s)
         from leukofed.train import local_fit
@@ -219,16 +228,10 @@ class HospitalClient:
 
     def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
                  ) -> dict[str, Any]:
-        cfg = round_config(config)
-        declined = (self.check_task(TASK_EVALUATE, [blob, config], auth, cfg)
-                    or self._gate("evaluate", cfg))
-        if declined:
-            return declined
         start = time.perf_counter()
-        try:
-            trainer = self._load_global(blob, cfg)
-        except (WireFormatError, ValueError) as exc:
-            return self._error("evaluate", cfg, f"global weights unusable: {exc}")
+        cfg, trainer, refusal = self._prepare(TASK_EVALUATE, blob, config, auth)
+        if refusal:
+            return refusal
         splits = {}
         for name in ("val", "test"):
             x, y = self.arrays(name, int(cfg["image_size"]))
@@ -246,16 +249,10 @@ class HospitalClient:
         ``calibration_images`` un-augmented local training images. Leaves the hospital: one
         mean and one variance per channel and the image count (the aggregator pools them);
         the same kind of numbers every fit update carries in its BatchNorm tensors."""
-        cfg = round_config(config)
-        declined = (self.check_task(TASK_CALIBRATE, [blob, config], auth, cfg)
-                    or self._gate("calibrate", cfg))
-        if declined:
-            return declined
         start = time.perf_counter()
-        try:
-            trainer = self._load_global(blob, cfg)
-        except (WireFormatError, ValueError) as exc:
-            return self._error("calibrate", cfg, f"global weights unusable: {exc}")
+        cfg, trainer, refusal = self._prepare(TASK_CALIBRATE, blob, config, auth)
+        if refusal:
+            return refusal
         from leukofed.train import recalibrate_batchnorm
         from leukofed.wire import weights_from_model
 
