@@ -70,7 +70,18 @@ class Worker(ProcessGroup):
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
+    @classmethod
+    def in_tmp(cls, tmp_path: Path, hospital: str, broker_url: str,
+               env: dict[str, str] | None = None, per_class: int = 6) -> Worker:
+        """The layout every test uses: a synthetic archive in ``tmp_path/hospitals/<id>``,
+        state in ``tmp_path/state-<id>``, one decode cache shared by the hospitals."""
+        return cls(hospital, hospital_data(tmp_path / "hospitals", hospital, per_class),
+                   broker_url, tmp_path / f"state-{hospital}", tmp_path / "cache", env or {})
+
     def start(self) -> Worker:
+        from services.client.settings import ClientSettings
+        from services.client.worker import worker_argv
+
         self.log_path = self.state_dir.parent / f"worker-{self.hospital}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = _env({"LEUKOFED_CLIENT_HOSPITAL_ID": self.hospital,
@@ -81,10 +92,10 @@ class Worker(ProcessGroup):
                     "LEUKOFED_CLIENT_BLOCK_SIZE": "2", **self.extra})
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "celery"), "-A", "services.client.worker", "worker",
-                 "--pool", "solo", "--concurrency", "1", "-Q", f"hospital.{self.hospital}",
-                 "-n", f"{self.hospital}@%h", "--loglevel", "INFO", "--without-gossip",
-                 "--without-mingle"],
+                # The command line `leukofed client worker` runs.
+                [str(VENV_BIN / "celery"), "-A", "services.client.worker",
+                 *worker_argv(ClientSettings(hospital_id=self.hospital,
+                                             data_dir=self.data_dir))],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         return self
@@ -95,6 +106,11 @@ class Worker(ProcessGroup):
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+
+def signing_env(keys: Path, hospital: str) -> dict[str, str]:
+    """A hospital worker's signing settings for keys made by ``leukofed keys generate``."""
+    return {"LEUKOFED_CLIENT_SIGNING_KEY_FILE": str(keys / f"{hospital}.key"),
+            "LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE": str(keys / "aggregator.pub")}
 
 
 def wait_log(path: Path | None, text: str, timeout: float,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedstack import TINY, Worker, finished, hospital_data, wait_run
+from fedstack import TINY, Worker, finished, signing_env, wait_run
 from test_security_signing import signed_aggregator
 
 from leukofed import signing
@@ -22,12 +22,8 @@ def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_s
                                                           mlflow_server) -> None:
     keys = tmp_path / "keys"
     signing.main(["generate", "--out", str(keys), "aggregator", "a", "b", "c"])
-    data = tmp_path / "hospitals"
-    workers = [Worker(h, hospital_data(data, h, per_class=4), redis_server.url,
-                      tmp_path / f"state-{h}", tmp_path / "cache",
-                      {"LEUKOFED_CLIENT_SIGNING_KEY_FILE": str(keys / f"{h}.key"),
-                       "LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE": str(keys / "aggregator.pub")}
-                      ).start() for h in ("a", "b")]
+    workers = [Worker.in_tmp(tmp_path, h, redis_server.url, signing_env(keys, h),
+                             per_class=4).start() for h in ("a", "b")]
     try:
         for w in workers:
             w.wait_ready(120)

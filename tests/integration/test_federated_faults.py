@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, finished, hospital_data, wait_log, wait_run
+from fedstack import TINY, Worker, finished, wait_log, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,10 @@ def messages(run: dict) -> list[str]:
 
 
 def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_server) -> None:
-    data = tmp_path / "hospitals"
-    a = Worker("a", hospital_data(data, "a"), redis_server.url, tmp_path / "state-a",
-               tmp_path / "cache").start()
+    a = Worker.in_tmp(tmp_path, "a", redis_server.url).start()
     # b stalls inside fit, so it is certainly mid-round when killed.
-    b = Worker("b", hospital_data(data, "b"), redis_server.url, tmp_path / "state-b",
-               tmp_path / "cache", {"LEUKOFED_CLIENT_FAULT_DELAY_S": "120"}).start()
+    b = Worker.in_tmp(tmp_path, "b", redis_server.url,
+                      {"LEUKOFED_CLIENT_FAULT_DELAY_S": "120"}).start()
     try:
         a.wait_ready()
         b.wait_ready()
@@ -90,11 +88,9 @@ def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_s
 
 
 def test_bad_updates_rejected_round_goes_on(tmp_path: Path, redis_server) -> None:
-    data = tmp_path / "hospitals"
-    honest = Worker("a", hospital_data(data, "a"), redis_server.url, tmp_path / "state-a",
-                    tmp_path / "cache").start()
-    byzantine = Worker("b", hospital_data(data, "b"), redis_server.url, tmp_path / "state-b",
-                       tmp_path / "cache", {"LEUKOFED_CLIENT_FAULT": "nan,shape,norm"}).start()
+    honest = Worker.in_tmp(tmp_path, "a", redis_server.url).start()
+    byzantine = Worker.in_tmp(tmp_path, "b", redis_server.url,
+                              {"LEUKOFED_CLIENT_FAULT": "nan,shape,norm"}).start()
     try:
         honest.wait_ready()
         byzantine.wait_ready()
@@ -114,10 +110,8 @@ def test_bad_updates_rejected_round_goes_on(tmp_path: Path, redis_server) -> Non
 
 
 def test_redis_restart_mid_run(tmp_path: Path, redis_server) -> None:
-    data = tmp_path / "hospitals"
-    workers = [Worker(h, hospital_data(data, h), redis_server.url, tmp_path / f"state-{h}",
-                      tmp_path / "cache", {"LEUKOFED_CLIENT_FAULT_DELAY_S": "2"}).start()
-               for h in ("a", "b")]
+    workers = [Worker.in_tmp(tmp_path, h, redis_server.url,
+                             {"LEUKOFED_CLIENT_FAULT_DELAY_S": "2"}).start() for h in ("a", "b")]
     try:
         for w in workers:
             w.wait_ready()

@@ -11,7 +11,6 @@ from fedstack import (
     Worker,
     finished,
     get_run,
-    hospital_data,
     start_run,
     wait_run,
 )
@@ -23,10 +22,8 @@ def test_aggregator_killed_and_restarted_resumes(tmp_path: Path, redis_server,
                                                  mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    data = tmp_path / "hospitals"
-    workers = [Worker(h, hospital_data(data, h), redis_server.url, tmp_path / f"state-{h}",
-                      tmp_path / "cache", {"LEUKOFED_CLIENT_FAULT_DELAY_S": "1.5"}).start()
-               for h in ("a", "b")]
+    workers = [Worker.in_tmp(tmp_path, h, redis_server.url,
+                             {"LEUKOFED_CLIENT_FAULT_DELAY_S": "1.5"}).start() for h in ("a", "b")]
     agg = AggregatorProcess(redis_server.url, tmp_path / "agg", mlflow_server.url,
                             model_name="leukofed-it-restart")
     try:

@@ -14,7 +14,6 @@ from fedstack import (
     Worker,
     finished,
     get_run,
-    hospital_data,
     start_run,
     wait_run,
 )
@@ -56,9 +55,8 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     from mlflow import MlflowClient
 
     monitor = Monitor(redis_server.url).start()
-    data = tmp_path / "hospitals"
-    workers = [Worker(h, hospital_data(data, h), redis_server.url, tmp_path / f"state-{h}",
-                      tmp_path / "cache").start() for h in ("a", "b")]
+    data = tmp_path / "hospitals"  # where Worker.in_tmp puts the archives
+    workers = [Worker.in_tmp(tmp_path, h, redis_server.url).start() for h in ("a", "b")]
     agg = AggregatorProcess(redis_server.url, tmp_path / "agg", mlflow_server.url,
                             model_name="leukofed-it-rounds")
     try:

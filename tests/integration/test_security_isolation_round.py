@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, acl_redis_server, finished, hospital_data, wait_run
+from fedstack import TINY, Worker, acl_redis_server, finished, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +36,8 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
     from services.aggregator.settings import AggregatorSettings
 
     port, pw = acl_redis
-    data = tmp_path / "hospitals"
-    workers = [Worker(h, hospital_data(data, h, per_class=4), url(h, pw[h], port),
-                      tmp_path / f"state-{h}", tmp_path / "cache",
-                      {"LEUKOFED_CLIENT_ISOLATE": "true"}).start() for h in ("a", "b")]
+    workers = [Worker.in_tmp(tmp_path, h, url(h, pw[h], port), {"LEUKOFED_CLIENT_ISOLATE": "true"},
+                             per_class=4).start() for h in ("a", "b")]
     auditor = redis.Redis(port=port, username="auditor", password=AUDITOR)
     try:
         for w in workers:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, finished, hospital_data, wait_run
+from fedstack import TINY, Worker, finished, signing_env, wait_run
 
 from leukofed import signing
 from leukofed.transport import TASK_DESCRIBE, TASK_FIT, make_celery
@@ -43,14 +43,11 @@ def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path,
 def test_unsigned_task_refused_and_bad_updates_rejected(tmp_path: Path, redis_server) -> None:
     keys = tmp_path / "keys"
     signing.main(["generate", "--out", str(keys), "aggregator", "a", "b", "c"])
-    data = tmp_path / "hospitals"
 
     def worker(h: str, fault: str = "") -> Worker:
-        return Worker(h, hospital_data(data, h, per_class=4), redis_server.url,
-                      tmp_path / f"state-{h}", tmp_path / "cache",
-                      {"LEUKOFED_CLIENT_SIGNING_KEY_FILE": str(keys / f"{h}.key"),
-                       "LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE": str(keys / "aggregator.pub"),
-                       "LEUKOFED_CLIENT_FAULT": fault}).start()
+        return Worker.in_tmp(tmp_path, h, redis_server.url,
+                             {**signing_env(keys, h), "LEUKOFED_CLIENT_FAULT": fault},
+                             per_class=4).start()
 
     # a: honest. b: honest in round 1, replays its round-1 update in round 2.
     # c: unsigned update in round 1, signed with a key that is not c's in round 2.

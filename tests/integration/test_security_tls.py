@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 from conftest import ROOT, free_port, wait_for_port
-from fedstack import Worker, hospital_data
+from fedstack import Worker
 
 from leukofed.transport import make_celery, tls_options
 from services.aggregator.dispatch import CeleryDispatcher
@@ -133,11 +133,11 @@ def test_settings_refuse_half_configured_tls(tmp_path: Path) -> None:
 
 def test_celery_round_trip_over_tls(tls_redis: TlsRedis, tmp_path: Path) -> None:
     c = tls_redis.certs
-    worker = Worker("a", hospital_data(tmp_path / "data", "a", per_class=3), tls_redis.url,
-                    tmp_path / "state-a", tmp_path / "cache",
-                    {"LEUKOFED_CLIENT_TLS_CA_FILE": str(c / "ca.crt"),
-                     "LEUKOFED_CLIENT_TLS_CERT_FILE": str(c / "a.crt"),
-                     "LEUKOFED_CLIENT_TLS_KEY_FILE": str(c / "a.key")}).start()
+    worker = Worker.in_tmp(tmp_path, "a", tls_redis.url,
+                           {"LEUKOFED_CLIENT_TLS_CA_FILE": str(c / "ca.crt"),
+                            "LEUKOFED_CLIENT_TLS_CERT_FILE": str(c / "a.crt"),
+                            "LEUKOFED_CLIENT_TLS_KEY_FILE": str(c / "a.key")},
+                           per_class=3).start()
     try:
         worker.wait_ready()
         # The aggregator's side, built the way services/aggregator/app.py builds it.
