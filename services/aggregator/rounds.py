@@ -437,19 +437,13 @@ class FederatedRun:
                    hospitals: list[str], bn_names: frozenset[str], robust: bool = False
                    ) -> tuple[Weights, dict[str, Any]]:
         """Replace the new global model's BatchNorm statistics by those the round's hospitals
-        measure on it, pooled exactly (leukofed.strategies.pool_batchnorm_stats). Statistics
-        that fail a check are rejected with a logged reason; with none usable the averaged
-        statistics stay and the round goes on."""
+        measure on it, pooled exactly or by median (leukofed.strategies.pool_batchnorm_stats).
+        Statistics that fail a check are rejected with a logged reason; with none usable the
+        averaged statistics stay and the round goes on."""
         start = self.clock()
-        deadline = start + cfg.round_deadline_s
-        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
-                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-                  "bn_mode": "average", "jit_compile": cfg.jit_compile, "deadline": deadline,
-                  "calibration_images": cfg.calibration_images}
-        blob = encode_weights(weights)
-        handles = {h: self.dispatcher.submit(h, TASK_CALIBRATE, [blob, config], deadline)
-                   for h in hospitals}
-        answers, failures = self._collect(server_round, TASK_CALIBRATE, handles, deadline, 0)
+        answers, failures = self._ask(cfg, server_round, TASK_CALIBRATE, weights, hospitals,
+                                      bn_mode="average",
+                                      calibration_images=cfg.calibration_images)
         current = {n: weights[n] for n in sorted(bn_names)}
         usable, rejected = self._checked(
             server_round, answers,
@@ -472,19 +466,26 @@ class FederatedRun:
         out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
         return out, summary
 
+    def _ask(self, cfg: RunConfig, server_round: int, task: str, weights: Weights,
+             hospitals: list[str], **config: Any
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Send ``task`` with these global weights to every hospital and wait for them all or
+        the round deadline, with no quorum: evaluation and calibration use whoever answers."""
+        deadline = self.clock() + cfg.round_deadline_s
+        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
+                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+                  "jit_compile": cfg.jit_compile, "deadline": deadline, **config}
+        blob = encode_weights(weights)
+        handles = {h: self.dispatcher.submit(h, task, [blob, config], deadline)
+                   for h in hospitals}
+        return self._collect(server_round, task, handles, deadline, 0)
+
     def _evaluate(self, cfg: RunConfig, server_round: int, weights: Weights,
                   hospitals: list[str]) -> dict[str, dict[str, Any]]:
         if not hospitals:
             return {}
-        deadline = self.clock() + cfg.round_deadline_s
-        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
-                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-                  "bn_mode": cfg.bn_mode,
-                  "jit_compile": cfg.jit_compile, "deadline": deadline}
-        blob = encode_weights(weights)
-        handles = {h: self.dispatcher.submit(h, TASK_EVALUATE, [blob, config], deadline)
-                   for h in hospitals}
-        answers, _ = self._collect(server_round, TASK_EVALUATE, handles, deadline, 0)
+        answers, _ = self._ask(cfg, server_round, TASK_EVALUATE, weights, hospitals,
+                               bn_mode=cfg.bn_mode)
         return answers
 
     def _summary(self, cfg: RunConfig, server_round: int, attempt: int, selected: list[str],
