@@ -355,6 +355,30 @@ class _Stateful(Strategy):
                              f"tensor has {like.shape}")
         return have
 
+    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Weights:
+        """A server optimizer step on the example-weighted average delta, tensor by tensor;
+        the state is committed only after every tensor succeeded."""
+        if not global_weights:
+            return {}
+        avg = weighted_average([{n: np.asarray(u[n], np.float64) for n in u} for u in updates],
+                               num_examples)
+        out: Weights = {}
+        new_state: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.slots}
+        for name, x in global_weights.items():
+            out[name], values = self._step(name, x, avg[name] - x)
+            for slot, value in zip(self.slots, values, strict=True):
+                new_state[slot][name] = value
+        for slot, arrays in new_state.items():
+            self._arrays[slot].update(arrays)
+        self.t += 1
+        return out
+
+    @abstractmethod
+    def _step(self, name: str, x: np.ndarray, delta: np.ndarray
+              ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """(new value of tensor ``name``, its new state, one array per slot)."""
+
 
 class FedAvgM(_Stateful):
     """FedAvg with server momentum (Hsu et al. 2019): smooths the round-to-round swings that
@@ -369,20 +393,11 @@ class FedAvgM(_Stateful):
         self.momentum = _number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.params.update(server_lr=self.server_lr, momentum=self.momentum)
 
-    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
-                 num_examples: list[float]) -> Weights:
-        if not global_weights:
-            return {}
-        avg = weighted_average([{n: np.asarray(u[n], np.float64) for n in u} for u in updates],
-                               num_examples)
-        out, moms = {}, {}
-        for name, x in global_weights.items():
-            m = self._slot("momentum", name, x, 0.0)
-            out[name], moms[name] = momentum_step(x, avg[name] - x, m, self.server_lr,
-                                                  self.momentum)
-        self._arrays["momentum"].update(moms)  # commit only after every tensor succeeded
-        self.t += 1
-        return out
+    def _step(self, name: str, x: np.ndarray, delta: np.ndarray
+              ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        new, m = momentum_step(x, delta, self._slot("momentum", name, x, 0.0), self.server_lr,
+                               self.momentum)
+        return new, (m,)
 
 
 class _FedOpt(_Stateful):
@@ -403,23 +418,12 @@ class _FedOpt(_Stateful):
         self.tau = _number("tau", tau, low=0.0, low_open=True)
         self.params.update(eta=self.eta, beta_1=self.beta_1, beta_2=self.beta_2, tau=self.tau)
 
-    def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
-                 num_examples: list[float]) -> Weights:
-        if not global_weights:
-            return {}
-        avg = weighted_average([{n: np.asarray(u[n], np.float64) for n in u} for u in updates],
-                               num_examples)
-        out, ms, vs = {}, {}, {}
-        for name, x in global_weights.items():
-            m = self._slot("m", name, x, 0.0)
-            v = self._slot("v", name, x, self.tau**2)
-            out[name], ms[name], vs[name] = adaptive_step(
-                self.variant, x, avg[name] - x, m, v, self.eta, self.beta_1, self.beta_2,
-                self.tau)
-        self._arrays["m"].update(ms)  # commit only after every tensor succeeded
-        self._arrays["v"].update(vs)
-        self.t += 1
-        return out
+    def _step(self, name: str, x: np.ndarray, delta: np.ndarray
+              ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        new, m, v = adaptive_step(self.variant, x, delta, self._slot("m", name, x, 0.0),
+                                  self._slot("v", name, x, self.tau**2), self.eta, self.beta_1,
+                                  self.beta_2, self.tau)
+        return new, (m, v)
 
 
 class FedAdagrad(_FedOpt):
