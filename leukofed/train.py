@@ -66,12 +66,12 @@ def load_arrays(
     return x, labels
 
 
-def augment(x: tf.Tensor) -> tf.Tensor:
-    """Per-image random dihedral transform (flips, 90-degree turns) and small colour jitter.
+AUGMENTATIONS = ("stain", "basic")
+DEFAULT_AUGMENTATION = "stain"
 
-    Stained smears have no preferred orientation, so all 8 symmetries of the square are
-    valid; colour jitter stays small because stain colour carries class information.
-    """
+
+def _dihedral(x: tf.Tensor) -> tf.Tensor:
+    """Random flips and 90-degree turns per image: smears have no preferred orientation."""
     b = tf.shape(x)[0]
 
     def coin() -> tf.Tensor:
@@ -79,7 +79,14 @@ def augment(x: tf.Tensor) -> tf.Tensor:
 
     x = tf.where(coin(), tf.reverse(x, [2]), x)
     x = tf.where(coin(), tf.reverse(x, [1]), x)
-    x = tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)  # with flips: all 90-degree turns
+    return tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)  # with flips: all 8 symmetries
+
+
+def augment_basic(x: tf.Tensor) -> tf.Tensor:
+    """The old recipe: dihedral transforms and a small colour jitter. It leaves the stain,
+    so a model trained with it can (and does) classify by colour: docs/shortcuts.md."""
+    b = tf.shape(x)[0]
+    x = _dihedral(x)
     mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
     contrast = tf.random.uniform([b, 1, 1, 1], 0.9, 1.1)
     brightness = tf.random.uniform([b, 1, 1, 1], -0.08, 0.08) * 255.0
@@ -88,16 +95,82 @@ def augment(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
+def _random_crop(x: tf.Tensor, min_scale: float = 0.7) -> tf.Tensor:
+    """A random square crop of 70-100% of the side, resized back: no fixed corner (the
+    scale bar) stays in place, and cell size varies a little as between microscopes."""
+    b, size = tf.shape(x)[0], tf.shape(x)[1]
+    side = tf.random.uniform([b], min_scale, 1.0)
+    y0 = tf.random.uniform([b]) * (1.0 - side)
+    x0 = tf.random.uniform([b]) * (1.0 - side)
+    boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(b), tf.stack([size, size]))
+
+
+def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """Each image's optical densities moved to the statistics of another image of the batch
+    (any class), scaled by a random factor: stain stops telling the classes apart."""
+    b = tf.shape(od)[0]
+    perm = tf.random.shuffle(tf.range(b))
+    target_mean = tf.gather(mean, perm) * tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
+    target_std = tf.gather(std, perm) * tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
+    # Bounded so that a dense smear moved to a faint one's statistics is not washed out.
+    scale = tf.clip_by_value(target_std / std, 0.5, 2.0)
+    return (od - mean) * scale + target_mean
+
+
+def augment_stain(x: tf.Tensor) -> tf.Tensor:
+    """The stain-robust recipe (default): crop, dihedral, then stain transfer between
+    images of any class in optical-density space, half the time with cells and background
+    moved to different stains; brightness, contrast, gamma and channel jitter; and
+    grayscale for one image in five. Chosen by measurement: docs/shortcuts.md."""
+    b = tf.shape(x)[0]
+    x = _dihedral(_random_crop(x))
+    od = -tf.math.log((x + 1.0) / 256.0)
+    mean = tf.reduce_mean(od, axis=[1, 2], keepdims=True)
+    std = tf.math.reduce_std(od, axis=[1, 2], keepdims=True) + 1e-3
+    r, g, bl = x[..., 0:1], x[..., 1:2], x[..., 2:3]
+    cells = tf.sigmoid(((r + bl) / 2.0 - g - 30.0) / 5.0)  # soft purple-cell mask
+    one = _stain_transfer(od, mean, std)
+    two = _stain_transfer(od, mean, std)
+    split = tf.random.uniform([b, 1, 1, 1]) < 0.5
+    od_new = tf.where(split, cells * one + (1.0 - cells) * two, one)
+    transfer = tf.random.uniform([b, 1, 1, 1]) < 0.8
+    od = tf.where(transfer, od_new, od)
+    x = tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
+    gamma = tf.random.uniform([b, 1, 1, 1], 0.7, 1.4)
+    x = 255.0 * tf.pow(x / 255.0 + 1e-6, gamma)
+    mean_x = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    contrast = tf.random.uniform([b, 1, 1, 1], 0.7, 1.3)
+    brightness = tf.random.uniform([b, 1, 1, 1], -0.12, 0.12) * 255.0
+    channel = tf.random.uniform([b, 1, 1, 3], 0.85, 1.15)
+    x = ((x - mean_x) * contrast + mean_x + brightness) * channel
+    gray = tf.random.uniform([b, 1, 1, 1]) < 0.2
+    x = tf.where(gray, tf.repeat(tf.reduce_mean(x, axis=3, keepdims=True), 3, axis=3), x)
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION) -> tf.Tensor:
+    if recipe == "stain":
+        return augment_stain(x)
+    if recipe == "basic":
+        return augment_basic(x)
+    raise ValueError(f"unknown augmentation {recipe!r}; choose from {AUGMENTATIONS}")
+
+
 def make_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, seed: int = 0
+    x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, seed: int = 0,
+    augmentation: str = DEFAULT_AUGMENTATION,
 ) -> tf.data.Dataset:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose from {AUGMENTATIONS}")
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=training and len(x) >= batch_size)
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
-        ds = ds.map(lambda a, b: (augment(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda a, b: (augment(a, augmentation), b),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -275,6 +348,7 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     recalibrate_bn: bool = True,
+    augmentation: str = DEFAULT_AUGMENTATION,
 ) -> FitResult:
     """Centralized training: cosine schedule, early stopping on validation macro-F1,
     best weights restored at the end. With ``recalibrate_bn`` BatchNorm statistics are
@@ -282,7 +356,7 @@ def fit(
     (and kept) is the one that will be served."""
     x, y = train
     trainer.reset(class_weights=class_weights(y) if class_balanced else np.ones(len(CLASSES)))
-    ds = make_dataset(x, y, batch_size, training=True, seed=seed)
+    ds = make_dataset(x, y, batch_size, training=True, seed=seed, augmentation=augmentation)
     steps = len(x) // batch_size if len(x) >= batch_size else 1
     result = FitResult()
     best_weights = trainer.model.get_weights()
@@ -329,6 +403,7 @@ def local_fit(
     class_balanced: bool = True,
     seed: int = 0,
     recalibrate_bn: bool = True,
+    augmentation: str = DEFAULT_AUGMENTATION,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
     trainer.model. Returns aggregate numbers only (nothing per image)."""
@@ -337,7 +412,8 @@ def local_fit(
         proximal_mu=proximal_mu,
         class_weights=class_weights(y) if class_balanced else np.ones(len(CLASSES), np.float32),
     )
-    ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed)
+    ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed,
+                      augmentation=augmentation)
     stats: dict[str, float] = {}
     total = 0.0
     for _ in range(epochs):
