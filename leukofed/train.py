@@ -121,8 +121,8 @@ def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor
 def augment_stain(x: tf.Tensor) -> tf.Tensor:
     """The stain-robust recipe (default): crop, dihedral, then stain transfer between
     images of any class in optical-density space, half the time with cells and background
-    moved to different stains; brightness, contrast, gamma and channel jitter; and
-    grayscale for one image in five. Chosen by measurement: docs/shortcuts.md."""
+    moved to different stains; brightness, contrast, gamma and channel jitter. Chosen by
+    measurement: docs/shortcuts.md."""
     b = tf.shape(x)[0]
     x = _dihedral(_random_crop(x))
     od = -tf.math.log((x + 1.0) / 256.0)
@@ -144,8 +144,8 @@ def augment_stain(x: tf.Tensor) -> tf.Tensor:
     brightness = tf.random.uniform([b, 1, 1, 1], -0.12, 0.12) * 255.0
     channel = tf.random.uniform([b, 1, 1, 3], 0.85, 1.15)
     x = ((x - mean_x) * contrast + mean_x + brightness) * channel
-    gray = tf.random.uniform([b, 1, 1, 1]) < 0.2
-    x = tf.where(gray, tf.repeat(tf.reduce_mean(x, axis=3, keepdims=True), 3, axis=3), x)
+    # No grayscale: the model's CellFocus finds cells by their purple, and a grayscale
+    # photograph is referred as out of distribution (leukofed.ood) rather than answered.
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
