@@ -6,6 +6,12 @@ old one (ONNX from the store, a session, a warm-up run) and only then replaces t
 flight finish on the model they started with and none fails during a swap. A version that
 fails its parity check (or cannot be exported at all) is refused for good and the
 previous one keeps serving; transient errors (MLflow unreachable) are retried each poll.
+
+Each version's metadata may carry its training images' acquisition profile
+(``leukofed.ood``); the served model judges every input against it, so an answer on an
+image unlike the training data says "refer to a hematologist". A version without a profile
+(or with a malformed one, which is logged, never fatal) is served with the check marked
+unavailable.
 """
 
 from __future__ import annotations
@@ -21,12 +27,75 @@ from typing import Any
 import numpy as np
 
 from leukofed.export import ParityError, read_onnx_metadata
+from leukofed.ood import DESCRIPTORS, AcquisitionProfile
 
 from . import runtime
 from .onnx_store import ExportError, OnnxArtifact, OnnxStore, VersionInfo
 from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
+
+NO_PROFILE = ("this model version carries no acquisition profile; out-of-distribution "
+              "check unavailable")
+ADVICE_REFER = ("Refer to a hematologist: this image is unlike the images the model was "
+                "trained on, so its label is not reliable and must not be used.")
+ADVICE_SUPPORT = ("Decision support, not a diagnosis: the image resembles the model's "
+                  "training images; review the result with the full clinical and "
+                  "laboratory picture.")
+ADVICE_UNCHECKED = ("Decision support, not a diagnosis: whether this image resembles the "
+                    "model's training images could not be checked; review the result with "
+                    "particular care.")
+
+
+def load_profile(metadata: dict[str, Any], version: str = "?"
+                 ) -> tuple[AcquisitionProfile | None, str]:
+    """The version's acquisition profile, or None and why it is unavailable.
+
+    A malformed profile is logged and treated as absent: it must never stop serving."""
+    raw = metadata.get("acquisition_profile")
+    if raw is None:
+        return None, NO_PROFILE
+    try:
+        profile = AcquisitionProfile.from_dict(raw)
+        d = len(DESCRIPTORS)
+        arrays = {"mean": (d,), "precision": (d, d), "low": (d,), "high": (d,)}
+        for name, shape in arrays.items():
+            value = np.asarray(getattr(profile, name), np.float64)
+            if value.shape != shape or not np.isfinite(value).all():
+                raise ValueError(f"{name} is not {len(shape)}-D finite numbers of shape "
+                                 f"{shape}")
+            setattr(profile, name, value)
+        if not (np.isfinite(profile.max_distance) and profile.max_distance > 0
+                and np.isfinite(profile.range_margin) and profile.range_margin >= 0):
+            raise ValueError("max_distance or range_margin out of range")
+        profile.judge(profile.mean)  # one dry run: judging cannot fail later on shapes
+    except Exception as exc:
+        log.error("version %s has a malformed acquisition profile (%s: %s); serving it "
+                  "without the out-of-distribution check", version, type(exc).__name__, exc)
+        return None, (f"this model version's acquisition profile is malformed "
+                      f"({type(exc).__name__}); out-of-distribution check unavailable")
+    return profile, ""
+
+
+@dataclass(frozen=True)
+class Referral:
+    """The out-of-distribution verdict on one model input, in the API's words."""
+
+    in_distribution: bool | None  # None: not checked
+    refer: bool | None  # None: unknown (no profile); True: refer to a hematologist
+    reasons: tuple[str, ...]
+    distance: float | None
+
+    @property
+    def advice(self) -> str:
+        if self.refer:
+            return ADVICE_REFER
+        return ADVICE_SUPPORT if self.refer is False else ADVICE_UNCHECKED
+
+    def fields(self) -> dict[str, Any]:
+        return {"in_distribution": self.in_distribution, "refer": self.refer,
+                "refer_reasons": list(self.reasons), "ood_distance": self.distance,
+                "advice": self.advice}
 
 
 @dataclass(frozen=True)
@@ -42,6 +111,8 @@ class ServedModel:
     parity_max_abs_diff: float | None
     providers: list[str]
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    profile: AcquisitionProfile | None = field(default=None, compare=False, repr=False)
+    profile_note: str = NO_PROFILE  # why there is no profile (when there is none)
 
     @property
     def classes(self) -> list[str]:
@@ -53,6 +124,30 @@ class ServedModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return runtime.run(self.session, images)
+
+    def judge(self, images: np.ndarray) -> list[Referral]:
+        """One Referral per model input (N, S, S, 3; 0-255, exactly what the model saw).
+
+        CPU work (a few ms per image): call it off the event loop."""
+        if self.profile is None:
+            return [Referral(None, None, (self.profile_note,), None)] * len(images)
+        out = []
+        for image in images:
+            try:
+                (verdict,) = self.profile.judge_images(image[None])
+            except Exception as exc:  # never lose the answer; refer, to be safe
+                log.exception("out-of-distribution check failed on one image")
+                out.append(Referral(None, True, (
+                    f"the out-of-distribution check failed on this image "
+                    f"({type(exc).__name__}); treat it as unlike the training images",), None))
+                continue
+            if not np.isfinite(verdict.distance):  # a statistic could not be measured
+                out.append(Referral(False, True, (*verdict.reasons, "the image's acquisition "
+                                    "statistics could not be measured"), None))
+                continue
+            out.append(Referral(verdict.in_distribution, verdict.refer, verdict.reasons,
+                                verdict.distance))
+        return out
 
 
 class ModelSource:
@@ -158,6 +253,7 @@ class ModelSource:
         s = self.settings
         session = runtime.make_session(artifact.data, s.provider, s.threads)
         metadata = read_onnx_metadata(session)
+        profile, note = load_profile(metadata, info.version)
         size = int(metadata["image_size"])
         # Warm up at both ends of the batch range so the first requests do not pay for it.
         for n in {1, s.max_batch_size}:
@@ -167,7 +263,7 @@ class ModelSource:
             alias=None if s.model_version else s.model_alias, run_id=info.run_id,
             session=session, metadata=metadata, sha256=artifact.sha256,
             onnx_origin=artifact.origin, parity_max_abs_diff=artifact.parity_max_abs_diff,
-            providers=list(session.get_providers()),
+            providers=list(session.get_providers()), profile=profile, profile_note=note,
         )
 
     async def watch(self) -> None:
