@@ -16,6 +16,21 @@ class Prediction(BaseModel):
     label: str = Field(description="The class with the highest probability")
     probabilities: dict[str, float] = Field(
         description="One entry per class, in the model's class order; they sum to 1")
+    in_distribution: bool | None = Field(
+        None, description="Whether the image's acquisition statistics (colour, contrast, "
+                          "cell size and count, sharpness...) lie within the training "
+                          "images'; null when this model version cannot check")
+    refer: bool | None = Field(
+        None, description="True: the image is unlike the training images, refer it to a "
+                          "hematologist and do not use the label; null: not checked (the "
+                          "model version carries no acquisition profile)")
+    refer_reasons: list[str] = Field(
+        default_factory=list, description="Why the image is referred (or why it could not "
+                                          "be checked), in words")
+    ood_distance: float | None = Field(
+        None, description="Mahalanobis distance of the image's acquisition statistics to "
+                          "the training images'; null when not checked")
+    advice: str = Field("", description="What to do with this answer, in one sentence")
 
 
 class PredictResponse(BaseModel):

@@ -1,4 +1,9 @@
-"""POST /v1/predict and POST /v1/explain: images in, probabilities (and heat maps) out."""
+"""POST /v1/predict and POST /v1/explain: images in, probabilities (and heat maps) out.
+
+Every prediction also says whether the image resembles the model version's training
+images (``ServedModel.judge`` on the exact uint8 input the model saw) and, when it does
+not, "refer to a hematologist" with the reasons.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from leukofed.preprocessing import to_model_input
 from ..batcher import NotReadyError
 from ..explain import GRID, heatmap_png, occlusion_map, png_base64
 from ..imaging import DecodedImage, InputError, decode_all, model_batch
-from ..model_source import ServedModel
+from ..model_source import Referral, ServedModel
 from ..schemas import ExplainResponse, PredictResponse
 from ..security import require_api_key
 from ..state import ServiceState, get_state
@@ -45,9 +50,16 @@ async def read_uploads(state: ServiceState, uploads: list[UploadFile],
     return await run_in_threadpool(decode_all, files, s.max_upload_bytes, s.max_pixels, size)
 
 
-def prediction(filename: str, probs: np.ndarray, classes: list[str]) -> dict:
+def prediction(filename: str, probs: np.ndarray, classes: list[str],
+               referral: Referral) -> dict:
     return {"filename": filename, "label": classes[int(np.argmax(probs))],
-            "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
+            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+            **referral.fields()}
+
+
+async def judged(model: ServedModel, images: np.ndarray) -> list[Referral]:
+    """The out-of-distribution verdicts on the model inputs, off the event loop."""
+    return await run_in_threadpool(model.judge, images)
 
 
 @router.post("/predict", response_model=PredictResponse,
@@ -61,13 +73,21 @@ async def predict(files: list[UploadFile] | None = File(None),
     model = served_or_503(state)
     if batch is None or batch.shape[1] != model.image_size:  # a model arrived meanwhile
         batch = await run_in_threadpool(model_batch, decoded, model.image_size)
+    # The check runs beside the model (it needs only the inputs), not after it.
+    check = asyncio.ensure_future(judged(model, batch))
     try:
         probs, used = await state.batcher.submit(batch, sources=[d.image for d in decoded])
     except NotReadyError as exc:
         raise HTTPException(503, f"not ready: {state.source.status}") from exc
+    finally:
+        referrals = await check
+    if used is not model:  # a swap in between: judge against the version that answered
+        if batch.shape[1] != used.image_size:
+            batch = await run_in_threadpool(model_batch, decoded, used.image_size)
+        referrals = await judged(used, batch)
     return {"model": state.model_ref(used),
-            "predictions": [prediction(d.filename, p, used.classes)
-                            for d, p in zip(decoded, probs)]}
+            "predictions": [prediction(d.filename, p, used.classes, r)
+                            for d, p, r in zip(decoded, probs, referrals)]}
 
 
 @router.post("/explain", response_model=ExplainResponse,
@@ -81,13 +101,17 @@ async def explain(file: UploadFile | None = File(None),
     (decoded,), _ = await read_uploads(state, uploads)
     model = served_or_503(state)
     image = await run_in_threadpool(to_model_input, decoded.image, model.image_size)
+    check = asyncio.ensure_future(judged(model, image[None]))
     started = time.perf_counter()
-    heat, probs, target = await asyncio.to_thread(
-        occlusion_map, image, model.predict, GRID, state.settings.max_batch_size)
-    png = await run_in_threadpool(heatmap_png, heat)
+    try:
+        heat, probs, target = await asyncio.to_thread(
+            occlusion_map, image, model.predict, GRID, state.settings.max_batch_size)
+        png = await run_in_threadpool(heatmap_png, heat)
+    finally:
+        (referral,) = await check
     elapsed = (time.perf_counter() - started) * 1000
     return {"model": state.model_ref(model),
-            "prediction": prediction(decoded.filename, probs, model.classes),
+            "prediction": prediction(decoded.filename, probs, model.classes, referral),
             "heatmap": {"method": "occlusion", "explained_class": model.classes[target],
                         "media_type": "image/png", "png_base64": png_base64(png),
                         "grid": GRID, "elapsed_ms": round(elapsed, 2)}}
