@@ -5,27 +5,39 @@ Tensors are exactly what ``GET /v2/models/{name}`` describes: input ``image`` FP
 and output ``probabilities`` FP32 [-1, 4]. Both the JSON tensor encoding and the binary
 tensor data extension (``Inference-Header-Content-Length``) are supported, in requests
 and responses; tritonclient uses the binary form by default.
+
+A version that carries an acquisition profile has two more outputs: ``refer`` BOOL [-1]
+(the image is unlike the training images: refer it to a hematologist) and
+``ood_distance`` FP32 [-1]. The response ``parameters`` say whether the check ran
+(``ood_check``) and why each image is referred (``refer_reasons``: a JSON-encoded list
+of lists of strings, since V2 parameters are scalars). A request that names its
+``outputs`` gets only those, as the protocol says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 import leukofed
 from leukofed.export import INPUT_NAME, OUTPUT_NAME
 
 from ..batcher import NotReadyError, ShapeError
-from ..model_source import ServedModel
+from ..model_source import Referral, ServedModel
 from ..security import require_api_key
 from ..state import ServiceState, get_state
 
 HEADER_LEN = "Inference-Header-Content-Length"
 DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
+REFER_NAME = "refer"
+DISTANCE_NAME = "ood_distance"
+DISTANCE_UNKNOWN = -1.0  # ood_distance of an image the check could not measure
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 models = APIRouter(prefix="/v2/models", tags=["open inference protocol"],
@@ -74,15 +86,27 @@ def _served(state: ServiceState, name: str, version: str | None) -> ServedModel:
     return model
 
 
+def _output_specs(model: ServedModel) -> list[dict]:
+    specs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(model.classes)]}]
+    if model.profile is not None:
+        specs += [{"name": REFER_NAME, "datatype": "BOOL", "shape": [-1]},
+                  {"name": DISTANCE_NAME, "datatype": "FP32", "shape": [-1]}]
+    return specs
+
+
+def _ood_check(model: ServedModel) -> str:
+    return "available" if model.profile is not None else f"unavailable: {model.profile_note}"
+
+
 def _metadata(model: ServedModel) -> dict:
     size = model.image_size
     return {
         "name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, size, size, 3]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32",
-                     "shape": [-1, len(model.classes)]}],
+        "outputs": _output_specs(model),
         "parameters": {"classes": model.classes, "alias": model.alias,
-                       "preprocessing": model.metadata.get("preprocessing", {})},
+                       "preprocessing": model.metadata.get("preprocessing", {}),
+                       "ood_check": _ood_check(model)},
     }
 
 
@@ -145,14 +169,37 @@ def _input_tensor(request: dict, binary: bytes, size: int) -> np.ndarray:
     return array
 
 
-def _wants_binary(request: dict) -> bool:
+def _requested_outputs(request: dict, model: ServedModel,
+                       strict: bool = True) -> dict[str, bool]:
+    """Output name -> whether it goes as binary data, in response order. No ``outputs``
+    in the request: every output the model has, binary when ``binary_data_output``.
+    ``strict=False`` drops names the model lacks (a swap to a version without a profile)."""
     binary = bool((request.get("parameters") or {}).get("binary_data_output"))
-    for out in request.get("outputs") or []:
-        if out.get("name") not in (None, OUTPUT_NAME):
-            raise V2Error(400, f"unknown output {out.get('name')!r}; this model has "
-                               f"{OUTPUT_NAME!r}")
-        binary = binary or bool((out.get("parameters") or {}).get("binary_data"))
-    return binary
+    names = [spec["name"] for spec in _output_specs(model)]
+    requested = request.get("outputs")
+    if not requested:
+        return dict.fromkeys(names, binary)
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise V2Error(400, "outputs must be a list of objects")
+    wanted: dict[str, bool] = {}
+    for out in requested:
+        name = out.get("name")
+        if name not in names and strict:
+            raise V2Error(400, f"unknown output {name!r}; this model has "
+                               f"{', '.join(repr(n) for n in names)}")
+        wanted[name] = binary or bool((out.get("parameters") or {}).get("binary_data"))
+    return {name: wanted[name] for name in names if name in wanted}
+
+
+def _output_arrays(probs: np.ndarray, referrals: list[Referral]) -> dict[str, tuple]:
+    """Name -> (datatype, array) of every output the answer can carry."""
+    return {
+        OUTPUT_NAME: ("FP32", np.ascontiguousarray(probs, dtype=np.float32)),
+        REFER_NAME: ("BOOL", np.array([bool(r.refer) for r in referrals], np.bool_)),
+        DISTANCE_NAME: ("FP32", np.array(
+            [DISTANCE_UNKNOWN if r.distance is None else r.distance for r in referrals],
+            np.float32)),
+    }
 
 
 @models.post("/{name}/infer", summary="Run inference (JSON or binary tensors)")
@@ -162,23 +209,42 @@ async def infer(name: str, request: Request, version: str | None = None,
     model = _served(state, name, version)
     payload, binary = _parse_request(await request.body(), request.headers.get(HEADER_LEN))
     images = _input_tensor(payload, binary, model.image_size)
+    _requested_outputs(payload, model)  # an unknown output fails before any work
+    # The out-of-distribution check reads the very tensor the model gets, beside the model.
+    check = asyncio.ensure_future(run_in_threadpool(model.judge, images))
     try:
         probs, used = await state.batcher.submit(images)
     except NotReadyError as exc:
         raise V2Error(503, f"model {name!r} not ready: {state.source.status}") from exc
     except ShapeError as exc:
         raise V2Error(400, str(exc)) from exc
-    probs = np.ascontiguousarray(probs, dtype=np.float32)
-    out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape)}
+    finally:
+        referrals = await check
+    if used is not model:  # a swap in between: judge against the version that answered
+        referrals = await run_in_threadpool(used.judge, images)
+    arrays = _output_arrays(probs, referrals)
+    outputs: list[dict[str, Any]] = []
+    raws: list[bytes] = []
+    for out_name, as_binary in _requested_outputs(payload, used, strict=False).items():
+        datatype, array = arrays[out_name]
+        out: dict[str, Any] = {"name": out_name, "datatype": datatype,
+                               "shape": list(array.shape)}
+        if as_binary:
+            raws.append(array.tobytes())
+            out["parameters"] = {"binary_data_size": len(raws[-1])}
+        else:
+            out["data"] = array.reshape(-1).tolist()
+        outputs.append(out)
     result: dict[str, Any] = {"model_name": used.name, "model_version": used.version,
-                              "outputs": [out]}
+                              "outputs": outputs,
+                              "parameters": {"ood_check": _ood_check(used)}}
+    if used.profile is not None:
+        result["parameters"]["refer_reasons"] = json.dumps([list(r.reasons)
+                                                            for r in referrals])
     if "id" in payload:
         result["id"] = payload["id"]
-    if not _wants_binary(payload):
-        out["data"] = probs.reshape(-1).tolist()
+    if not raws:
         return JSONResponse(result)
-    raw = probs.tobytes()
-    out["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(result).encode()
-    return Response(header + raw, media_type="application/octet-stream",
+    return Response(header + b"".join(raws), media_type="application/octet-stream",
                     headers={HEADER_LEN: str(len(header))})
