@@ -3,6 +3,7 @@ the service under real uvicorn in a subprocess. Not imported by the service itse
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -16,12 +17,62 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+SMEAR_PROFILE = "smear"  # tiny_onnx's default: the profile of smear_like images
+PROFILE_IMAGES = 96  # smear_like images behind a test profile
+PROFILE_SEED = 1000  # their seeds: PROFILE_SEED, PROFILE_SEED + 1, ...; test images use < 1000
+
+
+def smear_like(size: int, seed: int) -> np.ndarray:
+    """A synthetic blood-smear field, uint8 (size, size, 3): a light pink background with
+    pale red cells and one or two purple-stained white cells (the ones leukofed.stain's
+    cell mask finds). Every seed is another field of the same "laboratory"."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = np.array([228.0, 212.0, 222.0]) + rng.normal(0, 3, 3)
+    for _ in range(int(rng.integers(8, 14))):  # red cells: pale discs
+        cy, cx = rng.uniform(0, size, 2)
+        r = size * rng.uniform(0.06, 0.08)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[disc] = np.array([224.0, 186.0, 188.0]) + rng.normal(0, 3, 3)
+    for _ in range(int(rng.integers(1, 3))):  # white cells: purple blobs
+        cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
+        ry, rx = size * rng.uniform(0.10, 0.14, 2)
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        image[blob] = np.array([118.0, 62.0, 158.0]) + rng.normal(0, 6, 3)
+    image += rng.normal(0, 3, image.shape)
+    image = gaussian_filter(image, sigma=(0.6, 0.6, 0))
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def smear_like_images(size: int, count: int, seed: int = 0) -> np.ndarray:
+    return np.stack([smear_like(size, seed + i) for i in range(count)])
+
+
+@functools.lru_cache(maxsize=8)
+def _smear_profile_json(size: int, count: int, seed: int) -> str:
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+
+    stats = ProfileStats.of_images(smear_like_images(size, count, seed))
+    return json.dumps(AcquisitionProfile.from_stats(stats).to_dict())
+
+
+def smear_profile(size: int, count: int = PROFILE_IMAGES, seed: int = PROFILE_SEED) -> dict:
+    """``AcquisitionProfile.to_dict()`` of ``count`` smear_like images at ``size`` px: what
+    a model version trained on such images carries as its "acquisition_profile"."""
+    return json.loads(_smear_profile_json(size, count, seed))
 
 
 def tiny_onnx(image_size: int = 32, seed: int = 0, classes: tuple[str, ...] | None = None,
-              version_note: str = "") -> bytes:
+              version_note: str = "", profile: Any = SMEAR_PROFILE) -> bytes:
     """A small ONNX classifier built without TensorFlow (mean colour -> softmax), with
-    leukofed metadata; for unit tests that need a real onnxruntime session."""
+    leukofed metadata; for unit tests that need a real onnxruntime session.
+
+    ``profile``: the metadata's "acquisition_profile": by default smear_profile(image_size);
+    None leaves the key out (a version from before profiles); anything else goes in as
+    given (malformed ones too)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from leukofed.labels import CLASSES
@@ -48,6 +99,9 @@ def tiny_onnx(image_size: int = 32, seed: int = 0, classes: tuple[str, ...] | No
     model.ir_version = 8
     meta = {"classes": list(classes), "image_size": image_size, "preprocessing": PREPROCESSING,
             "architecture": f"tiny{version_note}"}
+    if profile is not None:
+        meta["acquisition_profile"] = (smear_profile(image_size) if profile == SMEAR_PROFILE
+                                       else profile)
     from leukofed.export import onnx_metadata
 
     for key, value in onnx_metadata(meta).items():
@@ -57,8 +111,9 @@ def tiny_onnx(image_size: int = 32, seed: int = 0, classes: tuple[str, ...] | No
 
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,
-                        champion: bool = False) -> str:
-    """Build a compact_cnn, log and register it in MLflow; returns the version."""
+                        champion: bool = False, profile: bool = False) -> str:
+    """Build a compact_cnn, log and register it in MLflow; returns the version.
+    ``profile``: its metadata carries smear_profile(image_size) as acquisition profile."""
     import mlflow
 
     from leukofed.models import build_model, model_metadata
@@ -68,6 +123,8 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
     mlflow.set_registry_uri(tracking_uri)
     model = build_model("compact_cnn", image_size=image_size, seed=seed, dropout=0.0)
     meta = model_metadata(model, "compact_cnn", image_size)
+    if profile:
+        meta["acquisition_profile"] = smear_profile(image_size)
     mlflow.set_experiment(f"inference-tests-{model_name}")
     with mlflow.start_run():
         version = log_and_register(model, meta, model_name=model_name, tags={"seed": seed})
