@@ -121,7 +121,9 @@ def train_central(
     data: Path = typer.Argument(..., help="folder with one sub-folder per class"),
     out: Path = typer.Option(Path("artifacts/central"), help="output folder"),
     model: str = typer.Option("compact_cnn", help="compact_cnn, mobilenetv2 or efficientnetb0"),
-    image_size: int = typer.Option(64),
+    image_size: int = typer.Option(128, help="128 px shows cells (13+ px wide)"),
+    augmentation: str = typer.Option("stain", help="'stain' (stain-robust) or 'basic' (old)"),
+    cell_focus: bool = typer.Option(True, help="keep only the stained cells in the model"),
     alpha: float = typer.Option(0.35, help="MobileNetV2 width multiplier"),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(32),
@@ -139,11 +141,14 @@ def train_central(
         data, out, model=model, image_size=image_size, alpha=alpha, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, patience=patience,
         weights=str(weights) if weights else None, split_manifest=split_manifest, seed=seed,
-        jit_compile=jit,
+        jit_compile=jit, augmentation=augmentation, cell_focus=cell_focus,
     )
+    from leukofed.audit import format_audit
+
     t = report["test"]
+    typer.echo(format_audit(report["audit"]))
     typer.echo(f"test accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  "
-               f"ECE {t['ece']:.4f}; wrote {out}")
+               f"ECE {t['ece']:.4f}; referred {report['test_referred_share']:.1%}; wrote {out}")
 
 
 @app.command("evaluate")
@@ -152,15 +157,29 @@ def evaluate_cmd(
     data: Path = typer.Argument(..., help="folder with one sub-folder per class"),
     out: Path | None = typer.Option(None, help="write metrics JSON here"),
 ) -> None:
-    """Evaluate a saved model on an image folder (all metrics, confusion matrix)."""
+    """Evaluate a saved model on an image folder: all metrics, the shortcut audit (when the
+    model carries its training stain targets) and the share of images it would refer."""
+    import numpy as np
+
+    from leukofed.audit import format_audit, histogram_crossfit, prepare_audit_set, run_audit
     from leukofed.models import load_model
+    from leukofed.ood import AcquisitionProfile
     from leukofed.train import Trainer, evaluate, load_arrays
 
     m, meta = load_model(model_path)
     ds = _scan(data, DEFAULT_BLOCK_SIZE)
     x, y = load_arrays(ds.records, int(meta["image_size"]), cache_dir=None)
-    metrics = evaluate(Trainer(m, jit_compile=False), x, y)
-    text = json.dumps(metrics, indent=1)
+    trainer = Trainer(m, jit_compile=False)
+    metrics = evaluate(trainer, x, y)
+    if meta.get("stain_targets") and len(x):
+        audit_set = prepare_audit_set(x, y, np.asarray(meta["stain_targets"]),
+                                      histogram_crossfit(x, y))
+        metrics["audit"] = run_audit(trainer.predict, audit_set)
+        typer.echo(format_audit(metrics["audit"]), err=True)
+    if meta.get("acquisition_profile") and len(x):
+        profile = AcquisitionProfile.from_dict(meta["acquisition_profile"])
+        metrics["referred_share"] = float(np.mean([v.refer for v in profile.judge_images(x)]))
+    text = json.dumps(metrics, indent=1, default=float)
     if out:
         out.write_text(text)
     typer.echo(text)

@@ -26,6 +26,13 @@ from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.preprocessing import PREPROCESSING  # noqa: E402
 
 MODEL_NAMES = ("compact_cnn", "mobilenetv2", "efficientnetb0")
+# The default recipe reads cells: 128 px (a white cell is 13+ px wide, 6-7 at 64 px), only
+# the stained cells kept (CellFocus), stain-robust augmentation (leukofed.train). Chosen by
+# the shortcut audit, not by test accuracy alone: docs/shortcuts.md.
+DEFAULT_IMAGE_SIZE = 128
+DEFAULT_CELL_FOCUS = True
+AUGMENTATIONS = ("stain", "basic")
+DEFAULT_AUGMENTATION = "stain"
 DEFAULT_MODEL = "compact_cnn"  # best measured here: docs/benchmarks-central.md
 BN_MOMENTUM = 0.9
 METADATA_ENTRY = "leukofed.json"  # extra member inside the .keras zip
@@ -142,7 +149,7 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 def build_model(
     name: str = DEFAULT_MODEL,
-    image_size: int = 64,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     alpha: float = 0.35,
     weights: str | None = None,
     bn_momentum: float | None = BN_MOMENTUM,
@@ -150,7 +157,7 @@ def build_model(
     num_classes: int = len(CLASSES),
     seed: int | None = None,
     norm: str = "batch",
-    cell_focus: bool = False,
+    cell_focus: bool = DEFAULT_CELL_FOCUS,
 ) -> keras.Model:
     """Build a classifier from scratch (or from local ImageNet backbone weights).
 

@@ -31,6 +31,12 @@ import tensorflow as tf  # noqa: E402
 from leukofed.data import ImageRecord  # noqa: E402
 from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.metrics import classification_metrics  # noqa: E402
+from leukofed.models import (  # noqa: E402
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    DEFAULT_CELL_FOCUS,
+    DEFAULT_IMAGE_SIZE,
+)
 from leukofed.preprocessing import load_image  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -66,8 +72,6 @@ def load_arrays(
     return x, labels
 
 
-AUGMENTATIONS = ("stain", "basic")
-DEFAULT_AUGMENTATION = "stain"
 
 
 def _dihedral(x: tf.Tensor) -> tf.Tensor:
@@ -434,7 +438,7 @@ def run_central(
     data: str | Path,
     out: str | Path,
     model: str = "compact_cnn",
-    image_size: int = 64,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     alpha: float = 0.35,
     epochs: int = 30,
     batch_size: int = 32,
@@ -446,15 +450,22 @@ def run_central(
     jit_compile: bool = False,
     bn_momentum: float | None = 0.9,
     progress: bool = True,
+    augmentation: str = DEFAULT_AUGMENTATION,
+    cell_focus: bool = DEFAULT_CELL_FOCUS,
 ) -> dict[str, Any]:
-    """Split (by blocks), train, pick the best epoch on validation macro-F1, test once.
+    """Split (by blocks), train, pick the best epoch on validation macro-F1, test once,
+    and audit the test result against shortcuts (leukofed.audit).
 
-    Writes OUT/model.keras (with metadata), OUT/metrics.json, OUT/confusion_matrix.png.
+    Writes OUT/model.keras (with metadata: classes, the acquisition profile of the training
+    images for "refer", the class stain targets), OUT/metrics.json, OUT/confusion_matrix.png.
     """
+    from leukofed.audit import audit_set_from_train, run_audit
     from leukofed.data import fingerprint, scan_dataset
     from leukofed.metrics import plot_confusion_matrix
     from leukofed.models import build_model, model_metadata, save_model
+    from leukofed.ood import AcquisitionProfile, ProfileStats
     from leukofed.splits import group_split, read_manifest
+    from leukofed.stain import class_stain_targets
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -465,22 +476,31 @@ def run_central(
         raise ValueError("the training split is empty: too few images or groups")
     arrays = {n: load_arrays(split[n], image_size) for n in ("train", "val", "test")}
     net = build_model(model, image_size, alpha=alpha, weights=weights, seed=seed,
-                      bn_momentum=bn_momentum)
+                      bn_momentum=bn_momentum, cell_focus=cell_focus)
     trainer = Trainer(net, learning_rate, jit_compile=jit_compile)
     result = fit(trainer, arrays["train"], arrays["val"], epochs, batch_size, learning_rate,
-                 patience, seed=seed, progress=progress)
+                 patience, seed=seed, progress=progress, augmentation=augmentation)
     test = evaluate(trainer, *arrays["test"])
+    profile = AcquisitionProfile.from_stats(ProfileStats.of_images(arrays["train"][0]))
+    referred = [v.refer for v in profile.judge_images(arrays["test"][0])]
+    audit = run_audit(trainer.predict, audit_set_from_train(*arrays["train"], *arrays["test"],
+                                                            len(CLASSES), seed))
     meta = model_metadata(net, model, image_size, {
         "alpha": alpha if model == "mobilenetv2" else None,
         "dataset_fingerprint": dataset.fingerprint,
         "train_fingerprint": fingerprint(split.train),
         "best_epoch": result.best_epoch,
+        "cell_focus": cell_focus,
+        "augmentation": augmentation,
+        "acquisition_profile": profile.to_dict(),
+        "stain_targets": class_stain_targets(*arrays["train"], len(CLASSES)).tolist(),
     })
     save_model(net, out / "model.keras", meta)
     plot_confusion_matrix(test["confusion_matrix"], CLASSES, out / "confusion_matrix.png",
                           f"{model} @{image_size}px, test split")
     report = {"model": meta, "history": result.history, "best_epoch": result.best_epoch,
-              "train_seconds": result.seconds, "test": test,
+              "train_seconds": result.seconds, "test": test, "audit": audit,
+              "test_referred_share": float(np.mean(referred)) if referred else 0.0,
               "counts": {n: len(split[n]) for n in ("train", "val", "test")}}
     (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
     return report

@@ -177,7 +177,9 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "run_id": "",
     "round": 0,
     "model": "compact_cnn",
-    "image_size": 64,
+    "image_size": 128,  # leukofed.models.DEFAULT_IMAGE_SIZE (no TensorFlow import here)
+    "cell_focus": True,  # leukofed.models.DEFAULT_CELL_FOCUS
+    "augmentation": "stain",  # leukofed.models.DEFAULT_AUGMENTATION
     "alpha": 0.35,  # MobileNetV2 width
     "norm": "batch",  # compact_cnn only: "group" for GroupNorm (differential privacy)
     "local_epochs": 1,

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from leukofed.audit import DEFAULT_MAX_FOLLOW_COLOUR
+
 aggregator_app = typer.Typer(help="The aggregator service.", no_args_is_help=True)
 run_app = typer.Typer(help="Federated runs, through the aggregator's REST API.",
                       no_args_is_help=True)
@@ -67,7 +69,7 @@ def _progress_line(run: dict[str, Any]) -> str:
 @run_app.command()
 def start(
     config: Annotated[Path | None, typer.Option(help="JSON file with a run config")] = None,
-    model: str = "compact_cnn", image_size: int = 64, rounds: int = 10, local_epochs: int = 1,
+    model: str = "compact_cnn", image_size: int = 128, rounds: int = 10, local_epochs: int = 1,
     batch_size: int = 32, learning_rate: float = 1e-3, strategy: str = "fedavg",
     strategy_param: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
     hospitals: Annotated[str | None, typer.Option(help="comma-separated ids")] = None,
@@ -153,13 +155,23 @@ def cancel(run_id: str, url: UrlOpt = DEFAULT_URL) -> None:
 def promote(
     version: Annotated[str, typer.Argument(help="model version, or 'best' (highest tag)")],
     alias: str = "champion",
-    metric: Annotated[str, typer.Option(help="tag used by 'best'")] = "val_macro_f1",
+    metric: Annotated[str, typer.Option(
+        help="tag used by 'best'; the default ranks by the worse of original and recoloured "
+             "macro-F1, so a colour reader cannot win")] = "audit_worst_macro_f1",
     run_id: Annotated[str | None, typer.Option(help="with 'best': only this run")] = None,
     model_name: Annotated[str | None, typer.Option()] = None,
+    max_follow_colour: Annotated[float, typer.Option(
+        help="refuse a version whose share of answers following a new stain is above this",
+        envvar="LEUKOFED_MAX_FOLLOW_COLOUR")] = DEFAULT_MAX_FOLLOW_COLOUR,
+    force: Annotated[bool, typer.Option(
+        help="move the alias even when the shortcut audit fails or is missing")] = False,
 ) -> None:
-    """Point an alias (champion by default) at a registered model version."""
+    """Point an alias (champion by default) at a registered model version, after showing
+    its shortcut audit (leukofed.audit); a version that reads colour is refused."""
     import mlflow
+    from mlflow import MlflowClient
 
+    from leukofed.audit import audit_verdict, format_audit
     from registry.lineage import best_version
     from registry.lineage import promote as do_promote
     from registry.store import DEFAULT_MODEL_NAME
@@ -169,10 +181,22 @@ def promote(
     if version == "best":
         found = best_version(metric, run_id, name)
         if found is None:
-            typer.echo(f"no version of {name} has a {metric} tag", err=True)
+            typer.echo(f"no version of {name} has a {metric} tag"
+                       + (" (versions registered without a server test split carry no "
+                          "shortcut audit; rank them with --metric val_macro_f1)"
+                          if metric.startswith("audit_") else ""), err=True)
             raise typer.Exit(1)
         version = found[0]
         typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
+    tags = dict(MlflowClient().get_model_version(name, str(version)).tags)
+    typer.echo(format_audit(tags))
+    ok, reason = audit_verdict(tags, max_follow_colour)
+    if not ok and not force:
+        typer.echo(f"refused: version {version}: {reason}; pass --force to promote anyway",
+                   err=True)
+        raise typer.Exit(2)
+    if not ok:
+        typer.echo(f"warning: {reason}; promoted because of --force", err=True)
     tags = do_promote(version, alias, name)
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")

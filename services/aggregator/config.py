@@ -8,7 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from leukofed.models import MODEL_NAMES
+from leukofed.models import (
+    DEFAULT_AUGMENTATION,
+    DEFAULT_CELL_FOCUS,
+    DEFAULT_IMAGE_SIZE,
+    MODEL_NAMES,
+)
 from leukofed.strategies import STRATEGIES, make_strategy
 from leukofed.transport import check_hospital_id
 
@@ -43,11 +48,17 @@ class RunConfig(BaseModel):
 
     name: str = Field("", description="free text shown in listings and MLflow")
     model: str = Field("compact_cnn", description=f"one of {MODEL_NAMES}")
-    image_size: int = Field(64, ge=16, le=512)
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=16, le=512)
     alpha: float = Field(0.35, gt=0, le=1.4, description="MobileNetV2 width multiplier")
     norm: Literal["batch", "group"] = Field(
         "batch", description="compact_cnn normalisation; 'group' has no moving statistics, "
         "which differential privacy needs (docs/architecture.md)")
+    cell_focus: bool = Field(DEFAULT_CELL_FOCUS, description="keep only the stained cells "
+                             "(leukofed.models.CellFocus): the model cannot read background")
+    augmentation: Literal["stain", "basic"] = Field(
+        DEFAULT_AUGMENTATION, description="'stain': stain transfer between images of any "
+        "class, crops, colour jitter (docs/shortcuts.md); 'basic': the old flips and small "
+        "jitter, with which a model reads colour")
     rounds: int = Field(10, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)

@@ -100,3 +100,35 @@ def hospital_metrics(fit: Mapping[str, Any] | None, evaluation: Mapping[str, Any
                 out[f"{split}_loss"] = float(s["loss"])
                 out[f"{split}_n"] = float(s["n"])
     return out
+
+
+def pool_training_profiles(answers: Mapping[str, Mapping[str, Any]], used: Iterable[str]
+                           ) -> tuple[dict[str, Any] | None, list[list[list[float]]] | None,
+                                      dict[str, str]]:
+    """Pool the participants' acquisition statistics and per-class stain sums, exactly.
+
+    Returns (acquisition profile as stored in a version's metadata, class stain targets
+    for the shortcut audit, {hospital: why its statistics were left out}). A hospital whose
+    statistics are missing or malformed still contributes its update; only the profile
+    leaves it out, with the reason logged."""
+    from leukofed.audit import targets_from_sums
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+
+    pooled: ProfileStats | None = None
+    sums: list[Mapping[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for hospital in sorted(used):
+        answer = answers.get(hospital) or {}
+        try:
+            stats = ProfileStats.from_dict(dict(answer.get("acquisition") or {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            skipped[hospital] = f"acquisition statistics unusable: {exc}"
+            continue
+        pooled = stats if pooled is None else pooled.merge(stats)
+        if isinstance(answer.get("stain_sums"), Mapping):
+            sums.append(answer["stain_sums"])
+    profile = None
+    if pooled is not None and pooled.count >= 2:
+        profile = AcquisitionProfile.from_stats(pooled).to_dict()
+    targets = targets_from_sums(list(sums), len(CLASSES)) if sums else None
+    return profile, (targets.tolist() if targets is not None else None), skipped

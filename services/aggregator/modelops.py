@@ -20,15 +20,16 @@ class KerasModelOps:
         self.settings = settings
         self._models: dict[tuple[Any, ...], Any] = {}
         self._test: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._audit: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
 
     def _model(self, cfg: RunConfig) -> Any:
-        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm)
+        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm, cfg.cell_focus)
         if key not in self._models:
             from leukofed.models import build_model
 
             self._models = {key: build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
-                                             norm=cfg.norm)}
+                                             norm=cfg.norm, cell_focus=cfg.cell_focus)}
         return self._models[key]
 
     def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]:
@@ -37,8 +38,9 @@ class KerasModelOps:
 
         with self._lock:
             model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha, seed=cfg.seed,
-                                norm=cfg.norm)
-            self._models = {(cfg.model, cfg.image_size, cfg.alpha, cfg.norm): model}
+                                norm=cfg.norm, cell_focus=cfg.cell_focus)
+            self._models = {(cfg.model, cfg.image_size, cfg.alpha, cfg.norm,
+                             cfg.cell_focus): model}
             return weights_from_model(model), batchnorm_stat_names(model)
 
     def keras_model(self, cfg: RunConfig, weights: Weights) -> Any:
@@ -52,7 +54,8 @@ class KerasModelOps:
         from leukofed.models import model_metadata
 
         return model_metadata(self._model(cfg), cfg.model, cfg.image_size,
-                              {"norm": cfg.norm, **(extra or {})})
+                              {"norm": cfg.norm, "cell_focus": cfg.cell_focus,
+                               "augmentation": cfg.augmentation, **(extra or {})})
 
     def _test_source(self, cfg: RunConfig) -> tuple[str, str] | None:
         if cfg.server_test_manifest or self.settings.server_test_manifest:
@@ -78,6 +81,33 @@ class KerasModelOps:
         flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_",
                                                                                "f1_"))}
         return flat, m["confusion_matrix"]  # type: ignore[return-value]
+
+    def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
+                     ) -> dict[str, float]:
+        """The shortcut audit (leukofed.audit) of these weights on the server's test split,
+        recoloured to the class stains the hospitals reported. The recoloured images and the
+        colour baseline are made once per test split and set of targets."""
+        source = self._test_source(cfg)
+        if source is None:
+            return {}
+        from leukofed.audit import histogram_crossfit, prepare_audit_set, run_audit
+
+        targets = np.round(np.asarray(stain_targets, np.float64), 4)
+        with self._lock:
+            x, y = self._test_arrays(source, cfg.image_size)
+            key = (source, cfg.image_size, targets.tobytes())
+            if key not in self._audit:
+                if len(x) == 0:
+                    return {}
+                self._audit = {key: prepare_audit_set(x, y, targets, histogram_crossfit(x, y))}
+            model = self.keras_model(cfg, weights)
+
+            def predict(images: np.ndarray) -> np.ndarray:
+                return np.concatenate([np.asarray(model(images[i:i + 128].astype(np.float32),
+                                                        training=False))
+                                       for i in range(0, len(images), 128)])
+
+            return run_audit(predict, self._audit[key])
 
     def _test_arrays(self, source: tuple[str, str], image_size: int
                      ) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from services.aggregator.config import RunConfig
 from services.aggregator.logic import (
     combine_evaluations,
     hospital_metrics,
+    pool_training_profiles,
     quorum_possible,
     select_hospitals,
 )
@@ -47,6 +48,8 @@ class ModelOps(Protocol):
     def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]: ...
     def server_evaluate(self, cfg: RunConfig, weights: Weights
                         ) -> tuple[dict[str, float], list[list[int]]] | None: ...
+    def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
+                     ) -> dict[str, float]: ...
 
 
 class Tracker(Protocol):
@@ -82,6 +85,7 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
     """What a hospital needs to train this round (see leukofed.transport.ROUND_CONFIG_DEFAULTS)."""
     return {"run_id": record_id, "round": server_round, "model": cfg.model,
             "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+            "cell_focus": cfg.cell_focus, "augmentation": cfg.augmentation,
             "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
@@ -474,6 +478,7 @@ class FederatedRun:
         deadline = self.clock() + cfg.round_deadline_s
         config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
                   "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+                  "cell_focus": cfg.cell_focus,
                   "jit_compile": cfg.jit_compile, "deadline": deadline, **config}
         blob = encode_weights(weights)
         handles = {h: self.dispatcher.submit(h, task, [blob, config], deadline)
@@ -494,13 +499,21 @@ class FederatedRun:
                  evaluations: dict[str, dict[str, Any]], weights: Weights) -> dict[str, Any]:
         pooled, matrices = combine_evaluations(evaluations)
         global_metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
+        used = {r.hospital for r in accepted}
+        profile, stain_targets, skipped = pool_training_profiles(answers, used)
+        for hospital, reason in skipped.items():
+            self.event(f"round {server_round}: {hospital} left out of the acquisition "
+                       f"profile ({reason})", round=server_round, hospital=hospital)
         server = self.model_ops.server_evaluate(cfg, weights)
         if server is not None:
             metrics, cm = server
             global_metrics.update({f"server_test_{k}": v for k, v in metrics.items()})
             matrices["server_test"] = cm
-        used = {r.hospital for r in accepted}
+            if stain_targets is not None:
+                # Every version is read beside what colour alone achieves: leukofed.audit.
+                global_metrics.update(self.model_ops.server_audit(cfg, weights, stain_targets))
         return {
+            "acquisition_profile": profile, "stain_targets": stain_targets,
             "round": server_round, "attempt": attempt, "selected": selected,
             "participants": {r.hospital: r.num_examples for r in accepted},
             "rejected": rejected, "failed": failures,

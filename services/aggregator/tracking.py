@@ -14,7 +14,11 @@ from services.aggregator.modelops import KerasModelOps
 
 log = logging.getLogger(__name__)
 CURVE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",
-              "server_test_accuracy", "server_test_macro_f1")
+              "server_test_accuracy", "server_test_macro_f1",
+              # the shortcut audit beside them (leukofed.audit): what the numbers mean
+              "audit_recoloured_accuracy", "audit_spatial_accuracy",
+              "audit_background_only_accuracy", "audit_follow_colour",
+              "audit_histogram_accuracy")
 
 
 def flat_params(cfg: RunConfig) -> dict[str, str]:
@@ -154,9 +158,19 @@ class MlflowTracker:
             tags["dp_epsilon"] = f"{float(summary['privacy']['epsilon']):.6g}"
             tags["dp_delta"] = f"{float(summary['privacy']['delta']):g}"
         tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
-                     if k.endswith(("accuracy", "macro_f1", "loss"))})
-        metadata = self.model_ops.metadata(cfg, {"run_id": record["id"],
-                                                 "round": summary["round"]})
+                     if k.endswith(("accuracy", "macro_f1", "loss")) or k.startswith("audit_")})
+        extra: dict[str, Any] = {"run_id": record["id"], "round": summary["round"]}
+        # What the training data looked like travels with the model: the inference service
+        # refers images unlike it (leukofed.ood), `leukofed evaluate` recolours with the
+        # stain targets (leukofed.audit).
+        if summary.get("acquisition_profile"):
+            extra["acquisition_profile"] = summary["acquisition_profile"]
+        if summary.get("stain_targets"):
+            extra["stain_targets"] = summary["stain_targets"]
+        tags["acquisition_profile"] = (
+            f"{summary['acquisition_profile']['count']} training images"
+            if summary.get("acquisition_profile") else "none (refer check unavailable)")
+        metadata = self.model_ops.metadata(cfg, extra)
         model = self.model_ops.keras_model(cfg, weights)
         # start_run(run_id) refuses a run outside the process's active experiment; make it
         # this run's, whatever else in the process set one before (found in the test suite).

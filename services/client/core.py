@@ -64,6 +64,7 @@ class HospitalClient:
         self._dataset: Dataset | None = None
         self._split: Split | None = None
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._profiles: dict[tuple[str, int], dict[str, Any]] = {}
         self._trainer: Any = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._bn_names: set[str] = set()
@@ -100,14 +101,14 @@ class HospitalClient:
 
     def trainer(self, cfg: dict[str, Any]) -> Any:
         key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), str(cfg["norm"]),
-               bool(cfg["jit_compile"]))
+               bool(cfg["cell_focus"]), bool(cfg["jit_compile"]))
         if self._trainer_key != key:
             from leukofed.models import build_model
             from leukofed.train import Trainer
             from leukofed.wire import batchnorm_stat_names
 
             model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]),
-                                norm=str(cfg["norm"]))
+                                norm=str(cfg["norm"]), cell_focus=bool(cfg["cell_focus"]))
             self._trainer = Trainer(model, learning_rate=float(cfg["learning_rate"]),
                                     jit_compile=bool(cfg["jit_compile"]))
             self._trainer_key = key
@@ -198,7 +199,8 @@ class HospitalClient:
                           batch_size=int(cfg["batch_size"]),
                           learning_rate=float(cfg["learning_rate"]),
                           proximal_mu=float(cfg["proximal_mu"]),
-                          class_balanced=bool(cfg["class_balanced"]), seed=seed)
+                          class_balanced=bool(cfg["class_balanced"]), seed=seed,
+                          augmentation=str(cfg["augmentation"]))
         if cfg["bn_mode"] == "local":
             self._local_bn_run = str(cfg["run_id"])
         trained = time.perf_counter()
@@ -223,8 +225,25 @@ class HospitalClient:
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
                      "encode_s": done - trained, "total_s": done - start},
             class_counts=_counts(y), dataset_fingerprint=self.dataset()[0].fingerprint,
+            **self.training_profile(int(cfg["image_size"])),
         )
         return self._sign_answer(answer, cfg)
+
+    def training_profile(self, image_size: int) -> dict[str, Any]:
+        """What this hospital's training images look like, as aggregate numbers only: the
+        acquisition profile's sufficient statistics (for "refer") and per-class sums of stain
+        statistics (for the shortcut audit's recolouring). Computed once per image size."""
+        key = ("profile", image_size)
+        if key not in self._profiles:
+            from leukofed.audit import stain_sums
+            from leukofed.ood import ProfileStats
+
+            x, y = self.arrays("train", image_size)
+            self._profiles[key] = {
+                "acquisition": ProfileStats.of_images(x).to_dict(),
+                "stain_sums": stain_sums(x, y, len(CLASSES)),
+            }
+        return self._profiles[key]
 
     def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
                  ) -> dict[str, Any]:
