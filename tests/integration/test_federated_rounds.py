@@ -63,8 +63,10 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
         agg.start()
         for w in workers:
             w.wait_ready()
+        # Hospital a's archive doubles as the server's test split: the shortcut audit runs.
         run_id = start_run(agg.url, {"rounds": 2, "hospitals": ["a", "b"],
-                                     "min_fit_clients": 2, "round_deadline_s": 120})
+                                     "min_fit_clients": 2, "round_deadline_s": 120,
+                                     "server_test_dir": str(data / "a")})
         run = wait_run(lambda: get_run(agg.url, run_id), finished, 240)
         assert run["status"] == "completed", run["reason"]
     finally:
@@ -100,6 +102,18 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     assert set(json.loads(tags["dataset_fingerprints"])) == {"a", "b"}
     assert tags["strategy"] == "fedavg" and "val_macro_f1" in tags
     assert tags["bn_calibration"] == "none (averaged statistics)"  # FedAvg: the average fits
+    # The shortcut audit on every version, and what the training data looked like.
+    for key in ("audit_original_accuracy", "audit_recoloured_accuracy", "audit_follow_colour",
+                "audit_spatial_accuracy", "audit_background_only_accuracy",
+                "audit_histogram_accuracy", "audit_worst_macro_f1"):
+        assert 0.0 <= float(tags[key]) <= 1.0, key
+    assert client.get_metric_history(run["mlflow_run_id"], "audit_follow_colour")
+    n_train = sum(json.loads(tags["example_counts"]).values())
+    assert tags["acquisition_profile"] == f"{n_train} training images"
+    meta = mlflow.models.get_model_info(
+        f"models:/leukofed-it-rounds/{by_round[2].version}").metadata
+    assert meta["acquisition_profile"]["count"] == n_train
+    assert len(meta["stain_targets"]) == 4
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version
     assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}

@@ -53,6 +53,15 @@ def test_fit_evaluate_describe_send_only_aggregates(client: HospitalClient,
         wire = msgpack.packb(answer, use_bin_type=True)
         assert b"img-" not in wire and b".png" not in wire
         assert str(client.settings.data_dir).encode() not in wire
+    # What the training images look like leaves only as aggregate numbers of fixed size:
+    # sufficient statistics of the acquisition profile and per-class stain sums.
+    from leukofed.ood import DESCRIPTORS, ProfileStats
+
+    stats = ProfileStats.from_dict(fit["acquisition"])
+    assert stats.count == fit["num_examples"]
+    assert stats.outer.shape == (len(DESCRIPTORS), len(DESCRIPTORS))
+    assert sum(fit["stain_sums"]["counts"]) == fit["num_examples"]
+    assert len(msgpack.packb({k: fit[k] for k in ("acquisition", "stain_sums")})) < 8000
     entries = list(client.participation.entries())
     assert [e["task"] for e in entries] == ["fit", "evaluate"]
     assert entries[0]["sha256"] == fit["sha256"] and entries[0]["bytes"] == fit["bytes"]

@@ -95,3 +95,32 @@ def test_combine_evaluations_sums_confusion_matrices() -> None:
                           "timings": {"train_s": 1.0}}, a)
     assert h == {"train_loss": 0.5, "num_examples": 4.0, "bytes_sent": 10.0, "train_s": 1.0,
                  "test_accuracy": 1.0, "test_loss": 1.0, "test_n": 2.0}
+
+
+def test_training_profiles_pool_exactly_and_skip_a_malformed_one() -> None:
+    from leukofed.audit import stain_sums
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+    from services.aggregator.logic import pool_training_profiles
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(150, 256, (12, 32, 32, 3), dtype=np.uint8)
+    images[:, 10:16, 10:16] = (120, 40, 170)  # a purple "cell" in each
+    labels = np.arange(12) % 4
+    answers = {
+        "a": {"acquisition": ProfileStats.of_images(images[:5]).to_dict(),
+              "stain_sums": stain_sums(images[:5], labels[:5], 4)},
+        "b": {"acquisition": ProfileStats.of_images(images[5:]).to_dict(),
+              "stain_sums": stain_sums(images[5:], labels[5:], 4)},
+        "c": {"acquisition": {"format": "something else"}},
+        "d": {},  # an older client: nothing sent
+    }
+    profile, targets, skipped = pool_training_profiles(answers, ["a", "b", "c", "d"])
+    whole = AcquisitionProfile.from_stats(ProfileStats.of_images(images))
+    pooled = AcquisitionProfile.from_dict(profile)
+    assert pooled.count == 12
+    assert np.allclose(pooled.mean, whole.mean) and np.allclose(pooled.low, whole.low)
+    assert np.allclose(pooled.precision, whole.precision, rtol=1e-6, atol=1e-6)
+    assert targets is not None and np.asarray(targets).shape == (4, 2, 3)
+    assert set(skipped) == {"c", "d"} and "unusable" in skipped["c"]
+    # Only the round's accepted hospitals count.
+    assert pool_training_profiles(answers, ["c"])[0] is None

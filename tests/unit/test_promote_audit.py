@@ -1,0 +1,78 @@
+"""`leukofed promote` shows the shortcut audit and refuses a colour reader (real MLflow
+registry in a local SQLite store; no server needed for the registry calls)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from leukofed.cli import app
+
+NAME = "leukofed-promote-test"
+COLOUR_READER = {"audit_original_macro_f1": "0.98", "audit_recoloured_macro_f1": "0.51",
+                 "audit_worst_macro_f1": "0.51", "audit_follow_colour": "0.36",
+                 "val_macro_f1": "0.99"}
+CELL_READER = {"audit_original_macro_f1": "0.93", "audit_recoloured_macro_f1": "0.92",
+               "audit_worst_macro_f1": "0.92", "audit_follow_colour": "0.02",
+               "val_macro_f1": "0.93"}
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+
+    def add(tags: dict[str, str], run: str = "r1") -> str:
+        source = tmp_path / "model"
+        source.mkdir(exist_ok=True)
+        mv = client.create_model_version(NAME, str(source), tags={**tags, "run_id": run})
+        return str(mv.version)
+    yield client, add
+    mlflow.set_tracking_uri("")
+
+
+def champion(client) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(NAME, "champion").version)
+    except Exception:
+        return None
+
+
+def test_promote_best_refuses_the_colour_reader(registry) -> None:
+    client, add = registry
+    add(COLOUR_READER)
+    result = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
+    assert result.exit_code == 2, result.output
+    assert "refused" in result.output and "follow the new colour" in result.output
+    assert "recoloured" in result.output  # the audit table was shown first
+    assert champion(client) is None
+    forced = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert champion(client) == "1"
+
+
+def test_promote_best_ranks_by_the_worse_of_original_and_recoloured(registry) -> None:
+    client, add = registry
+    add(COLOUR_READER)  # best validation F1, worst under recolouring
+    cell = add(CELL_READER)
+    result = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
+    assert result.exit_code == 0, result.output
+    assert champion(client) == cell
+
+
+def test_promote_refuses_a_version_without_an_audit(registry) -> None:
+    client, add = registry
+    version = add({"val_macro_f1": "0.9"})
+    result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME])
+    assert result.exit_code == 2 and "no shortcut audit" in result.output
+    assert champion(client) is None
+    missing = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
+    assert missing.exit_code == 1 and "--metric val_macro_f1" in missing.output
