@@ -91,28 +91,45 @@ def data_partition(
         None, help="partition only this manifest's train+val images (its test set is held out)"
     ),
     force: bool = typer.Option(False, help="replace an earlier partition in OUT"),
+    labs: bool = typer.Option(
+        False, help="simulate laboratories: OUT/<hospital>/acquisition.json per hospital and a "
+                    "test-only OUT/unseen-lab/acquisition.json (leukofed.labs)"),
+    lab_seed: int | None = typer.Option(None, help="seed of the laboratories (default: --seed)"),
+    unseen_kind: str = typer.Option(
+        "inside", help="the unseen lab: 'inside' the hospitals' range or 'outside' it"),
 ) -> None:
     """Simulate hospitals: whole blocks of file numbers per hospital, every image once."""
+    from leukofed.labs import KINDS, draw_labs, unseen_lab
     from leukofed.partition import class_count_table, partition_records, write_partition
     from leukofed.splits import read_manifest
 
+    if unseen_kind not in KINDS:
+        raise typer.BadParameter(f"--unseen-kind must be one of {KINDS}, got {unseen_kind!r}")
     if split_manifest:
         split = read_manifest(split_manifest)
         records = split.train + split.val
     else:
         records = _scan(src, block_size).records
+    params: dict[str, object] = {
+        "source": str(src.resolve()), "scheme": scheme, "alpha": alpha, "seed": seed,
+        "block_size": block_size,
+        "split_manifest": str(split_manifest) if split_manifest else None}
+    lab_seed = seed if lab_seed is None else lab_seed
+    if labs:
+        params.update(lab_seed=lab_seed, unseen_kind=unseen_kind)
     try:
         parts = partition_records(records, hospitals, scheme, alpha, seed)
         manifest = write_partition(
-            parts, out,
-            {"source": str(src.resolve()), "scheme": scheme, "alpha": alpha, "seed": seed,
-             "block_size": block_size,
-             "split_manifest": str(split_manifest) if split_manifest else None},
-            force=force,
+            parts, out, params, force=force,
+            labs=draw_labs(len(parts), lab_seed) if labs else None,
+            unseen=unseen_lab(lab_seed, unseen_kind) if labs else None,
         )
     except (ValueError, FileExistsError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(class_count_table(parts))
+    if labs:
+        typer.echo(f"laboratories (seed {lab_seed}): one acquisition.json per hospital; "
+                   f"test-only {out / 'unseen-lab' / 'acquisition.json'} ({unseen_kind})")
     typer.echo(f"wrote {manifest}")
 
 

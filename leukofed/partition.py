@@ -4,6 +4,9 @@ Schemes: ``iid`` (every hospital gets each class in the same proportion), ``diri
 (label skew: per class, hospital shares drawn from Dir(alpha)), ``quantity`` (size skew:
 hospital sizes drawn from Dir(alpha), class mix kept). Every image lands in exactly one
 hospital, and a block of consecutive file numbers (a patient proxy) never spans two.
+
+With simulated laboratories (leukofed.labs) each hospital folder also holds its
+``acquisition.json``, and ``unseen-lab/acquisition.json`` describes a test-only laboratory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from leukofed.data import ImageRecord, fingerprint
 from leukofed.labels import CLASSES
+from leukofed.labs import ACQUISITION_FILE, UNSEEN_LAB_DIR, Acquisition, write_acquisition
 from leukofed.splits import grouped
 
 SCHEMES = ("iid", "dirichlet", "quantity")
@@ -100,8 +104,16 @@ def write_partition(
     out: str | Path,
     params: dict[str, object],
     force: bool = False,
+    labs: dict[str, Acquisition] | None = None,
+    unseen: Acquisition | None = None,
 ) -> Path:
-    """Create OUT/<hospital>/<Class>/<file> as symbolic links plus OUT/partition.json."""
+    """Create OUT/<hospital>/<Class>/<file> as symbolic links plus OUT/partition.json.
+
+    With ``labs`` (one Acquisition per hospital) also OUT/<hospital>/acquisition.json, and
+    with ``unseen`` OUT/unseen-lab/acquisition.json (no images: a test-only laboratory);
+    both are recorded in the manifest. Images are never copied."""
+    if labs is not None and set(labs) != set(parts):
+        raise ValueError(f"labs for {sorted(labs)} but hospitals {sorted(parts)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty; pass force=True (--force) to replace it")
@@ -115,7 +127,7 @@ def write_partition(
             link = out / h / r.class_name / r.path.name
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(r.path.resolve(), link)
-        hospitals[h] = {
+        entry: dict[str, object] = {
             "count": len(recs),
             "class_counts": {
                 c: sum(1 for r in recs if r.label == i) for i, c in enumerate(CLASSES)
@@ -123,15 +135,26 @@ def write_partition(
             "fingerprint": fingerprint(recs),
             "groups": sorted({r.group for r in recs}),
         }
+        if labs is not None:
+            write_acquisition(out / h / ACQUISITION_FILE, labs[h])
+            entry["acquisition"] = labs[h].to_dict()
+        hospitals[h] = entry
     manifest["hospitals"] = hospitals
+    if unseen is not None:
+        write_acquisition(out / UNSEEN_LAB_DIR / ACQUISITION_FILE, unseen)
+        manifest["unseen_lab"] = {"path": f"{UNSEEN_LAB_DIR}/{ACQUISITION_FILE}",
+                                  "acquisition": unseen.to_dict()}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return out / MANIFEST_NAME
 
 
 def _remove_previous(out: Path) -> None:
-    """Remove only what an earlier partition wrote: links, their folders and the manifest."""
+    """Remove only what an earlier partition wrote: links, their folders, the manifest and
+    the laboratories' acquisition files."""
     for path in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_symlink() or path.name == MANIFEST_NAME:
+        ours = path.name == MANIFEST_NAME or (path.name == ACQUISITION_FILE
+                                              and path.parent.parent == out)
+        if path.is_symlink() or ours:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
