@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 from leukofed.data import ImageRecord  # noqa: E402
 from leukofed.labels import CLASSES  # noqa: E402
+from leukofed.labs import Acquisition, load_acquired_image  # noqa: E402
 from leukofed.metrics import classification_metrics  # noqa: E402
 from leukofed.models import (  # noqa: E402
     AUGMENTATIONS,
@@ -47,22 +48,27 @@ DEFAULT_CACHE = Path(os.environ.get("LEUKOFED_CACHE", ".cache"))
 
 
 def load_arrays(
-    records: Sequence[ImageRecord], image_size: int, cache_dir: str | Path | None = DEFAULT_CACHE
+    records: Sequence[ImageRecord], image_size: int, cache_dir: str | Path | None = DEFAULT_CACHE,
+    acquisition: Acquisition | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode records once to (uint8 images N x S x S x 3, int64 labels), cached on disk.
 
     The cache key covers the content hashes and the size, so a changed file or size
-    never reuses stale pixels.
+    never reuses stale pixels. ``acquisition`` (a simulated laboratory, leukofed.labs) is
+    applied to each decoded image at its own resolution, before the resize, where its blur
+    and JPEG are defined; its parameters join the cache key.
     """
     labels = np.array([r.label for r in records], dtype=np.int64)
+    lab = "" if acquisition is None or acquisition.is_identity else f"|lab={acquisition.key()}"
     key = hashlib.sha256(
-        ("|".join(r.sha256 for r in records) + f"|{image_size}").encode()
+        ("|".join(r.sha256 for r in records) + f"|{image_size}" + lab).encode()
     ).hexdigest()[:24]
     cache = Path(cache_dir) / "images" / f"{key}.npy" if cache_dir else None
     if cache is not None and cache.exists():
         return np.load(cache), labels
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        images = list(pool.map(lambda r: load_image(r.path, image_size), records))
+        images = list(pool.map(lambda r: load_acquired_image(r.path, image_size, acquisition)
+                               if lab else load_image(r.path, image_size), records))
     x = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,12 @@ class HospitalClient:
                                 if settings.aggregator_public_key_file else None)
         self._task_nonces = signing.NonceCache()
         self._previous_answer: dict[str, Any] | None = None  # for the "replay" drill only
+        # A simulated laboratory (leukofed.labs): read now, so a bad file fails at start.
+        self.acquisition = settings.acquisition()
+        if self.acquisition is not None:
+            log.info("hospital %s: simulated laboratory %r (%s) from %s", self.hospital,
+                     self.acquisition.name, self.acquisition.kind or "custom",
+                     settings.acquisition_path)
 
     # ------------------------------------------------------------ data
 
@@ -94,7 +100,8 @@ class HospitalClient:
             from leukofed.train import load_arrays
 
             _, sp = self.dataset()
-            self._arrays[key] = load_arrays(sp[split], image_size, self.settings.cache_dir)
+            self._arrays[key] = load_arrays(sp[split], image_size, self.settings.cache_dir,
+                                            acquisition=self.acquisition)
         return self._arrays[key]
 
     # ------------------------------------------------------------ model

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from leukofed.labs import ACQUISITION_FILE, Acquisition, load_acquisition
 from leukofed.transport import (
     DEFAULT_BROKER_URL,
     DEFAULT_VISIBILITY_TIMEOUT_S,
@@ -44,6 +45,11 @@ class ClientSettings(BaseSettings):
     test_fraction: float = 0.15
     split_seed: int = 0
     block_size: int = 16
+    # Simulated laboratory (leukofed.labs, `leukofed data partition --labs`): applied to every
+    # image as it is read. Real hospitals have none; a malformed file stops the worker at start.
+    acquisition_file: Path | None = Field(
+        None, description="simulated laboratory applied when images are read (leukofed.labs); "
+                          "default: <data_dir>/acquisition.json when that file exists")
     # Signing (leukofed.signing). With signing_key_file set, every update is signed with this
     # hospital's Ed25519 key; with aggregator_public_key_file set, only tasks signed by the
     # aggregator are executed (others are declined with the reason). Both off by default.
@@ -70,6 +76,24 @@ class ClientSettings(BaseSettings):
     def _tls(self) -> ClientSettings:
         check_tls(self.broker_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         return self
+
+    @model_validator(mode="after")
+    def _acquisition(self) -> ClientSettings:
+        self.acquisition()  # raises AcquisitionError (a ValueError) naming the file
+        return self
+
+    @property
+    def acquisition_path(self) -> Path | None:
+        """The simulated laboratory's file: the setting, else <data_dir>/acquisition.json."""
+        if self.acquisition_file is not None:
+            return self.acquisition_file
+        default = self.data_dir / ACQUISITION_FILE
+        return default if default.is_file() else None
+
+    def acquisition(self) -> Acquisition | None:
+        """This hospital's simulated laboratory, or None (images used as they are)."""
+        path = self.acquisition_path
+        return load_acquisition(path) if path is not None else None
 
     @field_validator("fault")
     @classmethod
