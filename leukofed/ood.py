@@ -25,7 +25,7 @@ import numpy as np
 
 from leukofed.stain import cell_mask
 
-PROFILE_FORMAT = "leukofed-acquisition-profile/1"
+PROFILE_FORMAT = "leukofed-acquisition-profile/2"
 DESCRIPTORS: tuple[tuple[str, str], ...] = (
     ("red", "mean red"),
     ("green", "mean green"),
@@ -38,9 +38,10 @@ DESCRIPTORS: tuple[tuple[str, str], ...] = (
     ("cell_chroma", "purple of the stained cells"),
     ("sharpness", "sharpness"),
     ("texture_scale", "texture scale of the field (magnification)"),
+    ("fine_detail", "fine detail against cell-sized structure (magnification)"),
 )
-DEFAULT_RANGE_MARGIN = 0.05  # of each statistic's training range, on both sides
-DEFAULT_MAX_DISTANCE = 4.5  # Mahalanobis distance (not squared); measured in docs/shortcuts.md
+DEFAULT_RANGE_MARGIN = 0.0  # widen each statistic's training range by this share of it
+DEFAULT_MAX_DISTANCE = 5.0  # Mahalanobis distance, chosen on the val split: docs/shortcuts.md
 
 
 def _gray(x: np.ndarray) -> np.ndarray:
@@ -75,10 +76,14 @@ def acquisition_descriptor(image: np.ndarray) -> np.ndarray:
     power[0, 0] = 0.0
     radius = np.hypot(np.fft.fftfreq(gray.shape[0])[:, None], np.fft.rfftfreq(gray.shape[1]))
     texture_scale = math.log(float((power * radius).sum() / (power.sum() + 1e-12)) + 1e-6)
+    # Power above 0.08 cycles/px against the band where red cells sit (0.02-0.08): half the
+    # magnification moves red cells into the high band, twice moves them out of it.
+    cell_band = float(power[(radius > 0.02) & (radius <= 0.08)].sum())
+    fine_detail = math.log(float(power[radius > 0.08].sum()) / (cell_band + 1e-9) + 1e-9)
     return np.array([
         rgb[:, 0].mean(), rgb[:, 1].mean(), rgb[:, 2].mean(), saturation, gray.std(),
         mask.mean(), cell_size, math.log1p(count), chroma,
-        math.log(float(np.abs(lap).mean()) + 1e-4), texture_scale,
+        math.log(float(np.abs(lap).mean()) + 1e-4), texture_scale, fine_detail,
     ], np.float64)
 
 
