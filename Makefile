@@ -30,22 +30,27 @@ lock:
 bench-central: setup
 	$(PY) benchmarks/bench_central.py --data $(DATA)
 
+# The default recipe and the old one, 3 hospitals with label skew, each hospital its own
+# simulated laboratory, one unseen laboratory for testing (issue: read the cells).
+FED_SCENARIOS ?= 3:dirichlet:fedavg:labs,3:dirichlet:fedavg:labs:old
 bench-federated: setup
-	$(PY) benchmarks/bench_federated.py --data $(DATA)
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(FED_SCENARIOS)
 
 # Strategies and BatchNorm handling (3 non-IID hospitals); :nocal = without calibration.
-STRATEGY_SCENARIOS ?= 3:dirichlet:fedprox,3:dirichlet:fedavg:fedbn,3:dirichlet:fedavgm,3:dirichlet:fedadam,3:dirichlet:fedyogi,3:dirichlet:fedavgm:nocal,3:dirichlet:fedadam:nocal
+# These two were measured with the old recipe at 64 px (:old) against the 64 px centralized
+# reference of benchmarks/results/federated-64px.json, and reproduce it.
+STRATEGY_SCENARIOS ?= 3:dirichlet:fedprox:old,3:dirichlet:fedavg:fedbn:old,3:dirichlet:fedavgm:old,3:dirichlet:fedadam:old,3:dirichlet:fedyogi:old,3:dirichlet:fedavgm:nocal:old,3:dirichlet:fedadam:nocal:old
 bench-strategies: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(STRATEGY_SCENARIOS) \
-	  --central-from benchmarks/results/federated.json \
+	  --central-from benchmarks/results/federated-64px.json \
 	  --out benchmarks/results/federated-strategies.json --doc docs/benchmarks-federated-strategies.md
 
 # Accuracy against epsilon (client-level DP, GroupNorm compact CNN, 3 IID hospitals); reuses
 # the centralized reference of bench-federated's results.
-DP_SCENARIOS ?= 3:iid:fedavg:gn,3:iid:fedavg:gn:dp0,3:iid:fedavg:gn:dp0.003,3:iid:fedavg:gn:dp0.01,3:iid:fedavg:gn:dp0.03,3:iid:fedavg:gn:dp0.1
+DP_SCENARIOS ?= 3:iid:fedavg:gn:old,3:iid:fedavg:gn:dp0:old,3:iid:fedavg:gn:dp0.003:old,3:iid:fedavg:gn:dp0.01:old,3:iid:fedavg:gn:dp0.03:old,3:iid:fedavg:gn:dp0.1:old
 bench-privacy: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(DP_SCENARIOS) \
-	  --central-from benchmarks/results/federated.json \
+	  --central-from benchmarks/results/federated-64px.json \
 	  --out benchmarks/results/federated-privacy.json --doc docs/benchmarks-federated-privacy.md
 
 up: setup

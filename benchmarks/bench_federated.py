@@ -412,8 +412,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenarios", default="3:dirichlet:fedavg,3:dirichlet:fedavg:fp16,"
-                   "3:iid:fedavg,5:dirichlet:fedavg,5:iid:fedavg",
+    p.add_argument("--scenarios", default="3:dirichlet:fedavg:labs,3:dirichlet:fedavg:labs:old",
                    help="comma-separated hospitals:scheme:strategy[:fp16][:fedbn][:gn][:dpZ]"
                    "[:nocal][:labs][:old][:param=value]; labs: a simulated laboratory per "
                    "hospital and an unseen one for testing; old: the old recipe (64 px, basic "
