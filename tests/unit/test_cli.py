@@ -42,10 +42,20 @@ def test_split_train_evaluate_export(synthetic_dataset, tmp_path: Path) -> None:
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "ece", "confusion_matrix",
                                     "malignant_sensitivity", "malignant_specificity"}
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # The shortcut audit and the refer share come with every centralized training ...
+    assert "recoloured" in train.stdout and "referred" in train.stdout
+    assert 0.0 <= metrics["audit"]["audit_follow_colour"] <= 1.0
+    assert 0.0 <= metrics["test_referred_share"] <= 1.0
 
     evaluated = run("evaluate", str(out / "model.keras"), str(data))
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["n"] == 96
+    result = json.loads(evaluated.stdout)
+    assert result["n"] == 96
+    # ... and with every evaluation of a model that carries its training stain targets.
+    assert "recoloured" in evaluated.stderr
+    assert set(result["audit"]) >= {"audit_recoloured_accuracy", "audit_follow_colour",
+                                    "audit_histogram_accuracy"}
+    assert 0.0 <= result["referred_share"] <= 1.0
 
     exported = run("export-onnx", str(out / "model.keras"), str(tmp_path / "m.onnx"),
                    "--parity-data", str(data))
