@@ -111,11 +111,19 @@ async function analyse(file) {
   const result = await response.json();
   const pred = result.prediction;
   const top = pred.probabilities[pred.label];
-  card.querySelector(".label-line").innerHTML = "";
+  const labelLine = card.querySelector(".label-line");
+  labelLine.replaceChildren();
   const strong = document.createElement("strong");
   strong.textContent = CLASS_NAMES[pred.label] || pred.label;
-  card.querySelector(".label-line").append("Most likely: ", strong,
-    ` (${(100 * top).toFixed(1)}%)`);
+  if (pred.refer === true) {
+    // Unlike the training images: the referral is the answer, the label only a guess.
+    showReferral(card, pred);
+    labelLine.append("Model's guess, not reliable for this image: ", strong,
+      ` (${(100 * top).toFixed(1)}%)`);
+  } else {
+    labelLine.append("Most likely: ", strong, ` (${(100 * top).toFixed(1)}%)`);
+    if (pred.refer !== false) showUnchecked(card, pred);
+  }
   renderBars(card.querySelector(".bars"), pred.probabilities, pred.label);
   const heat = card.querySelector(".heat");
   heat.src = `data:${result.heatmap.media_type};base64,${result.heatmap.png_base64}`;
@@ -126,19 +134,49 @@ async function analyse(file) {
   const m = result.model;
   card.querySelector(".model-version").textContent =
     `Answered by ${m.name} version ${m.version}` + (m.alias ? ` (${m.alias})` : "");
-  return true;
+  return pred.refer === true ? "referred" : "answered";
+}
+
+function showReferral(card, pred) {
+  card.classList.add("referred");
+  const box = card.querySelector(".refer-box");
+  // The box's title already says it: the advice without its "Refer to ...: " lead.
+  box.querySelector(".refer-advice").textContent =
+    (pred.advice || "This image is unlike the images the model was trained on.")
+      .replace(/^Refer to a hematologist:\s*(.)/, (_, first) => first.toUpperCase());
+  const list = box.querySelector(".refer-reasons");
+  list.replaceChildren();
+  for (const reason of pred.refer_reasons || []) {
+    const li = document.createElement("li");
+    li.textContent = reason;
+    list.append(li);
+  }
+  box.hidden = false;
+}
+
+function showUnchecked(card, pred) {
+  // An older model version without an acquisition profile: say the check did not run.
+  const note = card.querySelector(".ood-note");
+  note.textContent = (pred.refer_reasons || [])[0] ||
+    "Whether this image resembles the training images could not be checked.";
+  note.hidden = false;
 }
 
 async function analyseAll(files) {
   if (!files.length) return;
   const status = $("status");
   let ok = 0;
+  let referred = 0;
   for (const [i, file] of Array.from(files).entries()) {
     status.textContent = `Analysing image ${i + 1} of ${files.length}\u2026`;
-    if (await analyse(file)) ok += 1;  // one at a time: the server may be small
+    const outcome = await analyse(file);  // one at a time: the server may be small
+    if (outcome) ok += 1;
+    if (outcome === "referred") referred += 1;
   }
   const failed = files.length - ok;
-  status.textContent = `${ok} image(s) analysed` + (failed ? `, ${failed} failed.` : ".");
+  status.textContent = `${ok} image(s) analysed` +
+    (referred ? `, ${referred} to refer to a hematologist` : "") +
+    (failed ? `, ${failed} failed.` : ".");
 }
 
 function setup() {
