@@ -1,8 +1,14 @@
 """The clinician's page in Debian's chromium (Playwright, no browser download).
 
 Reach the file chooser with the keyboard, upload an image and see
-the label, the four bars, the heat map and the model version; upload a text file and see
-the error. The screenshot is kept as a CI artifact: tests/output/inference-page.png.
+the label, the four bars, the heat map and the model version; upload an image unlike the
+training images (a blank field) and see "Refer to a hematologist" with the reasons; upload
+a text file and see the error. The screenshot is kept as a CI artifact:
+tests/output/inference-page.png.
+
+The registered model carries the acquisition profile of synthetic smear-like fields
+(services.inference.testing.smear_profile), so the in-distribution image is another such
+field, not a real smear (which would rightly be referred).
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA, ROOT, free_port, write_synthetic_image
+from conftest import ROOT, free_port
+from PIL import Image
 
-from services.inference.testing import ServiceProcess, register_tiny_model
+from leukofed import probes
+from services.inference.testing import ServiceProcess, register_tiny_model, smear_like
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CHROMIUM = "/usr/bin/chromium"
 NAME = "leukofed-page-it"
+SIZE = 32
 SCREENSHOT = ROOT / "tests" / "output" / "inference-page.png"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -29,7 +38,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip("Debian chromium is not installed (make setup installs it)")
-    register_tiny_model(mlflow_server.url, NAME, seed=31, image_size=32, champion=True)
+    register_tiny_model(mlflow_server.url, NAME, seed=31, image_size=SIZE, champion=True,
+                        profile=True)
     tmp = tmp_path_factory.mktemp("page")
     svc = ServiceProcess(free_port(), {
         "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
@@ -46,10 +56,17 @@ def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def sample_image(tmp_path: Path) -> Path:
-    real = sorted((REAL_DATA / "Pro").glob("*.jpg"))[:1] if REAL_DATA.is_dir() else []
-    if real:
-        return real[0]
-    return write_synthetic_image(tmp_path / "synthetic-cell.png", label=3, seed=1, size=96)
+    """A smear-like field of the profile's "laboratory", at the model's input size."""
+    path = tmp_path / "smear-field.png"
+    Image.fromarray(smear_like(SIZE, seed=7)).save(path)
+    return path
+
+
+def blank_image(tmp_path: Path) -> Path:
+    """A field with no cell on it: must be referred, not labelled."""
+    path = tmp_path / "blank-field.png"
+    Image.fromarray(probes.blank_field(smear_like(SIZE, seed=7))).save(path)
+    return path
 
 
 def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
@@ -94,14 +111,27 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
             assert card.locator(".heat").get_attribute("src").startswith("data:image/png")
             expect(card.locator(".model-version")).to_contain_text("version 1 (champion)")
             expect(card.locator(".filename")).to_have_text(image.name)
+            expect(card.locator(".refer-box")).to_be_hidden()
+
+            # An image unlike the training images: the referral is the answer, with reasons;
+            # the label is only shown as the model's guess.
+            page.set_input_files("#file-input", str(blank_image(tmp_path)))
+            referred = page.locator(".result").first
+            box = referred.locator(".refer-box")
+            expect(box).to_be_visible(timeout=30_000)
+            expect(box).to_contain_text("Refer to a hematologist")
+            expect(box.locator(".refer-reasons li").first).to_contain_text("training range")
+            expect(referred.locator(".label-line")).to_contain_text("Model's guess")
+            expect(referred.locator(".label-line")).not_to_contain_text("Most likely")
+            expect(page.locator("#status")).to_contain_text("1 to refer to a hematologist")
 
             page.set_input_files("#file-input", str(text))
             bad = page.locator(".result").first
             expect(bad.get_by_role("alert")).to_contain_text("notes.txt", timeout=30_000)
             expect(bad.get_by_role("alert")).to_contain_text("not a recognised image")
             expect(page.locator("#status")).to_contain_text("1 failed")
-            # The good result is still there under the error.
-            expect(page.locator(".result")).to_have_count(2)
+            # The earlier results are still there under the error.
+            expect(page.locator(".result")).to_have_count(3)
             violations = [m for m in console if "Content Security Policy" in m]
             assert not violations, violations
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
