@@ -72,8 +72,9 @@ def load_profile(metadata: dict[str, Any], version: str = "?"
     except Exception as exc:
         log.error("version %s has a malformed acquisition profile (%s: %s); serving it "
                   "without the out-of-distribution check", version, type(exc).__name__, exc)
-        return None, (f"this model version's acquisition profile is malformed "
-                      f"({type(exc).__name__}); out-of-distribution check unavailable")
+        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return None, (f"this model version's acquisition profile is malformed ({why}); "
+                      "out-of-distribution check unavailable")
     return profile, ""
 
 

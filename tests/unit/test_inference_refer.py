@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from leukofed import probes
-from leukofed.ood import AcquisitionProfile
+from leukofed.ood import DESCRIPTORS, AcquisitionProfile
 from services.inference.app import create_app
 from services.inference.model_source import NO_PROFILE, ModelSource, load_profile
 from services.inference.onnx_store import OnnxArtifact, VersionInfo, sha256
@@ -49,7 +49,8 @@ MALFORMED = {
     "wrong shapes": _broken(mean=[0.5, 0.5, 0.5]),
     "missing keys": {"format": "leukofed-acquisition-profile/1"},
     "not numbers": _broken(precision="identity"),
-    "non-finite": _broken(low=[float("nan")] * 11),
+    "non-finite": _broken(low=[float("nan")] * len(DESCRIPTORS)),
+    "an older format": _broken(format="leukofed-acquisition-profile/0"),
 }
 # Version -> the metadata's "acquisition_profile" (None: the key is absent).
 VERSIONS: dict[str, object] = {"1": "smear", "2": None,
@@ -122,7 +123,7 @@ def test_smear_like_image_is_not_referred(client: TestClient) -> None:
     p = r.json()["predictions"][0]
     assert p["in_distribution"] is True and p["refer"] is False
     assert p["refer_reasons"] == []
-    assert 0 <= p["ood_distance"] < 4.5
+    assert 0 <= p["ood_distance"] < smear_profile(SIZE)["max_distance"]
     assert p["advice"].startswith("Decision support")
     assert p["label"] in p["probabilities"]
 
