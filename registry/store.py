@@ -100,6 +100,9 @@ def load_version(
     """Load a version (``"3"``) or an alias (``"champion"``) with its metadata and tags."""
     import mlflow.keras
 
+    # Registers leukofed's custom layers (CellFocus) with Keras before a model names them.
+    import leukofed.models  # noqa: F401
+
     client = MlflowClient()
     if version_or_alias.isdigit():
         mv = client.get_model_version(model_name, version_or_alias)
