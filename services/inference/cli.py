@@ -80,12 +80,21 @@ def format_table(body: dict) -> str:
     preds = body["predictions"]
     classes = list(preds[0]["probabilities"]) if preds else []
     width = max([len("file"), *(len(p["filename"]) for p in preds)])
-    lines = [f"{'file':<{width}}  {'label':<7} " + " ".join(f"{c:>7}" for c in classes)]
+    lines = [f"{'file':<{width}}  {'label':<7} " + " ".join(f"{c:>7}" for c in classes)
+             + "  answer"]
+    notes = []
     for p in preds:
         probs = " ".join(f"{p['probabilities'][c]:>7.3f}" for c in classes)
-        lines.append(f"{p['filename']:<{width}}  {p['label']:<7} {probs}")
+        # A referred image's label is only the model's guess: say "refer" first.
+        answer = {True: "REFER to a hematologist", False: "in distribution"}.get(
+            p.get("refer"), "out-of-distribution check unavailable")
+        lines.append(f"{p['filename']:<{width}}  {p['label']:<7} {probs}  {answer}")
+        if p.get("refer"):
+            notes += [f"  {p['filename']}: {r}" for r in p.get("refer_reasons", [])]
     m = body["model"]
     alias = f" ({m['alias']})" if m.get("alias") else ""
+    if notes:
+        lines += ["why referred:", *notes]
     lines.append(f"model: {m['name']} version {m['version']}{alias}")
     lines.append("Decision support for a qualified professional, not a diagnosis.")
     return "\n".join(lines)

@@ -58,7 +58,13 @@ def test_predict_table_lists_files_labels_and_model() -> None:
                                                "Pro": 0.1}}]}
     table = format_table(body)
     assert "a.jpg" in table and "0.600" in table and "version 3 (champion)" in table
-    assert "not a diagnosis" in table
+    assert "not a diagnosis" in table and "check unavailable" in table
+    body["predictions"][0].update(refer=True, in_distribution=False,
+                                  refer_reasons=["no stained white cell found"])
+    table = format_table(body)
+    assert "REFER to a hematologist" in table and "no stained white cell found" in table
+    body["predictions"][0].update(refer=False, in_distribution=True, refer_reasons=[])
+    assert "in distribution" in format_table(body)
 
 
 class FakeVersion:
