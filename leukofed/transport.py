@@ -180,6 +180,9 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "image_size": 128,  # leukofed.models.DEFAULT_IMAGE_SIZE (no TensorFlow import here)
     "cell_focus": True,  # leukofed.models.DEFAULT_CELL_FOCUS
     "augmentation": "stain",  # leukofed.models.DEFAULT_AUGMENTATION
+    # fit: send the acquisition profile and stain sums of the training images (off in
+    # differentially private runs: they are exact statistics outside the privacy budget)
+    "send_profile": True,
     "alpha": 0.35,  # MobileNetV2 width
     "norm": "batch",  # compact_cnn only: "group" for GroupNorm (differential privacy)
     "local_epochs": 1,

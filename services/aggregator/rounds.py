@@ -86,7 +86,7 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
     return {"run_id": record_id, "round": server_round, "model": cfg.model,
             "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
             "cell_focus": cfg.cell_focus, "augmentation": cfg.augmentation,
-            "local_epochs": cfg.local_epochs,
+            "send_profile": cfg.privacy is None, "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
             "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,

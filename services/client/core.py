@@ -232,7 +232,7 @@ class HospitalClient:
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
                      "encode_s": done - trained, "total_s": done - start},
             class_counts=_counts(y), dataset_fingerprint=self.dataset()[0].fingerprint,
-            **self.training_profile(int(cfg["image_size"])),
+            **(self.training_profile(int(cfg["image_size"])) if cfg["send_profile"] else {}),
         )
         return self._sign_answer(answer, cfg)
 

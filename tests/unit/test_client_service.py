@@ -62,8 +62,10 @@ def test_fit_evaluate_describe_send_only_aggregates(client: HospitalClient,
     assert stats.outer.shape == (len(DESCRIPTORS), len(DESCRIPTORS))
     assert sum(fit["stain_sums"]["counts"]) == fit["num_examples"]
     assert len(msgpack.packb({k: fit[k] for k in ("acquisition", "stain_sums")})) < 8000
+    private = client.fit(global_blob, {**CFG, "round": 2, "send_profile": False})
+    assert "acquisition" not in private and "stain_sums" not in private  # DP runs
     entries = list(client.participation.entries())
-    assert [e["task"] for e in entries] == ["fit", "evaluate"]
+    assert [e["task"] for e in entries] == ["fit", "evaluate", "fit"]
     assert entries[0]["sha256"] == fit["sha256"] and entries[0]["bytes"] == fit["bytes"]
 
 
