@@ -59,7 +59,9 @@ class CellFocus(keras.layers.Layer):
 
     def call(self, x: Any) -> Any:
         r, g, b = x[..., 0:1], x[..., 1:2], x[..., 2:3]
-        purple = (r + b) / 2.0 - g
+        # Red AND blue above green: stained cells are purple; the red scale-bar text (red,
+        # not blue) is not, so it cannot slip through as a "cell" (it marks some classes).
+        purple = keras.ops.minimum((r + b) / 2.0, b) - g
         # Relative to the image itself, so a stain that is paler, darker or shifted as a
         # whole still finds its most purple pixels: the white cells.
         mean = keras.ops.mean(purple, axis=(1, 2, 3), keepdims=True)

@@ -105,17 +105,6 @@ def augment_basic(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
-def _random_crop(x: tf.Tensor, min_scale: float = 0.7) -> tf.Tensor:
-    """A random square crop of 70-100% of the side, resized back: no fixed corner (the
-    scale bar) stays in place, and cell size varies a little as between microscopes."""
-    b, size = tf.shape(x)[0], tf.shape(x)[1]
-    side = tf.random.uniform([b], min_scale, 1.0)
-    y0 = tf.random.uniform([b]) * (1.0 - side)
-    x0 = tf.random.uniform([b]) * (1.0 - side)
-    boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
-    return tf.image.crop_and_resize(x, boxes, tf.range(b), tf.stack([size, size]))
-
-
 def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
     """Each image's optical densities moved to the statistics of another image of the batch
     (any class), scaled by a random factor: stain stops telling the classes apart."""
@@ -129,12 +118,13 @@ def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor
 
 
 def augment_stain(x: tf.Tensor) -> tf.Tensor:
-    """The stain-robust recipe (default): crop, dihedral, then stain transfer between
-    images of any class in optical-density space, half the time with cells and background
-    moved to different stains; brightness, contrast, gamma and channel jitter. Chosen by
-    measurement: docs/shortcuts.md."""
+    """The stain-robust recipe (default): dihedral, then stain transfer between images of
+    any class in optical-density space, half the time with cells and background moved to
+    different stains; brightness, contrast, gamma and channel jitter. No random crops (they
+    change cell size, which the classes differ by) and no grayscale (CellFocus finds cells
+    by their purple). Chosen by measurement: docs/shortcuts.md."""
     b = tf.shape(x)[0]
-    x = _dihedral(_random_crop(x))
+    x = _dihedral(x)
     od = -tf.math.log((x + 1.0) / 256.0)
     mean = tf.reduce_mean(od, axis=[1, 2], keepdims=True)
     std = tf.math.reduce_std(od, axis=[1, 2], keepdims=True) + 1e-3

@@ -76,3 +76,34 @@ def test_group_norm_compact_cnn_has_no_moving_statistics() -> None:
         build_model("mobilenetv2", 32, norm="group")
     with pytest.raises(ValueError, match="unknown norm"):
         build_model("compact_cnn", 32, norm="layer")
+
+
+def _field(background: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Purple cells on a background; red text in a corner (as the scale bar)."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((64, 64, 3), np.float32)
+    img[:] = background
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in ((16, 16), (40, 44), (20, 48)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] = (120, 40, 170) + rng.normal(0, 3, 3)
+    img[58:62, 40:60] = (230, 20, 20)
+    return img
+
+
+def test_cell_focus_keeps_the_cells_and_erases_the_slide() -> None:
+    from leukofed.models import CellFocus, build_model
+
+    layer = CellFocus()
+    a, b = _field((235, 225, 240)), _field((200, 235, 215))  # same cells, other slides
+    out_a, out_b = (np.asarray(layer(x[None]))[0] for x in (a, b))
+    cell = (slice(14, 19), slice(14, 19))
+    assert np.allclose(out_a[cell], a[cell], atol=2.0)  # cells pass through
+    far = (slice(0, 6), slice(28, 36))  # plain background, away from any cell
+    assert np.allclose(out_a[far], layer.fill, atol=1.0)
+    assert np.allclose(out_b[far], layer.fill, atol=1.0)
+    text = (slice(58, 62), slice(40, 60))  # red, not purple: not a cell
+    assert np.allclose(out_a[text], layer.fill, atol=5.0)
+    # What reaches the network hardly moves when the slide changes; the raw input does.
+    assert np.abs(out_a - out_b).mean() < 0.25 * np.abs(a - b).mean()  # only the rims differ
+    model = build_model("compact_cnn", 64, seed=0, cell_focus=True)
+    assert model.get_layer("cell_focus") is not None
