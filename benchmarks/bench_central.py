@@ -232,7 +232,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {inf['batch32']['ratio']:.1f}x |")
     lines += ["", "ONNX Runtime used `CPUExecutionProvider` (no GPU here); \"Keras\" is a "
               "`tf.function`-compiled call of the same model. Peak RSS is the benchmark "
-              "process's high-water mark up to that row. Confusion matrices: "
+              "process's high-water mark up to that row. \"vs plain fit\" compares two "
+              "30-step windows measured one after the other, so load that changes between "
+              "them moves it (idle machine, 2026-11-27: 1.74x at 64 px). Confusion matrices: "
               + ", ".join(f"`{r['confusion_png']}`" for r in doc["results"]), ""]
     lines += ["## What the accuracy means", "",
               "The same models, same test split. *Recoloured*: each test image moved to "

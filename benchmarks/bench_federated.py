@@ -109,8 +109,14 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                 break
             time.sleep(2)
         wall = time.monotonic() - started
-        final = (final_model_report(rec, ports, split, size, work / "hospitals", args.seed)
-                 if rec["status"] == "completed" else {})
+        final: dict[str, Any] = {}
+        if rec["status"] == "completed":
+            try:
+                final = final_model_report(rec, ports, split, size, work / "hospitals",
+                                           args.seed)
+            except Exception as exc:  # keep the run's numbers even if the read-back fails
+                print(f"  final model report failed: {type(exc).__name__}: {exc}", flush=True)
+                final = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         sh("scripts/stack.sh", "down", env=env)
     if rec["status"] != "completed":
