@@ -381,7 +381,11 @@ def robustness_lines(doc: dict[str, Any]) -> list[str]:
              "simulated laboratory (mean and worst); *unseen lab*: the server test split under "
              "a laboratory no hospital has; *gap*: hospitals' mean minus unseen lab, in "
              "points (target <= 5 with the default recipe); *referred*: share sent to a "
-             "hematologist (test: lower is better; probes: higher is better).", "",
+             "hematologist (test: lower is better; probes: higher is better). In `labs` "
+             "scenarios the server test split keeps the dataset's own acquisition, which "
+             "after the simulation no hospital has: it is a second unseen laboratory, and "
+             "the refer check sends most of it to a hematologist, as it should for a "
+             "laboratory outside the federation's profile.", "",
              "| scenario | px | test acc | recoloured | spatial | follow-colour "
              "| background-only | colour forest | hospitals mean / worst | unseen lab | gap "
              "| referred: test | unseen lab | " + " | ".join(kinds) + " |",
