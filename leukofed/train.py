@@ -95,14 +95,18 @@ def _dihedral(x: tf.Tensor) -> tf.Tensor:
 def augment_basic(x: tf.Tensor) -> tf.Tensor:
     """The old recipe: dihedral transforms and a small colour jitter. It leaves the stain,
     so a model trained with it can (and does) classify by colour: docs/shortcuts.md."""
+    return _jitter(_dihedral(x), contrast=0.1, brightness=0.08, channel=0.04)
+
+
+def _jitter(x: tf.Tensor, contrast: float, brightness: float, channel: float) -> tf.Tensor:
+    """Per-image contrast around the mean, brightness shift (share of 255) and per-channel
+    gain, each uniform in +-the given amount; clipped to 0-255."""
     b = tf.shape(x)[0]
-    x = _dihedral(x)
     mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    contrast = tf.random.uniform([b, 1, 1, 1], 0.9, 1.1)
-    brightness = tf.random.uniform([b, 1, 1, 1], -0.08, 0.08) * 255.0
-    channel = tf.random.uniform([b, 1, 1, 3], 0.96, 1.04)
-    x = ((x - mean) * contrast + mean + brightness) * channel
-    return tf.clip_by_value(x, 0.0, 255.0)
+    c = tf.random.uniform([b, 1, 1, 1], 1.0 - contrast, 1.0 + contrast)
+    shift = tf.random.uniform([b, 1, 1, 1], -brightness, brightness) * 255.0
+    gain = tf.random.uniform([b, 1, 1, 3], 1.0 - channel, 1.0 + channel)
+    return tf.clip_by_value(((x - mean) * c + mean + shift) * gain, 0.0, 255.0)
 
 
 def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
@@ -139,14 +143,9 @@ def augment_stain(x: tf.Tensor) -> tf.Tensor:
     x = tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
     gamma = tf.random.uniform([b, 1, 1, 1], 0.7, 1.4)
     x = 255.0 * tf.pow(x / 255.0 + 1e-6, gamma)
-    mean_x = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    contrast = tf.random.uniform([b, 1, 1, 1], 0.7, 1.3)
-    brightness = tf.random.uniform([b, 1, 1, 1], -0.12, 0.12) * 255.0
-    channel = tf.random.uniform([b, 1, 1, 3], 0.85, 1.15)
-    x = ((x - mean_x) * contrast + mean_x + brightness) * channel
     # No grayscale: the model's CellFocus finds cells by their purple, and a grayscale
     # photograph is referred as out of distribution (leukofed.ood) rather than answered.
-    return tf.clip_by_value(x, 0.0, 255.0)
+    return _jitter(x, contrast=0.3, brightness=0.12, channel=0.15)
 
 
 def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION) -> tf.Tensor:
