@@ -176,7 +176,11 @@ def promote(
     from registry.lineage import promote as do_promote
     from registry.store import DEFAULT_MODEL_NAME
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    # Both: a registry URI set earlier in the process (mlflow also exports it as an
+    # environment variable) would otherwise win for the registry.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)
     if version == "best":
         found = best_version(metric, run_id, name)

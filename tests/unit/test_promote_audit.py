@@ -26,6 +26,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # restored after the test
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri, registry_uri=uri)
     client.create_registered_model(NAME)
@@ -37,6 +38,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return str(mv.version)
     yield client, add
     mlflow.set_tracking_uri("")
+    mlflow.set_registry_uri("")
 
 
 def champion(client) -> str | None:
@@ -47,8 +49,13 @@ def champion(client) -> str | None:
 
 
 def test_promote_best_refuses_the_colour_reader(registry) -> None:
+    import mlflow
+
     client, add = registry
     add(COLOUR_READER)
+    # What another part of the process (the inference service's exporter) may have left
+    # behind: the CLI must use MLFLOW_TRACKING_URI for the registry too.
+    mlflow.set_registry_uri("sqlite:///nonexistent-dir/elsewhere.db")
     result = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
     assert result.exit_code == 2, result.output
     assert "refused" in result.output and "follow the new colour" in result.output
