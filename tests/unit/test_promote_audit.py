@@ -48,14 +48,14 @@ def champion(client) -> str | None:
         return None
 
 
-def test_promote_best_refuses_the_colour_reader(registry) -> None:
+def test_promote_best_refuses_the_colour_reader(registry, tmp_path: Path) -> None:
     import mlflow
 
     client, add = registry
     add(COLOUR_READER)
     # What another part of the process (the inference service's exporter) may have left
     # behind: the CLI must use MLFLOW_TRACKING_URI for the registry too.
-    mlflow.set_registry_uri("sqlite:///nonexistent-dir/elsewhere.db")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
     result = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
     assert result.exit_code == 2, result.output
     assert "refused" in result.output and "follow the new colour" in result.output
