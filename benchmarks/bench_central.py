@@ -255,11 +255,11 @@ def markdown(doc: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "all-pbs"))
-    p.add_argument("--configs", default="compact_cnn:64:30:old,compact_cnn:128:30:new",
+    p.add_argument("--configs", default="compact_cnn:64:30:old,compact_cnn:128:60:new",
                    help="comma-separated model:size:max_epochs:recipe (recipe old or new)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--patience", type=int, default=25)
     p.add_argument("--throughput-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "central.json"))
