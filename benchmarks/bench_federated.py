@@ -158,6 +158,7 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     from leukofed.splits import read_manifest
     from leukofed.train import load_arrays
     from registry.store import DEFAULT_MODEL_NAME, load_version
+    from services.aggregator.modelops import predict_in_batches
 
     mlflow.set_tracking_uri(f"http://127.0.0.1:{ports['mlflow']}")
     version = rec["versions"][str(rec["history"][-1]["round"])]
@@ -166,11 +167,6 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     profile_dict = loaded.metadata.get("acquisition_profile")
     profile = AcquisitionProfile.from_dict(profile_dict) if profile_dict else None
     x, y = load_arrays(read_manifest(split).test, size)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.asarray(loaded.model(images[i:i + 128].astype(np.float32),
-                                                       training=False))
-                               for i in range(0, len(images), 128)])
 
     def referred(images: np.ndarray) -> float | None:
         if profile is None:
@@ -185,7 +181,7 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     if lab_file.is_file():
         lab = load_acquisition(lab_file)
         lx, ly = load_arrays(read_manifest(split).test, size, acquisition=lab)
-        m = classification_metrics(ly, predict(lx))
+        m = classification_metrics(ly, predict_in_batches(loaded.model, lx))
         out["unseen_lab"] = {"accuracy": float(m["accuracy"]),
                              "macro_f1": float(m["macro_f1"]), "referred": referred(lx)}
     return out

@@ -210,6 +210,16 @@ class AcquisitionProfile:
             raise ValueError(f"not an acquisition profile: format {data.get('format')!r}")
         if list(data.get("names", [])) != [n for n, _ in DESCRIPTORS]:
             raise ValueError("acquisition profile was made with other statistics")
-        return cls(np.asarray(data["mean"]), np.asarray(data["precision"]),
-                   np.asarray(data["low"]), np.asarray(data["high"]), int(data["count"]),
-                   float(data["range_margin"]), float(data["max_distance"]))
+        d = len(DESCRIPTORS)
+        arrays = {}
+        for name, shape in (("mean", (d,)), ("precision", (d, d)), ("low", (d,)),
+                            ("high", (d,))):
+            value = np.asarray(data[name], np.float64)
+            if value.shape != shape or not np.isfinite(value).all():
+                raise ValueError(f"{name} is not finite numbers of shape {shape}")
+            arrays[name] = value
+        margin, bound = float(data["range_margin"]), float(data["max_distance"])
+        if not (np.isfinite(bound) and bound > 0 and np.isfinite(margin) and margin >= 0):
+            raise ValueError("max_distance or range_margin out of range")
+        return cls(arrays["mean"], arrays["precision"], arrays["low"], arrays["high"],
+                   int(data["count"]), margin, bound)

@@ -15,6 +15,13 @@ from services.aggregator.settings import AggregatorSettings
 Weights = dict[str, np.ndarray]
 
 
+def predict_in_batches(model: Any, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """Inference-mode probabilities of a Keras model, ``batch`` images at a time."""
+    return np.concatenate([np.asarray(model(images[i:i + batch].astype(np.float32),
+                                            training=False))
+                           for i in range(0, len(images), batch)])
+
+
 class KerasModelOps:
     def __init__(self, settings: AggregatorSettings) -> None:
         self.settings = settings
@@ -73,10 +80,7 @@ class KerasModelOps:
 
         with self._lock:
             x, y = self._test_arrays(source, cfg.image_size)
-            model = self.keras_model(cfg, weights)
-            probs = np.concatenate([np.asarray(model(x[i:i + 128].astype(np.float32),
-                                                     training=False))
-                                    for i in range(0, len(x), 128)])
+            probs = predict_in_batches(self.keras_model(cfg, weights), x)
         m = classification_metrics(y, probs)
         flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_",
                                                                                "f1_"))}
@@ -101,13 +105,7 @@ class KerasModelOps:
                     return {}
                 self._audit = {key: prepare_audit_set(x, y, targets, histogram_crossfit(x, y))}
             model = self.keras_model(cfg, weights)
-
-            def predict(images: np.ndarray) -> np.ndarray:
-                return np.concatenate([np.asarray(model(images[i:i + 128].astype(np.float32),
-                                                        training=False))
-                                       for i in range(0, len(images), 128)])
-
-            return run_audit(predict, self._audit[key])
+            return run_audit(lambda images: predict_in_batches(model, images), self._audit[key])
 
     def _test_arrays(self, source: tuple[str, str], image_size: int
                      ) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from leukofed.export import ParityError, read_onnx_metadata
-from leukofed.ood import DESCRIPTORS, AcquisitionProfile
+from leukofed.ood import AcquisitionProfile
 
 from . import runtime
 from .onnx_store import ExportError, OnnxArtifact, OnnxStore, VersionInfo
@@ -56,18 +56,7 @@ def load_profile(metadata: dict[str, Any], version: str = "?"
     if raw is None:
         return None, NO_PROFILE
     try:
-        profile = AcquisitionProfile.from_dict(raw)
-        d = len(DESCRIPTORS)
-        arrays = {"mean": (d,), "precision": (d, d), "low": (d,), "high": (d,)}
-        for name, shape in arrays.items():
-            value = np.asarray(getattr(profile, name), np.float64)
-            if value.shape != shape or not np.isfinite(value).all():
-                raise ValueError(f"{name} is not {len(shape)}-D finite numbers of shape "
-                                 f"{shape}")
-            setattr(profile, name, value)
-        if not (np.isfinite(profile.max_distance) and profile.max_distance > 0
-                and np.isfinite(profile.range_margin) and profile.range_margin >= 0):
-            raise ValueError("max_distance or range_margin out of range")
+        profile = AcquisitionProfile.from_dict(raw)  # checks shapes, finiteness, bounds
         profile.judge(profile.mean)  # one dry run: judging cannot fail later on shapes
     except Exception as exc:
         log.error("version %s has a malformed acquisition profile (%s: %s); serving it "
