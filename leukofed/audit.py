@@ -70,19 +70,34 @@ def colour_histograms(images: np.ndarray, bins: int = HISTOGRAM_BINS) -> np.ndar
     return out / x.shape[1]
 
 
+_NO_BASELINE = {"accuracy": float("nan"), "macro_f1": float("nan")}
+
+
+def _forest_proba(train_feats: np.ndarray, train_y: np.ndarray, test_feats: np.ndarray,
+                  n_classes: int, seed: int) -> np.ndarray:
+    """(N_test, n_classes) probabilities of a random forest fit on histogram features."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=-1)
+    forest.fit(train_feats, train_y)
+    proba = np.zeros((len(test_feats), n_classes))
+    proba[:, forest.classes_] = forest.predict_proba(test_feats)
+    return proba
+
+
+def _scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    m = classification_metrics(y, proba)
+    return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"])}
+
+
 def histogram_baseline(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                        test_y: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Accuracy and macro-F1 of a colour-histogram random forest on the same split."""
-    from sklearn.ensemble import RandomForestClassifier
-
     if len(train_x) == 0 or len(test_x) == 0 or len(np.unique(train_y)) < 2:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    forest = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=-1)
-    forest.fit(colour_histograms(train_x), train_y)
-    proba = np.zeros((len(test_x), int(max(train_y.max(), test_y.max())) + 1))
-    proba[:, forest.classes_] = forest.predict_proba(colour_histograms(test_x))
-    m = classification_metrics(test_y, proba)
-    return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"])}
+        return dict(_NO_BASELINE)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    return _scores(test_y, _forest_proba(colour_histograms(train_x), train_y,
+                                         colour_histograms(test_x), n_classes, seed))
 
 
 def other_classes(labels: np.ndarray, n_classes: int, shift: int = 1) -> np.ndarray:
@@ -97,22 +112,21 @@ def histogram_crossfit(images: np.ndarray, labels: np.ndarray, seed: int = 0
     """The colour baseline where no training images are at hand (the aggregator): two folds
     of the test split, each class cut into a first and a second half of its (sorted, so
     block-contiguous) images; train on one half, test on the other, pool the answers."""
-    from sklearn.ensemble import RandomForestClassifier
-
+    if len(labels) == 0:
+        return dict(_NO_BASELINE)
     first = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         idx = np.nonzero(labels == c)[0]
         first[idx[: len(idx) // 2]] = True
-    proba = np.zeros((len(labels), int(labels.max()) + 1 if len(labels) else 1))
-    feats = colour_histograms(images) if len(images) else np.zeros((0, 3 * HISTOGRAM_BINS))
+    n_classes = int(labels.max()) + 1
+    proba = np.zeros((len(labels), n_classes))
+    feats = colour_histograms(images)
     for train_mask in (first, ~first):
         if len(np.unique(labels[train_mask])) < 2 or (~train_mask).sum() == 0:
-            return {"accuracy": float("nan"), "macro_f1": float("nan")}
-        forest = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=-1)
-        forest.fit(feats[train_mask], labels[train_mask])
-        proba[np.ix_(~train_mask, forest.classes_)] = forest.predict_proba(feats[~train_mask])
-    m = classification_metrics(labels, proba)
-    return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"])}
+            return dict(_NO_BASELINE)
+        proba[~train_mask] = _forest_proba(feats[train_mask], labels[train_mask],
+                                           feats[~train_mask], n_classes, seed)
+    return _scores(labels, proba)
 
 
 def stain_sums(images: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, Any]:
