@@ -25,7 +25,7 @@ import numpy as np
 
 from leukofed.stain import cell_mask
 
-PROFILE_FORMAT = "leukofed-acquisition-profile/2"
+PROFILE_FORMAT = "leukofed-acquisition-profile/3"
 DESCRIPTORS: tuple[tuple[str, str], ...] = (
     ("red", "mean red"),
     ("green", "mean green"),
@@ -39,6 +39,8 @@ DESCRIPTORS: tuple[tuple[str, str], ...] = (
     ("sharpness", "sharpness"),
     ("texture_scale", "texture scale of the field (magnification)"),
     ("fine_detail", "fine detail against cell-sized structure (magnification)"),
+    ("cell_radius", "radius of the largest stained cell (magnification)"),
+    ("red_cell_radius", "radius of the red cells (magnification)"),
 )
 DEFAULT_RANGE_MARGIN = 0.0  # widen each statistic's training range by this share of it
 DEFAULT_MAX_DISTANCE = 5.0  # Mahalanobis distance, chosen on the val split: docs/shortcuts.md
@@ -50,7 +52,7 @@ def _gray(x: np.ndarray) -> np.ndarray:
 
 def acquisition_descriptor(image: np.ndarray) -> np.ndarray:
     """(D,) statistics of one uint8 RGB image at the model's input size."""
-    from scipy.ndimage import label
+    from scipy.ndimage import binary_fill_holes, distance_transform_edt, label
 
     x = np.asarray(image, np.float32)
     rgb = x.reshape(-1, 3) / 255.0
@@ -80,10 +82,19 @@ def acquisition_descriptor(image: np.ndarray) -> np.ndarray:
     # magnification moves red cells into the high band, twice moves them out of it.
     cell_band = float(power[(radius > 0.02) & (radius <= 0.08)].sum())
     fine_detail = math.log(float(power[radius > 0.08].sum()) / (cell_band + 1e-9) + 1e-9)
+    # Two rulers that are not texture: the radius of the largest inscribed circle of the
+    # largest stained cell, and the typical half-width of red cells (dark but not purple).
+    # Half the magnification halves both (the spectral pair alone let 7% of 0.5x through).
+    cell_radius = float(np.log(distance_transform_edt(binary_fill_holes(mask)).max() + 1.0))
+    dark = gray < (np.percentile(gray, 95) + np.percentile(gray, 10)) / 2
+    red_cells = dark & ~mask
+    red_cell_radius = float(np.log(np.percentile(distance_transform_edt(red_cells)[red_cells], 90)
+                                   + 1.0)) if red_cells.any() else 0.0
     return np.array([
         rgb[:, 0].mean(), rgb[:, 1].mean(), rgb[:, 2].mean(), saturation, gray.std(),
         mask.mean(), cell_size, math.log1p(count), chroma,
         math.log(float(np.abs(lap).mean()) + 1e-4), texture_scale, fine_detail,
+        cell_radius, red_cell_radius,
     ], np.float64)
 
 
@@ -173,8 +184,10 @@ class AcquisitionProfile:
             raise ValueError("an acquisition profile needs at least 2 images")
         mean = stats.total / stats.count
         cov = stats.outer / stats.count - np.outer(mean, mean)
-        # Shrink towards the diagonal: a few hundred images, ten correlated statistics.
-        cov = 0.9 * cov + 0.1 * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(mean))
+        # Shrink towards the diagonal: a few hundred images, fourteen correlated statistics.
+        # The floor (a standard deviation of 0.003, below the resolution of any statistic)
+        # keeps a statistic that never varied in training from making the inverse explode.
+        cov = 0.9 * cov + 0.1 * np.diag(np.diag(cov)) + 1e-5 * np.eye(len(mean))
         return cls(mean, np.linalg.pinv(cov), stats.low, stats.high, stats.count,
                    range_margin, max_distance)
 

@@ -19,10 +19,11 @@ def fields(n: int, seed: int, size: int = 64) -> np.ndarray:
         img = np.full((size, size, 3), (228, 226, 238), float) + rng.normal(0, 3, (size, size, 3))
         for _ in range(int(rng.integers(25, 35))):
             cy, cx = rng.integers(0, size, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 9] = (185, 185, 215)
+            r2 = rng.uniform(6, 12)  # cells vary in size, as real ones do
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r2] = (185, 185, 215)
         for _ in range(int(rng.integers(2, 4))):
             cy, cx = rng.integers(6, size - 6, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 20] = (125, 60, 175)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(14, 30)] = (125, 60, 175)
         out.append(img.clip(0, 255).astype(np.uint8))
     return np.stack(out)
 
@@ -48,7 +49,7 @@ def test_stats_pool_exactly_and_round_trip() -> None:
 
 @pytest.mark.parametrize("bad", [
     {"format": "other"},
-    {"format": "leukofed-acquisition-profile/2", "names": ["red"]},
+    {"format": "leukofed-acquisition-profile/3", "names": ["red"]},
 ])
 def test_malformed_stats_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
