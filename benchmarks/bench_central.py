@@ -29,7 +29,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import header, peak_rss_mib, robustness, write_json  # noqa: E402
+from common import (  # noqa: E402
+    conformal_rows,
+    header,
+    peak_rss_mib,
+    robustness,
+    write_json,
+)
 
 from leukofed.audit import audit_set_from_train  # noqa: E402
 from leukofed.data import scan_dataset  # noqa: E402
@@ -150,6 +156,9 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
     audit_set = audit_set_from_train(*arrays["train"], *arrays["test"], len(CLASSES), args.seed)
     res["robustness"] = robustness(trainer.predict, audit_set, profile, *arrays["test"],
                                    seed=args.seed)
+    res["conformal"] = conformal_rows(
+        trainer.predict(arrays["val"][0]), arrays["val"][1], trainer.predict(arrays["test"][0]),
+        arrays["test"][1], [v.refer for v in profile.judge_images(arrays["test"][0])])
     out_dir = ROOT / "artifacts" / "bench-central" / f"{name}-{size}-{recipe}"
     meta = model_metadata(net, name, size, {"dataset_fingerprint": data["fingerprint"],
                                             "acquisition_profile": profile.to_dict(),
@@ -249,7 +258,38 @@ def markdown(doc: dict[str, Any]) -> str:
               "sends to a hematologist (in-distribution test: lower is better, target <= "
               "0.05; every other column: higher is better, target >= 0.95).", ""]
     lines += robustness_table(doc["results"]) + [""]
+    lines += conformal_table(doc["results"]) + [""]
     return "\n".join(lines)
+
+
+def conformal_table(results: list[dict[str, Any]]) -> list[str]:
+    """What a clinician gets from each model: calibrated probabilities and prediction sets
+    (leukofed.calibration), fitted on validation, measured on test."""
+    lines = ["## Calibrated answers, prediction sets and \"refer\"", "",
+             "Temperature and class-conditional conformal quantiles fitted on the validation "
+             "split's sums (what hospitals send), measured on the test split. *Coverage*: "
+             "share of test images whose prediction set holds the true class (overall, and "
+             "the lowest class); *set refers*: sets of more or fewer than one class; "
+             "*refers*: those or an image outside the acquisition profile; *accuracy "
+             "answered*: on the images neither refers.", "",
+             "| model | px | recipe | ECE test before -> after (T) | target | coverage "
+             "(lowest class) | mean set size | set refers | refers | accuracy answered |",
+             "|---" * 10 + "|"]
+    for r in results:
+        c = r.get("conformal")
+        if c is None:
+            continue
+        for row in c["rows"]:
+            low = min(v for v in row["class_coverage"] if v is not None)
+            acc = row["accuracy_answered"]
+            lines.append(
+                f"| {r['model']} | {r['image_size']} | {r.get('recipe', 'old')} "
+                f"| {c['test_ece_before']:.3f} -> {c['test_ece_after']:.3f} "
+                f"({c['temperature']:.2f}) | {row['coverage_target']:.2f} "
+                f"| {row['coverage']:.3f} ({low:.3f}) | {row['mean_set_size']:.2f} "
+                f"| {row['set_refer_share']:.3f} | {row['refer_share']:.3f} "
+                f"| {'n/a' if acc is None else f'{acc:.3f}'} |")
+    return lines
 
 
 def main() -> None:

@@ -193,6 +193,13 @@ def promote(
         version = found[0]
         typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
     tags = dict(MlflowClient().get_model_version(name, str(version)).tags)
+    card = _model_card(tags)
+    if card is not None:
+        from leukofed.card import card_summary
+
+        typer.echo(card_summary(card))
+    else:
+        typer.echo(f"version {version} has no model card (registered before cards existed)")
     typer.echo(format_audit(tags))
     ok, reason = audit_verdict(tags, max_follow_colour)
     if not ok and not force:
@@ -204,6 +211,22 @@ def promote(
     tags = do_promote(version, alias, name)
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")
+
+
+def _model_card(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The version's model card, from the run artifact its ``model_card`` tag names."""
+    from mlflow import MlflowClient
+
+    where = tags.get("model_card", "")
+    run_id, _, path = where.partition(":")
+    if not run_id or not path:
+        return None
+    try:
+        local = MlflowClient().download_artifacts(run_id, path)
+        return json.loads(Path(local).read_text())
+    except Exception as exc:  # a missing artifact must not stop a promotion; say so
+        typer.echo(f"model card unreadable ({where}): {exc}", err=True)
+        return None
 
 
 def register(app: typer.Typer) -> None:

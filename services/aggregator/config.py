@@ -84,6 +84,9 @@ class RunConfig(BaseModel):
     max_norm_ratio: float = Field(10.0, gt=0)
     jit_compile: bool = Field(
         False, description="XLA for the local train step (measured slower on CPU for most models)")
+    coverage: float = Field(0.95, ge=0.5, lt=1, description="conformal prediction sets: "
+                            "the share of images whose set holds the true class, per class "
+                            "(leukofed.calibration); a set of more than one class says refer")
     server_test_dir: str | None = None
     server_test_manifest: str | None = None
     register_models: bool = True

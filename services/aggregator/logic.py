@@ -132,3 +132,89 @@ def pool_training_profiles(answers: Mapping[str, Mapping[str, Any]], used: Itera
         profile = AcquisitionProfile.from_stats(pooled).to_dict()
     targets = targets_from_sums(list(sums), len(CLASSES)) if sums else None
     return profile, (targets.tolist() if targets is not None else None), skipped
+
+
+def pool_calibration(evaluations: Mapping[str, Mapping[str, Any]], coverage: float
+                     ) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Fit the version's temperature and conformal quantiles from the hospitals' validation
+    sums, and measure them on the pooled test sums (leukofed.calibration): no per-image
+    score leaves a hospital.
+
+    Returns (calibration report or None, {hospital: why its sums were left out}). A hospital
+    with malformed sums keeps its accuracy numbers; only calibration leaves it out."""
+    from leukofed.calibration import calibration_report, pool_sums, validate_sums
+
+    buckets: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
+    skipped: dict[str, str] = {}
+    for hospital in sorted(evaluations):
+        splits = evaluations[hospital].get("splits") or {}
+        checked = {}
+        try:
+            for split in buckets:
+                raw = (splits.get(split) or {}).get("calibration")
+                if raw is not None:
+                    checked[split] = validate_sums(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            skipped[hospital] = f"calibration sums unusable: {exc}"
+            continue
+        for split, sums in checked.items():
+            buckets[split].append(sums)
+    if not buckets["val"]:
+        return None, skipped
+    val = pool_sums(buckets["val"])
+    if int(val["count"]) == 0:
+        return None, skipped
+    test = pool_sums(buckets["test"]) if buckets["test"] else None
+    if test is not None and int(test["count"]) == 0:
+        test = None
+    return calibration_report(val, coverage, test), skipped
+
+
+def calibration_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The calibration report's scalars as round metrics (MLflow, curves, version tags)."""
+    from leukofed.labels import CLASSES
+
+    out = {"calibration_temperature": float(report["temperature"])}
+    for key in ("ece_before", "ece_after", "nll_before", "nll_after"):
+        out[f"val_{key}"] = float(report[key])
+    for key in ("test_ece_before", "test_ece_after", "test_coverage"):
+        if report.get(key) is not None:
+            out[key.replace("test_coverage", "test_conformal_coverage")] = float(report[key])
+    for name, value in zip(CLASSES, report.get("test_class_coverage") or []):
+        if value is not None:
+            out[f"test_conformal_coverage_{name}"] = float(value)
+    return out
+
+
+def server_test_report(y: np.ndarray, probs: np.ndarray,
+                       calibration: Mapping[str, Any] | None
+                       ) -> tuple[dict[str, float], list[list[int]], dict[str, Any] | None]:
+    """Metrics of one version on the server's held-out test split, and, when the version is
+    calibrated, what its prediction sets do there: coverage per class, the share of images
+    whose set is not one class (answered "refer"), accuracy on the images it answers."""
+    from leukofed.calibration import Calibration, expected_calibration_error, set_coverage
+    from leukofed.metrics import classification_metrics, flat_metrics
+
+    m = classification_metrics(y, probs)
+    flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_", "f1_"))}
+    if calibration is None or len(y) == 0:
+        return flat, m["confusion_matrix"], None  # type: ignore[return-value]
+    cal = Calibration.from_dict(calibration["calibration"])
+    sets = cal.sets(probs)
+    answered = sets.sum(axis=1) == 1
+    answer = sets.argmax(axis=1)
+    covered = set_coverage(sets, y)
+    conformal = {
+        "coverage": float(covered["coverage"]), "class_coverage": covered["class_coverage"],
+        "target": cal.coverage, "refer_share": float(1.0 - answered.mean()),
+        "accuracy_answered": (float((answer[answered] == y[answered]).mean())
+                              if answered.any() else None),
+        "ece_before": expected_calibration_error(probs, y),
+        "ece_after": expected_calibration_error(cal.calibrate(probs), y),
+    }
+    flat.update({"conformal_coverage": conformal["coverage"],
+                 "set_refer_share": conformal["refer_share"],
+                 "ece_before": conformal["ece_before"], "ece_after": conformal["ece_after"]})
+    if conformal["accuracy_answered"] is not None:
+        flat["accuracy_answered"] = conformal["accuracy_answered"]
+    return flat, m["confusion_matrix"], conformal  # type: ignore[return-value]

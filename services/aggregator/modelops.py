@@ -71,20 +71,15 @@ class KerasModelOps:
             return "dir", str(cfg.server_test_dir or self.settings.server_test_dir)
         return None
 
-    def server_evaluate(self, cfg: RunConfig, weights: Weights
-                        ) -> tuple[dict[str, float], list[list[int]]] | None:
+    def server_predictions(self, cfg: RunConfig, weights: Weights
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, probabilities) of these weights on the server's held-out test split."""
         source = self._test_source(cfg)
         if source is None:
             return None
-        from leukofed.metrics import classification_metrics, flat_metrics
-
         with self._lock:
             x, y = self._test_arrays(source, cfg.image_size)
-            probs = predict_in_batches(self.keras_model(cfg, weights), x)
-        m = classification_metrics(y, probs)
-        flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_",
-                                                                               "f1_"))}
-        return flat, m["confusion_matrix"]  # type: ignore[return-value]
+            return y, predict_in_batches(self.keras_model(cfg, weights), x)
 
     def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
                      ) -> dict[str, float]:

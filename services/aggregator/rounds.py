@@ -25,11 +25,14 @@ from leukofed.validation import UpdateRejected, validate_batchnorm_stats, valida
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.logic import (
+    calibration_metrics,
     combine_evaluations,
     hospital_metrics,
+    pool_calibration,
     pool_training_profiles,
     quorum_possible,
     select_hospitals,
+    server_test_report,
 )
 from services.aggregator.store import RunStore
 
@@ -46,8 +49,8 @@ class Dispatcher(Protocol):
 
 class ModelOps(Protocol):
     def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]: ...
-    def server_evaluate(self, cfg: RunConfig, weights: Weights
-                        ) -> tuple[dict[str, float], list[list[int]]] | None: ...
+    def server_predictions(self, cfg: RunConfig, weights: Weights
+                           ) -> tuple[np.ndarray, np.ndarray] | None: ...
     def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
                      ) -> dict[str, float]: ...
 
@@ -504,9 +507,16 @@ class FederatedRun:
         for hospital, reason in skipped.items():
             self.event(f"round {server_round}: {hospital} left out of the acquisition "
                        f"profile ({reason})", round=server_round, hospital=hospital)
-        server = self.model_ops.server_evaluate(cfg, weights)
-        if server is not None:
-            metrics, cm = server
+        calibration, unusable = pool_calibration(evaluations, cfg.coverage)
+        for hospital, reason in unusable.items():
+            self.event(f"round {server_round}: {hospital} left out of calibration ({reason})",
+                       round=server_round, hospital=hospital)
+        if calibration is not None:
+            global_metrics.update(calibration_metrics(calibration))
+        conformal = None
+        predictions = self.model_ops.server_predictions(cfg, weights)
+        if predictions is not None:
+            metrics, cm, conformal = server_test_report(*predictions, calibration)
             global_metrics.update({f"server_test_{k}": v for k, v in metrics.items()})
             matrices["server_test"] = cm
             if stain_targets is not None:
@@ -514,6 +524,7 @@ class FederatedRun:
                 global_metrics.update(self.model_ops.server_audit(cfg, weights, stain_targets))
         return {
             "acquisition_profile": profile, "stain_targets": stain_targets,
+            "calibration": calibration, "server_conformal": conformal,
             "round": server_round, "attempt": attempt, "selected": selected,
             "participants": {r.hospital: r.num_examples for r in accepted},
             "rejected": rejected, "failed": failures,

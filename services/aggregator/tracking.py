@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from leukofed.card import build_card, card_html, card_markdown
 from services.aggregator.config import RunConfig
 from services.aggregator.modelops import KerasModelOps
 
@@ -18,7 +20,10 @@ CURVE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",
               # the shortcut audit beside them (leukofed.audit): what the numbers mean
               "audit_recoloured_accuracy", "audit_spatial_accuracy",
               "audit_background_only_accuracy", "audit_follow_colour",
-              "audit_histogram_accuracy")
+              "audit_histogram_accuracy",
+              # calibration (leukofed.calibration): ECE before and after, conformal coverage
+              "val_ece_before", "val_ece_after", "test_conformal_coverage",
+              "server_test_set_refer_share")
 
 
 def flat_params(cfg: RunConfig) -> dict[str, str]:
@@ -64,6 +69,42 @@ def plot_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def card_info(cfg: RunConfig, record: dict[str, Any], summary: dict[str, Any],
+              model_name: str) -> dict[str, Any]:
+    """What leukofed.card needs to describe one round's version, from the round summary."""
+    confusion = summary.get("confusion", {})
+    if "server_test" in confusion:
+        test = {"source": "the aggregator's held-out test split",
+                "confusion": confusion["server_test"]}
+    elif "test" in confusion:
+        test = {"source": "the hospitals' test splits, pooled", "confusion": confusion["test"]}
+    else:
+        test = None
+    privacy = summary.get("privacy")
+    glob = summary.get("global", {})
+    return {
+        "model_name": model_name, "version": f"round {summary['round']}",
+        "run_id": record["id"], "created": time.strftime("%Y-%m-%d"),
+        "model": cfg.model, "image_size": cfg.image_size,
+        "recipe": {"cell_focus": cfg.cell_focus, "augmentation": cfg.augmentation},
+        "training": {"hospitals": {h: {"num_examples": n, "class_counts": None,
+                                       "fingerprint": summary.get("fingerprints", {}).get(h, "")}
+                                   for h, n in summary["participants"].items()},
+                     "partition": None},
+        "federation": {"strategy": cfg.strategy, "rounds": cfg.rounds,
+                       "round": summary["round"], "secure_aggregation": False,
+                       "privacy": ({"epsilon": float(privacy["epsilon"]),
+                                    "delta": float(privacy["delta"])} if privacy else None)},
+        "test": test,
+        "calibration": summary.get("calibration"),
+        "conformal_test": summary.get("server_conformal"),
+        "audit": {k: v for k, v in glob.items() if k.startswith("audit_")} or None,
+        "referred_share": None,
+        "acquisition_profile_images": (summary["acquisition_profile"]["count"]
+                                       if summary.get("acquisition_profile") else None),
+    }
 
 
 def _privacy_tag(privacy: dict[str, Any] | None) -> str:
@@ -115,8 +156,6 @@ class MlflowTracker:
         client = self._client()
         run_id = record["mlflow_run_id"]
         step = int(summary["round"])
-        import time
-
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in round_metrics(summary).items()]
         for i in range(0, len(metrics), 500):
@@ -170,6 +209,18 @@ class MlflowTracker:
         tags["acquisition_profile"] = (
             f"{summary['acquisition_profile']['count']} training images"
             if summary.get("acquisition_profile") else "none (refer check unavailable)")
+        # The temperature and conformal quantiles travel with the model too: the inference
+        # service answers with calibrated probabilities and a prediction set.
+        if summary.get("calibration"):
+            extra["calibration"] = summary["calibration"]["calibration"]
+            tags["calibration"] = (f"temperature {summary['calibration']['temperature']:.4g}, "
+                                   f"coverage {cfg.coverage:g}")
+        else:
+            tags["calibration"] = "none (no validation sums from hospitals)"
+        tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
+                     if "ece" in k or "coverage" in k or k.endswith(("refer_share",
+                                                                     "answered"))})
+        extra["card"] = build_card(card_info(cfg, record, summary, self.model_name))
         metadata = self.model_ops.metadata(cfg, extra)
         model = self.model_ops.keras_model(cfg, weights)
         # start_run(run_id) refuses a run outside the process's active experiment; make it
@@ -181,7 +232,25 @@ class MlflowTracker:
                                      self.model_name)
         # Leaving start_run() marks the run FINISHED; the federated run is still going.
         self._client().update_run(record["mlflow_run_id"], status="RUNNING")
+        if version is not None:
+            self._log_card(record["mlflow_run_id"], {**extra["card"], "version": version},
+                           version)
         return version
+
+    def _log_card(self, run_id: str, card: dict[str, Any], version: str) -> None:
+        """The model card as Markdown, HTML and JSON artifacts of the run, and a version tag
+        that says where (``leukofed promote`` prints its summary from there)."""
+        client = self._client()
+        folder = f"cards/version-{version}"
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            (d / "card.md").write_text(card_markdown(card))
+            (d / "card.html").write_text(card_html(card))
+            (d / "card.json").write_text(json.dumps(card, indent=1))
+            for name in ("card.md", "card.html", "card.json"):
+                client.log_artifact(run_id, str(d / name), folder)
+        client.set_model_version_tag(self.model_name, version, "model_card",
+                                     f"{run_id}:{folder}/card.json")
 
     def finish(self, record: dict[str, Any]) -> None:
         if not record.get("mlflow_run_id"):

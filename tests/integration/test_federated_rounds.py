@@ -114,6 +114,22 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
         f"models:/leukofed-it-rounds/{by_round[2].version}").metadata
     assert meta["acquisition_profile"]["count"] == n_train
     assert len(meta["stain_targets"]) == 4
+    # Calibrated from the hospitals' validation sums; the model card's numbers are the
+    # logged ones (leukofed.calibration, leukofed.card).
+    from leukofed.calibration import Calibration
+
+    cal = Calibration.from_dict(meta["calibration"])
+    assert tags["calibration"].startswith(f"temperature {cal.temperature:.4g}")
+    assert float(tags["val_ece_after"]) <= float(tags["val_ece_before"]) + 1e-9
+    card = meta["card"]
+    history = client.get_metric_history(run["mlflow_run_id"], "server_test_accuracy")
+    logged = {m.step: m.value for m in history}[2]
+    assert abs(card["metrics"]["values"]["accuracy"]["value"] - logged) < 1e-9
+    assert abs(card["calibration"]["temperature"] - cal.temperature) < 1e-12
+    run_id_card, _, path = by_round[2].tags["model_card"].partition(":")
+    card_file = json.loads(Path(client.download_artifacts(run_id_card, path)).read_text())
+    assert card_file["version"] == by_round[2].version
+    assert card_file["metrics"] == card["metrics"]
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version
     assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}

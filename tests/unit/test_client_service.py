@@ -62,6 +62,17 @@ def test_fit_evaluate_describe_send_only_aggregates(client: HospitalClient,
     assert stats.outer.shape == (len(DESCRIPTORS), len(DESCRIPTORS))
     assert sum(fit["stain_sums"]["counts"]) == fit["num_examples"]
     assert len(msgpack.packb({k: fit[k] for k in ("acquisition", "stain_sums")})) < 8000
+    # Calibration leaves as sums over each split (fixed size, whatever the split's size):
+    # the aggregator fits the temperature and the conformal thresholds from them.
+    from leukofed.calibration import validate_sums
+
+    for split in ("val", "test"):
+        s = evaluation["splits"][split]
+        if s["n"]:
+            sums = validate_sums(s["calibration"])
+            assert sums["count"] == s["n"]
+    size = len(msgpack.packb(evaluation["splits"]["test"]["calibration"], use_bin_type=True))
+    assert size < 400_000, size
     private = client.fit(global_blob, {**CFG, "round": 2, "send_profile": False})
     assert "acquisition" not in private and "stain_sums" not in private  # DP runs
     entries = list(client.participation.entries())

@@ -124,3 +124,65 @@ def test_training_profiles_pool_exactly_and_skip_a_malformed_one() -> None:
     assert set(skipped) == {"c", "d"} and "unusable" in skipped["c"]
     # Only the round's accepted hospitals count.
     assert pool_training_profiles(answers, ["c"])[0] is None
+
+
+def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of a ~75%-accurate 4-class model, made over-confident on purpose."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), y] += 1.8
+    z = 4.0 * logits
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), y
+
+
+def _evaluation(probs: np.ndarray, y: np.ndarray) -> dict:
+    from leukofed.calibration import calibration_sums
+
+    half = len(y) // 2
+    return {"splits": {name: {"n": len(yy), "calibration": calibration_sums(pp, yy)}
+                       for name, pp, yy in (("val", probs[:half], y[:half]),
+                                            ("test", probs[half:], y[half:]))}}
+
+
+def test_calibration_pools_hospital_sums_and_leaves_out_a_malformed_one() -> None:
+    from leukofed.calibration import calibration_report, calibration_sums, pool_sums
+    from services.aggregator.logic import calibration_metrics, pool_calibration
+
+    (pa, ya), (pb, yb) = _overconfident(800, 1), _overconfident(600, 2)
+    evaluations = {"a": _evaluation(pa, ya), "b": _evaluation(pb, yb),
+                   "forger": {"splits": {"val": {"n": 5, "calibration": {"format": "x"}}}}}
+    report, skipped = pool_calibration(evaluations, 0.9)
+    assert set(skipped) == {"forger"} and "calibration sums unusable" in skipped["forger"]
+    # Pooled sums give exactly what one site holding every validation image would fit.
+    whole = calibration_report(
+        pool_sums([calibration_sums(np.concatenate([pa[:400], pb[:300]]),
+                                    np.concatenate([ya[:400], yb[:300]]))]), 0.9,
+        pool_sums([calibration_sums(np.concatenate([pa[400:], pb[300:]]),
+                                    np.concatenate([ya[400:], yb[300:]]))]))
+    assert report is not None
+    assert report["temperature"] == whole["temperature"] > 1.5  # over-confident: T > 1
+    assert report["calibration"] == whole["calibration"]
+    metrics = calibration_metrics(report)
+    assert metrics["val_ece_after"] < metrics["val_ece_before"] / 2
+    assert metrics["test_conformal_coverage"] >= 0.88
+    assert pool_calibration({"a": {"splits": {"val": {"n": 0}}}}, 0.95) == (None, {})
+
+
+def test_server_test_report_measures_the_versions_prediction_sets() -> None:
+    from services.aggregator.logic import pool_calibration, server_test_report
+
+    probs, y = _overconfident(1600, 3)
+    report, _ = pool_calibration({"a": _evaluation(probs[:800], y[:800])}, 0.95)
+    flat, cm, conformal = server_test_report(y[800:], probs[800:], report)
+    assert np.asarray(cm).sum() == 800
+    assert conformal is not None and conformal["target"] == 0.95
+    assert conformal["coverage"] >= 0.93 and flat["conformal_coverage"] == conformal["coverage"]
+    # A ~75%-accurate model cannot answer 95% coverage with single classes everywhere: it
+    # refers a share, and is more accurate on what it answers than overall.
+    assert 0.05 < conformal["refer_share"] < 1.0
+    assert conformal["accuracy_answered"] > flat["accuracy"]
+    assert conformal["ece_after"] < conformal["ece_before"]
+    flat_plain, _, none = server_test_report(y, probs, None)
+    assert none is None and "conformal_coverage" not in flat_plain

@@ -83,3 +83,30 @@ def test_promote_refuses_a_version_without_an_audit(registry) -> None:
     assert champion(client) is None
     missing = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
     assert missing.exit_code == 1 and "--metric val_macro_f1" in missing.output
+
+
+def test_promote_prints_the_model_card_summary_first(registry, tmp_path: Path) -> None:
+    import json
+
+    from leukofed.card import build_card, card_summary
+
+    client, add = registry
+    exp = client.create_experiment("cards")
+    run = client.create_run(exp).info.run_id
+    card = build_card({"model_name": NAME, "version": "1",
+                       "test": {"source": "held-out", "confusion": [[40, 2, 0, 0], [1, 30, 3, 0],
+                                                                    [0, 2, 35, 1], [0, 0, 1, 38]]},
+                       "audit": {k: float(v) for k, v in CELL_READER.items()
+                                 if k.startswith("audit_")}})
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    client.log_artifact(run, str(tmp_path / "card.json"), "cards/version-1")
+    version = add({**CELL_READER, "model_card": f"{run}:cards/version-1/card.json"})
+    result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME])
+    assert result.exit_code == 0, result.output
+    summary = card_summary(card)
+    assert summary.splitlines()[1] in result.output  # the accuracy line with its interval
+    assert result.output.index(summary.splitlines()[0]) < result.output.index("is now @")
+    # A version registered before cards existed still promotes, and says so.
+    old = add(CELL_READER)
+    result = CliRunner().invoke(app, ["promote", old, "--model-name", NAME])
+    assert result.exit_code == 0 and "has no model card" in result.output

@@ -71,7 +71,7 @@ class FakeOps:
         return {"dense/kernel": np.zeros((2, 2), np.float32),
                 "bn/moving_mean": np.ones(2, np.float32)}, {"bn/moving_mean"}
 
-    def server_evaluate(self, cfg: RunConfig, weights: Any) -> None:
+    def server_predictions(self, cfg: RunConfig, weights: Any) -> None:
         return None
 
 
