@@ -120,7 +120,11 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
 
     cal = Calibration.from_dict(meta["calibration"])
     assert tags["calibration"].startswith(f"temperature {cal.temperature:.4g}")
-    assert float(tags["val_ece_after"]) <= float(tags["val_ece_before"]) + 1e-9
+    assert 0.0 <= float(tags["val_ece_after"]) <= 1.0
+    # The temperature minimises the pooled validation NLL over a grid that holds T = 1.
+    nll = {key: {m.step: m.value for m in client.get_metric_history(run["mlflow_run_id"], key)}
+           for key in ("val_nll_before", "val_nll_after")}
+    assert nll["val_nll_after"][2] <= nll["val_nll_before"][2] + 1e-9
     card = meta["card"]
     history = client.get_metric_history(run["mlflow_run_id"], "server_test_accuracy")
     logged = {m.step: m.value for m in history}[2]
