@@ -193,9 +193,27 @@ def evaluate_cmd(
                                       histogram_crossfit(x, y))
         metrics["audit"] = run_audit(trainer.predict, audit_set)
         typer.echo(format_audit(metrics["audit"]), err=True)
+    refer = np.zeros(len(x), bool)
     if meta.get("acquisition_profile") and len(x):
         profile = AcquisitionProfile.from_dict(meta["acquisition_profile"])
-        metrics["referred_share"] = float(np.mean([v.refer for v in profile.judge_images(x)]))
+        refer = np.array([v.refer for v in profile.judge_images(x)], bool)
+        metrics["referred_share"] = float(refer.mean())
+    if meta.get("calibration") and len(x):
+        # What the served version would answer: calibrated probabilities, prediction sets,
+        # "refer" for a set that is not one class or an image outside the profile.
+        from leukofed.calibration import Calibration, expected_calibration_error, set_coverage
+
+        cal = Calibration.from_dict(meta["calibration"])
+        probs = trainer.predict(x)
+        sets = cal.sets(probs)
+        answered = (sets.sum(axis=1) == 1) & ~refer
+        metrics["calibration"] = {
+            "temperature": cal.temperature, "target_coverage": cal.coverage,
+            **set_coverage(sets, y), "refer_share": float(1 - answered.mean()),
+            "accuracy_answered": (float((sets.argmax(1)[answered] == y[answered]).mean())
+                                  if answered.any() else None),
+            "ece_before": expected_calibration_error(probs, y),
+            "ece_after": expected_calibration_error(cal.calibrate(probs), y)}
     text = json.dumps(metrics, indent=1, default=float)
     if out:
         out.write_text(text)

@@ -80,15 +80,19 @@ def format_table(body: dict) -> str:
     preds = body["predictions"]
     classes = list(preds[0]["probabilities"]) if preds else []
     width = max([len("file"), *(len(p["filename"]) for p in preds)])
-    lines = [f"{'file':<{width}}  {'label':<7} " + " ".join(f"{c:>7}" for c in classes)
-             + "  answer"]
+    sets = [_set_text(p) for p in preds]
+    set_width = max([len("set"), *(len(t) for t in sets)])
+    lines = [f"{'file':<{width}}  {'label':<7} {'malignant':<9} {'set':<{set_width}} "
+             + " ".join(f"{c:>7}" for c in classes) + "  answer"]
     notes = []
-    for p in preds:
+    for p, set_text in zip(preds, sets):
         probs = " ".join(f"{p['probabilities'][c]:>7.3f}" for c in classes)
         # A referred image's label is only the model's guess: say "refer" first.
         answer = {True: "REFER to a hematologist", False: "in distribution"}.get(
             p.get("refer"), "out-of-distribution check unavailable")
-        lines.append(f"{p['filename']:<{width}}  {p['label']:<7} {probs}  {answer}")
+        lines.append(f"{p['filename']:<{width}}  {p['label']:<7} "
+                     f"{p.get('malignant') or '-':<9} {set_text:<{set_width}} {probs}  "
+                     f"{answer}")
         if p.get("refer"):
             notes += [f"  {p['filename']}: {r}" for r in p.get("refer_reasons", [])]
     m = body["model"]
@@ -96,8 +100,23 @@ def format_table(body: dict) -> str:
     if notes:
         lines += ["why referred:", *notes]
     lines.append(f"model: {m['name']} version {m['version']}{alias}")
+    calibrated = [p for p in preds if p.get("calibrated")]
+    if calibrated:
+        p = calibrated[0]
+        lines.append(f"probabilities calibrated (temperature {p['temperature']:.2f}); set: "
+                     f"the {100 * p['coverage']:.4g}% prediction set")
+    elif preds:
+        lines.append("probabilities not calibrated: no prediction sets")
     lines.append("Decision support for a qualified professional, not a diagnosis.")
     return "\n".join(lines)
+
+
+def _set_text(prediction: dict) -> str:
+    """'Pre,Pro'; '{}' for an empty set; '-' when there is none (not calibrated)."""
+    pset = prediction.get("prediction_set")
+    if pset is None:
+        return "-"
+    return ",".join(pset) if pset else "{}"
 
 
 def register(app: typer.Typer) -> None:

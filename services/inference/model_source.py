@@ -11,7 +11,9 @@ Each version's metadata may carry its training images' acquisition profile
 (``leukofed.ood``); the served model judges every input against it, so an answer on an
 image unlike the training data says "refer to a hematologist". A version without a profile
 (or with a malformed one, which is logged, never fatal) is served with the check marked
-unavailable.
+unavailable. Its calibration (temperature and conformal prediction sets) and its model
+card are loaded the same way (``answers.load_calibration``, ``answers.load_card``): absent
+or malformed ones are logged once and said in every answer, never fatal.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from leukofed.calibration import Calibration
 from leukofed.export import ParityError, read_onnx_metadata
 from leukofed.ood import AcquisitionProfile
 
 from . import runtime
+from .answers import (
+    NO_CALIBRATION,
+    NO_CARD,
+    Answer,
+    ModelCard,
+    answers,
+    load_calibration,
+    load_card,
+)
 from .onnx_store import ExportError, OnnxArtifact, OnnxStore, VersionInfo
 from .settings import InferenceSettings
 
@@ -103,6 +115,10 @@ class ServedModel:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     profile: AcquisitionProfile | None = field(default=None, compare=False, repr=False)
     profile_note: str = NO_PROFILE  # why there is no profile (when there is none)
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)
+    calibration_note: str = NO_CALIBRATION  # why there is no calibration (when none)
+    card: ModelCard | None = field(default=None, compare=False, repr=False)
+    card_note: str = NO_CARD  # why there is no model card (when none)
 
     @property
     def classes(self) -> list[str]:
@@ -114,6 +130,12 @@ class ServedModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return runtime.run(self.session, images)
+
+    def answers(self, probs: np.ndarray, referrals: list[Referral]) -> list[Answer]:
+        """The answers for the model's RAW probabilities (N, C) and their referrals:
+        calibrated probabilities, prediction sets, malignant, refer (``answers.answers``)."""
+        return answers(self.classes, probs, referrals, self.calibration,
+                       self.calibration_note)
 
     def judge(self, images: np.ndarray) -> list[Referral]:
         """One Referral per model input (N, S, S, 3; 0-255, exactly what the model saw).
@@ -244,6 +266,8 @@ class ModelSource:
         session = runtime.make_session(artifact.data, s.provider, s.threads)
         metadata = read_onnx_metadata(session)
         profile, note = load_profile(metadata, info.version)
+        calibration, calibration_note = load_calibration(metadata, info.version)
+        card, card_note = load_card(metadata, info.version)
         size = int(metadata["image_size"])
         # Warm up at both ends of the batch range so the first requests do not pay for it.
         for n in {1, s.max_batch_size}:
@@ -254,6 +278,8 @@ class ModelSource:
             session=session, metadata=metadata, sha256=artifact.sha256,
             onnx_origin=artifact.origin, parity_max_abs_diff=artifact.parity_max_abs_diff,
             providers=list(session.get_providers()), profile=profile, profile_note=note,
+            calibration=calibration, calibration_note=calibration_note, card=card,
+            card_note=card_note,
         )
 
     async def watch(self) -> None:

@@ -3,6 +3,7 @@ the service under real uvicorn in a subprocess. Not imported by the service itse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -66,21 +67,26 @@ def smear_profile(size: int, count: int = PROFILE_IMAGES, seed: int = PROFILE_SE
 
 
 def tiny_onnx(image_size: int = 32, seed: int = 0, classes: tuple[str, ...] | None = None,
-              version_note: str = "", profile: Any = SMEAR_PROFILE) -> bytes:
+              version_note: str = "", profile: Any = SMEAR_PROFILE,
+              weights: np.ndarray | None = None,
+              metadata: dict[str, Any] | None = None) -> bytes:
     """A small ONNX classifier built without TensorFlow (mean colour -> softmax), with
     leukofed metadata; for unit tests that need a real onnxruntime session.
 
     ``profile``: the metadata's "acquisition_profile": by default smear_profile(image_size);
     None leaves the key out (a version from before profiles); anything else goes in as
-    given (malformed ones too)."""
+    given (malformed ones too). ``weights`` (3, classes): logits = mean RGB (0-255) @
+    weights, instead of random ones from ``seed`` (COLOUR_WEIGHTS: a solid colour picks the
+    probabilities). ``metadata``: more keys (e.g. "calibration", "card"), as given."""
     from onnx import TensorProto, helper, numpy_helper
 
     from leukofed.labels import CLASSES
     from leukofed.preprocessing import PREPROCESSING
 
     classes = classes or CLASSES
-    rng = np.random.default_rng(seed)
-    weights = rng.normal(0, 0.05, (3, len(classes))).astype(np.float32)
+    if weights is None:
+        weights = np.random.default_rng(seed).normal(0, 0.05, (3, len(classes)))
+    weights = np.asarray(weights, np.float32)
     nodes = [
         helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
         helper.make_node("MatMul", ["mean", "w"], ["logits"]),
@@ -102,12 +108,74 @@ def tiny_onnx(image_size: int = 32, seed: int = 0, classes: tuple[str, ...] | No
     if profile is not None:
         meta["acquisition_profile"] = (smear_profile(image_size) if profile == SMEAR_PROFILE
                                        else profile)
+    meta.update(metadata or {})
     from leukofed.export import onnx_metadata
 
     for key, value in onnx_metadata(meta).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     return model.SerializeToString()
+
+
+# tiny_onnx weights for which a solid colour decides the probabilities (logits = RGB @ W):
+# red -> Benign, green -> Pro, blue -> Pre and Pro tied, yellow -> Benign and Pro tied,
+# magenta -> Benign, Pre and Pro tied (each about 1/3).
+COLOUR_WEIGHTS = np.array([[0.05, 0.0, 0.0, 0.0],    # red
+                           [0.0, 0.0, 0.0, 0.05],    # green
+                           [0.0, 0.0, 0.05, 0.05]],  # blue
+                          np.float32)
+# Benign and Pro tied on any image with some red (smear-like fields: about 0.5 each).
+BENIGN_PRO_WEIGHTS = np.array([[0.05, 0.0, 0.0, 0.05],
+                               [0.0, 0.0, 0.0, 0.0],
+                               [0.0, 0.0, 0.0, 0.0]], np.float32)
+
+
+def calibration_entry(temperature: float = 2.0, coverage: float = 0.95,
+                     quantile: float = 0.6) -> dict:
+    """A "calibration" metadata entry: with quantile 0.6 a class is in the set when its
+    calibrated probability is >= 0.4, so a confident image gets one class, two tied
+    classes (0.5 each) both, three tied ones (1/3 each) none."""
+    from leukofed.calibration import Calibration
+
+    return Calibration(temperature, coverage, (quantile,) * 4).to_dict()
+
+
+def card_entry(name: str = "leukofed-unit", version: str = "1") -> dict:
+    """A model card ("card" metadata entry) with nothing measured but the identity."""
+    from leukofed.card import build_card
+
+    return build_card({"model_name": name, "version": version, "model": "tiny",
+                       "image_size": 32})
+
+
+def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache_dir: Path,
+                          champion: bool = True) -> str:
+    """Register a version in MLflow whose ONNX file (e.g. ``tiny_onnx(...)``) is already in
+    the service's local cache, so serving it needs neither TensorFlow nor an export.
+    Returns the version; the service must use ``cache_dir`` as its ONNX cache."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .onnx_store import OnnxStore, VersionInfo
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri, tracking_uri)
+    mlflow.set_experiment(f"inference-tests-{model_name}")
+    with mlflow.start_run() as run:
+        mlflow.log_text("ONNX only: see the service's cache", "model/README.txt")
+    with contextlib.suppress(MlflowException):  # it exists already
+        client.create_registered_model(model_name)
+    mv = client.create_model_version(model_name, f"runs:/{run.info.run_id}/model",
+                                     run_id=run.info.run_id)
+    version = str(mv.version)
+    store = OnnxStore(cache_dir, client, tracking_uri, log_to_mlflow=False)
+    path = store.local_path(VersionInfo(model_name, version, run.info.run_id, {}))
+    store._write_local(path, onnx, None)
+    if champion:
+        client.set_registered_model_alias(model_name, "champion", version)
+    return version
 
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,

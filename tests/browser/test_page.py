@@ -6,6 +6,11 @@ training images (a blank field) and see "Refer to a hematologist" with the reaso
 a text file and see the error. The screenshot is kept as a CI artifact:
 tests/output/inference-page.png.
 
+A second service serves a calibrated version (conformal prediction sets) that cannot tell
+Benign from Pro-B on a smear-like field: the page must show "Refer to a hematologist"
+for it although the image is in distribution, "Malignant: unsure", the prediction set,
+and a link to the model card (tests/output/inference-page-calibrated.png).
+
 The registered model carries the acquisition profile of synthetic smear-like fields
 (services.inference.testing.smear_profile), so the in-distribution image is another such
 field, not a real smear (which would rightly be referred).
@@ -22,14 +27,25 @@ from conftest import ROOT, free_port
 from PIL import Image
 
 from leukofed import probes
-from services.inference.testing import ServiceProcess, register_tiny_model, smear_like
+from services.inference.testing import (
+    BENIGN_PRO_WEIGHTS,
+    ServiceProcess,
+    calibration_entry,
+    card_entry,
+    register_onnx_version,
+    register_tiny_model,
+    smear_like,
+    tiny_onnx,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CHROMIUM = "/usr/bin/chromium"
 NAME = "leukofed-page-it"
+CALIBRATED_NAME = "leukofed-page-calibrated"
 SIZE = 32
 SCREENSHOT = ROOT / "tests" / "output" / "inference-page.png"
+CALIBRATED_SCREENSHOT = ROOT / "tests" / "output" / "inference-page-calibrated.png"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -50,6 +66,31 @@ def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         svc.start()
         svc.wait_ready(timeout=180)
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def calibrated_service(mlflow_server, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[ServiceProcess]:
+    """A tiny ONNX version (no TensorFlow, no export) that ties Benign and Pro-B on any
+    smear-like field, with the smear profile, a calibration and a model card."""
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("Debian chromium is not installed (make setup installs it)")
+    tmp = tmp_path_factory.mktemp("page-calibrated")
+    onnx = tiny_onnx(SIZE, weights=BENIGN_PRO_WEIGHTS, metadata={
+        "calibration": calibration_entry(), "card": card_entry(CALIBRATED_NAME, "1")})
+    version = register_onnx_version(mlflow_server.url, CALIBRATED_NAME, onnx, tmp / "cache")
+    svc = ServiceProcess(free_port(), {
+        "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
+        "LEUKOFED_INFERENCE_MODEL_NAME": CALIBRATED_NAME,
+        "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache"),
+        "LEUKOFED_INFERENCE_THREADS": "1",
+    }, tmp / "service.log")
+    try:
+        svc.start()
+        svc.wait_ready(timeout=120, version=version)
         yield svc
     finally:
         svc.stop()
@@ -112,6 +153,13 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
             expect(card.locator(".model-version")).to_contain_text("version 1 (champion)")
             expect(card.locator(".filename")).to_have_text(image.name)
             expect(card.locator(".refer-box")).to_be_hidden()
+            # This version carries no calibration: malignant follows the top label, and the
+            # card says there is no prediction set; it has no model card either.
+            expect(card.locator(".malignant-line")).to_contain_text("(from the most likely "
+                                                                    "class)")
+            expect(card.locator(".set-line")).to_contain_text("no prediction set")
+            expect(page.locator("#calibration-line")).to_contain_text("not calibrated")
+            expect(page.locator("#card-link")).to_be_hidden()
 
             # An image unlike the training images: the referral is the answer, with reasons;
             # the label is only shown as the model's guess.
@@ -139,3 +187,53 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_set_based_referral_malignant_unsure_and_the_model_card(
+        calibrated_service: ServiceProcess, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    image = sample_image(tmp_path)  # in distribution: only its prediction set refers it
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            console: list[str] = []
+            page.on("console", lambda msg: console.append(msg.text))
+            page.goto(calibrated_service.url + "/")
+            expect(page.locator("#model-line")).to_contain_text(f"{CALIBRATED_NAME} version 1")
+            expect(page.locator("#calibration-line")).to_have_text(
+                "Probabilities calibrated (temperature 2.00); 95% prediction sets.")
+            page.set_input_files("#file-input", str(image))
+            card = page.locator(".result").first
+            box = card.locator(".refer-box")
+            expect(box).to_be_visible(timeout=30_000)
+            expect(box.locator(".refer-title")).to_have_text("Refer to a hematologist")
+            expect(box.locator(".refer-advice")).to_contain_text(
+                "The model cannot tell Benign and Pro apart")
+            expect(box.locator(".refer-reasons li")).to_have_text([
+                "the 95% prediction set holds Benign and Pro: the model cannot tell them "
+                "apart here"])
+            expect(card.locator(".malignant-line")).to_have_text("Malignant: unsure")
+            expect(card.locator(".set-line")).to_have_text(
+                "95% prediction set: Benign, Pro-B ALL")
+            expect(card.locator(".label-line")).to_contain_text("Model's guess, uncertain")
+            expect(card.locator(".bars li.in-set")).to_have_count(2)
+            expect(page.locator("#status")).to_contain_text("1 to refer to a hematologist")
+            CALIBRATED_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(CALIBRATED_SCREENSHOT), full_page=True)
+
+            link = page.locator("#card-link")
+            expect(link).to_be_visible()
+            with page.context.expect_page() as opened:
+                link.click()
+            card_page = opened.value
+            card_page.wait_for_load_state()
+            expect(card_page.get_by_role("heading", level=1)).to_have_text(
+                f"Model card: {CALIBRATED_NAME} version 1")
+            expect(card_page.get_by_role("heading", name="Conformal prediction sets")) \
+                .to_be_visible()
+            violations = [m for m in console if "Content Security Policy" in m]
+            assert not violations, violations
+        finally:
+            browser.close()

@@ -180,6 +180,18 @@ def test_explain_and_metrics(service: ServiceProcess) -> None:
     assert json.loads(json.dumps(httpx.get(f"{service.url}/v2").json()))["extensions"]
 
 
+def test_version_without_calibration_or_card_says_so(service: ServiceProcess) -> None:
+    # Registered by leukofed before calibrations and cards: served as before, and said.
+    model = httpx.get(f"{service.url}/v1/model").json()
+    assert model["calibration"]["available"] is False and model["card"]["available"] is False
+    p = httpx.post(f"{service.url}/v1/predict", files={"file": ("x.png", png(4), "image/png")},
+                   timeout=30).json()["predictions"][0]
+    assert p["calibrated"] is False and p["prediction_set"] is None
+    assert p["malignant"] == ("no" if p["label"] == "Benign" else "yes")
+    card = httpx.get(f"{service.url}/v1/model/card")
+    assert card.status_code == 404 and "has no model card" in card.json()["detail"]
+
+
 def test_demanding_cuda_without_a_gpu_stops_start_up(mlflow_server, tmp_path: Path) -> None:
     import onnxruntime as ort
 

@@ -1,8 +1,10 @@
 """POST /v1/predict and POST /v1/explain: images in, probabilities (and heat maps) out.
 
 Every prediction also says whether the image resembles the model version's training
-images (``ServedModel.judge`` on the exact uint8 input the model saw) and, when it does
-not, "refer to a hematologist" with the reasons.
+images (``ServedModel.judge`` on the exact uint8 input the model saw) and, when the
+version carries a calibration, its calibrated probabilities and conformal prediction set
+(``ServedModel.answers``). An image unlike the training images, or whose prediction set is
+not a single class, is answered "refer to a hematologist" with the reasons.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ async def read_uploads(state: ServiceState, uploads: list[UploadFile],
     return await run_in_threadpool(decode_all, files, s.max_upload_bytes, s.max_pixels, size)
 
 
-def prediction(filename: str, probs: np.ndarray, classes: list[str],
-               referral: Referral) -> dict:
-    return {"filename": filename, "label": classes[int(np.argmax(probs))],
-            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
-            **referral.fields()}
+def predictions(model: ServedModel, filenames: list[str], probs: np.ndarray,
+                referrals: list[Referral]) -> list[dict]:
+    """The v1 prediction objects from the model's RAW probabilities (N, C)."""
+    return [{"filename": name, **answer.fields(model.classes)}
+            for name, answer in zip(filenames, model.answers(probs, referrals))]
 
 
 async def judged(model: ServedModel, images: np.ndarray) -> list[Referral]:
@@ -86,8 +88,8 @@ async def predict(files: list[UploadFile] | None = File(None),
             batch = await run_in_threadpool(model_batch, decoded, used.image_size)
         referrals = await judged(used, batch)
     return {"model": state.model_ref(used),
-            "predictions": [prediction(d.filename, p, used.classes, r)
-                            for d, p, r in zip(decoded, probs, referrals)]}
+            "predictions": predictions(used, [d.filename for d in decoded], probs,
+                                       referrals)}
 
 
 @router.post("/explain", response_model=ExplainResponse,
@@ -111,7 +113,8 @@ async def explain(file: UploadFile | None = File(None),
         (referral,) = await check
     elapsed = (time.perf_counter() - started) * 1000
     return {"model": state.model_ref(model),
-            "prediction": prediction(decoded.filename, probs, model.classes, referral),
+            "prediction": predictions(model, [decoded.filename], probs[None],
+                                      [referral])[0],
             "heatmap": {"method": "occlusion", "explained_class": model.classes[target],
                         "media_type": "image/png", "png_base64": png_base64(png),
                         "grid": GRID, "elapsed_ms": round(elapsed, 2)}}

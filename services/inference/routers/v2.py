@@ -7,11 +7,16 @@ tensor data extension (``Inference-Header-Content-Length``) are supported, in re
 and responses; tritonclient uses the binary form by default.
 
 A version that carries an acquisition profile has two more outputs: ``refer`` BOOL [-1]
-(the image is unlike the training images: refer it to a hematologist) and
-``ood_distance`` FP32 [-1]. The response ``parameters`` say whether the check ran
-(``ood_check``) and why each image is referred (``refer_reasons``: a JSON-encoded list
-of lists of strings, since V2 parameters are scalars). A request that names its
-``outputs`` gets only those, as the protocol says.
+(refer the image to a hematologist) and ``ood_distance`` FP32 [-1]. A version that carries
+a calibration returns *calibrated* ``probabilities`` and has ``refer`` (with or without a
+profile) plus ``prediction_set`` BOOL [-1, C] (row i, column k: class k is in image i's
+conformal prediction set; columns in the order of ``parameters.classes``) and
+``malignant`` BYTES [-1] ("yes", "no" or "unsure", as in /v1/predict); ``refer`` is then
+also true when an image's set is not a single class. The response ``parameters`` say
+whether each check ran (``ood_check``, ``calibration``), the ``temperature`` and
+``coverage``, and why each image is referred (``refer_reasons``: a JSON-encoded list of
+lists of strings, since V2 parameters are scalars). A request that names its ``outputs``
+gets only those, as the protocol says.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from starlette.concurrency import run_in_threadpool
 import leukofed
 from leukofed.export import INPUT_NAME, OUTPUT_NAME
 
+from ..answers import Answer
 from ..batcher import NotReadyError, ShapeError
-from ..model_source import Referral, ServedModel
+from ..model_source import ServedModel
 from ..security import require_api_key
 from ..state import ServiceState, get_state
 
@@ -37,6 +43,8 @@ HEADER_LEN = "Inference-Header-Content-Length"
 DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 REFER_NAME = "refer"
 DISTANCE_NAME = "ood_distance"
+SET_NAME = "prediction_set"
+MALIGNANT_NAME = "malignant"
 DISTANCE_UNKNOWN = -1.0  # ood_distance of an image the check could not measure
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -88,14 +96,30 @@ def _served(state: ServiceState, name: str, version: str | None) -> ServedModel:
 
 def _output_specs(model: ServedModel) -> list[dict]:
     specs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(model.classes)]}]
+    if _refers(model):
+        specs.append({"name": REFER_NAME, "datatype": "BOOL", "shape": [-1]})
     if model.profile is not None:
-        specs += [{"name": REFER_NAME, "datatype": "BOOL", "shape": [-1]},
-                  {"name": DISTANCE_NAME, "datatype": "FP32", "shape": [-1]}]
+        specs.append({"name": DISTANCE_NAME, "datatype": "FP32", "shape": [-1]})
+    if model.calibration is not None:
+        specs += [{"name": SET_NAME, "datatype": "BOOL", "shape": [-1, len(model.classes)]},
+                  {"name": MALIGNANT_NAME, "datatype": "BYTES", "shape": [-1]}]
     return specs
+
+
+def _refers(model: ServedModel) -> bool:
+    return model.profile is not None or model.calibration is not None
 
 
 def _ood_check(model: ServedModel) -> str:
     return "available" if model.profile is not None else f"unavailable: {model.profile_note}"
+
+
+def _calibration_parameters(model: ServedModel) -> dict[str, Any]:
+    cal = model.calibration
+    if cal is None:
+        return {"calibration": f"unavailable: {model.calibration_note}"}
+    return {"calibration": "available", "temperature": cal.temperature,
+            "coverage": cal.coverage}
 
 
 def _metadata(model: ServedModel) -> dict:
@@ -106,7 +130,7 @@ def _metadata(model: ServedModel) -> dict:
         "outputs": _output_specs(model),
         "parameters": {"classes": model.classes, "alias": model.alias,
                        "preprocessing": model.metadata.get("preprocessing", {}),
-                       "ood_check": _ood_check(model)},
+                       "ood_check": _ood_check(model), **_calibration_parameters(model)},
     }
 
 
@@ -191,15 +215,33 @@ def _requested_outputs(request: dict, model: ServedModel,
     return {name: wanted[name] for name in names if name in wanted}
 
 
-def _output_arrays(probs: np.ndarray, referrals: list[Referral]) -> dict[str, tuple]:
-    """Name -> (datatype, array) of every output the answer can carry."""
-    return {
-        OUTPUT_NAME: ("FP32", np.ascontiguousarray(probs, dtype=np.float32)),
-        REFER_NAME: ("BOOL", np.array([bool(r.refer) for r in referrals], np.bool_)),
+def _output_arrays(answers: list[Answer], n_classes: int) -> dict[str, tuple]:
+    """Name -> (datatype, array) of every output the answers can carry."""
+    arrays = {
+        OUTPUT_NAME: ("FP32", np.array([a.probabilities for a in answers], np.float32)
+                      .reshape(len(answers), n_classes)),
+        REFER_NAME: ("BOOL", np.array([bool(a.refer) for a in answers], np.bool_)),
         DISTANCE_NAME: ("FP32", np.array(
-            [DISTANCE_UNKNOWN if r.distance is None else r.distance for r in referrals],
+            [DISTANCE_UNKNOWN if a.ood_distance is None else a.ood_distance for a in answers],
             np.float32)),
+        MALIGNANT_NAME: ("BYTES", np.array([a.malignant for a in answers], np.object_)),
     }
+    if all(a.set_mask is not None for a in answers):
+        arrays[SET_NAME] = ("BOOL", np.array([a.set_mask for a in answers], np.bool_)
+                            .reshape(len(answers), n_classes))
+    return arrays
+
+
+def _tensor_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """The binary tensor data of an output: raw little-endian values, or for BYTES each
+    element as a 4-byte little-endian length and its UTF-8 bytes (as Triton does)."""
+    if datatype != "BYTES":
+        return np.ascontiguousarray(array).tobytes()
+    out = bytearray()
+    for item in array.reshape(-1):
+        data = str(item).encode()
+        out += len(data).to_bytes(4, "little") + data
+    return bytes(out)
 
 
 @models.post("/{name}/infer", summary="Run inference (JSON or binary tensors)")
@@ -222,7 +264,8 @@ async def infer(name: str, request: Request, version: str | None = None,
         referrals = await check
     if used is not model:  # a swap in between: judge against the version that answered
         referrals = await run_in_threadpool(used.judge, images)
-    arrays = _output_arrays(probs, referrals)
+    answers = used.answers(probs, referrals)
+    arrays = _output_arrays(answers, len(used.classes))
     outputs: list[dict[str, Any]] = []
     raws: list[bytes] = []
     for out_name, as_binary in _requested_outputs(payload, used, strict=False).items():
@@ -230,17 +273,18 @@ async def infer(name: str, request: Request, version: str | None = None,
         out: dict[str, Any] = {"name": out_name, "datatype": datatype,
                                "shape": list(array.shape)}
         if as_binary:
-            raws.append(array.tobytes())
+            raws.append(_tensor_bytes(datatype, array))
             out["parameters"] = {"binary_data_size": len(raws[-1])}
         else:
             out["data"] = array.reshape(-1).tolist()
         outputs.append(out)
     result: dict[str, Any] = {"model_name": used.name, "model_version": used.version,
                               "outputs": outputs,
-                              "parameters": {"ood_check": _ood_check(used)}}
-    if used.profile is not None:
-        result["parameters"]["refer_reasons"] = json.dumps([list(r.reasons)
-                                                            for r in referrals])
+                              "parameters": {"ood_check": _ood_check(used),
+                                             **_calibration_parameters(used)}}
+    if _refers(used):
+        result["parameters"]["refer_reasons"] = json.dumps([list(a.reasons)
+                                                            for a in answers])
     if "id" in payload:
         result["id"] = payload["id"]
     if not raws:

@@ -39,16 +39,43 @@ async function loadModelLine() {
     const m = await response.json();
     line.textContent = `Model ${m.name} version ${m.version}` +
       (m.alias ? ` (${m.alias})` : "") + `, running on ${m.provider}.`;
+    const cal = m.calibration || {};
+    $("calibration-line").textContent = cal.available
+      ? `Probabilities calibrated (temperature ${cal.temperature.toFixed(2)}); ` +
+        `${percent(cal.coverage)} prediction sets.`
+      : "Probabilities not calibrated: no prediction sets.";
+    $("card-link").hidden = !(m.card && m.card.available);
   } catch (err) {
     line.textContent = `The service cannot be reached: ${err}`;
   }
 }
 
-function renderBars(list, probabilities, label) {
+function percent(fraction) {
+  // 0.95 -> "95%", 0.975 -> "97.5%"
+  return `${Number((100 * fraction).toPrecision(4))}%`;
+}
+
+function className(cls) {
+  return CLASS_NAMES[cls] || cls;
+}
+
+async function openCard(event) {
+  // With an API key the plain link would be refused: fetch the card with the key instead.
+  const headers = apiHeaders();
+  if (!Object.keys(headers).length) return;  // no key: the link opens the card itself
+  event.preventDefault();
+  const response = await fetch("/v1/model/card?format=html", { headers });
+  const text = response.ok ? await response.text() : await errorText(response);
+  const blob = new Blob([text], { type: response.ok ? "text/html" : "text/plain" });
+  window.open(URL.createObjectURL(blob), "_blank", "noopener");
+}
+
+function renderBars(list, probabilities, label, predictionSet) {
   list.replaceChildren();
   for (const [cls, p] of Object.entries(probabilities)) {
     const li = document.createElement("li");
     if (cls === label) li.classList.add("top");
+    if (predictionSet && predictionSet.includes(cls)) li.classList.add("in-set");
     const pct = (100 * p).toFixed(1);
     const name = document.createElement("span");
     name.textContent = CLASS_NAMES[cls] || cls;
@@ -114,17 +141,26 @@ async function analyse(file) {
   const labelLine = card.querySelector(".label-line");
   labelLine.replaceChildren();
   const strong = document.createElement("strong");
-  strong.textContent = CLASS_NAMES[pred.label] || pred.label;
+  strong.textContent = className(pred.label);
+  const predictionSet = pred.prediction_set;  // null: this model version is not calibrated
+  const setRefer = Array.isArray(predictionSet) && predictionSet.length !== 1;
+  // Referred because the image is unlike the training images (not only because of its set).
+  const oodRefer = pred.refer === true && (pred.in_distribution === false || !setRefer);
   if (pred.refer === true) {
-    // Unlike the training images: the referral is the answer, the label only a guess.
+    // The referral is the answer, the label only a guess.
     showReferral(card, pred);
-    labelLine.append("Model's guess, not reliable for this image: ", strong,
-      ` (${(100 * top).toFixed(1)}%)`);
+    labelLine.append(oodRefer ? "Model's guess, not reliable for this image: "
+                              : "Model's guess, uncertain for this image: ",
+                     strong, ` (${(100 * top).toFixed(1)}%)`);
   } else {
     labelLine.append("Most likely: ", strong, ` (${(100 * top).toFixed(1)}%)`);
     if (pred.refer !== false) showUnchecked(card, pred);
   }
-  renderBars(card.querySelector(".bars"), pred.probabilities, pred.label);
+  showMalignant(card, pred, oodRefer);
+  showSet(card, pred);
+  renderBars(card.querySelector(".bars"), pred.probabilities, pred.label, predictionSet);
+  card.querySelector(".bars").setAttribute("aria-label", pred.calibrated
+    ? "Class probabilities (calibrated)" : "Class probabilities");
   const heat = card.querySelector(".heat");
   heat.src = `data:${result.heatmap.media_type};base64,${result.heatmap.png_base64}`;
   heat.alt = `Heat map of the regions that drove the prediction ${pred.label}`;
@@ -152,6 +188,38 @@ function showReferral(card, pred) {
     list.append(li);
   }
   box.hidden = false;
+}
+
+function showMalignant(card, pred, unreliable) {
+  // The question a clinician asks first, apart from the subtype: yes, no or unsure.
+  const line = card.querySelector(".malignant-line");
+  line.replaceChildren();
+  const value = document.createElement("strong");
+  value.className = `malignant-value ${unreliable ? "unreliable" : pred.malignant}`;
+  value.textContent = pred.malignant;
+  line.append("Malignant: ", value);
+  if (unreliable) line.append(" (the model's guess; not reliable for this image)");
+  else if (!pred.calibrated) line.append(" (from the most likely class)");
+}
+
+function showSet(card, pred) {
+  const line = card.querySelector(".set-line");
+  line.replaceChildren();
+  if (!pred.calibrated) {
+    line.classList.add("muted");
+    const note = pred.calibration_note || "this model version is not calibrated";
+    line.textContent = `${note.charAt(0).toUpperCase()}${note.slice(1)}.`;
+    return;
+  }
+  line.classList.remove("muted");
+  const names = pred.prediction_set.map(className);
+  const value = document.createElement("strong");
+  value.className = "set-value";
+  value.textContent = names.length ? names.join(", ") : "empty (no class fits this image)";
+  line.append(`${percent(pred.coverage)} prediction set: `, value);
+  line.title = "The classes the model cannot rule out for this image; it holds the true " +
+    `class for ${percent(pred.coverage)} of images. One class is an answer; ` +
+    "more than one, or none, means refer.";
 }
 
 function showUnchecked(card, pred) {
@@ -208,6 +276,7 @@ function setup() {
     $("status").textContent = "Results cleared.";
     input.value = "";
   });
+  $("card-link").addEventListener("click", openCard);
   $("api-key").addEventListener("change", (event) => {
     sessionStorage.setItem("leukofed-api-key", event.target.value);
     loadModelLine();
