@@ -108,8 +108,8 @@ def inference_speed(model: keras.Model, onnx_path: Path, x: np.ndarray) -> dict[
     return out
 
 
-RECIPES = {"old": {"augmentation": "basic", "cell_focus": False},
-           "new": {"augmentation": "stain", "cell_focus": True}}
+RECIPES = {"old": {"augmentation": "basic", "cell_focus": False, "rotation_ensemble": False},
+           "new": {"augmentation": "stain", "cell_focus": True, "rotation_ensemble": True}}
 
 
 def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, Any],
@@ -130,7 +130,8 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
                              "steps": args.throughput_steps}
         print(f"  plain model.fit {base:.1f} img/s, leukofed {fast:.1f} img/s "
               f"({fast / base:.2f}x)", flush=True)
-    net = build_model(name, size, seed=args.seed, cell_focus=options["cell_focus"])
+    net = build_model(name, size, seed=args.seed, cell_focus=options["cell_focus"],
+                      rotation_ensemble=options["rotation_ensemble"])
     trainer = Trainer(net)
     result = fit(trainer, arrays["train"], arrays["val"], epochs, args.batch_size,
                  args.learning_rate, args.patience, seed=args.seed, progress=False,

@@ -83,6 +83,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
         size = 64 if old else args.image_size
         config = {"name": f"bench {name}", "model": args.model, "image_size": size,
                   "augmentation": "basic" if old else "stain", "cell_focus": not old,
+                  "rotation_ensemble": not old,
                   "rounds": args.rounds, "local_epochs": args.local_epochs,
                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                   "strategy": s["strategy"], "strategy_params": s.get("params", {}),

@@ -141,6 +141,8 @@ def train_central(
     image_size: int = typer.Option(128, help="128 px shows cells (13+ px wide)"),
     augmentation: str = typer.Option("stain", help="'stain' (stain-robust) or 'basic' (old)"),
     cell_focus: bool = typer.Option(True, help="keep only the stained cells in the model"),
+    rotation_ensemble: bool = typer.Option(
+        True, help="answer from the four rotations of each image, averaged (inference only)"),
     alpha: float = typer.Option(0.35, help="MobileNetV2 width multiplier"),
     epochs: int = typer.Option(60, help="the stain-robust recipe keeps improving past 30"),
     batch_size: int = typer.Option(32),
@@ -159,6 +161,7 @@ def train_central(
         batch_size=batch_size, learning_rate=learning_rate, patience=patience,
         weights=str(weights) if weights else None, split_manifest=split_manifest, seed=seed,
         jit_compile=jit, augmentation=augmentation, cell_focus=cell_focus,
+        rotation_ensemble=rotation_ensemble,
     )
     from leukofed.audit import format_audit
 

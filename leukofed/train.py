@@ -37,6 +37,7 @@ from leukofed.models import (  # noqa: E402
     DEFAULT_AUGMENTATION,
     DEFAULT_CELL_FOCUS,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_ROTATION_ENSEMBLE,
 )
 from leukofed.preprocessing import load_image  # noqa: E402
 
@@ -447,14 +448,19 @@ def run_central(
     progress: bool = True,
     augmentation: str = DEFAULT_AUGMENTATION,
     cell_focus: bool = DEFAULT_CELL_FOCUS,
+    rotation_ensemble: bool = DEFAULT_ROTATION_ENSEMBLE,
+    coverage: float = 0.95,
 ) -> dict[str, Any]:
     """Split (by blocks), train, pick the best epoch on validation macro-F1, test once,
     and audit the test result against shortcuts (leukofed.audit).
 
     Writes OUT/model.keras (with metadata: classes, the acquisition profile of the training
-    images for "refer", the class stain targets), OUT/metrics.json, OUT/confusion_matrix.png.
+    images for "refer", the class stain targets, the calibration and model card),
+    OUT/metrics.json, OUT/confusion_matrix.png, OUT/card.md.
     """
     from leukofed.audit import audit_set_from_train, run_audit
+    from leukofed.calibration import calibration_report, calibration_sums
+    from leukofed.card import build_card, card_markdown
     from leukofed.data import fingerprint, scan_dataset
     from leukofed.metrics import plot_confusion_matrix
     from leukofed.models import build_model, model_metadata, save_model
@@ -471,7 +477,8 @@ def run_central(
         raise ValueError("the training split is empty: too few images or groups")
     arrays = {n: load_arrays(split[n], image_size) for n in ("train", "val", "test")}
     net = build_model(model, image_size, alpha=alpha, weights=weights, seed=seed,
-                      bn_momentum=bn_momentum, cell_focus=cell_focus)
+                      bn_momentum=bn_momentum, cell_focus=cell_focus,
+                      rotation_ensemble=rotation_ensemble)
     trainer = Trainer(net, learning_rate, jit_compile=jit_compile)
     result = fit(trainer, arrays["train"], arrays["val"], epochs, batch_size, learning_rate,
                  patience, seed=seed, progress=progress, augmentation=augmentation)
@@ -480,22 +487,49 @@ def run_central(
     referred = [v.refer for v in profile.judge_images(arrays["test"][0])]
     audit = run_audit(trainer.predict, audit_set_from_train(*arrays["train"], *arrays["test"],
                                                             len(CLASSES), seed))
+    # Temperature and conformal thresholds from the validation split, measured on test:
+    # what a served version answers (leukofed.calibration).
+    # No validation images, no calibration: thresholds fitted on nothing would put every
+    # class in every set.
+    calibration = calibration_report(
+        calibration_sums(trainer.predict(arrays["val"][0]), arrays["val"][1]), coverage,
+        calibration_sums(trainer.predict(arrays["test"][0]), arrays["test"][1])
+    ) if len(arrays["val"][1]) else None
     meta = model_metadata(net, model, image_size, {
         "alpha": alpha if model == "mobilenetv2" else None,
         "dataset_fingerprint": dataset.fingerprint,
         "train_fingerprint": fingerprint(split.train),
         "best_epoch": result.best_epoch,
         "cell_focus": cell_focus,
+        "rotation_ensemble": rotation_ensemble,
         "augmentation": augmentation,
         "acquisition_profile": profile.to_dict(),
         "stain_targets": class_stain_targets(*arrays["train"], len(CLASSES)).tolist(),
+        **({"calibration": calibration["calibration"]} if calibration else {}),
     })
+    meta["card"] = build_card({
+        "model_name": str(out / "model.keras"), "version": "centralized",
+        "created": time.strftime("%Y-%m-%d"), "model": model, "image_size": image_size,
+        "recipe": {"cell_focus": cell_focus, "augmentation": augmentation,
+                   "rotation_ensemble": rotation_ensemble},
+        "training": {"hospitals": {"centralized": {
+            "num_examples": len(arrays["train"][1]), "fingerprint": fingerprint(split.train),
+            "class_counts": dict(zip(CLASSES, np.bincount(arrays["train"][1],
+                                                          minlength=len(CLASSES)).tolist()))}},
+            "partition": "block split"},
+        "test": {"source": "the block split's test images",
+                 "confusion": test["confusion_matrix"]},
+        "calibration": calibration, "audit": audit,
+        "referred_share": float(np.mean(referred)) if referred else None,
+        "acquisition_profile_images": profile.count})
     save_model(net, out / "model.keras", meta)
     plot_confusion_matrix(test["confusion_matrix"], CLASSES, out / "confusion_matrix.png",
                           f"{model} @{image_size}px, test split")
     report = {"model": meta, "history": result.history, "best_epoch": result.best_epoch,
               "train_seconds": result.seconds, "test": test, "audit": audit,
+              "calibration": calibration,
               "test_referred_share": float(np.mean(referred)) if referred else 0.0,
               "counts": {n: len(split[n]) for n in ("train", "val", "test")}}
     (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "card.md").write_text(card_markdown(meta["card"]))
     return report

@@ -179,6 +179,7 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "model": "compact_cnn",
     "image_size": 128,  # leukofed.models.DEFAULT_IMAGE_SIZE (no TensorFlow import here)
     "cell_focus": True,  # leukofed.models.DEFAULT_CELL_FOCUS
+    "rotation_ensemble": True,  # leukofed.models.DEFAULT_ROTATION_ENSEMBLE
     "augmentation": "stain",  # leukofed.models.DEFAULT_AUGMENTATION
     # fit: send the acquisition profile and stain sums of the training images (off in
     # differentially private runs: they are exact statistics outside the privacy budget)

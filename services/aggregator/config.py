@@ -12,6 +12,7 @@ from leukofed.models import (
     DEFAULT_AUGMENTATION,
     DEFAULT_CELL_FOCUS,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_ROTATION_ENSEMBLE,
     MODEL_NAMES,
 )
 from leukofed.strategies import STRATEGIES, make_strategy
@@ -55,6 +56,9 @@ class RunConfig(BaseModel):
         "which differential privacy needs (docs/architecture.md)")
     cell_focus: bool = Field(DEFAULT_CELL_FOCUS, description="keep only the stained cells "
                              "(leukofed.models.CellFocus): the model cannot read background")
+    rotation_ensemble: bool = Field(
+        DEFAULT_ROTATION_ENSEMBLE, description="answer from the four right-angle rotations "
+        "of each image, averaged (inference only: 4x the compute, +1 point measured)")
     augmentation: Literal["stain", "basic"] = Field(
         DEFAULT_AUGMENTATION, description="'stain': stain transfer between images of any "
         "class, crops, colour jitter (docs/shortcuts.md); 'basic': the old flips and small "

@@ -31,12 +31,14 @@ class KerasModelOps:
         self._lock = threading.Lock()
 
     def _model(self, cfg: RunConfig) -> Any:
-        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm, cfg.cell_focus)
+        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm, cfg.cell_focus,
+               cfg.rotation_ensemble)
         if key not in self._models:
             from leukofed.models import build_model
 
             self._models = {key: build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
-                                             norm=cfg.norm, cell_focus=cfg.cell_focus)}
+                                             norm=cfg.norm, cell_focus=cfg.cell_focus,
+                                             rotation_ensemble=cfg.rotation_ensemble)}
         return self._models[key]
 
     def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]:
@@ -45,9 +47,10 @@ class KerasModelOps:
 
         with self._lock:
             model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha, seed=cfg.seed,
-                                norm=cfg.norm, cell_focus=cfg.cell_focus)
+                                norm=cfg.norm, cell_focus=cfg.cell_focus,
+                                rotation_ensemble=cfg.rotation_ensemble)
             self._models = {(cfg.model, cfg.image_size, cfg.alpha, cfg.norm,
-                             cfg.cell_focus): model}
+                             cfg.cell_focus, cfg.rotation_ensemble): model}
             return weights_from_model(model), batchnorm_stat_names(model)
 
     def keras_model(self, cfg: RunConfig, weights: Weights) -> Any:
@@ -62,6 +65,7 @@ class KerasModelOps:
 
         return model_metadata(self._model(cfg), cfg.model, cfg.image_size,
                               {"norm": cfg.norm, "cell_focus": cfg.cell_focus,
+                               "rotation_ensemble": cfg.rotation_ensemble,
                                "augmentation": cfg.augmentation, **(extra or {})})
 
     def _test_source(self, cfg: RunConfig) -> tuple[str, str] | None:

@@ -88,8 +88,9 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
     """What a hospital needs to train this round (see leukofed.transport.ROUND_CONFIG_DEFAULTS)."""
     return {"run_id": record_id, "round": server_round, "model": cfg.model,
             "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-            "cell_focus": cfg.cell_focus, "augmentation": cfg.augmentation,
-            "send_profile": cfg.privacy is None, "local_epochs": cfg.local_epochs,
+            "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
+            "augmentation": cfg.augmentation, "send_profile": cfg.privacy is None,
+            "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
             "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,
@@ -481,7 +482,7 @@ class FederatedRun:
         deadline = self.clock() + cfg.round_deadline_s
         config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
                   "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-                  "cell_focus": cfg.cell_focus,
+                  "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
                   "jit_compile": cfg.jit_compile, "deadline": deadline, **config}
         blob = encode_weights(weights)
         handles = {h: self.dispatcher.submit(h, task, [blob, config], deadline)

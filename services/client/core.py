@@ -109,14 +109,15 @@ class HospitalClient:
 
     def trainer(self, cfg: dict[str, Any]) -> Any:
         key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), str(cfg["norm"]),
-               bool(cfg["cell_focus"]), bool(cfg["jit_compile"]))
+               bool(cfg["cell_focus"]), bool(cfg["rotation_ensemble"]), bool(cfg["jit_compile"]))
         if self._trainer_key != key:
             from leukofed.models import build_model
             from leukofed.train import Trainer
             from leukofed.wire import batchnorm_stat_names
 
             model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]),
-                                norm=str(cfg["norm"]), cell_focus=bool(cfg["cell_focus"]))
+                                norm=str(cfg["norm"]), cell_focus=bool(cfg["cell_focus"]),
+                                rotation_ensemble=bool(cfg["rotation_ensemble"]))
             self._trainer = Trainer(model, learning_rate=float(cfg["learning_rate"]),
                                     jit_compile=bool(cfg["jit_compile"]))
             self._trainer_key = key

@@ -26,7 +26,7 @@ def test_help_on_every_command(cmd: list[str]) -> None:
 
 
 def test_split_train_evaluate_export(synthetic_dataset, tmp_path: Path) -> None:
-    data = synthetic_dataset(per_class=24)
+    data = synthetic_dataset(per_class=48)  # 3 blocks of 16 per class: val is not empty
     (data / "Pre" / "broken.png").write_bytes(b"\x89PNG broken")
     split = run("data", "split", str(data), str(tmp_path / "split.json"))
     assert split.returncode == 0, split.stderr
@@ -46,16 +46,23 @@ def test_split_train_evaluate_export(synthetic_dataset, tmp_path: Path) -> None:
     assert "recoloured" in train.stdout and "referred" in train.stdout
     assert 0.0 <= metrics["audit"]["audit_follow_colour"] <= 1.0
     assert 0.0 <= metrics["test_referred_share"] <= 1.0
+    # ... and the calibration a served version answers with, and its model card.
+    assert metrics["calibration"]["nll_after"] <= metrics["calibration"]["nll_before"] + 1e-12
+    card = (out / "card.md").read_text()
+    assert "# Model card" in card and f"{metrics['test']['accuracy']:.3f}" in card
 
     evaluated = run("evaluate", str(out / "model.keras"), str(data))
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
-    assert result["n"] == 96
+    assert result["n"] == 192
     # ... and with every evaluation of a model that carries its training stain targets.
     assert "recoloured" in evaluated.stderr
     assert set(result["audit"]) >= {"audit_recoloured_accuracy", "audit_follow_colour",
                                     "audit_histogram_accuracy"}
     assert 0.0 <= result["referred_share"] <= 1.0
+    cal = result["calibration"]
+    assert cal["target_coverage"] == 0.95 and cal["temperature"] > 0
+    assert 0.0 <= cal["refer_share"] <= 1.0 and 0.0 <= cal["coverage"] <= 1.0
 
     exported = run("export-onnx", str(out / "model.keras"), str(tmp_path / "m.onnx"),
                    "--parity-data", str(data))

@@ -107,3 +107,27 @@ def test_cell_focus_keeps_the_cells_and_erases_the_slide() -> None:
     assert np.abs(out_a - out_b).mean() < 0.25 * np.abs(a - b).mean()  # only the rims differ
     model = build_model("compact_cnn", 64, seed=0, cell_focus=True)
     assert model.get_layer("cell_focus") is not None
+
+
+def test_rotation_ensemble_averages_the_four_rotations_at_inference_only() -> None:
+    """Weightless layers: the same weights as the plain model, the mean of its answers on
+    the four right-angle rotations at inference, the plain model in training."""
+    import numpy as np
+
+    from leukofed.models import build_model
+
+    ensemble = build_model("compact_cnn", 32, seed=0, rotation_ensemble=True)
+    plain = build_model("compact_cnn", 32, seed=1, rotation_ensemble=False)
+    assert [w.path for w in ensemble.weights] == [w.path for w in plain.weights]
+    rng = np.random.default_rng(0)
+    plain.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
+                       for w in ensemble.get_weights()])  # break the init's near-symmetry
+    ensemble.set_weights(plain.get_weights())
+    x = rng.uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    turns = [np.asarray(plain(np.ascontiguousarray(np.rot90(x, k, axes=(1, 2))),
+                              training=False)) for k in range(4)]
+    got = np.asarray(ensemble(x, training=False))
+    assert np.allclose(got, np.mean(turns, axis=0), atol=1e-6)
+    assert not np.allclose(got, turns[0], atol=1e-4)  # it is not just the plain answer
+    assert got.shape == (3, 4) and np.allclose(got.sum(1), 1.0, atol=1e-5)
+    assert ensemble(x, training=True).shape == (3, 4)  # training: one pass per image
