@@ -392,6 +392,12 @@ def _referral(info: Mapping[str, Any]) -> dict[str, Any]:
             "acquisition_profile_images": profile_images}
 
 
+def with_version(card: dict[str, Any], version: str) -> dict[str, Any]:
+    """A copy of ``card`` naming ``version``: a card is built before the registry numbers
+    the version it describes ("round 3"), and shown with the number afterwards."""
+    return {**card, "model": {**(card.get("model") or {}), "version": str(version)}}
+
+
 def build_card(info: dict[str, Any], n_boot: int = 1000, seed: int = 0, level: float = 0.95,
                max_follow_colour: float = DEFAULT_MAX_FOLLOW_COLOUR) -> dict[str, Any]:
     """The structured, JSON-able card of one version (``"format": CARD_FORMAT``).

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from leukofed.card import build_card, card_html, card_markdown
+from leukofed.card import build_card, card_html, card_markdown, with_version
 from services.aggregator.config import RunConfig
 from services.aggregator.modelops import KerasModelOps
 
@@ -234,7 +234,7 @@ class MlflowTracker:
         # Leaving start_run() marks the run FINISHED; the federated run is still going.
         self._client().update_run(record["mlflow_run_id"], status="RUNNING")
         if version is not None:
-            self._log_card(record["mlflow_run_id"], {**extra["card"], "version": version},
+            self._log_card(record["mlflow_run_id"], with_version(extra["card"], version),
                            version)
         return version
 

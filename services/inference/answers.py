@@ -93,6 +93,8 @@ def load_card(metadata: dict[str, Any], version: str = "?") -> tuple[ModelCard |
             raise ValueError(f"a model card is a mapping, got {type(raw).__name__}")
         if raw.get("format") != CARD_FORMAT:
             raise ValueError(f"card format must be {CARD_FORMAT!r}, got {raw.get('format')!r}")
+        if version != "?":  # the card is written before the registry numbers the version
+            raw = cards.with_version(raw, version)
         card = ModelCard(raw, cards.card_markdown(raw), cards.card_html(raw),
                          cards.card_summary(raw))
     except Exception as exc:

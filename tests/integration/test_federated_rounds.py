@@ -132,7 +132,7 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     assert abs(card["calibration"]["temperature"] - cal.temperature) < 1e-12
     run_id_card, _, path = by_round[2].tags["model_card"].partition(":")
     card_file = json.loads(Path(client.download_artifacts(run_id_card, path)).read_text())
-    assert card_file["version"] == by_round[2].version
+    assert card_file["model"]["version"] == by_round[2].version
     assert card_file["metrics"] == card["metrics"]
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version

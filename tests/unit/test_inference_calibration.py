@@ -232,6 +232,9 @@ def test_load_card_renders_it_once() -> None:
     assert load_card({}) == (None, NO_CARD)
     loaded, note = load_card({"card": ["not", "a", "card"]})
     assert loaded is None and "malformed" in note
+    # Written before the registry numbered the version ("round 3"): served with its number.
+    loaded, _ = load_card({"card": card_entry(NAME, "round 3")}, version="7")
+    assert loaded.data["model"]["version"] == "7" and "version 7" in loaded.summary
 
 
 # ------------------------------------------------------------------------ through the app
