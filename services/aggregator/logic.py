@@ -183,6 +183,23 @@ def calibration_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for name, value in zip(CLASSES, report.get("test_class_coverage") or []):
         if value is not None:
             out[f"test_conformal_coverage_{name}"] = float(value)
+    for when in ("before", "after"):  # per-class (one-vs-rest) calibration
+        for name, value in zip(CLASSES, report.get(f"classwise_ece_{when}") or []):
+            out[f"val_classwise_ece_{when}_{name}"] = float(value)
+    return out
+
+
+def training_class_counts(answers: Mapping[str, Mapping[str, Any]], used: Iterable[str]
+                          ) -> dict[str, dict[str, int]]:
+    """Each participant's training images per class, from the stain sums its fit answer
+    carries (absent in differentially private runs, malformed ones left out): for the
+    model card."""
+    out = {}
+    for hospital in sorted(used):
+        counts = ((answers.get(hospital) or {}).get("stain_sums") or {}).get("counts")
+        if (isinstance(counts, list) and len(counts) == len(CLASSES)
+                and all(isinstance(c, int) and c >= 0 for c in counts)):
+            out[hospital] = dict(zip(CLASSES, counts))
     return out
 
 

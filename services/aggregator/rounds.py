@@ -33,6 +33,7 @@ from services.aggregator.logic import (
     quorum_possible,
     select_hospitals,
     server_test_report,
+    training_class_counts,
 )
 from services.aggregator.store import RunStore
 
@@ -526,6 +527,7 @@ class FederatedRun:
         return {
             "acquisition_profile": profile, "stain_targets": stain_targets,
             "calibration": calibration, "server_conformal": conformal,
+            "class_counts": training_class_counts(answers, used),
             "round": server_round, "attempt": attempt, "selected": selected,
             "participants": {r.hospital: r.num_examples for r in accepted},
             "rejected": rejected, "failed": failures,

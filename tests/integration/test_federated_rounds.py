@@ -134,6 +134,9 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     card_file = json.loads(Path(client.download_artifacts(run_id_card, path)).read_text())
     assert card_file["model"]["version"] == by_round[2].version
     assert card_file["metrics"] == card["metrics"]
+    trained = {h["name"]: h for h in card["training"]["hospitals"]}
+    assert set(trained) == {"a", "b"}
+    assert sum(sum(h["class_counts"].values()) for h in trained.values()) == n_train
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version
     assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}

@@ -186,3 +186,14 @@ def test_server_test_report_measures_the_versions_prediction_sets() -> None:
     assert conformal["ece_after"] < conformal["ece_before"]
     flat_plain, _, none = server_test_report(y, probs, None)
     assert none is None and "conformal_coverage" not in flat_plain
+
+
+def test_training_class_counts_for_the_card_skip_what_is_missing_or_malformed() -> None:
+    from services.aggregator.logic import training_class_counts
+
+    answers = {"a": {"stain_sums": {"counts": [3, 4, 5, 6]}},
+               "b": {"stain_sums": {"counts": [1, -2, 3, 4]}},   # negative: left out
+               "c": {},                                          # DP run: nothing sent
+               "d": {"stain_sums": {"counts": [1, 2, 3, 4]}}}    # not a participant
+    assert training_class_counts(answers, ["a", "b", "c"]) == {
+        "a": {"Benign": 3, "Early": 4, "Pre": 5, "Pro": 6}}

@@ -149,6 +149,23 @@ def test_blank_photo_and_grayscale_are_referred_with_reasons(client: TestClient)
     assert any("saturation (saturation 0)" in reason for reason in gray)
 
 
+def test_a_smear_under_another_laboratorys_stain_is_referred(client: TestClient) -> None:
+    """The same smear fields under simulated laboratories outside the realistic range
+    (leukofed.labs: another stain, light, blur): referred, with a reason in words."""
+    from leukofed.labs import apply_batch, unseen_lab
+
+    fields = smear_like_images(SIZE, 4, seed=IN_DIST_SEED)
+    files = []
+    for lab in range(4):
+        stained = apply_batch(fields[lab:lab + 1], unseen_lab(200 + lab, "outside"))[0]
+        files.append(("files", (f"lab{lab}.png", png(stained), "image/png")))
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    for p in r.json()["predictions"]:
+        assert p["refer"] is True and p["in_distribution"] is False, p["filename"]
+        assert p["refer_reasons"] and p["advice"].startswith("Refer to a hematologist")
+
+
 def test_judged_on_the_resized_model_input(client: TestClient) -> None:
     # A larger upload is judged as the model sees it: resized by the shared preprocessing.
     from leukofed.preprocessing import load_image
