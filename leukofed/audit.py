@@ -216,21 +216,27 @@ def audit_verdict(metrics: dict[str, Any], max_follow_colour: float = DEFAULT_MA
     return True, f"follow-the-colour {follow:.1%} <= {max_follow_colour:.0%}"
 
 
+# The audit's rows as people read them: (words, accuracy key, macro-F1 key).
+AUDIT_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("original", "audit_original_accuracy", "audit_original_macro_f1"),
+    ("recoloured to another class's stain", "audit_recoloured_accuracy",
+     "audit_recoloured_macro_f1"),
+    ("cells and background recoloured apart", "audit_spatial_accuracy",
+     "audit_spatial_macro_f1"),
+    ("background only (chance 0.25 is good)", "audit_background_only_accuracy",
+     "audit_background_only_macro_f1"),
+    ("colour-histogram forest (colour alone)", "audit_histogram_accuracy",
+     "audit_histogram_macro_f1"),
+)
+
+
 def format_audit(metrics: dict[str, Any]) -> str:
     """A short table for people (leukofed promote, leukofed evaluate)."""
     def get(key: str) -> str:
         value = metrics.get(key)
         return "-" if value is None else f"{float(value):.3f}"
 
-    rows = [("original", "audit_original_accuracy", "audit_original_macro_f1"),
-            ("recoloured to another class's stain", "audit_recoloured_accuracy",
-             "audit_recoloured_macro_f1"),
-            ("cells and background recoloured apart", "audit_spatial_accuracy",
-             "audit_spatial_macro_f1"),
-            ("background only (chance 0.25 is good)", "audit_background_only_accuracy",
-             "audit_background_only_macro_f1"),
-            ("colour-histogram forest (colour alone)", "audit_histogram_accuracy",
-             "audit_histogram_macro_f1")]
+    rows = AUDIT_ROWS
     lines = [f"{'shortcut audit':<42}{'accuracy':>10}{'macro-F1':>10}"]
     lines += [f"{label:<42}{get(a):>10}{get(f):>10}" for label, a, f in rows]
     lines.append(f"{'answers following the new colour':<42}{get('audit_follow_colour'):>10}")

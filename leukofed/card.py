@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from leukofed.audit import DEFAULT_MAX_FOLLOW_COLOUR
+from leukofed.audit import AUDIT_ROWS, DEFAULT_MAX_FOLLOW_COLOUR
 from leukofed.labels import BENIGN_INDEX, CLASSES
 
 CARD_FORMAT = "leukofed-model-card/1"
@@ -448,17 +448,7 @@ _METRIC_LABELS = {
     **{f"recall_{c}": f"recall {DISPLAY_NAMES.get(c, c)}" for c in CLASSES},
 }
 
-_AUDIT_ROWS = (
-    ("original", "audit_original_accuracy", "audit_original_macro_f1"),
-    ("recoloured to another class's stain", "audit_recoloured_accuracy",
-     "audit_recoloured_macro_f1"),
-    ("cells and background recoloured apart", "audit_spatial_accuracy",
-     "audit_spatial_macro_f1"),
-    ("background only (chance 0.25 is good)", "audit_background_only_accuracy",
-     "audit_background_only_macro_f1"),
-    ("colour-histogram forest (colour alone)", "audit_histogram_accuracy",
-     "audit_histogram_macro_f1"),
-)
+
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -611,7 +601,7 @@ def _sections(card: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]
     bound = float(audit.get("max_follow_colour", DEFAULT_MAX_FOLLOW_COLOUR))
     if audit.get("measured"):
         m = audit.get("metrics") or {}
-        rows = [[label, _f(m.get(a)), _f(m.get(f))] for label, a, f in _AUDIT_ROWS]
+        rows = [[label, _f(m.get(a)), _f(m.get(f))] for label, a, f in AUDIT_ROWS]
         rows.append([f"answers following the new colour (bound {bound:.2f})",
                      _f(m.get("audit_follow_colour")), ""])
         verdict = {True: "passes", False: "fails", None: "cannot be judged"}[audit.get("passes")]

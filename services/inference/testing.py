@@ -348,3 +348,25 @@ def good_inputs() -> list[tuple[str, str, bytes]]:
         ("bmp", "a.bmp", encode(rgb, "BMP")),
         ("tiff", "a.tiff", encode(rgb, "TIFF")),
     ]
+
+
+def serve_fake_registry(tmp_path: Path, model_name: str, resolve: Any, fetch: Any) -> Any:
+    """A TestClient of the service reading versions from a fake registry (unit tests):
+    ``resolve`` and ``fetch`` replace the MLflow lookup and the ONNX download."""
+    from fastapi.testclient import TestClient
+
+    from .app import create_app
+    from .model_source import ModelSource
+    from .settings import InferenceSettings
+
+    s = InferenceSettings(tracking_uri="http://unused", model_name=model_name,
+                          poll_interval_s=0.05, onnx_cache_dir=tmp_path, threads=1)
+    return TestClient(create_app(s, ModelSource(s, resolver=resolve, fetch_onnx=fetch)))
+
+
+def wait_ready(client: Any, timeout: float = 10) -> None:
+    """Until /readyz answers 200 (the first version is loaded), or fail with its reason."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json()
+        time.sleep(0.02)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +42,9 @@ from services.inference.testing import (
     calibration_entry,
     card_entry,
     encode,
+    serve_fake_registry,
     smear_like,
+    wait_ready,
 )
 
 NAME = "leukofed-calibrated"
@@ -98,17 +99,9 @@ def tiny_onnx_for(version: str) -> bytes:
 
 
 def serve(tmp_path: Path, version: str) -> TestClient:
-    s = InferenceSettings(tracking_uri="http://unused", model_name=NAME, poll_interval_s=0.05,
-                          onnx_cache_dir=tmp_path, threads=1)
     reg = Registry(version)
-    return TestClient(create_app(s, ModelSource(s, resolver=reg.resolve, fetch_onnx=reg.fetch)))
+    return serve_fake_registry(tmp_path, NAME, reg.resolve, reg.fetch)
 
-
-def wait_ready(client: TestClient, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +20,16 @@ from PIL import Image
 
 from leukofed import probes
 from leukofed.ood import DESCRIPTORS, AcquisitionProfile
-from services.inference.app import create_app
-from services.inference.model_source import NO_PROFILE, ModelSource, load_profile
+from services.inference.model_source import NO_PROFILE, load_profile
 from services.inference.onnx_store import OnnxArtifact, VersionInfo, sha256
-from services.inference.settings import InferenceSettings
 from services.inference.testing import (
     encode,
+    serve_fake_registry,
     smear_like,
     smear_like_images,
     smear_profile,
     tiny_onnx,
+    wait_ready,
 )
 
 NAME = "leukofed-refer"
@@ -71,17 +70,9 @@ class Registry:
 
 
 def serve(tmp_path: Path, version: str) -> TestClient:
-    s = InferenceSettings(tracking_uri="http://unused", model_name=NAME, poll_interval_s=0.05,
-                          onnx_cache_dir=tmp_path, threads=1)
     reg = Registry(version)
-    return TestClient(create_app(s, ModelSource(s, resolver=reg.resolve, fetch_onnx=reg.fetch)))
+    return serve_fake_registry(tmp_path, NAME, reg.resolve, reg.fetch)
 
-
-def wait_ready(client: TestClient, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture
