@@ -68,17 +68,24 @@ fi
 "$VENV/leukofed" run status "$run_id"
 
 echo "== promote: the version with the best worse-of(original, recoloured) macro-F1 becomes champion, if it passes the shortcut audit"
-"$VENV/leukofed" promote best --run-id "$run_id"
+"$VENV/leukofed" promote best --run-id "$run_id" | tee "$DEMO/promote.txt"
+champion=$(sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$DEMO/promote.txt")
 
 echo "== predict: one held-out test image through the inference service ($INFERENCE_URL)"
 # The service polls the champion alias (every 5 s by default), exports the new version to
 # ONNX once and swaps it in: wait until /readyz reports it ready.
+# A service that was already serving an earlier champion is ready at once: wait until it
+# serves the version just promoted.
+serving() {
+    curl -fsS "$INFERENCE_URL/v1/model" 2>/dev/null | "$VENV/python" -c \
+        'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null
+}
 for ((i = 0; i < 120; i++)); do
-    if curl -fsS "$INFERENCE_URL/readyz" >/dev/null 2>&1; then break; fi
+    if [[ "$(serving)" == "$champion" ]]; then break; fi
     sleep 2
 done
-if ! curl -fsS "$INFERENCE_URL/readyz" >/dev/null 2>&1; then
-    echo "the inference service did not become ready: $(curl -sS "$INFERENCE_URL/readyz")" >&2
+if [[ "$(serving)" != "$champion" ]]; then
+    echo "the inference service does not serve version $champion: $(curl -sS "$INFERENCE_URL/readyz")" >&2
     echo "see scripts/stack.sh logs inference" >&2
     exit 1
 fi
