@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference up down \
+.PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation up down \
 	status logs demo test-browser test-security keys acl
 
 setup:
@@ -82,6 +82,11 @@ images:
 
 bench-inference: setup
 	$(PY) benchmarks/bench_inference.py
+
+# The default model with and without its rotation ensemble, side by side in one run.
+bench-inference-rotation: setup
+	$(PY) benchmarks/bench_inference.py --configs compact_cnn:0:128:plain,compact_cnn:0:128 \
+	  --json benchmarks/results/inference-rotation.json --markdown docs/benchmarks-inference-rotation.md
 
 test-browser: setup
 	.venv/bin/pytest -q tests/browser

@@ -179,7 +179,8 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache
 
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,
-                        champion: bool = False, profile: bool = False) -> str:
+                        champion: bool = False, profile: bool = False,
+                        rotation_ensemble: bool = True) -> str:
     """Build a compact_cnn, log and register it in MLflow; returns the version.
     ``profile``: its metadata carries smear_profile(image_size) as acquisition profile."""
     import mlflow
@@ -189,7 +190,8 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    model = build_model("compact_cnn", image_size=image_size, seed=seed, dropout=0.0)
+    model = build_model("compact_cnn", image_size=image_size, seed=seed, dropout=0.0,
+                        rotation_ensemble=rotation_ensemble)
     meta = model_metadata(model, "compact_cnn", image_size)
     if profile:
         meta["acquisition_profile"] = smear_profile(image_size)
