@@ -16,6 +16,8 @@ async def require_api_key(request: Request, key: str | None = Depends(_scheme)) 
     expected = request.app.state.service.settings.api_key
     if expected is None:
         return
-    if key is None or not secrets.compare_digest(key, expected.get_secret_value()):
+    # As bytes: compare_digest refuses a str with non-ASCII characters (a 500, not a 401).
+    if key is None or not secrets.compare_digest(key.encode("utf-8", "surrogateescape"),
+                                                 expected.get_secret_value().encode()):
         raise HTTPException(401, f"missing or wrong {HEADER} header",
                             headers={"WWW-Authenticate": HEADER})

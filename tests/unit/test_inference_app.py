@@ -214,6 +214,9 @@ def test_api_key_is_enforced_when_configured(tmp_path: Path, registry: FakeRegis
                       headers={"X-API-Key": "wrong"}).status_code == 401
         assert c.post("/v1/predict", files=files,
                       headers={"X-API-Key": "s3cret"}).status_code == 200
+        # A key with non-ASCII bytes is a wrong key (401), not a server error.
+        assert c.post("/v1/predict", files=files,
+                      headers={"X-API-Key": "s3cr\u00e9t".encode()}).status_code == 401
         assert c.get("/v2/models/leukofed-unit").status_code == 401
         assert c.get("/healthz").status_code == 200  # probes need no key
         assert c.get("/").status_code == 200
