@@ -53,12 +53,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode bytes to an RGB Pillow image, or raise ImageDecodeError with a reason."""
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        # Only the formats we promise: every other Pillow decoder (EPS, PSD, ICNS, ...) is
+        # attack surface that a blood-smear upload never needs.
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except Exception as exc:  # Pillow raises several types for "not an image"

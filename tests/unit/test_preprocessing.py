@@ -61,3 +61,12 @@ def test_truncated_and_oversized_images() -> None:
         decode_image(png[: len(png) // 3])
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_image(_encode(Image.new("L", (300, 300)), "PNG"), max_pixels=10_000)
+
+
+def test_formats_beyond_the_accepted_ones_are_refused() -> None:
+    """GIF, WebP or any other Pillow decoder is not opened: only JPEG, PNG, BMP and TIFF."""
+    for fmt in ("GIF", "WEBP", "PPM"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 100, 50)).save(buf, format=fmt)
+        with pytest.raises(ImageDecodeError, match="JPEG, PNG, BMP or TIFF"):
+            decode_image(buf.getvalue())
