@@ -280,6 +280,11 @@ def test_metrics_count_requests_batches_and_model(client: TestClient) -> None:
     assert 'leukofed_http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
     assert 'route="/v1/predict",status="415"' in text
     assert "leukofed_batch_size_bucket" in text
+    # Invented methods share one label: a client cannot grow the metrics without bound.
+    for method in ("FOO", "BAR"):
+        client.request(method, "/v1/predict")
+    text = client.get("/metrics").text
+    assert 'method="other"' in text and 'method="FOO"' not in text
     assert f'leukofed_model_info{{alias="champion",name="{NAME}",provider="CPUExecutionProvider"'\
            ',version="1"} 1.0' in text
 
