@@ -89,13 +89,12 @@ def conformal_rows(val_probs: Any, val_y: Any, test_probs: Any, test_y: Any, tes
     the temperature and quantiles fitted from validation sums, measured on the test split.
     ``test_refer`` is the acquisition profile's refer decision per test image: an image is
     answered only when its set is one class and it is in distribution."""
-    import numpy as np
 
     from leukofed.calibration import (
         Calibration,
+        answered_report,
         calibration_report,
         calibration_sums,
-        set_coverage,
         validate_sums,
     )
 
@@ -104,21 +103,12 @@ def conformal_rows(val_probs: Any, val_y: Any, test_probs: Any, test_y: Any, tes
                  validate_sums(calibration_sums(test_probs, test_y)))
     for coverage in coverages:
         report = calibration_report(val, coverage, test)
-        cal = Calibration.from_dict(report["calibration"])
-        sets = cal.sets(test_probs)
-        covered = set_coverage(sets, test_y)
-        single = sets.sum(axis=1) == 1
-        answered = single & ~np.asarray(test_refer, bool)
-        answer = sets.argmax(axis=1)
-        out["rows"].append({
-            "coverage_target": coverage, "temperature": report["temperature"],
-            "coverage": covered["coverage"], "class_coverage": covered["class_coverage"],
-            "mean_set_size": covered["mean_set_size"],
-            "set_refer_share": float(1 - single.mean()),
-            "refer_share": float(1 - answered.mean()),
-            "accuracy_answered": (float((answer[answered] == test_y[answered]).mean())
-                                  if answered.any() else None),
-        })
+        answered = answered_report(Calibration.from_dict(report["calibration"]), test_probs,
+                                   test_y, test_refer)
+        out["rows"].append({"coverage_target": coverage, "temperature": report["temperature"],
+                            **{k: answered[k] for k in (
+                                "coverage", "class_coverage", "mean_set_size",
+                                "set_refer_share", "refer_share", "accuracy_answered")}})
         out.update({k: report[k] for k in ("temperature", "ece_before", "ece_after",
                                            "test_ece_before", "test_ece_after")})
     return out

@@ -441,6 +441,28 @@ class Calibration:
         return cls(data.get("temperature"), data.get("coverage"), q)
 
 
+def answered_report(calibration: Calibration, probs: np.ndarray, y: np.ndarray,
+                    refer: np.ndarray | None = None) -> dict[str, Any]:
+    """What a calibrated version answers on labelled images, from its RAW probabilities:
+    set coverage (overall, per class), the share referred (a set that is not one class, or
+    ``refer`` from another check such as the acquisition profile), accuracy on the rest,
+    and ECE before and after the temperature."""
+    labels = np.asarray(y, np.int64).reshape(-1)
+    sets = calibration.sets(probs)
+    single = sets.sum(axis=1) == 1
+    answered = single if refer is None else single & ~np.asarray(refer, bool)
+    answer = sets.argmax(axis=1)
+    return {
+        **set_coverage(sets, labels), "target": calibration.coverage,
+        "set_refer_share": float(1 - single.mean()) if len(labels) else None,
+        "refer_share": float(1 - answered.mean()) if len(labels) else None,
+        "accuracy_answered": (float((answer[answered] == labels[answered]).mean())
+                              if answered.any() else None),
+        "ece_before": expected_calibration_error(probs, labels),
+        "ece_after": expected_calibration_error(calibration.calibrate(probs), labels),
+    }
+
+
 def _grid_index(temperature: float) -> int:
     return int(np.argmin(np.abs(np.log(TEMPERATURES / temperature))))
 

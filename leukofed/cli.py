@@ -204,19 +204,11 @@ def evaluate_cmd(
     if meta.get("calibration") and len(x):
         # What the served version would answer: calibrated probabilities, prediction sets,
         # "refer" for a set that is not one class or an image outside the profile.
-        from leukofed.calibration import Calibration, expected_calibration_error, set_coverage
+        from leukofed.calibration import Calibration, answered_report
 
         cal = Calibration.from_dict(meta["calibration"])
-        probs = trainer.predict(x)
-        sets = cal.sets(probs)
-        answered = (sets.sum(axis=1) == 1) & ~refer
-        metrics["calibration"] = {
-            "temperature": cal.temperature, "target_coverage": cal.coverage,
-            **set_coverage(sets, y), "refer_share": float(1 - answered.mean()),
-            "accuracy_answered": (float((sets.argmax(1)[answered] == y[answered]).mean())
-                                  if answered.any() else None),
-            "ece_before": expected_calibration_error(probs, y),
-            "ece_after": expected_calibration_error(cal.calibrate(probs), y)}
+        metrics["calibration"] = {"temperature": cal.temperature, "target_coverage": cal.coverage,
+                                  **answered_report(cal, trainer.predict(x), y, refer)}
     text = json.dumps(metrics, indent=1, default=float)
     if out:
         out.write_text(text)

@@ -209,26 +209,17 @@ def server_test_report(y: np.ndarray, probs: np.ndarray,
     """Metrics of one version on the server's held-out test split, and, when the version is
     calibrated, what its prediction sets do there: coverage per class, the share of images
     whose set is not one class (answered "refer"), accuracy on the images it answers."""
-    from leukofed.calibration import Calibration, expected_calibration_error, set_coverage
+    from leukofed.calibration import Calibration, answered_report
     from leukofed.metrics import classification_metrics, flat_metrics
 
     m = classification_metrics(y, probs)
     flat = {k: v for k, v in flat_metrics(m).items() if not k.startswith(("precision_", "f1_"))}
     if calibration is None or len(y) == 0:
         return flat, m["confusion_matrix"], None  # type: ignore[return-value]
-    cal = Calibration.from_dict(calibration["calibration"])
-    sets = cal.sets(probs)
-    answered = sets.sum(axis=1) == 1
-    answer = sets.argmax(axis=1)
-    covered = set_coverage(sets, y)
-    conformal = {
-        "coverage": float(covered["coverage"]), "class_coverage": covered["class_coverage"],
-        "target": cal.coverage, "refer_share": float(1.0 - answered.mean()),
-        "accuracy_answered": (float((answer[answered] == y[answered]).mean())
-                              if answered.any() else None),
-        "ece_before": expected_calibration_error(probs, y),
-        "ece_after": expected_calibration_error(cal.calibrate(probs), y),
-    }
+    report = answered_report(Calibration.from_dict(calibration["calibration"]), probs, y)
+    conformal = {k: report[k] for k in ("coverage", "class_coverage", "target",
+                                        "accuracy_answered", "ece_before", "ece_after")}
+    conformal["refer_share"] = report["set_refer_share"]
     flat.update({"conformal_coverage": conformal["coverage"],
                  "set_refer_share": conformal["refer_share"],
                  "ece_before": conformal["ece_before"], "ece_after": conformal["ece_after"]})
