@@ -50,25 +50,34 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
-def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def _need_chromium() -> None:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip("Debian chromium is not installed (make setup installs it)")
-    register_tiny_model(mlflow_server.url, NAME, seed=31, image_size=SIZE, champion=True,
-                        profile=True)
-    tmp = tmp_path_factory.mktemp("page")
+
+
+def _serve(tracking_uri: str, name: str, tmp: Path, timeout: float,
+           version: str | None = None) -> Iterator[ServiceProcess]:
+    """One inference service process serving ``name``'s champion, stopped afterwards."""
     svc = ServiceProcess(free_port(), {
-        "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
-        "LEUKOFED_INFERENCE_MODEL_NAME": NAME,
+        "LEUKOFED_INFERENCE_TRACKING_URI": tracking_uri,
+        "LEUKOFED_INFERENCE_MODEL_NAME": name,
         "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache"),
         "LEUKOFED_INFERENCE_THREADS": "1",
     }, tmp / "service.log")
     try:
         svc.start()
-        svc.wait_ready(timeout=180)
+        svc.wait_ready(timeout=timeout, **({"version": version} if version else {}))
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    _need_chromium()
+    register_tiny_model(mlflow_server.url, NAME, seed=31, image_size=SIZE, champion=True,
+                        profile=True)
+    yield from _serve(mlflow_server.url, NAME, tmp_path_factory.mktemp("page"), 180)
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +85,12 @@ def calibrated_service(mlflow_server, tmp_path_factory: pytest.TempPathFactory
                        ) -> Iterator[ServiceProcess]:
     """A tiny ONNX version (no TensorFlow, no export) that ties Benign and Pro-B on any
     smear-like field, with the smear profile, a calibration and a model card."""
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.skip("Debian chromium is not installed (make setup installs it)")
+    _need_chromium()
     tmp = tmp_path_factory.mktemp("page-calibrated")
     onnx = tiny_onnx(SIZE, weights=BENIGN_PRO_WEIGHTS, metadata={
         "calibration": calibration_entry(), "card": card_entry(CALIBRATED_NAME, "1")})
     version = register_onnx_version(mlflow_server.url, CALIBRATED_NAME, onnx, tmp / "cache")
-    svc = ServiceProcess(free_port(), {
-        "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
-        "LEUKOFED_INFERENCE_MODEL_NAME": CALIBRATED_NAME,
-        "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache"),
-        "LEUKOFED_INFERENCE_THREADS": "1",
-    }, tmp / "service.log")
-    try:
-        svc.start()
-        svc.wait_ready(timeout=120, version=version)
-        yield svc
-    finally:
-        svc.stop()
+    yield from _serve(mlflow_server.url, CALIBRATED_NAME, tmp, 120, version)
 
 
 def sample_image(tmp_path: Path) -> Path:
