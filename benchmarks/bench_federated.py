@@ -368,15 +368,17 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def f(v: Any) -> str:
+    """A table cell: three decimals, or "-" when not measured."""
+    return "-" if v is None else f"{float(v):.3f}"
+
+
 def calibration_lines(doc: dict[str, Any]) -> list[str]:
     """Each scenario's final version as a clinician gets it: calibrated, with 95% sets."""
     rows = [r for r in doc["scenarios"] if (r.get("final", {}).get("calibration") or {})
             .get("calibration_temperature") is not None]
     if not rows:
         return []
-
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{float(v):.3f}"
 
     lines = ["## Calibrated answers (final round)", "",
              "Temperature and 95% class-conditional conformal thresholds fitted from the "
@@ -406,9 +408,6 @@ def robustness_lines(doc: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     kinds = ("grayscale", "magnified_2x", "magnified_0.5x", "blank_field", "natural_photo")
-
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{float(v):.3f}"
 
     lines = ["## What the accuracy means (final round)", "",
              "Audit columns as in `docs/benchmarks-central.md` (server test split recoloured to "
