@@ -115,12 +115,6 @@ def central_mean(global_weights: Mapping[str, np.ndarray],
     """The central DP-FedAvg step (module docstring), with optional adaptive clipping."""
     if not updates:
         raise ValueError("no updates")
-    if num_selected < len(updates):
-        raise ValueError("num_selected must count every hospital asked")
-    z = noise_multiplier
-    if adaptive:
-        sigma_b = count_noise if count_noise is not None else num_selected / 20.0
-        z = adaptive_split(noise_multiplier, sigma_b) if noise_multiplier > 0 else 0.0
     total: Weights = {}
     norms = []
     for u in updates:
@@ -128,6 +122,30 @@ def central_mean(global_weights: Mapping[str, np.ndarray],
         norms.append(norm)
         for n, v in d.items():
             total[n] = total.get(n, 0.0) + v
+    fallback = {n: np.asarray(updates[0][n]) for n in global_weights if n not in total}
+    res = noised_mean({**global_weights, **fallback}, total,
+                      sum(norm <= clip_norm for norm in norms), num_selected, clip_norm,
+                      noise_multiplier, rng, adaptive=adaptive, target_quantile=target_quantile,
+                      clip_learning_rate=clip_learning_rate, count_noise=count_noise,
+                      num_updates=len(updates))
+    return CentralResult(res.weights, res.clipped_fraction, norms, res.next_clip_norm)
+
+
+def noised_mean(global_weights: Mapping[str, np.ndarray], total: Mapping[str, np.ndarray],
+                unclipped: float, num_selected: int, clip_norm: float, noise_multiplier: float,
+                rng: np.random.Generator, *, num_updates: int, adaptive: bool = False,
+                target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
+                count_noise: float | None = None) -> CentralResult:
+    """The noised step from the *sum* of clipped deltas and the count of unclipped ones: what
+    ``central_mean`` does after clipping, and all that secure aggregation lets the aggregator
+    see (leukofed.secagg). Tensors not in ``total`` keep the value in ``global_weights``."""
+    if num_updates < 1 or num_selected < num_updates:
+        raise ValueError("num_selected must count every hospital asked, and one answered")
+    z = noise_multiplier
+    sigma_b = 0.0
+    if adaptive:
+        sigma_b = count_noise if count_noise is not None else num_selected / 20.0
+        z = adaptive_split(noise_multiplier, sigma_b) if noise_multiplier > 0 else 0.0
     noise = gaussian_noise(total, z * clip_norm, rng)
     out: Weights = {}
     for n, g in global_weights.items():
@@ -135,15 +153,14 @@ def central_mean(global_weights: Mapping[str, np.ndarray],
         if n in total:
             out[n] = (g.astype(np.float64) + (total[n] + noise[n]) / num_selected).astype(g.dtype)
         else:
-            out[n] = np.asarray(updates[0][n]).copy()
-    unclipped = sum(norm <= clip_norm for norm in norms)
+            out[n] = g.copy()
     next_clip = clip_norm
     if adaptive:
         # geometric update towards the target quantile, from a noised unclipped fraction
         noisy = (unclipped + (rng.normal(0.0, sigma_b) if noise_multiplier > 0 else 0.0)) \
             / num_selected
         next_clip = clip_norm * math.exp(-clip_learning_rate * (noisy - target_quantile))
-    return CentralResult(out, 1.0 - unclipped / len(updates), norms, next_clip)
+    return CentralResult(out, 1.0 - unclipped / num_updates, [], next_clip)
 
 
 # ---------------------------------------------------------------- accounting

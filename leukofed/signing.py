@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
-KINDS = ("update", "task")
+KINDS = ("update", "task", "secagg")  # secagg: the secure-aggregation stages
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -248,6 +248,34 @@ class UpdateVerifier:
 
     def __call__(self, answer: Mapping[str, Any], hospital: str, run: str, round: int) -> None:
         verify_update(self.keys, answer, hospital, run, round, self.nonces)
+
+    def secagg(self, envelope: Any, hospital: str, run: str, round: int, stage: str,
+               body: Mapping[str, Any]) -> None:
+        verify_secagg(self.keys, envelope, hospital, run, round, stage, body, self.nonces)
+
+
+def secagg_digest(stage: str, body: Mapping[str, Any]) -> str:
+    """A secure-aggregation answer's signature covers its stage and every field it carries
+    (public keys, encrypted shares, the masked vector, revealed shares)."""
+    return payload_digest("secagg", stage, dict(body))
+
+
+def sign_secagg(key: Ed25519PrivateKey, hospital: str, run: str, round: int, stage: str,
+                body: Mapping[str, Any]) -> dict[str, Any]:
+    return sign(key, kind="secagg", signer=hospital, run=run, round=round, hospital=hospital,
+                digest=secagg_digest(stage, body), extra={"stage": stage})
+
+
+def verify_secagg(keys: Mapping[str, Ed25519PublicKey], envelope: Any, hospital: str, run: str,
+                  round: int, stage: str, body: Mapping[str, Any],
+                  nonces: NonceCache | None = None) -> None:
+    """Check a secure-aggregation message was signed by ``hospital`` for this run, round and
+    stage, over exactly ``body``."""
+    extra = verify(keys, envelope, kind="secagg", signer=hospital, run=run, round=round,
+                   hospital=hospital, digest=secagg_digest(stage, body), nonces=nonces)
+    if extra.get("stage") != stage:
+        raise SignatureRejected("replay", f"signed for stage {extra.get('stage')!r}, "
+                                f"not {stage!r}")
 
 
 def task_digest(task: str, args: list[Any] | tuple[Any, ...]) -> str:

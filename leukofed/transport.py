@@ -30,6 +30,10 @@ TASK_DESCRIBE = "leukofed.client.describe"
 # BatchNorm statistics of the new global weights over the hospital's training images
 # (aggregate per-channel means and variances, like those every fit update already carries).
 TASK_CALIBRATE = "leukofed.client.calibrate"
+# Secure aggregation's own stages (leukofed.secagg): public keys, encrypted shares, reveal.
+TASK_SECAGG_KEYS = "leukofed.client.secagg_keys"
+TASK_SECAGG_SHARES = "leukofed.client.secagg_shares"
+TASK_SECAGG_REVEAL = "leukofed.client.secagg_reveal"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600  # longer than any local training we run
 ACCEPTED_CONTENT = ["msgpack", "json"]
@@ -202,6 +206,8 @@ ROUND_CONFIG_DEFAULTS: dict[str, object] = {
     "dp_mode": "",
     "dp_clip_norm": 0.0,
     "dp_noise_multiplier": 0.0,
+    # secure aggregation (leukofed.secagg): session, stage inputs; None: plain answers
+    "secure": None,
 }
 
 

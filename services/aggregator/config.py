@@ -44,6 +44,25 @@ class PrivacyConfig(BaseModel):
         return self
 
 
+class SecureAggregationConfig(BaseModel):
+    """Secure aggregation (leukofed.secagg): the aggregator learns only the sum of the
+    hospitals' updates. ``"on"`` in a run config means these defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(0.6, gt=0.5, le=1.0, description="share of a hospital's "
+                             "neighbours needed to rebuild its secrets when unmasking (one "
+                             "of 3 neighbours may drop out at 0.6)")
+    neighbours: int = Field(0, ge=0, le=10_000, description="neighbours per hospital "
+                            "(SecAgg+); 0: automatic, everyone up to 10 hospitals, then "
+                            "2*ceil(log2 n)+2")
+    bits: Literal[16, 24, 32] = Field(24, description="width of the masked vector's numbers")
+    update_range: float = Field(1.0, gt=0, le=1e6, description="bound of one coordinate of "
+                                "a weight update; each hospital clips to it before masking")
+    stage_deadline_s: float = Field(60.0, gt=0, le=24 * 3600, description="deadline of the "
+                                    "key, share and reveal stages")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -95,6 +114,21 @@ class RunConfig(BaseModel):
     server_test_manifest: str | None = None
     register_models: bool = True
     privacy: PrivacyConfig | None = Field(None, description="differential privacy; off if null")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="'on' (defaults), 'off' (null) or its parameters: the aggregator "
+        "sees only the sum of the updates (docs/security.md)")
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() in ("on", "true"):
+                return {}
+            if value.strip().lower() in ("off", "false"):
+                return None
+            raise ValueError(f"secure_aggregation is 'on', 'off' or its parameters, "
+                             f"not {value!r}")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -147,10 +181,31 @@ class RunConfig(BaseModel):
         if self.bn_calibration == "on" and self.privacy is not None:
             raise ValueError("bn_calibration 'on' would release statistics outside the "
                              "privacy accounting; use norm 'group' with differential privacy")
+        if self.secure_aggregation is not None:
+            self._check_secure()
         if self.hospitals is not None and self.min_fit_clients > len(self.hospitals):
             raise ValueError(f"min_fit_clients={self.min_fit_clients} exceeds the "
                              f"{len(self.hospitals)} hospitals listed")
         return self
+
+    def _check_secure(self) -> None:
+        """What secure aggregation rules out, refused here with the reason."""
+        if STRATEGIES[self.strategy.strip().lower()].robust:
+            raise ValueError(f"strategy {self.strategy!r} needs every hospital's update, and "
+                             "secure aggregation gives the aggregator only their sum; use "
+                             "fedavg, fedprox or a server optimizer (each hospital clips its "
+                             "update to secure_aggregation.update_range instead of the "
+                             "per-update norm check)")
+        if self.fp16:
+            raise ValueError("fp16 does not apply under secure aggregation: "
+                             "secure_aggregation.bits sets the width of what is sent")
+        if self.privacy is not None and self.privacy.mode == "local":
+            raise ValueError("privacy mode 'local' with secure aggregation adds every "
+                             "hospital's noise to the sum; use mode 'central', whose noise "
+                             "goes onto the unmasked sum")
+        if self.min_fit_clients < 2:
+            raise ValueError("secure aggregation needs min_fit_clients >= 2: the sum of one "
+                             "hospital's update is that update")
 
     def calibrates_batchnorm(self) -> bool:
         """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""

@@ -35,6 +35,7 @@ from services.aggregator.logic import (
     server_test_report,
     training_class_counts,
 )
+from services.aggregator.secure import SecureAborted
 from services.aggregator.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,15 @@ class FederatedRun:
             self.event(f"round {server_round} attempt {attempt}: fit on {selected}",
                        round=server_round)
             fit_start = self.clock()
+            if cfg.secure_aggregation is not None:
+                try:
+                    secure = self._secure_fit(cfg, server_round, selected, blob, config,
+                                              weights, strategy.bn_stat_names)
+                except SecureAborted as exc:
+                    return self._abort_round(cfg, server_round, weights, strategy, rng, str(exc))
+                accepted, answers, failures, rejected = secure[0], secure[1], secure[2], {}
+                fit_wall = self.clock() - fit_start
+                break
             handles = {h: self.dispatcher.submit(h, TASK_FIT, [blob, config], deadline)
                        for h in selected}
             answers, failures = self._collect(server_round, TASK_FIT, handles, deadline,
@@ -305,20 +315,26 @@ class FederatedRun:
         else:
             raise RunFailed(f"round {server_round}: quorum not reached after "
                             f"{cfg.max_round_retries + 1} attempts: {last_reason}")
-        private, dp_summary = self._privatize(cfg, weights, accepted, selected)
+        if cfg.secure_aggregation is not None:  # noise (if any) went onto the sum already
+            private, dp_summary, participants = accepted, secure[3], secure[4]["participants"]
+        else:
+            private, dp_summary = self._privatize(cfg, weights, accepted, selected)
+            participants = {r.hospital: r.num_examples for r in accepted}
         new_weights = strategy.aggregate(weights, private, server_round)
         calibration = None
         if cfg.calibrates_batchnorm() and strategy.bn_stat_names:
             new_weights, calibration = self._calibrate(
-                cfg, server_round, new_weights, sorted(r.hospital for r in accepted),
+                cfg, server_round, new_weights, sorted(participants),
                 strategy.bn_stat_names, robust=strategy.robust)
         eval_start = self.clock()
         evaluations = self._evaluate(cfg, server_round, new_weights, sorted(answers))
         eval_wall = self.clock() - eval_start
-        summary = self._summary(cfg, server_round, attempt, selected, answers, accepted,
+        summary = self._summary(cfg, server_round, attempt, selected, answers, participants,
                                 rejected, failures, evaluations, new_weights)
-        slowest = max((float(answers[r.hospital].get("timings", {}).get("total_s", 0.0))
-                       for r in accepted), default=0.0)
+        slowest = max((float(answers[h].get("timings", {}).get("total_s", 0.0))
+                       for h in participants), default=0.0)
+        if cfg.secure_aggregation is not None:
+            summary["secure_aggregation"] = secure[4]
         if calibration is not None:
             summary["bn_calibration"] = calibration
         if dp_summary is not None:
@@ -337,6 +353,76 @@ class FederatedRun:
             if k.endswith(("accuracy", "macro_f1"))), round=server_round)
         self._track(cfg, summary, new_weights)
         return new_weights
+
+    def _secure_fit(self, cfg: RunConfig, server_round: int, selected: list[str], blob: bytes,
+                    config: dict[str, Any], weights: Weights, bn_names: frozenset[str]
+                    ) -> tuple[list[ClientResult], dict[str, dict[str, Any]], dict[str, str],
+                               dict[str, Any] | None, dict[str, Any]]:
+        """Fit under secure aggregation (services.aggregator.secure): the aggregator gets the
+        weighted sum of the deltas and the total weight, and builds the mean update from
+        them. With central DP, each hospital clipped its delta (weight 1) and the noise goes
+        onto the sum before anything else sees it. Returns (one "secure-sum" result,
+        answers without vectors, failures, privacy summary, secure summary)."""
+        from leukofed.secagg import VectorSpec
+        from services.aggregator.secure import SecureGather, update_ranges
+
+        assert cfg.secure_aggregation is not None
+        floats = {n: w for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)}
+        dp = cfg.privacy is not None and cfg.privacy.mode == "central"
+        ranges = update_ranges(floats, bn_names, cfg.secure_aggregation.update_range)
+        clip = self._clip_norm(cfg) if dp else 0.0
+        if dp:  # a clipped delta has no coordinate beyond the clip norm
+            ranges = {n: min(r, clip) for n, r in ranges.items()}
+        spec = VectorSpec(tuple(ranges), tuple(ranges.values()),
+                          ("count", "unclipped") if dp else ("count",))
+        gather = SecureGather(self, cfg, server_round, "fit")
+        result = gather.gather(selected, TASK_FIT, blob, config, floats, spec,
+                               cfg.min_fit_clients,
+                               extra_secure={"dp_clip_norm": clip} if dp else None)
+        info = result.summary
+        # Per hospital only its declared count is known (its cap), never what it weighed.
+        info["participants"] = dict(info["caps"])
+        total = result.extras["count"]
+        dp_summary = None
+        if dp:
+            from leukofed.privacy import noised_mean
+
+            assert cfg.privacy is not None
+            p = cfg.privacy
+            res = noised_mean(weights, result.sums, result.extras["unclipped"], len(selected),
+                              clip, p.noise_multiplier, np.random.default_rng(),
+                              adaptive=p.adaptive_clipping, target_quantile=p.target_quantile,
+                              clip_learning_rate=p.clip_learning_rate, count_noise=p.count_noise,
+                              num_updates=len(result.answers))
+            mean = res.weights
+            dp_summary = {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
+                          "delta": p.delta, "clip_norm": clip,
+                          "next_clip_norm": res.next_clip_norm,
+                          "clipped_fraction": res.clipped_fraction,
+                          "sampling_rate": dp_sampling_rate(cfg)}
+        else:
+            mean = {n: ((w.astype(np.float64) + result.sums[n] / total).astype(w.dtype)
+                        if n in result.sums else w.copy()) for n, w in weights.items()}
+        info["total_weight"] = total
+        self.event(f"round {server_round}: secure sum of {sorted(result.answers)} "
+                   f"({info['protocol']}, {info['bits']}-bit, {info['neighbours']} neighbours; "
+                   f"dropped after sharing: {info['dropped_after_shares'] or 'none'})",
+                   round=server_round)
+        accepted = [ClientResult("secure-sum", mean, max(1, int(round(total))))]
+        return accepted, result.answers, result.failures, dp_summary, info
+
+    def _abort_round(self, cfg: RunConfig, server_round: int, weights: Weights,
+                     strategy: Strategy, rng: np.random.Generator, reason: str) -> Weights:
+        """A round that cannot complete securely: logged, no model registered, the global
+        model unchanged, and the run goes on with the next round."""
+        self.event(f"round {server_round} aborted: {reason}", round=server_round)
+        self.record.setdefault("aborted_rounds", []).append({"round": server_round,
+                                                             "reason": reason})
+        self.store.write_checkpoint(self.record, server_round, weights, strategy.state(),
+                                    rng.bit_generator.state)
+        self.record["registered_round"] = server_round
+        self.store.save(self.record)
+        return weights
 
     def _select(self, cfg: RunConfig, rng: np.random.Generator, deadline: float) -> list[str]:
         """Hospitals for this attempt; with none known yet, wait for some up to the deadline
@@ -450,10 +536,12 @@ class FederatedRun:
         Statistics that fail a check are rejected with a logged reason; with none usable the
         averaged statistics stay and the round goes on."""
         start = self.clock()
+        current = {n: weights[n] for n in sorted(bn_names)}
+        if cfg.secure_aggregation is not None:
+            return self._secure_calibrate(cfg, server_round, weights, hospitals, current, start)
         answers, failures = self._ask(cfg, server_round, TASK_CALIBRATE, weights, hospitals,
                                       bn_mode="average",
                                       calibration_images=cfg.calibration_images)
-        current = {n: weights[n] for n in sorted(bn_names)}
         usable, rejected = self._checked(
             server_round, answers,
             lambda measured: validate_batchnorm_stats(current, measured,
@@ -475,16 +563,49 @@ class FederatedRun:
         out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
         return out, summary
 
+    def _secure_calibrate(self, cfg: RunConfig, server_round: int, weights: Weights,
+                          hospitals: list[str], current: Weights, start: float
+                          ) -> tuple[Weights, dict[str, Any]]:
+        """BatchNorm calibration as a secure sum of first and second moments weighted by
+        image counts: exact pooling, and no hospital's statistics seen on their own. An
+        aborted sum keeps the averaged statistics, like a calibration nobody answered."""
+        from leukofed.secagg import VectorSpec, bn_from_moments
+        from services.aggregator.secure import SecureGather, moment_ranges
+
+        ranges = moment_ranges(current)
+        spec = VectorSpec(tuple(ranges), tuple(ranges.values()))
+        config = self._task_config(cfg, server_round, bn_mode="average",
+                                   calibration_images=cfg.calibration_images)
+        try:
+            result = SecureGather(self, cfg, server_round, "calibrate").gather(
+                hospitals, TASK_CALIBRATE, encode_weights(weights), config, current, spec, 2)
+        except SecureAborted as exc:
+            self.event(f"round {server_round}: {exc}; the averaged BatchNorm statistics stay",
+                       round=server_round)
+            return weights, {"pooling": "secure", "aborted": str(exc),
+                             "seconds": self.clock() - start}
+        count = result.extras["count"]
+        pooled = bn_from_moments({n: v / count for n, v in result.sums.items()})
+        out = dict(weights)
+        out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
+        return out, {"hospitals": result.summary["caps"], "failed": result.failures,
+                     "pooling": "secure", "secure_aggregation": result.summary,
+                     "seconds": self.clock() - start}
+
+    def _task_config(self, cfg: RunConfig, server_round: int, **config: Any) -> dict[str, Any]:
+        return {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
+                "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
+                "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
+                "jit_compile": cfg.jit_compile,
+                "deadline": self.clock() + cfg.round_deadline_s, **config}
+
     def _ask(self, cfg: RunConfig, server_round: int, task: str, weights: Weights,
              hospitals: list[str], **config: Any
              ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Send ``task`` with these global weights to every hospital and wait for them all or
         the round deadline, with no quorum: evaluation and calibration use whoever answers."""
-        deadline = self.clock() + cfg.round_deadline_s
-        config = {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
-                  "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-                  "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
-                  "jit_compile": cfg.jit_compile, "deadline": deadline, **config}
+        config = self._task_config(cfg, server_round, **config)
+        deadline = float(config["deadline"])
         blob = encode_weights(weights)
         handles = {h: self.dispatcher.submit(h, task, [blob, config], deadline)
                    for h in hospitals}
@@ -499,12 +620,12 @@ class FederatedRun:
         return answers
 
     def _summary(self, cfg: RunConfig, server_round: int, attempt: int, selected: list[str],
-                 answers: dict[str, dict[str, Any]], accepted: list[ClientResult],
+                 answers: dict[str, dict[str, Any]], participants: dict[str, int],
                  rejected: dict[str, str], failures: dict[str, str],
                  evaluations: dict[str, dict[str, Any]], weights: Weights) -> dict[str, Any]:
         pooled, matrices = combine_evaluations(evaluations)
         global_metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
-        used = {r.hospital for r in accepted}
+        used = set(participants)
         profile, stain_targets, skipped = pool_training_profiles(answers, used)
         for hospital, reason in skipped.items():
             self.event(f"round {server_round}: {hospital} left out of the acquisition "
@@ -529,7 +650,7 @@ class FederatedRun:
             "calibration": calibration, "server_conformal": conformal,
             "class_counts": training_class_counts(answers, used),
             "round": server_round, "attempt": attempt, "selected": selected,
-            "participants": {r.hospital: r.num_examples for r in accepted},
+            "participants": dict(participants),
             "rejected": rejected, "failed": failures,
             "global": global_metrics, "confusion": matrices,
             "hospitals": {h: hospital_metrics(answers.get(h) if h in used else None,

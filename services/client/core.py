@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from leukofed import signing
+from leukofed import secagg, signing
 from leukofed.calibration import calibration_sums
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
@@ -26,10 +26,14 @@ from leukofed.transport import (
     TASK_DESCRIBE,
     TASK_EVALUATE,
     TASK_FIT,
+    TASK_SECAGG_KEYS,
+    TASK_SECAGG_REVEAL,
+    TASK_SECAGG_SHARES,
     round_config,
 )
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
+from services.client.secure import SecureSessions
 from services.client.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,9 @@ class HospitalClient:
         self._aggregator_key = (signing.load_public_key(settings.aggregator_public_key_file)
                                 if settings.aggregator_public_key_file else None)
         self._task_nonces = signing.NonceCache()
+        peers = (signing.load_public_keys(settings.peer_public_keys_dir)
+                 if settings.peer_public_keys_dir else {})
+        self.secure = SecureSessions(self.hospital, self._signing_key, peers)
         self._previous_answer: dict[str, Any] | None = None  # for the "replay" drill only
         # A simulated laboratory (leukofed.labs): read now, so a bad file fails at start.
         self.acquisition = settings.acquisition()
@@ -221,6 +228,15 @@ class HospitalClient:
             # ever sees this hospital's exact update. OS entropy, never a known seed.
             weights = privatize_local(decode_weights(blob), weights, float(cfg["dp_clip_norm"]),
                                       float(cfg["dp_noise_multiplier"]), np.random.default_rng())
+        extra = {
+            "metrics": {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
+            "class_counts": _counts(y), "dataset_fingerprint": self.dataset()[0].fingerprint,
+            **(self.training_profile(int(cfg["image_size"])) if cfg["send_profile"] else {}),
+        }
+        if cfg["secure"] is not None:
+            return self._secure_fit(cfg, decode_weights(blob), weights, len(x), extra,
+                                    {"load_s": loaded - start,
+                                     "train_s": float(stats["train_seconds"])}, start)
         out = encode_weights(weights, fp16=bool(cfg["fp16"]))
         digest = hashlib.sha256(out).hexdigest()
         done = time.perf_counter()
@@ -230,13 +246,39 @@ class HospitalClient:
         answer = _status(
             "ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"], weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
-            metrics={"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
-                     "encode_s": done - trained, "total_s": done - start},
-            class_counts=_counts(y), dataset_fingerprint=self.dataset()[0].fingerprint,
-            **(self.training_profile(int(cfg["image_size"])) if cfg["send_profile"] else {}),
-        )
+                     "encode_s": done - trained, "total_s": done - start}, **extra)
         return self._sign_answer(answer, cfg)
+
+    def _secure_fit(self, cfg: dict[str, Any], global_weights: dict[str, np.ndarray],
+                    weights: dict[str, np.ndarray], n: int, extra: dict[str, Any],
+                    timings: dict[str, float], start: float) -> dict[str, Any]:
+        """The update as a masked vector (leukofed.secagg): n * (local - global), and n. With
+        central differential privacy: the delta clipped to the clip norm, weight 1."""
+        from leukofed.privacy import clipped_delta
+
+        secure = cfg["secure"]
+        try:
+            if secure.get("dp_clip_norm"):
+                clip = float(secure["dp_clip_norm"])
+                delta, norm = clipped_delta(global_weights, weights, clip)
+                answer = self.secure.masked(cfg, global_weights, delta, 1.0,
+                                            {"count": 1.0, "unclipped": float(norm <= clip)})
+            else:
+                delta = {k: np.asarray(weights[k], np.float64) - global_weights[k]
+                         for k in global_weights if k in weights}
+                answer = self.secure.masked(cfg, global_weights, delta, float(n),
+                                            {"count": 1.0})
+        except secagg.SecAggError as exc:
+            return self._error("fit", cfg, f"secure aggregation: {exc.reason}: {exc.message}")
+        done = time.perf_counter()
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
+                                  status="ok", bytes=len(answer["masked"]), secure=True,
+                                  num_examples=int(n))
+        answer.update(extra, bytes=len(answer["masked"]),
+                      timings={**timings, "encode_s": done - start - sum(timings.values()),
+                               "total_s": done - start})
+        return answer
 
     def training_profile(self, image_size: int) -> dict[str, Any]:
         """What this hospital's training images look like, as aggregate numbers only: the
@@ -296,6 +338,19 @@ class HospitalClient:
             return self._error("calibrate", cfg, "no training images or no BatchNorm layer")
         recalibrate_batchnorm(trainer.model, x, max_images=used)
         weights = weights_from_model(trainer.model)
+        if cfg["secure"] is not None:
+            stats = {n: weights[n] for n in sorted(self._bn_names)}
+            try:  # first and second moments, weighted by the images used: they sum exactly
+                answer = self.secure.masked(cfg, stats, secagg.bn_moments(stats), float(used),
+                                            {"count": 1.0})
+            except secagg.SecAggError as exc:
+                return self._error("calibrate", cfg,
+                                   f"secure aggregation: {exc.reason}: {exc.message}")
+            self.participation.append(run=cfg["run_id"], round=cfg["round"], task="calibrate",
+                                      status="ok", bytes=len(answer["masked"]), secure=True,
+                                      num_examples=used)
+            answer["seconds"] = time.perf_counter() - start
+            return answer
         out = encode_weights({n: weights[n] for n in sorted(self._bn_names)})
         digest = hashlib.sha256(out).hexdigest()
         self.participation.append(run=cfg["run_id"], round=cfg["round"], task="calibrate",
@@ -318,6 +373,33 @@ class HospitalClient:
                                      for n in ("train", "val", "test")},
                        dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
                        paused=self.pause_switch.paused)
+
+    def secure_stage(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
+                     ) -> dict[str, Any]:
+        """A secure-aggregation stage of its own: keys, shares or reveal (services.client.
+        secure). Signed and gated like every task; a protocol error is an error answer with
+        its reason, never an exception on the worker."""
+        cfg = round_config(config)
+        short = task.rsplit(".", 1)[-1]
+        declined = self.check_task(task, [blob, config], auth, cfg) or self._gate(short, cfg)
+        if declined:
+            return declined
+        try:
+            if task == TASK_SECAGG_KEYS:
+                train = len(self.dataset()[1]["train"])
+                purpose = (cfg["secure"] or {}).get("purpose")
+                cap = train if purpose == "fit" else min(train, int(cfg["calibration_images"]))
+                return self.secure.keys(cfg, cap)
+            if task == TASK_SECAGG_SHARES:
+                return self.secure.shares(cfg)
+            if task == TASK_SECAGG_REVEAL:
+                return self.secure.reveal(cfg)
+        except secagg.SecAggError as exc:
+            log.warning("%s round %s refused: %s (%s)", short, cfg["round"], exc.reason,
+                        exc.message)
+            return _status("error", self.hospital, reason=f"{exc.reason}: {exc.message}",
+                           round=cfg["round"], run_id=cfg["run_id"])
+        return self._error(short, cfg, f"unknown secure-aggregation task {task!r}")
 
     # ------------------------------------------------------------ helpers
 

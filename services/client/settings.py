@@ -56,6 +56,9 @@ class ClientSettings(BaseSettings):
     signing_key_file: Path | None = Field(None, description="this hospital's <id>.key")
     aggregator_public_key_file: Path | None = Field(
         None, description="aggregator.pub; when set, unsigned or forged tasks are refused")
+    peer_public_keys_dir: Path | None = Field(
+        None, description="the other hospitals' <id>.pub: with it, secure aggregation checks "
+        "that each neighbour's relayed keys are signed by that neighbour")
     task_max_age_s: float = Field(
         7 * 24 * 3600.0, description="a signed task older than this is refused as expired")
     # Fault injection for tests and drills only: makes this hospital send a bad update

@@ -20,6 +20,9 @@ from leukofed.transport import (
     TASK_DESCRIBE,
     TASK_EVALUATE,
     TASK_FIT,
+    TASK_SECAGG_KEYS,
+    TASK_SECAGG_REVEAL,
+    TASK_SECAGG_SHARES,
     make_celery,
     queue_name,
 )
@@ -53,6 +56,15 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
     @app.task(name=TASK_CALIBRATE)
     def calibrate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         return client().calibrate(blob, config, auth)
+
+    def secure_stage(task: str) -> Any:
+        # blob: empty; the arguments keep the (blob, config) shape the task signature binds
+        def run(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+            return client().secure_stage(task, blob, config, auth)
+        return app.task(name=task)(run)
+
+    for task in (TASK_SECAGG_KEYS, TASK_SECAGG_SHARES, TASK_SECAGG_REVEAL):
+        secure_stage(task)
 
     @app.task(name=TASK_DESCRIBE)
     def describe(auth: Any = None) -> dict[str, Any]:

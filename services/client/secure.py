@@ -1,0 +1,147 @@
+"""One hospital's side of secure aggregation (leukofed.secagg) over the Celery tasks.
+
+The hospital's secrets for a session (its two X25519 private keys and its self-mask seed)
+live only in this worker's memory: never on disk, never on the broker. A worker that
+restarts mid-round has lost them and counts as dropped, which the protocol survives.
+
+Each answer is signed (kind ``secagg``, bound to run, round and stage). With
+``peer_public_keys_dir`` set, a hospital also checks that each neighbour's relayed public
+keys carry that neighbour's signature, so an aggregator cannot slip in keys of its own
+(without it, secure aggregation holds against an aggregator that follows the protocol but
+reads everything it sees: docs/security.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from leukofed import secagg, signing
+
+log = logging.getLogger(__name__)
+KEEP_SESSIONS = 8  # the fit and calibrate sessions of a few rounds; older ones are forgotten
+
+
+def session_of(cfg: Mapping[str, Any]) -> secagg.Session:
+    """The session a task belongs to, from its round config's ``secure`` entry."""
+    secure = cfg.get("secure")
+    if not isinstance(secure, Mapping):
+        raise secagg.SecAggError("schema", "no secure-aggregation parameters in the task")
+    try:
+        session = secagg.Session(run=str(cfg["run_id"]), round=int(cfg["round"]),
+                                 purpose=str(secure["purpose"]), bits=int(secure["bits"]),
+                                 neighbours=int(secure["neighbours"]),
+                                 threshold_fraction=float(secure["threshold_fraction"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise secagg.SecAggError("schema", f"malformed secure parameters: {exc}") from exc
+    if session.purpose not in ("fit", "calibrate") or session.bits not in secagg.BITS:
+        raise secagg.SecAggError("schema", f"purpose {session.purpose!r} or bits "
+                                 f"{session.bits} not supported")
+    secagg.threshold_for(2, session.threshold_fraction)  # validates the fraction
+    return session
+
+
+class SecureSessions:
+    def __init__(self, hospital: str, signing_key: Any = None,
+                 peer_keys: Mapping[str, Any] | None = None) -> None:
+        self.hospital = hospital
+        self.signing_key = signing_key
+        self.peer_keys = dict(peer_keys or {})
+        self._parties: OrderedDict[secagg.Session, secagg.SecAggHospital] = OrderedDict()
+
+    def _party(self, session: secagg.Session, create: bool = False) -> secagg.SecAggHospital:
+        party = self._parties.get(session)
+        if party is None:
+            if not create:
+                raise secagg.SecAggError("out_of_order", "no keys for this session here "
+                                         "(a restarted worker, or a stage out of order)")
+            party = self._parties[session] = secagg.SecAggHospital(self.hospital, session)
+            while len(self._parties) > KEEP_SESSIONS:
+                self._parties.popitem(last=False)
+        return party
+
+    def _signed(self, session: secagg.Session, stage: str, body: dict[str, Any]
+                ) -> dict[str, Any]:
+        answer = {"status": "ok", "hospital": self.hospital, "run_id": session.run,
+                  "round": session.round, "stage": stage, **body}
+        if self.signing_key is not None:
+            answer["signature"] = signing.sign_secagg(self.signing_key, self.hospital,
+                                                      session.run, session.round, stage, body)
+        return answer
+
+    # ---- the three stages of their own
+    def keys(self, cfg: Mapping[str, Any], cap: int) -> dict[str, Any]:
+        session = session_of(cfg)
+        adverts = self._party(session, create=True).advertise()
+        return self._signed(session, "keys", {"purpose": session.purpose, **adverts,
+                                              "cap": int(cap)})
+
+    def shares(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        session = session_of(cfg)
+        adverts = cfg["secure"].get("adverts")
+        if not isinstance(adverts, Mapping):
+            raise secagg.SecAggError("schema", "no neighbour keys in the task")
+        plain = {}
+        for peer, advert in adverts.items():
+            if not isinstance(advert, Mapping):
+                raise secagg.SecAggError("schema", f"malformed keys of {peer!r}")
+            body = {"purpose": session.purpose, "c_pk": advert.get("c_pk"),
+                    "s_pk": advert.get("s_pk"), "cap": advert.get("cap")}
+            if self.peer_keys and peer != self.hospital:
+                try:
+                    signing.verify_secagg(self.peer_keys, advert.get("signature"), str(peer),
+                                          session.run, session.round, "keys", body)
+                except signing.SignatureRejected as exc:
+                    raise secagg.SecAggError("forged", f"the keys relayed for {peer} are not "
+                                             f"signed by {peer}: {exc.message}") from exc
+            plain[str(peer)] = {"c_pk": body["c_pk"], "s_pk": body["s_pk"]}
+        ciphertexts = self._party(session).share(plain)
+        return self._signed(session, "shares", {"purpose": session.purpose,
+                                                "ciphertexts": ciphertexts})
+
+    def reveal(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        session = session_of(cfg)
+        secure = cfg["secure"]
+        survivors, dropped = secure.get("survivors"), secure.get("dropped")
+        if not isinstance(survivors, list) or not isinstance(dropped, list):
+            raise secagg.SecAggError("schema", "survivors and dropped must be lists")
+        reveals = self._party(session).reveal([str(h) for h in survivors],
+                                              [str(h) for h in dropped])
+        log.info("secure aggregation %s round %s: revealed %d self-mask and %d key shares",
+                 session.purpose, session.round,
+                 sum(k == "b" for k, _, _ in reveals.values()),
+                 sum(k == "s" for k, _, _ in reveals.values()))
+        return self._signed(session, "reveal", {"purpose": session.purpose,
+                                                "reveals": reveals})
+
+    # ---- the masked vector, made inside the fit or calibrate task
+    def masked(self, cfg: Mapping[str, Any], like: Mapping[str, np.ndarray],
+               tensors: Mapping[str, np.ndarray], weight: float, extras: Mapping[str, float]
+               ) -> dict[str, Any]:
+        """The signed answer fields of a masked vector: ``weight * tensors`` (clipped to the
+        spec's ranges) plus the extras, quantised and masked."""
+        session = session_of(cfg)
+        secure = cfg["secure"]
+        spec = secagg.VectorSpec.from_dict(secure.get("spec"))
+        cap, total = secure.get("cap"), secure.get("total_weight")
+        received = secure.get("received")
+        if not isinstance(received, Mapping) or not all(isinstance(v, bytes)
+                                                        for v in received.values()):
+            raise secagg.SecAggError("schema", "received shares must be bytes")
+        if not isinstance(cap, int | float) or not isinstance(total, int | float) \
+                or not 0 < cap <= total:
+            raise secagg.SecAggError("schema", f"cap {cap!r} / total weight {total!r} unusable")
+        w = min(float(weight), float(cap))  # never more than declared: the sum cannot wrap
+        vector = spec.flatten(tensors, extras)
+        q, clipped = secagg.quantise(vector, spec.coordinate_ranges(like), w, float(total),
+                                     session.bits)
+        masked = self._party(session).masked_input(q, received)
+        body = {"purpose": session.purpose, "masked": secagg.pack(masked, session.bits),
+                "coords": int(len(q))}
+        signed = self._signed(session, "masked", body)
+        signed["clipped_coordinates"] = clipped
+        return signed

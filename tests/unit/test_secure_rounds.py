@@ -1,0 +1,130 @@
+"""The round loop under secure aggregation, against fakes that run each hospital's real
+secure-aggregation side (services.client.secure) in-process: the aggregator's stages, the
+weighted mean from the sum, drop-outs, an aborted round, and what secure aggregation refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from test_round_loop import Clock, FakeDispatcher, FakeTracker, make_run
+
+from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
+from leukofed.wire import decode_weights
+from services.aggregator.config import RunConfig
+from services.client.secure import SecureSessions
+
+
+def secure_hospital(delta: float, n: int, die_at: str | None = None):
+    """A hospital adding ``delta`` to every weight, with ``n`` examples, that stops answering
+    at stage ``die_at`` ("keys", "shares", "fit", "reveal")."""
+    sessions: dict[str, SecureSessions] = {}
+
+    def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any] | None:
+        s = sessions.setdefault(hospital, SecureSessions(hospital))
+        cfg = args[1]
+        stage = {TASK_SECAGG_KEYS: "keys", TASK_SECAGG_SHARES: "shares",
+                 TASK_SECAGG_REVEAL: "reveal"}.get(task, task.rsplit(".", 1)[-1])
+        if stage == die_at:
+            return {"status": "error", "hospital": hospital, "reason": "worker died"}
+        if stage == "keys":
+            return s.keys(cfg, n)
+        if stage == "shares":
+            return s.shares(cfg)
+        if stage == "reveal":
+            return s.reveal(cfg)
+        weights = decode_weights(args[0])
+        if stage == "evaluate":
+            cm = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+            return {"status": "ok", "hospital": hospital, "splits": {
+                "test": {"n": 4, "loss": 0.5, "accuracy": 1.0, "confusion_matrix": cm}}}
+        assert stage == "fit" and cfg["secure"] is not None, "plain fit under secure mode"
+        delta_t = {k: np.full(v.shape, delta) for k, v in weights.items()}
+        out = s.masked(cfg, weights, delta_t, float(n), {"count": 1.0})
+        out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
+        return out
+    return answer
+
+
+def run_secure(tmp_path, behaviours, **config):
+    clock = Clock()
+    tracker = FakeTracker()
+    d = FakeDispatcher(clock, behaviours, live=set(behaviours))
+    run = make_run(tmp_path, d, clock, tracker, **{
+        "hospitals": sorted(behaviours), "min_fit_clients": 2,
+        "secure_aggregation": "on", **config})
+    return run, run.execute(), d, tracker
+
+
+def test_secure_round_gives_the_weighted_mean(tmp_path) -> None:
+    run, rec, d, tracker = run_secure(tmp_path, {
+        "a": secure_hospital(0.1, 10), "b": secure_hospital(0.3, 30),
+        "c": secure_hospital(-0.2, 20), "d": secure_hospital(0.05, 40)}, rounds=1)
+    assert rec["status"] == "completed", rec["reason"]
+    weights, _ = run.store.read_checkpoint(rec)
+    expected = (0.1 * 10 + 0.3 * 30 - 0.2 * 20 + 0.05 * 40) / 100
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), expected), atol=1e-5)
+    # BatchNorm statistics move by their own scale: a wider range, averaged the same way.
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 1 + expected), atol=1e-5)
+    summary = rec["rounds"][0]
+    assert summary["secure_aggregation"]["answered"]["reveal"] == ["a", "b", "c", "d"]
+    assert summary["secure_aggregation"]["total_weight"] == pytest.approx(100, abs=1e-3)
+    # Nothing the fit task sent back carried a plain weight tensor.
+    fits = [args for h, task, args in d.sent if task.endswith(".fit")]
+    assert fits and all(a["secure"]["received"] for a in fits)
+    assert tracker.registry, "the version is registered"
+
+
+@pytest.mark.parametrize("die_at", ["fit", "reveal"])
+def test_a_hospital_dropping_out_is_survived(tmp_path, die_at) -> None:
+    run, rec, _, _ = run_secure(tmp_path, {
+        "a": secure_hospital(0.1, 10), "b": secure_hospital(0.3, 30),
+        "c": secure_hospital(-0.2, 20, die_at=die_at), "d": secure_hospital(0.05, 40)},
+        rounds=1)
+    assert rec["status"] == "completed", rec["reason"]
+    weights, _ = run.store.read_checkpoint(rec)
+    # c dropped before its vector (fit): its masks are rebuilt from shares and it is not in
+    # the mean; c sent its vector and then died (reveal): its update counts.
+    if die_at == "fit":
+        expected = (0.1 * 10 + 0.3 * 30 + 0.05 * 40) / 80
+    else:
+        expected = (0.1 * 10 + 0.3 * 30 - 0.2 * 20 + 0.05 * 40) / 100
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), expected), atol=1e-5)
+
+
+def test_each_hospital_clips_to_the_update_range_before_masking(tmp_path) -> None:
+    run, rec, _, _ = run_secure(tmp_path, {
+        "a": secure_hospital(5.0, 10), "b": secure_hospital(0.5, 10)}, rounds=1,
+        secure_aggregation={"update_range": 1.0})
+    weights, _ = run.store.read_checkpoint(rec)
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), 0.75), atol=1e-5)
+    assert rec["rounds"][0]["secure_aggregation"]["clipped_coordinates"] == {"a": 4, "b": 0}
+
+
+def test_too_few_survivors_abort_the_round_and_the_run_goes_on(tmp_path) -> None:
+    dying = {"a": secure_hospital(1.0, 10), "b": secure_hospital(3.0, 30, die_at="fit"),
+             "c": secure_hospital(2.0, 20, die_at="fit")}
+    run, rec, _, tracker = run_secure(tmp_path, dying, rounds=2)
+    assert rec["status"] == "completed", rec["reason"]
+    assert [a["round"] for a in rec["aborted_rounds"]] == [1, 2]
+    assert "1 hospitals sent a masked vector" in rec["aborted_rounds"][0]["reason"]
+    assert not tracker.registry, "no model is registered for an aborted round"
+    weights, _ = run.store.read_checkpoint(rec)
+    np.testing.assert_array_equal(weights["dense/kernel"], np.zeros((2, 2)))
+
+
+def test_what_secure_aggregation_rules_out_is_refused_with_the_reason() -> None:
+    base = {"hospitals": ["a", "b"], "min_fit_clients": 2, "secure_aggregation": "on"}
+    with pytest.raises(ValidationError, match="needs every hospital's update"):
+        RunConfig(**base, strategy="fedmedian")
+    with pytest.raises(ValidationError, match="fp16 does not apply"):
+        RunConfig(**base, fp16=True)
+    with pytest.raises(ValidationError, match="min_fit_clients >= 2"):
+        RunConfig(**{**base, "min_fit_clients": 1})
+    with pytest.raises(ValidationError, match="'on', 'off'"):
+        RunConfig(**{**base, "secure_aggregation": "maybe"})
+    assert RunConfig(**{**base, "secure_aggregation": "off"}).secure_aggregation is None
+    cfg = RunConfig(**{**base, "secure_aggregation": {"bits": 32, "neighbours": 4}})
+    assert cfg.secure_aggregation is not None and cfg.secure_aggregation.bits == 32
