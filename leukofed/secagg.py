@@ -287,20 +287,40 @@ class SecAggHospital:
         one ciphertext per neighbour, only that neighbour can open it."""
         if "c_sk" not in self.state:
             raise SecAggError("out_of_order", "share before advertise")
+        if "adverts" in self.state:
+            # Shares split a second time, to other neighbours and with a fresh polynomial,
+            # would let an aggregator collect one kind from each group: both secrets.
+            raise SecAggError("replay", "this session's secrets were already shared once")
         mine = self.advertise()
         if dict(adverts.get(self.hospital, {})) != mine:
             raise SecAggError("forged", "the relayed advertisement of this hospital is not its own")
         peers = sorted(set(adverts) - {self.hospital})
         if not peers:
             raise SecAggError("below_threshold", "no neighbours to share with")
+        for peer in peers:  # unusable keys fail here, before anything is stored
+            for key in ("c_pk", "s_pk"):
+                value = adverts[peer].get(key)
+                if not isinstance(value, str) or len(value) != 64:
+                    raise SecAggError("bad_key", f"{peer}'s {key} is not a 32-byte hex key")
+                try:
+                    agree(bytes.fromhex(self.state[f"{key[0]}_sk"]), bytes.fromhex(value),
+                          b"check")
+                except ValueError as exc:  # bad hex; a degenerate key is a SecAggError
+                    raise SecAggError("bad_key", f"{peer}'s {key}: {exc}") from exc
         self.state["adverts"] = {h: dict(adverts[h]) for h in peers}
-        t = threshold_for(len(peers), self.session.threshold_fraction)
+        holders = sorted([*peers, self.hospital])  # a hospital keeps one share itself
+        t = threshold_for(len(holders), self.session.threshold_fraction)
         self.state["threshold"] = t
-        xs = [i + 1 for i in range(len(peers))]  # x of a share: 1 + the peer's rank
+        xs = [i + 1 for i in range(len(holders))]  # x of a share: 1 + the holder's rank
         b_shares = shamir_split(bytes.fromhex(self.state["b"]), t, xs)
         s_shares = shamir_split(bytes.fromhex(self.state["s_sk"]), t, xs)
+        own = holders.index(self.hospital) + 1
+        self.state["own_share"] = [str(own), format(b_shares[own], "x"),
+                                   format(s_shares[own], "x")]
         out = {}
-        for x, peer in zip(xs, peers, strict=True):
+        for x, peer in zip(xs, holders, strict=True):
+            if peer == self.hospital:
+                continue
             key = agree(bytes.fromhex(self.state["c_sk"]), bytes.fromhex(adverts[peer]["c_pk"]),
                         _pair_info(self.session, self.hospital, peer, b"enc"))
             plain = x.to_bytes(2, "big") + b_shares[x].to_bytes(66, "big") \
@@ -335,7 +355,6 @@ class SecAggHospital:
         if len(shares) + 1 < self.state["threshold"]:
             raise SecAggError("below_threshold", f"{len(shares)} neighbours shared, the "
                               f"threshold is {self.state['threshold']}")
-        self.state["shares"] = shares
         bits = self.session.bits
         n = len(quantised)
         y = np.asarray(quantised, dtype=np.uint64) + prg(bytes.fromhex(self.state["b"]), n, bits,
@@ -343,6 +362,8 @@ class SecAggHospital:
         for peer in sorted(shares):
             y += self._pairwise(peer, n) if self.hospital < peer else \
                 (np.uint64(1 << bits) - self._pairwise(peer, n))
+        # Stored only now: a vector that could not be masked leaves the session as it was.
+        self.state["shares"] = {**shares, self.hospital: self.state["own_share"]}
         return (y & np.uint64(_mask_of(bits))).astype(np.uint32)
 
     def _pairwise(self, peer: str, n: int) -> np.ndarray:
@@ -378,8 +399,8 @@ class SecAggHospital:
             if revealed.get(peer, kind) != kind:
                 raise SecAggError("refused", f"{peer}'s other share was already revealed: "
                                   "revealing both would unmask its vector")
-            revealed[peer] = kind
             out[peer] = [kind, x, b_share if kind == "b" else s_share]
+        revealed.update({peer: entry[0] for peer, entry in out.items()})  # all or nothing
         return out
 
 
@@ -395,8 +416,9 @@ def unmask_sum(session: Session, masked: Mapping[str, np.ndarray],
 
     ``masked``: survivor -> masked vector; ``masked_with``: survivor -> the neighbours it
     masked with (those whose shares it received); ``reveals``: revealing hospital -> {peer:
-    [kind, x, share]}; ``thresholds``: hospital -> its Shamir threshold. Raises SecAggError
-    (``below_threshold``) when a needed secret has too few shares."""
+    [kind, x, share]} (a survivor's reveal includes its own share of its own seed);
+    ``thresholds``: hospital -> its Shamir threshold (over its neighbours and itself). Raises
+    SecAggError (``below_threshold``) when a needed secret has too few shares."""
     bits = session.bits
     survivors = sorted(masked)
     if not survivors:

@@ -194,7 +194,7 @@ class SecureGather:
                 **params, "survivors": u2, "dropped": dropped}}] for h in u2},
             d, self._reveal_body)
         failures.update(more)
-        thresholds = {h: secagg.threshold_for(len(graph[h]), params["threshold_fraction"])
+        thresholds = {h: secagg.threshold_for(len(graph[h]) + 1, params["threshold_fraction"])
                       for h in u1}
         vectors = {h: secagg.unpack(masked[h]["masked"], size, params["bits"]) for h in u2}
         try:

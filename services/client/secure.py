@@ -41,7 +41,10 @@ def session_of(cfg: Mapping[str, Any]) -> secagg.Session:
     if session.purpose not in ("fit", "calibrate") or session.bits not in secagg.BITS:
         raise secagg.SecAggError("schema", f"purpose {session.purpose!r} or bits "
                                  f"{session.bits} not supported")
-    secagg.threshold_for(2, session.threshold_fraction)  # validates the fraction
+    try:
+        secagg.threshold_for(2, session.threshold_fraction)  # validates the fraction
+    except ValueError as exc:
+        raise secagg.SecAggError("schema", str(exc)) from exc
     return session
 
 

@@ -41,7 +41,8 @@ def get_run(run_id: str, request: Request) -> dict[str, Any]:
     if record is None:
         raise HTTPException(404, f"no run {run_id!r}")
     return {**_brief(record), "config": record["config"], "versions": record["versions"],
-            "history": record["rounds"], "events": record["events"][-100:],
+            "history": record["rounds"], "aborted_rounds": record.get("aborted_rounds", []),
+            "events": record["events"][-100:],
             "mlflow_url": request.app.state.mlflow_url(record)}
 
 
