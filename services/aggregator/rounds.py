@@ -180,6 +180,14 @@ class FederatedRun:
                 self.store.save(rec)
             elif self.tracker is not None:
                 self.tracker.start(rec, cfg)  # re-attach to the existing MLflow run
+            if cfg.secure_aggregation is not None and not rec["completed_round"]:
+                sa = cfg.secure_aggregation
+                self.event(
+                    f"secure aggregation on ({sa.bits}-bit, threshold {sa.threshold}, "
+                    f"neighbours {sa.neighbours or 'automatic'}): this aggregator sees only "
+                    "the weighted sum of the updates, never one hospital's; still per "
+                    "hospital: public keys, declared size, fit metrics, class counts, "
+                    "profile sums, evaluation answers (docs/security.md)")
             if rec["completed_round"] > rec["registered_round"] and rec["rounds"]:
                 # Checkpointed but not tracked before a crash: track it now, exactly once.
                 self._track(cfg, rec["rounds"][-1], weights)

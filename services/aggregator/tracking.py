@@ -96,7 +96,8 @@ def card_info(cfg: RunConfig, record: dict[str, Any], summary: dict[str, Any],
                                    for h, n in summary["participants"].items()},
                      "partition": None},
         "federation": {"strategy": cfg.strategy, "rounds": cfg.rounds,
-                       "round": summary["round"], "secure_aggregation": False,
+                       "round": summary["round"],
+                       "secure_aggregation": "secure_aggregation" in summary,
                        "privacy": ({"epsilon": float(privacy["epsilon"]),
                                     "delta": float(privacy["delta"])} if privacy else None)},
         "test": test,
@@ -107,6 +108,14 @@ def card_info(cfg: RunConfig, record: dict[str, Any], summary: dict[str, Any],
         "acquisition_profile_images": (summary["acquisition_profile"]["count"]
                                        if summary.get("acquisition_profile") else None),
     }
+
+
+def _aggregation_tag(secure: dict[str, Any] | None) -> str:
+    """Which protocol produced the version: what the aggregator could see of each update."""
+    if not secure:
+        return "plain (the aggregator saw each hospital's update)"
+    return (f"{secure['protocol']} ({secure['bits']}-bit, {secure['neighbours']} neighbours, "
+            f"threshold {secure['threshold_fraction']}): the aggregator saw only the sum")
 
 
 def _privacy_tag(privacy: dict[str, Any] | None) -> str:
@@ -190,6 +199,7 @@ class MlflowTracker:
             "example_counts": json.dumps(summary["participants"], sort_keys=True),
             "dataset_fingerprints": json.dumps(summary["fingerprints"], sort_keys=True),
             "privacy": _privacy_tag(summary.get("privacy")),
+            "aggregation": _aggregation_tag(summary.get("secure_aggregation")),
         }
         # Whose measured BatchNorm statistics the version carries (the lineage of those too).
         calibration = summary.get("bn_calibration")

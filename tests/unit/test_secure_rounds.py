@@ -128,3 +128,17 @@ def test_what_secure_aggregation_rules_out_is_refused_with_the_reason() -> None:
     assert RunConfig(**{**base, "secure_aggregation": "off"}).secure_aggregation is None
     cfg = RunConfig(**{**base, "secure_aggregation": {"bits": 32, "neighbours": 4}})
     assert cfg.secure_aggregation is not None and cfg.secure_aggregation.bits == 32
+
+
+def test_the_version_says_which_protocol_produced_it(tmp_path) -> None:
+    from services.aggregator.tracking import _aggregation_tag, card_info
+
+    run, rec, _, _ = run_secure(tmp_path, {
+        "a": secure_hospital(0.1, 10), "b": secure_hospital(0.2, 10),
+        "c": secure_hospital(0.3, 10)}, rounds=1)
+    summary = rec["rounds"][0]
+    cfg = RunConfig(**rec["config"])
+    assert _aggregation_tag(summary["secure_aggregation"]).startswith("secagg (24-bit")
+    assert card_info(cfg, rec, summary, "m")["federation"]["secure_aggregation"] is True
+    assert _aggregation_tag(None).startswith("plain")
+    assert any("secure aggregation on" in e["message"] for e in rec["events"])
