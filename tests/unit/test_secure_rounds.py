@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 from test_round_loop import Clock, FakeDispatcher, FakeTracker, make_run
 
+from leukofed.secagg import bn_moments
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 from leukofed.wire import decode_weights
 from services.aggregator.config import RunConfig
@@ -40,9 +41,20 @@ def secure_hospital(delta: float, n: int, die_at: str | None = None):
             cm = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
             return {"status": "ok", "hospital": hospital, "splits": {
                 "test": {"n": 4, "loss": 0.5, "accuracy": 1.0, "confusion_matrix": cm}}}
-        assert stage == "fit" and cfg["secure"] is not None, "plain fit under secure mode"
+        assert cfg["secure"] is not None, f"plain {stage} under secure mode"
+        if stage == "calibrate":  # measured statistics: the global ones plus delta
+            stats = {k: v + delta for k, v in weights.items()}
+            out = s.masked(cfg, weights, bn_moments(stats), float(n), {"count": 1.0})
+            return out
         delta_t = {k: np.full(v.shape, delta) for k, v in weights.items()}
-        out = s.masked(cfg, weights, delta_t, float(n), {"count": 1.0})
+        clip = cfg["secure"].get("dp_clip_norm")
+        if clip:  # central DP: clipped to the norm, weight 1
+            norm = float(np.sqrt(sum(np.sum(d ** 2) for d in delta_t.values())))
+            delta_t = {k: d * min(1.0, clip / norm) for k, d in delta_t.items()}
+            out = s.masked(cfg, weights, delta_t, 1.0,
+                           {"count": 1.0, "unclipped": float(norm <= clip)})
+        else:
+            out = s.masked(cfg, weights, delta_t, float(n), {"count": 1.0})
         out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
         return out
     return answer
@@ -142,3 +154,32 @@ def test_the_version_says_which_protocol_produced_it(tmp_path) -> None:
     assert card_info(cfg, rec, summary, "m")["federation"]["secure_aggregation"] is True
     assert _aggregation_tag(None).startswith("plain")
     assert any("secure aggregation on" in e["message"] for e in rec["events"])
+
+
+def test_batchnorm_calibration_is_a_secure_sum_pooled_exactly(tmp_path) -> None:
+    """FedAvgM calibrates BatchNorm after its server step: under secure aggregation the
+    statistics are summed as moments, and pooling stays exact (means weighted by counts)."""
+    run, rec, d, _ = run_secure(tmp_path, {
+        "a": secure_hospital(0.1, 10), "b": secure_hospital(0.3, 30)}, rounds=1,
+        strategy="fedavgm", strategy_params={"server_lr": 1.0, "momentum": 0.0})
+    assert rec["status"] == "completed", rec["reason"]
+    weights, _ = run.store.read_checkpoint(rec)
+    summary = rec["rounds"][0]["bn_calibration"]
+    assert summary["pooling"] == "secure" and summary["hospitals"] == {"a": 10, "b": 30}
+    # The new global moving mean is 1 + 0.25 (the fit); measured at +0.1 and +0.3 of it.
+    np.testing.assert_allclose(weights["bn/moving_mean"], np.full(2, 1.25 + 0.25), atol=1e-4)
+    assert any(task.endswith("calibrate") and args["secure"] for _, task, args in d.sent)
+
+
+def test_central_privacy_noises_the_unmasked_sum_of_clipped_updates(tmp_path) -> None:
+    run, rec, _, _ = run_secure(tmp_path, {
+        "a": secure_hospital(0.1, 10), "b": secure_hospital(0.3, 30)}, rounds=1,
+        norm="group", privacy={"mode": "central", "noise_multiplier": 0.0, "clip_norm": 0.2})
+    assert rec["status"] == "completed", rec["reason"]
+    weights, _ = run.store.read_checkpoint(rec)
+    # Six coordinates each: a's delta norm 0.245 clipped to 0.2, b's 0.735 too; uniform
+    # weights over the two selected hospitals (DP-FedAvg), no noise at multiplier 0.
+    per = 0.2 / np.sqrt(6)
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), per), atol=1e-5)
+    privacy = rec["rounds"][0]["privacy"]
+    assert privacy["clipped_fraction"] == 1.0 and privacy["clip_norm"] == 0.2
