@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm", "range")
+from leukofed.labels import CLASSES
+
+REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm", "range", "inflated",
+           "evaluation")
 
 
 class UpdateRejected(ValueError):
@@ -111,3 +115,75 @@ def validate_batchnorm_stats(global_stats: Mapping[str, np.ndarray],
     negative = [n for n, v in stats.items() if n.endswith("moving_variance") and (v < 0).any()]
     if negative:
         raise UpdateRejected("range", f"negative variance in {_listed(negative)}")
+
+
+# ---------------------------------------------------------------- the rest of an answer
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def validate_answer_scalars(answer: Mapping[str, Any]) -> None:
+    """The numbers a fit or calibrate answer carries beside its tensors: ``metrics`` and
+    ``timings`` map names to finite numbers, ``class_counts`` classes to counts. A string
+    where a number belongs is this hospital's problem (rejected), never the run's."""
+    for field in ("metrics", "timings"):
+        value = answer.get(field, {})
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and _number(v) for k, v in value.items()):
+            raise UpdateRejected("schema", f"{field} must map names to finite numbers")
+    counts = answer.get("class_counts", {})
+    if not isinstance(counts, Mapping) or not all(
+            k in CLASSES and _count(v) for k, v in counts.items()):
+        raise UpdateRejected("schema", "class_counts must map class names to counts")
+
+
+def check_declared(num_examples: int, declared: int | None, what: str = "training") -> None:
+    """A hospital's claimed example count may not exceed the count it declared when it
+    enrolled (``describe``): FedAvg weights by it, so 10**9 would replace the global model."""
+    if declared is not None and num_examples > declared:
+        raise UpdateRejected("inflated", f"claims {num_examples} {what} examples, declared "
+                             f"{declared}")
+
+
+def validate_evaluation(answer: Mapping[str, Any],
+                        declared: Mapping[str, int] | None = None) -> None:
+    """An evaluate answer: each split has ``n`` (at most the declared split size), and when
+    ``n > 0`` a 4x4 confusion matrix of counts summing to ``n``, a finite non-negative loss
+    and the accuracy that matrix gives. A forged answer cannot move pooled metrics (and so
+    ``promote best``) beyond what a consistent one of that size could."""
+    splits = answer.get("splits")
+    if not isinstance(splits, Mapping) or not splits or set(splits) - {"val", "test"}:
+        raise UpdateRejected("evaluation", "splits must map 'val'/'test' to their results")
+    k = len(CLASSES)
+    for name, s in splits.items():
+        if not isinstance(s, Mapping) or not _count(s.get("n")):
+            raise UpdateRejected("evaluation", f"{name}: n must be a non-negative int")
+        n = s["n"]
+        limit = (declared or {}).get(name)
+        if limit is not None and n > limit:
+            raise UpdateRejected("inflated", f"{name}: {n} images evaluated, {limit} declared")
+        if n == 0:
+            continue
+        cm = s.get("confusion_matrix")
+        if not (isinstance(cm, list) and len(cm) == k and all(
+                isinstance(row, list) and len(row) == k and all(_count(c) for c in row)
+                for row in cm)):
+            raise UpdateRejected("evaluation", f"{name}: confusion_matrix must be {k}x{k} "
+                                 "non-negative ints")
+        total = sum(sum(row) for row in cm)
+        if total != n:
+            raise UpdateRejected("evaluation", f"{name}: confusion matrix sums to {total}, "
+                                 f"n is {n}")
+        if not (_number(s.get("loss")) and s["loss"] >= 0):
+            raise UpdateRejected("evaluation", f"{name}: loss must be a finite number >= 0")
+        accuracy = s.get("accuracy")
+        if not _number(accuracy) or abs(accuracy - sum(cm[i][i] for i in range(k)) / n) > 1e-6:
+            raise UpdateRejected("evaluation", f"{name}: accuracy {accuracy!r} is not what its "
+                                 "confusion matrix gives")

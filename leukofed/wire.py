@@ -35,6 +35,10 @@ ALLOWED_DTYPES = frozenset({
 })
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 _TENSOR_FIELDS = frozenset({"name", "dtype", "shape", "sha256", "data"})
+# Checked before numpy sees a shape: numpy itself raises a plain ValueError past 64
+# dimensions or 2**63 elements, which used to end a whole run as "internal error".
+MAX_RANK = 8
+MAX_ELEMENTS = 2**31
 _FP16_MAX = float(np.finfo(np.float16).max)
 _SEED_STATE = "seed_generator_state"
 
@@ -92,6 +96,10 @@ def _decode_tensor(index: int, entry: Any, compression: str) -> tuple[str, np.nd
         type(d) is int and d >= 0 for d in shape
     ):
         raise WireFormatError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    if len(shape) > MAX_RANK or any(d > MAX_ELEMENTS for d in shape) \
+            or math.prod(shape) > MAX_ELEMENTS:
+        raise WireFormatError(f"{where}: shape {shape!r} is beyond {MAX_RANK} dimensions or "
+                              f"{MAX_ELEMENTS} elements")
     if not isinstance(data, bytes):
         raise WireFormatError(f"{where}: data must be binary")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):

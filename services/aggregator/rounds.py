@@ -21,7 +21,14 @@ import numpy as np
 from leukofed.signing import SignatureRejected
 from leukofed.strategies import ClientResult, Strategy, make_strategy, pool_batchnorm_stats
 from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE, TASK_FIT
-from leukofed.validation import UpdateRejected, validate_batchnorm_stats, validate_update
+from leukofed.validation import (
+    UpdateRejected,
+    check_declared,
+    validate_answer_scalars,
+    validate_batchnorm_stats,
+    validate_evaluation,
+    validate_update,
+)
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.logic import (
@@ -142,6 +149,8 @@ class FederatedRun:
         self.cancel_requested = bool(record.get("cancel_requested"))
         self.stop_requested = False
         self._late: list[tuple[int, str, str, Any]] = []  # (round, hospital, task, handle)
+        # What each hospital declared at enrolment (describe): split sizes bound its claims.
+        self._declared: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -294,6 +303,7 @@ class FederatedRun:
                 self.event(f"round {server_round} attempt {attempt} failed: {last_reason}",
                            round=server_round)
                 continue
+            self._declare(selected)
             config = fit_config(cfg, self.record["id"], server_round, strategy, deadline)
             self.event(f"round {server_round} attempt {attempt}: fit on {selected}",
                        round=server_round)
@@ -498,12 +508,33 @@ class FederatedRun:
                 still.append((server_round, hospital, task, handle))
         self._late = still
 
+    def _declare(self, hospitals: list[str]) -> None:
+        """Ask hospitals not yet known for their declared split sizes (once per run). Without
+        a describe channel (or an answer) a hospital's claims are bounded only by the
+        other checks."""
+        missing = [h for h in hospitals if h not in self._declared]
+        describe = getattr(self.dispatcher, "describe", None)
+        if not missing or describe is None:
+            return
+        try:
+            answers = describe(missing)
+        except Exception as exc:  # the broker hiccuped: try again next round
+            log.warning("describe %s: %s", missing, exc)
+            return
+        for h in missing:
+            splits = (answers.get(h) or {}).get("splits")
+            if isinstance(splits, dict) and all(
+                    isinstance(splits.get(k), int) and not isinstance(splits.get(k), bool)
+                    and splits[k] >= 0 for k in ("train", "val", "test")):
+                self._declared[h] = {k: int(splits[k]) for k in ("train", "val", "test")}
+
     def _checked(self, server_round: int, answers: dict[str, dict[str, Any]],
                  check: Callable[[Weights], None]
                  ) -> tuple[dict[str, tuple[int, Weights]], dict[str, str]]:
-        """Signature first (nothing unsigned is even decoded), then a positive example count,
-        the wire format and ``check`` on the decoded tensors. Returns {hospital: (count,
-        tensors)} and {hospital: reason}; a bad answer is a reason, never an exception."""
+        """Signature first (nothing unsigned is even decoded), then a positive example count
+        within what the hospital declared, the answer's other numbers, the wire format and
+        ``check`` on the decoded tensors. Returns {hospital: (count, tensors)} and
+        {hospital: reason}; a bad answer is a reason, never an exception."""
         usable: dict[str, tuple[int, Weights]] = {}
         rejected: dict[str, str] = {}
         for hospital, answer in sorted(answers.items()):
@@ -514,6 +545,8 @@ class FederatedRun:
                 if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                     raise UpdateRejected("schema", f"num_examples must be a positive int, "
                                                    f"got {n!r}")
+                check_declared(n, self._declared.get(hospital, {}).get("train"))
+                validate_answer_scalars(answer)
                 tensors = decode_weights(answer.get("weights"))
                 check(tensors)
             except (SignatureRejected, UpdateRejected) as exc:
@@ -621,11 +654,23 @@ class FederatedRun:
 
     def _evaluate(self, cfg: RunConfig, server_round: int, weights: Weights,
                   hospitals: list[str]) -> dict[str, dict[str, Any]]:
+        """Evaluation answers that hold together (leukofed.validation.validate_evaluation);
+        the others are logged with their reason and left out of every pooled number."""
         if not hospitals:
             return {}
         answers, _ = self._ask(cfg, server_round, TASK_EVALUATE, weights, hospitals,
                                bn_mode=cfg.bn_mode)
-        return answers
+        valid = {}
+        for hospital, answer in sorted(answers.items()):
+            try:
+                validate_evaluation(answer, self._declared.get(hospital))
+            except UpdateRejected as exc:
+                self.event(f"round {server_round}: evaluation from {hospital} rejected "
+                           f"({exc.reason}: {exc.message})", round=server_round,
+                           hospital=hospital, rejected=exc.reason)
+            else:
+                valid[hospital] = answer
+        return valid
 
     def _summary(self, cfg: RunConfig, server_round: int, attempt: int, selected: list[str],
                  answers: dict[str, dict[str, Any]], participants: dict[str, int],

@@ -232,6 +232,9 @@ class SecureGather:
         cap = body["cap"]
         if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= 10_000_000:
             raise ValueError(f"cap must be a positive int, got {cap!r}")
+        declared = self.run._declared.get(hospital, {}).get("train")
+        if declared is not None and cap > declared:  # the weight cap is its declared size
+            raise ValueError(f"cap {cap} exceeds the {declared} training images declared")
         return body
 
     def _shares_body(self, hospital: str, a: Mapping[str, Any],
