@@ -111,8 +111,12 @@ def central_mean(global_weights: Mapping[str, np.ndarray],
                  updates: list[Mapping[str, np.ndarray]], num_selected: int, clip_norm: float,
                  noise_multiplier: float, rng: np.random.Generator, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
-                 count_noise: float | None = None) -> CentralResult:
-    """The central DP-FedAvg step (module docstring), with optional adaptive clipping."""
+                 count_noise: float | None = None, denominator: float | None = None
+                 ) -> CentralResult:
+    """The central DP-FedAvg step (module docstring), with optional adaptive clipping.
+    ``denominator``: what the noised sum is divided by, default ``num_selected``; under
+    Poisson sampling the *expected* sample size, since the realised one depends on whether
+    each hospital was sampled, which the amplification by sampling keeps secret."""
     if not updates:
         raise ValueError("no updates")
     total: Weights = {}
@@ -127,7 +131,7 @@ def central_mean(global_weights: Mapping[str, np.ndarray],
                       sum(norm <= clip_norm for norm in norms), num_selected, clip_norm,
                       noise_multiplier, rng, adaptive=adaptive, target_quantile=target_quantile,
                       clip_learning_rate=clip_learning_rate, count_noise=count_noise,
-                      num_updates=len(updates))
+                      num_updates=len(updates), denominator=denominator)
     return CentralResult(res.weights, res.clipped_fraction, norms, res.next_clip_norm)
 
 
@@ -135,12 +139,16 @@ def noised_mean(global_weights: Mapping[str, np.ndarray], total: Mapping[str, np
                 unclipped: float, num_selected: int, clip_norm: float, noise_multiplier: float,
                 rng: np.random.Generator, *, num_updates: int, adaptive: bool = False,
                 target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
-                count_noise: float | None = None) -> CentralResult:
+                count_noise: float | None = None, denominator: float | None = None
+                ) -> CentralResult:
     """The noised step from the *sum* of clipped deltas and the count of unclipped ones: what
     ``central_mean`` does after clipping, and all that secure aggregation lets the aggregator
     see (leukofed.secagg). Tensors not in ``total`` keep the value in ``global_weights``."""
     if num_updates < 1 or num_selected < num_updates:
         raise ValueError("num_selected must count every hospital asked, and one answered")
+    divide_by = float(denominator) if denominator is not None else float(num_selected)
+    if not divide_by > 0:
+        raise ValueError("the denominator must be positive")
     z = noise_multiplier
     sigma_b = 0.0
     if adaptive:
@@ -151,14 +159,14 @@ def noised_mean(global_weights: Mapping[str, np.ndarray], total: Mapping[str, np
     for n, g in global_weights.items():
         g = np.asarray(g)
         if n in total:
-            out[n] = (g.astype(np.float64) + (total[n] + noise[n]) / num_selected).astype(g.dtype)
+            out[n] = (g.astype(np.float64) + (total[n] + noise[n]) / divide_by).astype(g.dtype)
         else:
             out[n] = g.copy()
     next_clip = clip_norm
     if adaptive:
         # geometric update towards the target quantile, from a noised unclipped fraction
         noisy = (unclipped + (rng.normal(0.0, sigma_b) if noise_multiplier > 0 else 0.0)) \
-            / num_selected
+            / divide_by
         next_clip = clip_norm * math.exp(-clip_learning_rate * (noisy - target_quantile))
     return CentralResult(out, 1.0 - unclipped / num_updates, [], next_clip)
 

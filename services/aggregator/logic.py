@@ -35,6 +35,13 @@ def select_hospitals(requested: Sequence[str] | None, live: Iterable[str] | None
     return sorted(candidates[i] for i in picked)
 
 
+def poisson_sample(pool: Sequence[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """Each hospital of ``pool`` independently with probability ``rate``: the sampling the
+    differential-privacy accountant assumes (a fixed-size sample would make its epsilon too
+    small). May be empty or below any quorum; that is part of the mechanism."""
+    return sorted(h for h in sorted(pool) if rng.random() < rate)
+
+
 def quorum_possible(answered_ok: int, pending: int, min_fit_clients: int) -> bool:
     """Whether waiting longer can still reach the quorum."""
     return answered_ok + pending >= min_fit_clients

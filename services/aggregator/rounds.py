@@ -35,6 +35,7 @@ from services.aggregator.logic import (
     calibration_metrics,
     combine_evaluations,
     hospital_metrics,
+    poisson_sample,
     pool_calibration,
     pool_training_profiles,
     quorum_possible,
@@ -114,6 +115,12 @@ def _local_dp(cfg: RunConfig) -> dict[str, Any]:
             "dp_noise_multiplier": p.noise_multiplier}
 
 
+def poisson_sampling(cfg: RunConfig) -> bool:
+    """Central DP with a sampled share of hospitals: each is taken with probability
+    ``fraction``, independently, from OS entropy, as the accountant assumes."""
+    return cfg.privacy is not None and cfg.privacy.mode == "central" and cfg.fraction < 1
+
+
 def dp_sampling_rate(cfg: RunConfig) -> float:
     """q for the accountant. Central: the share of hospitals sampled per round (amplification
     assumes the choice is random and not known to the attacker). Local: each hospital's
@@ -151,6 +158,7 @@ class FederatedRun:
         self._late: list[tuple[int, str, str, Any]] = []  # (round, hospital, task, handle)
         # What each hospital declared at enrolment (describe): split sizes bound its claims.
         self._declared: dict[str, dict[str, int]] = {}
+        self._pool_size = 0  # hospitals the last Poisson sample was drawn from
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -266,6 +274,7 @@ class FederatedRun:
             # regenerated from a known seed can be subtracted, and the privacy is gone.
             res = central_mean(weights, [r.weights for r in accepted], len(selected), clip,
                                p.noise_multiplier, np.random.default_rng(),
+                               denominator=self._dp_denominator(cfg, selected),
                                adaptive=p.adaptive_clipping, target_quantile=p.target_quantile,
                                clip_learning_rate=p.clip_learning_rate,
                                count_noise=p.count_noise)
@@ -274,6 +283,12 @@ class FederatedRun:
             accepted = [ClientResult("dp-mean", res.weights,
                                      sum(r.num_examples for r in accepted))]
         return accepted, summary
+
+    def _dp_denominator(self, cfg: RunConfig, selected: list[str]) -> float:
+        """Under Poisson sampling the expected sample size; otherwise the hospitals asked."""
+        if poisson_sampling(cfg):
+            return max(cfg.fraction * self._pool_size, 1e-9)
+        return float(len(selected))
 
     def _finish(self) -> None:
         for _, _, _, handle in self._late:
@@ -293,10 +308,18 @@ class FederatedRun:
         started = self.clock()
         blob = encode_weights(weights)
         last_reason = ""
-        for attempt in range(1, cfg.max_round_retries + 2):
+        poisson = poisson_sampling(cfg)
+        # A resampled retry would change the sampling the accountant assumes: one attempt.
+        for attempt in range(1, (1 if poisson else cfg.max_round_retries + 1) + 1):
             self._check()
             deadline = self.clock() + cfg.round_deadline_s
             selected = self._select(cfg, rng, deadline)
+            if poisson and len(selected) < cfg.min_fit_clients:
+                return self._abort_round(
+                    cfg, server_round, weights, strategy, rng,
+                    f"the Poisson sample took {len(selected)} of {self._pool_size} hospitals, "
+                    f"min_fit_clients is {cfg.min_fit_clients} (the round still counts "
+                    "towards epsilon)")
             if len(selected) < cfg.min_fit_clients:
                 last_reason = (f"{len(selected)} hospitals available, "
                                f"min_fit_clients is {cfg.min_fit_clients}")
@@ -409,6 +432,7 @@ class FederatedRun:
             p = cfg.privacy
             res = noised_mean(weights, result.sums, result.extras["unclipped"], len(selected),
                               clip, p.noise_multiplier, np.random.default_rng(),
+                              denominator=self._dp_denominator(cfg, selected),
                               adaptive=p.adaptive_clipping, target_quantile=p.target_quantile,
                               clip_learning_rate=p.clip_learning_rate, count_noise=p.count_noise,
                               num_updates=len(result.answers))
@@ -447,6 +471,15 @@ class FederatedRun:
         (a worker that reconnects after a broker restart shows up within seconds)."""
         while True:
             live = self.dispatcher.live_hospitals()
+            if poisson_sampling(cfg):
+                pool = sorted(cfg.hospitals or live or ())
+                if pool or self.clock() >= deadline:
+                    self._pool_size = len(pool)
+                    # OS entropy, not the run seed: a sample an attacker can regenerate
+                    # gives no amplification.
+                    return poisson_sample(pool, cfg.fraction, np.random.default_rng())
+                self.sleep(min(1.0, max(0.0, deadline - self.clock())))
+                continue
             selected = select_hospitals(cfg.hospitals, live, cfg.fraction,
                                         cfg.min_fit_clients, rng)
             if len(selected) >= cfg.min_fit_clients or self.clock() >= deadline:

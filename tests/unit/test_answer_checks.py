@@ -15,6 +15,7 @@ from test_round_loop import Clock, FakeDispatcher, honest, make_run
 
 from leukofed.validation import UpdateRejected, validate_evaluation
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
+from services.aggregator.config import RunConfig
 
 PERFECT = [[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0], [0, 0, 0, 5]]
 
@@ -135,3 +136,31 @@ def test_validate_evaluation_accepts_what_the_client_sends() -> None:
     with pytest.raises(UpdateRejected):
         validate_evaluation({"splits": {"test": {"n": 20, "loss": math.inf, "accuracy": 1.0,
                                                  "confusion_matrix": PERFECT}}})
+
+
+def test_dp_sampling_is_the_poisson_sampling_the_accountant_assumes(tmp_path) -> None:
+    """Central DP at fraction 0.3 over 20 hospitals: each round takes each hospital
+    independently with probability 0.3 (the accountant's q), not a fixed-size seeded sample;
+    two runs with the same seed sample differently (OS entropy)."""
+    from services.aggregator.rounds import dp_sampling_rate
+
+    hospitals = [f"h{i:02d}" for i in range(20)]
+    samples = []
+    for k in range(2):
+        clock = Clock()
+        d = FakeDispatcher(clock, {h: honest(0.1, 5) for h in hospitals}, live=set(hospitals))
+        run = make_run(tmp_path / str(k), d, clock, hospitals=hospitals, rounds=40,
+                       fraction=0.3, min_fit_clients=1, seed=7, norm="group",
+                       privacy={"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0})
+        rec = run.execute()
+        assert rec["status"] == "completed", rec["reason"]
+        assert dp_sampling_rate(RunConfig(**rec["config"])) == 0.3
+        per_round = {r["round"]: r["selected"] for r in rec["rounds"]}
+        per_round.update({a["round"]: [] for a in rec.get("aborted_rounds", [])})
+        assert sorted(per_round) == list(range(1, 41))
+        sizes = [len(v) for v in per_round.values()]
+        rate = sum(sizes) / (40 * 20)
+        assert abs(rate - 0.3) < 0.065, rate  # 4 standard deviations
+        assert len(set(sizes)) > 1, "a fixed-size sample is not Poisson"
+        samples.append([per_round[r] for r in sorted(per_round)])
+    assert samples[0] != samples[1], "the sample must not follow from the run seed"
