@@ -27,6 +27,16 @@ from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
 
 # Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
 COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
+# A hospital needs even less, and must not learn what others do: Redis does not filter SCAN
+# or RANDOMKEY by the user's key patterns (they list every key name, other hospitals'
+# queues and task ids included), PUBSUB CHANNELS lists every active channel, and INFO gives
+# the keyspace and the connected clients. Neither kombu nor Celery's result backend uses
+# them. What stays: EVAL/EVALSHA (in @scripting), which kombu's Redis transport uses to
+# move messages atomically; a script can touch only the keys it is passed, and Redis checks
+# those against the user's key patterns, so EVAL reaches no other hospital's keys.
+HOSPITAL_COMMANDS = ("+@all -@dangerous -@admin +client|setname +client|id -info -scan "
+                     "-randomkey -pubsub|channels -pubsub|numpat -pubsub|numsub "
+                     "-pubsub|shardchannels -pubsub|shardnumsub")
 # kombu subscribes to fanout exchanges (Celery's remote control, ``celery.pidbox``) with
 # PSUBSCRIBE, and Redis checks a PSUBSCRIBE pattern *literally* against the user's channel
 # patterns (it is not glob-matched like a channel name), so ``&a:*`` alone makes a worker's
@@ -40,12 +50,13 @@ def fanout_channels(prefix: str, db: int = 0) -> list[str]:
     return [f"{prefix}/{db}.{exchange}" for exchange in FANOUT_CHANNELS]
 
 
-def user_line(name: str, password: str, prefixes: list[str], db: int = 0) -> str:
+def user_line(name: str, password: str, prefixes: list[str], db: int = 0,
+              commands: str = COMMANDS) -> str:
     digest = hashlib.sha256(password.encode()).hexdigest()
     keys = " ".join(f"~{p}*" for p in prefixes)
     channels = " ".join([f"&{p}*" for p in prefixes]
                         + [f"&{c}" for p in prefixes for c in fanout_channels(p, db)])
-    return f"user {name} on #{digest} resetkeys {keys} resetchannels {channels} {COMMANDS}"
+    return f"user {name} on #{digest} resetkeys {keys} resetchannels {channels} {commands}"
 
 
 def _secret_file(path: Path, value: str) -> None:
@@ -62,7 +73,8 @@ def generate(hospitals: list[str], out: Path, db: int = 0) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     passwords = {u: secrets.token_urlsafe(32) for u in [*hospitals, "aggregator"]}
     lines = ["user default off resetkeys resetchannels -@all"]
-    lines += [user_line(h, passwords[h], [key_prefix(h)], db) for h in hospitals]
+    lines += [user_line(h, passwords[h], [key_prefix(h)], db, HOSPITAL_COMMANDS)
+              for h in hospitals]
     lines.append(user_line("aggregator", passwords["aggregator"],
                            [key_prefix(h) for h in hospitals], db))
     (out / "users.acl").write_text("\n".join(lines) + "\n")
