@@ -94,10 +94,10 @@ class RunRecordCollector:
                     durations.append(float(seconds))
                 for hospital in summary.get("participants", {}):
                     by_hospital[hospital] = by_hospital.get(hospital, 0) + 1
-            for event in rec.get("events", []):
-                if "rejected" in event and "hospital" in event:
-                    key = (str(event["hospital"]), _reason_code(event["rejected"]))
-                    by_reason[key] = by_reason.get(key, 0) + 1
+            for hospital, reasons in rec.get("rejections", {}).items():
+                for reason, n in reasons.items():
+                    key = (str(hospital), _reason_code(reason))
+                    by_reason[key] = by_reason.get(key, 0) + int(n)
         for strategy, n in sorted(by_strategy.items()):
             rounds.add_metric([strategy], n)
         for hospital, n in sorted(by_hospital.items()):

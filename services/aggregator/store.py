@@ -85,6 +85,11 @@ class RunStore:
 
     def event(self, record: dict[str, Any], message: str, **fields: Any) -> None:
         record["events"].append({"time": time.time(), "message": message, **fields})
+        if "rejected" in fields and "hospital" in fields:
+            # Counted apart from the events, which are capped: a counter never goes down.
+            reason = str(fields["rejected"]).split(":")[0]
+            counts = record.setdefault("rejections", {}).setdefault(str(fields["hospital"]), {})
+            counts[reason] = counts.get(reason, 0) + 1
 
     # ------------------------------------------------------------ checkpoints
 

@@ -8,12 +8,18 @@ names the file, so a user with twenty uploads knows which one to fix.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from leukofed.preprocessing import ImageDecodeError, decode_image, to_model_input
+from leukofed.preprocessing import (
+    ACCEPTED_FORMATS,
+    ImageDecodeError,
+    decode_image,
+    to_model_input,
+)
 
 
 class InputError(Exception):
@@ -57,10 +63,36 @@ def decode_upload(filename: str, data: bytes, max_bytes: int, max_pixels: int) -
     return DecodedImage(filename, image)
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image header alone (nothing decoded); None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            width, height = img.size
+    except Exception:  # decode_upload words the error for this file
+        return None
+    return width * height
+
+
+def check_request_pixels(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
+                         max_request_pixels: int) -> None:
+    """413 before anything is decoded when the request's images, each within the per-file
+    limits, add up to more pixels than one request may make the service hold."""
+    counts = [header_pixels(data) for _, data in files if len(data) <= max_bytes]
+    total = sum(n for n in counts if n is not None and n <= max_pixels)
+    if total > max_request_pixels:
+        raise InputError(413, f"{len(files)} images of {total:,} pixels in all, over the "
+                              f"budget of {max_request_pixels:,} pixels per request: send "
+                              "fewer or smaller images per request")
+
+
 def decode_all(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
-               size: int | None) -> tuple[list[DecodedImage], np.ndarray | None]:
-    """Decode every file and, when the model's size is known, build its input batch: one
-    worker-thread hop per request instead of one per step."""
+               size: int | None, max_request_pixels: int | None = None
+               ) -> tuple[list[DecodedImage], np.ndarray | None]:
+    """Check the request's pixel budget from the headers, then decode the files one at a
+    time and, when the model's size is known, build its input batch: one worker-thread hop
+    per request instead of one per step."""
+    if max_request_pixels is not None:
+        check_request_pixels(files, max_bytes, max_pixels, max_request_pixels)
     decoded = [decode_upload(name, data, max_bytes, max_pixels) for name, data in files]
     return decoded, (model_batch(decoded, size) if size else None)
 

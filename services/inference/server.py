@@ -20,5 +20,6 @@ def serve(host: str | None = None, port: int | None = None, log_level: str = "in
     configure("inference", level=log_level)  # JSON lines shared by every service
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
                 log_level=log_level, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10,
+                timeout_graceful_shutdown=10, proxy_headers=bool(settings.forwarded_allow_ips),
+                forwarded_allow_ips=settings.forwarded_allow_ips or None,
                 ssl_certfile=settings.https_cert_file, ssl_keyfile=settings.https_key_file)

@@ -33,8 +33,19 @@ class InferenceSettings(BaseSettings):
     poll_interval_s: float = Field(5.0, gt=0)
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    # A 24-megapixel camera frame per image; a compressed PNG of 187 KB can claim 64 MP.
+    max_pixels: int = Field(24_000_000, gt=0, le=DEFAULT_MAX_PIXELS)
+    # All images of one request together, checked from their headers before any is
+    # decoded: decoded RGB is 3 bytes a pixel, so this bounds a request at ~300 MB.
+    max_request_pixels: int = Field(96_000_000, gt=0, description="all images of one "
+                                    "request together, from their headers, before any "
+                                    "decoding (413 above it)")
     max_files: int = Field(32, gt=0)
+    # Proxies whose X-Forwarded-For uvicorn believes (the client IP the rate limit keys
+    # on); "" believes none, "*" every sender (only behind a proxy that overwrites it).
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose "
+                                     "X-Forwarded-For is believed (comma list, '*' for any; "
+                                     "empty: none)")
 
     # Dynamic batching: max_batch_size=1 turns it off (every request runs alone). A queue
     # delay of 0 is greedy, as Triton's default: a batch takes whatever queued while the

@@ -206,3 +206,41 @@ def test_demanding_cuda_without_a_gpu_stops_start_up(mlflow_server, tmp_path: Pa
     finally:
         svc.stop()
     assert "provider=cuda but onnxruntime offers only" in svc.log()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def test_a_request_of_huge_blank_images_gets_413_and_memory_stays_bounded(
+        mlflow_server, tmp_path: Path) -> None:
+    """32 blank PNGs of 8000x8000 (187 KB each) once made the service decode ~6 GB; 32 of
+    4800x4800, each under the per-file limit, add up to 737 megapixels. Both are refused
+    from their headers (413, with the reason) and the service's peak RSS stays under 1 GB.
+    Default limits: no model is needed, bad input is answered before one is loaded."""
+    import io
+
+    from PIL import Image
+
+    svc = ServiceProcess(free_port(), {"LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
+                                       "LEUKOFED_INFERENCE_MODEL_NAME": "no-such-model",
+                                       "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "c"),
+                                       "LEUKOFED_INFERENCE_THREADS": "1"},
+                         tmp_path / "service.log")
+    try:
+        svc.start()
+        assert svc.proc is not None
+        for side, expected in ((8000, "24000000"), (4800, "budget of 96,000,000 pixels")):
+            buf = io.BytesIO()
+            Image.new("RGB", (side, side), (230, 230, 230)).save(buf, format="PNG")
+            blank = buf.getvalue()
+            files = [("files", (f"blank-{i}.png", blank, "image/png")) for i in range(32)]
+            r = httpx.post(f"{svc.url}/v1/predict", files=files, timeout=120)
+            assert r.status_code == 413, r.text
+            assert expected in r.json()["detail"], r.text
+        assert _peak_rss_mib(svc.proc.pid) < 1024
+    finally:
+        svc.stop()

@@ -17,7 +17,7 @@ from services.aggregator.app import create_app
 from services.aggregator.config import RunConfig
 from services.aggregator.observability import RunContextFilter
 from services.aggregator.settings import AggregatorSettings
-from services.aggregator.store import RunStore
+from services.aggregator.store import MAX_EVENTS, RunStore
 
 
 def _capture(service: str, **static: object) -> io.StringIO:
@@ -81,9 +81,10 @@ def test_metrics_from_run_records(tmp_path: Path) -> None:
     rec["status"] = "completed"
     rec["rounds"] = [{"participants": {"a": 10, "b": 5}, "timings": {"round_s": 42.0}},
                      {"participants": {"a": 10}, "timings": {"round_s": 3.0}}]
-    rec["events"] = [{"time": 1.0, "message": "rejected", "round": 2, "hospital": "b",
-                      "rejected": "nan"},
-                     {"time": 2.0, "message": "other", "round": 2}]
+    store.event(rec, "rejected", round=2, hospital="b", rejected="nan")
+    store.event(rec, "other", round=2)
+    for i in range(MAX_EVENTS + 10):  # the event log is capped; the counter is not
+        store.event(rec, f"rejected {i}", round=3, hospital="c", rejected="wire: bad")
     store.save(rec)
     settings = AggregatorSettings(state_dir=tmp_path, tracking=False)
     with TestClient(create_app(settings, FakeManager(store))) as client:
@@ -93,6 +94,8 @@ def test_metrics_from_run_records(tmp_path: Path) -> None:
     assert 'leukofed_rounds_completed_total{strategy="fedadam"} 2.0' in text
     assert 'leukofed_updates_accepted_total{hospital="a"} 2.0' in text
     assert 'leukofed_updates_rejected_total{hospital="b",reason="nan"} 1.0' in text
+    assert f'leukofed_updates_rejected_total{{hospital="c",reason="wire"}} ' \
+        f'{float(MAX_EVENTS + 10)}' in text
     assert 'leukofed_round_duration_seconds_bucket{le="5.0"} 1.0' in text
     assert 'leukofed_round_duration_seconds_count 2.0' in text
     assert 'leukofed_runs{status="completed"} 1.0' in text

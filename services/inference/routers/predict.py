@@ -49,7 +49,8 @@ async def read_uploads(state: ServiceState, uploads: list[UploadFile],
         raise InputError(413, f"{len(uploads)} files in one request; the limit is {s.max_files}")
     files = [(u.filename or f"file {i + 1}", await u.read()) for i, u in enumerate(uploads)]
     # Decoding is CPU work: off the event loop so other requests keep flowing.
-    return await run_in_threadpool(decode_all, files, s.max_upload_bytes, s.max_pixels, size)
+    return await run_in_threadpool(decode_all, files, s.max_upload_bytes, s.max_pixels, size,
+                                   s.max_request_pixels)
 
 
 def predictions(model: ServedModel, filenames: list[str], probs: np.ndarray,
