@@ -48,7 +48,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
-KINDS = ("update", "task", "secagg")  # secagg: the secure-aggregation stages
+# update: a fit answer; calibration, evaluation, describe: the other answers (a signature of
+# one kind is never valid as another); secagg: the secure-aggregation stages.
+KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -217,6 +219,57 @@ def verify(keys: Mapping[str, Ed25519PublicKey], envelope: Any, *, kind: str, si
 AGGREGATOR = "aggregator"  # the signer name of tasks (its public key file: aggregator.pub)
 
 
+def blob_digest(blob: bytes) -> str:
+    """SHA-256 of the global weights a task carried: an answer's signature names them, so
+    an answer to another model (an old task, another run's) is never taken for this one."""
+    return hashlib.sha256(blob).hexdigest()
+
+
+def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
+    """What an answer's signature covers, besides run, round and hospital: the weights and
+    count of an update or calibration, the splits of an evaluation, the declaration of a
+    describe."""
+    if kind in ("update", "calibration"):
+        blob, n = answer.get("weights"), answer.get("num_examples")
+        if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
+            raise SignatureRejected("forged", "answer has no weight bytes or example count")
+        return update_digest(blob, n) if kind == "update" else payload_digest(kind, blob, n)
+    if kind == "evaluation":
+        return payload_digest(kind, answer.get("splits"), answer.get("num_examples"))
+    if kind == "describe":
+        return payload_digest(kind, {k: answer.get(k) for k in DESCRIBE_FIELDS})
+    raise ValueError(f"no answer of kind {kind!r}")
+
+
+DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
+                   "dataset_fingerprint", "bad_files", "paused")
+
+
+def sign_answer(key: Ed25519PrivateKey, kind: str, hospital: str, run: str, round: int,
+                answer: Mapping[str, Any], global_digest: str = "", task_id: str = ""
+                ) -> dict[str, Any]:
+    """A hospital's signature over one answer, bound to the task it answers (its Celery id)
+    and to the global weights it was computed on."""
+    return sign(key, kind=kind, signer=hospital, run=run, round=round, hospital=hospital,
+                digest=answer_body(kind, answer),
+                extra={"global": global_digest, "task": task_id})
+
+
+def verify_answer(keys: Mapping[str, Ed25519PublicKey], answer: Mapping[str, Any], kind: str,
+                  hospital: str, run: str, round: int, global_digest: str | None = None,
+                  task_id: str | None = None, nonces: NonceCache | None = None) -> None:
+    """Check ``answer`` carries ``hospital``'s signature of this kind over exactly its
+    content, for this run and round, and (when given) for this task and these weights."""
+    extra = verify(keys, answer.get("signature"), kind=kind, signer=hospital, run=run,
+                   round=round, hospital=hospital, digest=answer_body(kind, answer),
+                   nonces=nonces)
+    if global_digest is not None and extra.get("global") != global_digest:
+        raise SignatureRejected("replay", "signed for other global weights than this task's")
+    if task_id is not None and extra.get("task") != task_id:
+        raise SignatureRejected("replay", f"signed for task {extra.get('task')!r}, "
+                                f"not {task_id!r}")
+
+
 def update_digest(blob: bytes, num_examples: int) -> str:
     """What a hospital's signature covers besides run/round/hospital: the exact weight bytes
     and the example count (it sets the update's weight in FedAvg, so it must not be altered)."""
@@ -224,30 +277,32 @@ def update_digest(blob: bytes, num_examples: int) -> str:
 
 
 def sign_update(key: Ed25519PrivateKey, hospital: str, run: str, round: int, blob: bytes,
-                num_examples: int) -> dict[str, Any]:
-    return sign(key, kind="update", signer=hospital, run=run, round=round, hospital=hospital,
-                digest=update_digest(blob, num_examples))
+                num_examples: int, global_digest: str = "", task_id: str = ""
+                ) -> dict[str, Any]:
+    return sign_answer(key, "update", hospital, run, round,
+                       {"weights": blob, "num_examples": num_examples}, global_digest, task_id)
 
 
 def verify_update(keys: Mapping[str, Ed25519PublicKey], answer: Mapping[str, Any], hospital: str,
-                  run: str, round: int, nonces: NonceCache | None = None) -> None:
+                  run: str, round: int, nonces: NonceCache | None = None,
+                  global_digest: str | None = None, task_id: str | None = None) -> None:
     """Check a fit answer was signed by ``hospital`` for this run and round."""
-    blob, n = answer.get("weights"), answer.get("num_examples")
-    if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
-        raise SignatureRejected("forged", "answer has no weight bytes or example count")
-    verify(keys, answer.get("signature"), kind="update", signer=hospital, run=run, round=round,
-           hospital=hospital, digest=update_digest(blob, n), nonces=nonces)
+    verify_answer(keys, answer, "update", hospital, run, round, global_digest, task_id, nonces)
 
 
 class UpdateVerifier:
-    """The aggregator's check of fit answers: hospitals' public keys plus the nonces seen."""
+    """The aggregator's check of hospitals' answers: their public keys plus the nonces seen."""
 
     def __init__(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
         self.keys = dict(keys)
         self.nonces = NonceCache()
 
-    def __call__(self, answer: Mapping[str, Any], hospital: str, run: str, round: int) -> None:
-        verify_update(self.keys, answer, hospital, run, round, self.nonces)
+    def __call__(self, answer: Mapping[str, Any], hospital: str, run: str, round: int,
+                 kind: str = "update", global_digest: str | None = None,
+                 task_id: str | None = None) -> None:
+        # A describe answer is cached and read again by later runs: no nonce check for it.
+        verify_answer(self.keys, answer, kind, hospital, run, round, global_digest, task_id,
+                      None if kind == "describe" else self.nonces)
 
     def secagg(self, envelope: Any, hospital: str, run: str, round: int, stage: str,
                body: Mapping[str, Any]) -> None:

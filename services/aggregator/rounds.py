@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from leukofed.signing import SignatureRejected
+from leukofed.signing import SignatureRejected, blob_digest
 from leukofed.strategies import ClientResult, Strategy, make_strategy, pool_batchnorm_stats
 from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE, TASK_FIT
 from leukofed.validation import (
@@ -74,7 +74,8 @@ class Tracker(Protocol):
 
 
 # Checks a fit answer's signature (leukofed.signing.UpdateVerifier); raises SignatureRejected.
-UpdateCheck = Callable[[dict[str, Any], str, str, int], None]
+# Called as (answer, hospital, run, round, kind=..., global_digest=..., task_id=...).
+UpdateCheck = Callable[..., None]
 
 
 class RunFailed(Exception):
@@ -159,6 +160,7 @@ class FederatedRun:
         # What each hospital declared at enrolment (describe): split sizes bound its claims.
         self._declared: dict[str, dict[str, int]] = {}
         self._pool_size = 0  # hospitals the last Poisson sample was drawn from
+        self._task_ids: dict[tuple[str, str], str] = {}  # (task, hospital) -> Celery task id
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -345,7 +347,7 @@ class FederatedRun:
             answers, failures = self._collect(server_round, TASK_FIT, handles, deadline,
                                               cfg.min_fit_clients)
             fit_wall = self.clock() - fit_start
-            accepted, rejected = self._validate(server_round, weights, answers, cfg)
+            accepted, rejected = self._validate(server_round, weights, answers, cfg, blob)
             if len(accepted) >= cfg.min_fit_clients:
                 break
             last_reason = (f"{len(accepted)} usable updates, min_fit_clients is "
@@ -508,6 +510,8 @@ class FederatedRun:
                     continue
                 del pending[hospital]
                 self.dispatcher.discard(handle)
+                if isinstance(getattr(handle, "id", None), str):  # what its answer must name
+                    self._task_ids[(task, hospital)] = handle.id
                 if error is not None:
                     failures[hospital] = error
                 elif not isinstance(result, dict) or result.get("status") != "ok":
@@ -555,14 +559,33 @@ class FederatedRun:
             log.warning("describe %s: %s", missing, exc)
             return
         for h in missing:
-            splits = (answers.get(h) or {}).get("splits")
+            answer = answers.get(h) or {}
+            if self.verifier is not None:
+                try:
+                    self.verifier(answer, h, "", 0, kind="describe")
+                except SignatureRejected as exc:
+                    self.event(f"describe answer of {h} refused ({exc.reason}: {exc.message})",
+                               hospital=h, rejected=exc.reason)
+                    continue
+            splits = answer.get("splits")
             if isinstance(splits, dict) and all(
                     isinstance(splits.get(k), int) and not isinstance(splits.get(k), bool)
                     and splits[k] >= 0 for k in ("train", "val", "test")):
                 self._declared[h] = {k: int(splits[k]) for k in ("train", "val", "test")}
 
+    def _verify(self, answer: dict[str, Any], hospital: str, server_round: int, kind: str,
+                task: str, blob: bytes | None) -> None:
+        """The hospital's signature of ``kind`` over this answer, for this run and round, the
+        task it answers and the global weights that task carried (when signing is on)."""
+        if self.verifier is None:
+            return
+        self.verifier(answer, hospital, self.record["id"], server_round, kind=kind,
+                      global_digest=blob_digest(blob) if blob is not None else None,
+                      task_id=self._task_ids.get((task, hospital)))
+
     def _checked(self, server_round: int, answers: dict[str, dict[str, Any]],
-                 check: Callable[[Weights], None]
+                 check: Callable[[Weights], None], kind: str = "update", task: str = TASK_FIT,
+                 blob: bytes | None = None
                  ) -> tuple[dict[str, tuple[int, Weights]], dict[str, str]]:
         """Signature first (nothing unsigned is even decoded), then a positive example count
         within what the hospital declared, the answer's other numbers, the wire format and
@@ -572,8 +595,7 @@ class FederatedRun:
         rejected: dict[str, str] = {}
         for hospital, answer in sorted(answers.items()):
             try:
-                if self.verifier is not None:
-                    self.verifier(answer, hospital, self.record["id"], server_round)
+                self._verify(answer, hospital, server_round, kind, task, blob)
                 n = answer.get("num_examples")
                 if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                     raise UpdateRejected("schema", f"num_examples must be a positive int, "
@@ -591,10 +613,12 @@ class FederatedRun:
         return usable, rejected
 
     def _validate(self, server_round: int, weights: Weights, answers: dict[str, dict[str, Any]],
-                  cfg: RunConfig) -> tuple[list[ClientResult], dict[str, str]]:
+                  cfg: RunConfig, blob: bytes | None = None
+                  ) -> tuple[list[ClientResult], dict[str, str]]:
         usable, rejected = self._checked(
             server_round, answers,
-            lambda update: validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio))
+            lambda update: validate_update(weights, update, max_norm_ratio=cfg.max_norm_ratio),
+            blob=blob)
         accepted = [ClientResult(h, update, n, answers[h].get("metrics", {}))
                     for h, (n, update) in usable.items()]
         for hospital, reason in rejected.items():
@@ -619,7 +643,8 @@ class FederatedRun:
         usable, rejected = self._checked(
             server_round, answers,
             lambda measured: validate_batchnorm_stats(current, measured,
-                                                      max_norm_ratio=cfg.max_norm_ratio))
+                                                      max_norm_ratio=cfg.max_norm_ratio),
+            kind="calibration", task=TASK_CALIBRATE, blob=encode_weights(weights))
         used = {h: n for h, (n, _) in usable.items()}
         stats = [measured for _, measured in usable.values()]
         for hospital, reason in rejected.items():
@@ -694,10 +719,12 @@ class FederatedRun:
         answers, _ = self._ask(cfg, server_round, TASK_EVALUATE, weights, hospitals,
                                bn_mode=cfg.bn_mode)
         valid = {}
+        blob = encode_weights(weights)
         for hospital, answer in sorted(answers.items()):
             try:
+                self._verify(answer, hospital, server_round, "evaluation", TASK_EVALUATE, blob)
                 validate_evaluation(answer, self._declared.get(hospital))
-            except UpdateRejected as exc:
+            except (SignatureRejected, UpdateRejected) as exc:
                 self.event(f"round {server_round}: evaluation from {hospital} rejected "
                            f"({exc.reason}: {exc.message})", round=server_round,
                            hospital=hospital, rejected=exc.reason)

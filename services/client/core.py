@@ -194,8 +194,8 @@ class HospitalClient:
         except (WireFormatError, ValueError) as exc:
             return cfg, None, self._error(short, cfg, f"global weights unusable: {exc}")
 
-    def fit(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
-            ) -> dict[str, Any]:
+    def fit(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
+            task_id: str = "") -> dict[str, Any]:
         start = time.perf_counter()
         cfg, trainer, refusal = self._prepare(TASK_FIT, blob, config, auth)
         if refusal:
@@ -248,7 +248,7 @@ class HospitalClient:
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
                      "encode_s": done - trained, "total_s": done - start}, **extra)
-        return self._sign_answer(answer, cfg)
+        return self._sign_answer(answer, cfg, blob=blob, task_id=task_id)
 
     def _secure_fit(self, cfg: dict[str, Any], global_weights: dict[str, np.ndarray],
                     weights: dict[str, np.ndarray], n: int, extra: dict[str, Any],
@@ -296,8 +296,8 @@ class HospitalClient:
             }
         return self._profiles[key]
 
-    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
-                 ) -> dict[str, Any]:
+    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
+                 task_id: str = "") -> dict[str, Any]:
         start = time.perf_counter()
         cfg, trainer, refusal = self._prepare(TASK_EVALUATE, blob, config, auth)
         if refusal:
@@ -315,12 +315,14 @@ class HospitalClient:
         self.participation.append(run=cfg["run_id"], round=cfg["round"], task="evaluate",
                                   status="ok", bytes=0,
                                   num_examples=sum(s["n"] for s in splits.values()))
-        return _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
-                       splits=splits, num_examples=splits["test"]["n"],
-                       seconds=time.perf_counter() - start)
+        answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
+                         splits=splits, num_examples=splits["test"]["n"],
+                         seconds=time.perf_counter() - start)
+        return self._sign_answer(answer, cfg, fault_drills=False, kind="evaluation", blob=blob,
+                                 task_id=task_id)
 
-    def calibrate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None
-                  ) -> dict[str, Any]:
+    def calibrate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
+                  task_id: str = "") -> dict[str, Any]:
         """BatchNorm moving statistics of the given global weights, measured exactly on up to
         ``calibration_images`` un-augmented local training images. Leaves the hospital: one
         mean and one variance per channel and the image count (the aggregator pools them);
@@ -359,20 +361,24 @@ class HospitalClient:
         answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
                          weights=out, bytes=len(out), sha256=digest, num_examples=used,
                          seconds=time.perf_counter() - start)
-        return self._sign_answer(answer, cfg, fault_drills=False)
+        return self._sign_answer(answer, cfg, fault_drills=False, kind="calibration", blob=blob,
+                                 task_id=task_id)
 
     def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
         declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, {})
         if declined:
             return declined
         ds, sp = self.dataset()
-        return _status("ok", self.hospital, class_counts=ds.class_counts(),
-                       num_images=len(ds.records),
-                       splits={n: len(sp[n]) for n in ("train", "val", "test")},
-                       split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
-                                     for n in ("train", "val", "test")},
-                       dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
-                       paused=self.pause_switch.paused)
+        answer = _status("ok", self.hospital, class_counts=ds.class_counts(),
+                         num_images=len(ds.records),
+                         splits={n: len(sp[n]) for n in ("train", "val", "test")},
+                         split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
+                                       for n in ("train", "val", "test")},
+                         dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
+                         paused=self.pause_switch.paused)
+        # Signed: the split sizes it declares bound every count it claims later.
+        return self._sign_answer(answer, {"run_id": "", "round": 0}, fault_drills=False,
+                                 kind="describe")
 
     def secure_stage(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
                      ) -> dict[str, Any]:
@@ -411,8 +417,10 @@ class HospitalClient:
                        run_id=cfg["run_id"])
 
     def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
-                     fault_drills: bool = True) -> dict[str, Any]:
-        """Attach this hospital's signature (run, round, hospital, nonce, weights, count)."""
+                     fault_drills: bool = True, kind: str = "update", blob: bytes = b"",
+                     task_id: str = "") -> dict[str, Any]:
+        """Attach this hospital's signature of ``kind`` (leukofed.signing.sign_answer): run,
+        round, hospital, nonce, the answer's content, the task id and the global weights."""
         fault = self.settings.fault_for(int(cfg["round"])) if self.settings.fault else ""
         previous = None
         if fault_drills:
@@ -430,9 +438,9 @@ class HospitalClient:
 
             log.warning("FAULT INJECTION active: signing with a key that is not ours")
             key = Ed25519PrivateKey.generate()
-        answer["signature"] = signing.sign_update(key, self.hospital, str(cfg["run_id"]),
-                                                  int(cfg["round"]), answer["weights"],
-                                                  answer["num_examples"])
+        answer["signature"] = signing.sign_answer(
+            key, kind, self.hospital, str(cfg["run_id"]), int(cfg["round"]), answer,
+            signing.blob_digest(blob) if blob else "", str(task_id or ""))
         return answer
 
     def _inject_fault(self, weights: dict[str, np.ndarray], server_round: int

@@ -44,18 +44,21 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
     def client() -> HospitalClient:
         return HospitalClient(settings)
 
-    @app.task(name=TASK_FIT)
-    def fit(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+    # bind=True: the answer's signature names the Celery task id it answers.
+    @app.task(name=TASK_FIT, bind=True)
+    def fit(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
-        return client().fit(blob, config, auth)
+        return client().fit(blob, config, auth, task_id=self.request.id)
 
-    @app.task(name=TASK_EVALUATE)
-    def evaluate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
-        return client().evaluate(blob, config, auth)
+    @app.task(name=TASK_EVALUATE, bind=True)
+    def evaluate(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None
+                 ) -> dict[str, Any]:
+        return client().evaluate(blob, config, auth, task_id=self.request.id)
 
-    @app.task(name=TASK_CALIBRATE)
-    def calibrate(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
-        return client().calibrate(blob, config, auth)
+    @app.task(name=TASK_CALIBRATE, bind=True)
+    def calibrate(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None
+                  ) -> dict[str, Any]:
+        return client().calibrate(blob, config, auth, task_id=self.request.id)
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds

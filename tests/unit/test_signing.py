@@ -131,3 +131,50 @@ def test_client_refuses_unsigned_and_forged_tasks_and_signs_its_update(
     signing.verify_update(signing.load_public_keys(keys), fit, "a", "r1", 1)
     assert [e["status"] for e in client.participation.entries()] == [
         "refused", "refused", "refused", "ok", "refused"]
+
+
+def test_every_answer_is_signed_for_its_kind_its_task_and_its_global_weights(keys: Path
+                                                                             ) -> None:
+    """Evaluation, calibration and describe answers are signed like updates, a signature of
+    one kind is never valid as another, and each names the task it answers and the digest
+    of the global weights it was computed on (issue 11, item 3)."""
+    key = signing.load_private_key(keys / "a.key")
+    pubs = signing.load_public_keys(keys)
+    glob = signing.blob_digest(b"global weights of round 3")
+    evaluation = {"splits": {"test": {"n": 4, "loss": 0.1, "accuracy": 1.0,
+                                      "confusion_matrix": [[1, 0, 0, 0], [0, 1, 0, 0],
+                                                           [0, 0, 1, 0], [0, 0, 0, 1]]}},
+                  "num_examples": 4}
+    evaluation["signature"] = signing.sign_answer(key, "evaluation", "a", "r1", 3, evaluation,
+                                                  glob, "task-42")
+
+    def check(ans: dict, kind: str = "evaluation", global_digest: str | None = glob,
+              task_id: str | None = "task-42") -> str:
+        try:
+            signing.verify_answer(pubs, ans, kind, "a", "r1", 3, global_digest, task_id)
+        except signing.SignatureRejected as exc:
+            return exc.reason
+        return "ok"
+
+    assert check(evaluation) == "ok"
+    forged = {**evaluation, "splits": {"test": {**evaluation["splits"]["test"], "n": 10_000}}}
+    assert check(forged) == "forged"  # the numbers are covered
+    assert check(evaluation, global_digest=signing.blob_digest(b"another model")) == "replay"
+    assert check(evaluation, task_id="task-41") == "replay"
+    update = answer(key)
+    assert check({**update, "splits": None}, kind="evaluation", global_digest=None,
+                 task_id=None) == "forged"  # an update's signature is not an evaluation's
+    calibration = {"weights": b"stats", "num_examples": 5}
+    calibration["signature"] = signing.sign_answer(key, "calibration", "a", "r1", 3,
+                                                   calibration, glob, "task-43")
+    assert check(calibration, "calibration", glob, "task-43") == "ok"
+    assert check(calibration, "update", glob, "task-43") == "forged"
+    describe = {"class_counts": {"Benign": 3}, "num_images": 3, "splits": {"train": 3},
+                "split_counts": {}, "dataset_fingerprint": "fp", "bad_files": 0,
+                "paused": False}
+    describe["signature"] = signing.sign_answer(key, "describe", "a", "", 0, describe)
+    verifier = signing.UpdateVerifier(pubs)
+    for _ in range(2):  # cached describe answers are checked again by later runs
+        verifier(describe, "a", "", 0, kind="describe")
+    with pytest.raises(signing.SignatureRejected):
+        verifier({**describe, "splits": {"train": 10**9}}, "a", "", 0, kind="describe")
