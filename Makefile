@@ -92,6 +92,10 @@ bench-inference-rotation: setup
 # hospitals, and accuracy on the real data from the same local updates.
 bench-secagg: setup
 	$(PY) benchmarks/bench_secagg.py --data $(DATA)
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --rounds 5 \
+	  --scenarios 3:dirichlet:fedavg:old,3:dirichlet:fedavg:old:secure \
+	  --central-from benchmarks/results/federated-64px.json \
+	  --out benchmarks/results/secagg-stack.json --doc docs/benchmarks-secagg-stack.md
 
 test-browser: setup
 	.venv/bin/pytest -q tests/browser
