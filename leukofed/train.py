@@ -122,12 +122,41 @@ def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor
     return (od - mean) * scale + target_mean
 
 
+def _acquisition(x: tf.Tensor) -> tf.Tensor:
+    """Another microscope and camera, per image: uneven illumination (vignetting and a
+    gradient), a slight defocus and sensor noise, over the ranges of ``leukofed.labs.INSIDE``
+    (blur at 224 px scaled to the image side). A hospital sees one laboratory only, so
+    without this the model learns its own optics as part of "what a cell looks like"."""
+    b, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    v = tf.reshape(tf.linspace(-1.0, 1.0, h), [1, -1, 1, 1])
+    u = tf.reshape(tf.linspace(-1.0, 1.0, w), [1, 1, -1, 1])
+    vignette = tf.random.uniform([b, 1, 1, 1], 0.0, 0.25)
+    angle = tf.random.uniform([b, 1, 1, 1], 0.0, 2.0 * math.pi)
+    gradient = tf.random.uniform([b, 1, 1, 1], 0.0, 0.12)
+    light = (1.0 - vignette * (u * u + v * v) / 2.0) * (
+        1.0 + gradient * (u * tf.cos(angle) + v * tf.sin(angle)) / 2.0)
+    x = x * light
+    # Defocus: a blend of the image and its 3x3 Gaussian blur (sigma ~ 0.5 px at 128 px,
+    # i.e. ~0.9 px at 224 px), by a random weight: a blur between none and that.
+    k = tf.constant([0.25, 0.5, 0.25])
+    kernel = tf.tile(tf.reshape(k[:, None] * k[None, :], [3, 3, 1, 1]), [1, 1, 3, 1])
+    blurred = tf.nn.depthwise_conv2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "SYMMETRIC"),
+                                     kernel, [1, 1, 1, 1], "VALID")
+    amount = tf.random.uniform([b, 1, 1, 1]) * tf.cast(tf.random.uniform([b, 1, 1, 1]) < 0.5,
+                                                       tf.float32)
+    x = x + amount * (blurred - x)
+    noise = tf.random.uniform([b, 1, 1, 1], 0.0, 2.5)
+    return tf.clip_by_value(x + noise * tf.random.normal(tf.shape(x)), 0.0, 255.0)
+
+
 def augment_stain(x: tf.Tensor) -> tf.Tensor:
     """The stain-robust recipe (default): dihedral, then stain transfer between images of
     any class in optical-density space, half the time with cells and background moved to
-    different stains; brightness, contrast, gamma and channel jitter. No random crops (they
-    change cell size, which the classes differ by) and no grayscale (CellFocus finds cells
-    by their purple). Chosen by measurement: docs/shortcuts.md."""
+    different stains, and a common stain intensity (lighter or darker staining, as between
+    laboratories); brightness, contrast, gamma and channel jitter; another microscope's
+    illumination, focus and noise. No random crops (they change cell size, which the classes
+    differ by) and no grayscale (CellFocus finds cells by their purple). Chosen by
+    measurement: docs/shortcuts.md."""
     b = tf.shape(x)[0]
     x = _dihedral(x)
     od = -tf.math.log((x + 1.0) / 256.0)
@@ -141,12 +170,15 @@ def augment_stain(x: tf.Tensor) -> tf.Tensor:
     od_new = tf.where(split, cells * one + (1.0 - cells) * two, one)
     transfer = tf.random.uniform([b, 1, 1, 1]) < 0.8
     od = tf.where(transfer, od_new, od)
+    # Laboratories stain lighter or darker as a whole (labs.INSIDE "intensity" 0.8-1.25,
+    # so one lab to another is 0.64-1.56x): log-uniform over that ratio.
+    od = od * tf.exp(tf.random.uniform([b, 1, 1, 1], math.log(0.65), math.log(1.55)))
     x = tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
     gamma = tf.random.uniform([b, 1, 1, 1], 0.7, 1.4)
     x = 255.0 * tf.pow(x / 255.0 + 1e-6, gamma)
     # No grayscale: the model's CellFocus finds cells by their purple, and a grayscale
     # photograph is referred as out of distribution (leukofed.ood) rather than answered.
-    return _jitter(x, contrast=0.3, brightness=0.12, channel=0.15)
+    return _acquisition(_jitter(x, contrast=0.3, brightness=0.12, channel=0.15))
 
 
 def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION) -> tf.Tensor:
