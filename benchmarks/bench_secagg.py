@@ -256,8 +256,10 @@ def markdown(doc: dict[str, Any]) -> str:
              "## Protocol cost (compact CNN, a small local step per hospital)", "",
              "Every hospital runs its real side of the protocol (X25519, Shamir shares, "
              "ChaCha20 masks) in this process, one after another, as a simulation does; "
-             "Celery's per-stage latency is not included (the integration test's round "
-             "summaries show each stage's seconds).", "",
+             "Celery's per-stage latency is not included here: `make bench-secagg` then runs "
+             "the real stack (broker, workers, aggregator, MLflow), 3 hospitals, 5 rounds "
+             "with and without secure aggregation: "
+             "[benchmarks-secagg-stack.md](benchmarks-secagg-stack.md).", "",
              "| hospitals | neighbours | plain round s | secure round s | ratio (target "
              "<= 1.5) | bytes/hospital | vs fp16 update (target <= 2 at 30) | max error of "
              "the mean |", "|---|---|---|---|---|---|---|---|"]
