@@ -59,6 +59,10 @@ class SecureAggregationConfig(BaseModel):
     bits: Literal[16, 24, 32] = Field(24, description="width of the masked vector's numbers")
     update_range: float = Field(1.0, gt=0, le=1e6, description="bound of one coordinate of "
                                 "a weight update; each hospital clips to it before masking")
+    update_clip_norm: float | None = Field(
+        None, gt=0, description="L2 bound of each hospital's update, applied by the hospital "
+        "before masking: the per-update norm check the aggregator cannot make on a masked "
+        "vector; none by default")
     stage_deadline_s: float = Field(60.0, gt=0, le=24 * 3600, description="deadline of the "
                                     "key, share and reveal stages")
 

@@ -419,9 +419,10 @@ class FederatedRun:
         spec = VectorSpec(tuple(ranges), tuple(ranges.values()),
                           ("count", "unclipped") if dp else ("count",))
         gather = SecureGather(self, cfg, server_round, "fit")
+        extra = ({"dp_clip_norm": clip} if dp else
+                 {"update_clip_norm": cfg.secure_aggregation.update_clip_norm})
         result = gather.gather(selected, TASK_FIT, blob, config, floats, spec,
-                               cfg.min_fit_clients,
-                               extra_secure={"dp_clip_norm": clip} if dp else None)
+                               cfg.min_fit_clients, extra_secure=extra)
         info = result.summary
         # Per hospital only its declared count is known (its cap), never what it weighed.
         info["participants"] = dict(info["caps"])

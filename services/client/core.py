@@ -253,22 +253,12 @@ class HospitalClient:
     def _secure_fit(self, cfg: dict[str, Any], global_weights: dict[str, np.ndarray],
                     weights: dict[str, np.ndarray], n: int, extra: dict[str, Any],
                     timings: dict[str, float], start: float) -> dict[str, Any]:
-        """The update as a masked vector (leukofed.secagg): n * (local - global), and n. With
-        central differential privacy: the delta clipped to the clip norm, weight 1."""
-        from leukofed.privacy import clipped_delta
+        """The update as a masked vector (leukofed.secagg, services.client.secure)."""
+        from services.client.secure import update_to_sum
 
-        secure = cfg["secure"]
         try:
-            if secure.get("dp_clip_norm"):
-                clip = float(secure["dp_clip_norm"])
-                delta, norm = clipped_delta(global_weights, weights, clip)
-                answer = self.secure.masked(cfg, global_weights, delta, 1.0,
-                                            {"count": 1.0, "unclipped": float(norm <= clip)})
-            else:
-                delta = {k: np.asarray(weights[k], np.float64) - global_weights[k]
-                         for k in global_weights if k in weights}
-                answer = self.secure.masked(cfg, global_weights, delta, float(n),
-                                            {"count": 1.0})
+            delta, weight, extras = update_to_sum(cfg["secure"], global_weights, weights, n)
+            answer = self.secure.masked(cfg, global_weights, delta, weight, extras)
         except secagg.SecAggError as exc:
             return self._error("fit", cfg, f"secure aggregation: {exc.reason}: {exc.message}")
         done = time.perf_counter()

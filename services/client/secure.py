@@ -48,6 +48,30 @@ def session_of(cfg: Mapping[str, Any]) -> secagg.Session:
     return session
 
 
+def update_to_sum(secure: Mapping[str, Any], global_weights: Mapping[str, np.ndarray],
+                  local_weights: Mapping[str, np.ndarray], num_examples: int
+                  ) -> tuple[dict[str, np.ndarray], float, dict[str, float]]:
+    """What a hospital adds to the secure sum: (delta tensors, weight, extras).
+
+    Plain: ``local - global`` weighted by the example count, clipped first to the L2 norm
+    ``update_clip_norm`` when the run sets one (the per-update norm bound that the
+    aggregator can no longer check on a masked vector). Central DP: clipped to
+    ``dp_clip_norm``, weight 1, and whether it needed clipping (adaptive clipping)."""
+    from leukofed.privacy import clipped_delta
+
+    dp_clip = secure.get("dp_clip_norm")
+    if dp_clip:
+        delta, norm = clipped_delta(global_weights, local_weights, float(dp_clip))
+        return delta, 1.0, {"count": 1.0, "unclipped": float(norm <= float(dp_clip))}
+    clip = secure.get("update_clip_norm")
+    if clip:
+        delta, _ = clipped_delta(global_weights, local_weights, float(clip))
+    else:
+        delta = {k: np.asarray(local_weights[k], np.float64) - global_weights[k]
+                 for k in global_weights if k in local_weights}
+    return delta, float(num_examples), {"count": 1.0}
+
+
 class SecureSessions:
     def __init__(self, hospital: str, signing_key: Any = None,
                  peer_keys: Mapping[str, Any] | None = None) -> None:

@@ -15,7 +15,7 @@ from leukofed.secagg import bn_moments
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 from leukofed.wire import decode_weights
 from services.aggregator.config import RunConfig
-from services.client.secure import SecureSessions
+from services.client.secure import SecureSessions, update_to_sum
 
 
 def secure_hospital(delta: float, n: int, die_at: str | None = None):
@@ -46,15 +46,10 @@ def secure_hospital(delta: float, n: int, die_at: str | None = None):
             stats = {k: v + delta for k, v in weights.items()}
             out = s.masked(cfg, weights, bn_moments(stats), float(n), {"count": 1.0})
             return out
-        delta_t = {k: np.full(v.shape, delta) for k, v in weights.items()}
-        clip = cfg["secure"].get("dp_clip_norm")
-        if clip:  # central DP: clipped to the norm, weight 1
-            norm = float(np.sqrt(sum(np.sum(d ** 2) for d in delta_t.values())))
-            delta_t = {k: d * min(1.0, clip / norm) for k, d in delta_t.items()}
-            out = s.masked(cfg, weights, delta_t, 1.0,
-                           {"count": 1.0, "unclipped": float(norm <= clip)})
-        else:
-            out = s.masked(cfg, weights, delta_t, float(n), {"count": 1.0})
+        local = {k: v + delta for k, v in weights.items()}
+        # The hospital's own code turns its update into what it adds to the sum.
+        delta_t, weight, extras = update_to_sum(cfg["secure"], weights, local, n)
+        out = s.masked(cfg, weights, delta_t, weight, extras)
         out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
         return out
     return answer
@@ -183,3 +178,17 @@ def test_central_privacy_noises_the_unmasked_sum_of_clipped_updates(tmp_path) ->
     np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), per), atol=1e-5)
     privacy = rec["rounds"][0]["privacy"]
     assert privacy["clipped_fraction"] == 1.0 and privacy["clip_norm"] == 0.2
+
+
+def test_each_hospital_bounds_its_update_norm_before_masking(tmp_path) -> None:
+    """The per-update norm check needs the update; under secure aggregation each hospital
+    clips its own update to ``update_clip_norm`` instead."""
+    run, rec, d, _ = run_secure(tmp_path, {
+        "a": secure_hospital(0.9, 10), "b": secure_hospital(0.1, 10)}, rounds=1,
+        secure_aggregation={"update_clip_norm": 0.6})
+    weights, _ = run.store.read_checkpoint(rec)
+    # Six coordinates: a's norm 0.9 * sqrt(6) = 2.2 is clipped to 0.6, b's 0.245 is not.
+    expected = (0.6 / np.sqrt(6) + 0.1) / 2
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), expected), atol=1e-5)
+    fits = [args for _, task, args in d.sent if task.endswith(".fit")]
+    assert all(a["secure"]["update_clip_norm"] == 0.6 for a in fits)
