@@ -72,8 +72,7 @@ def secure_round(glob: dict[str, np.ndarray], deltas: dict[str, dict[str, np.nda
     ranges = update_ranges(glob, bn, update_range)
     spec = secagg.VectorSpec(tuple(ranges), tuple(ranges.values()))
     total_weight = float(sum(int(weights[h]) for h in hospitals))
-    received = {h: {s: shares[s]["ciphertexts"][h] for s in hospitals
-                    if s != h and h in shares[s]["ciphertexts"]} for h in hospitals}
+    received = secagg.relay({h: shares[h]["ciphertexts"] for h in hospitals})
     start = time.perf_counter()
     masked = {}
     for h in hospitals:
@@ -95,7 +94,7 @@ def secure_round(glob: dict[str, np.ndarray], deltas: dict[str, dict[str, np.nda
         session, {h: secagg.unpack(masked[h]["masked"], size, bits) for h in hospitals},
         {h: keys[h] for h in hospitals}, {h: sorted(received[h]) for h in hospitals},
         {h: reveals[h]["reveals"] for h in hospitals},
-        {h: secagg.threshold_for(len(graph[h]) + 1, 0.6) for h in hospitals})
+        secagg.holder_thresholds(graph, 0.6))
     sums, extras = spec.split(secagg.dequantise(total, spec.coordinate_ranges(glob),
                                                 total_weight, bits), glob)
     t["unmask"] = time.perf_counter() - start

@@ -139,6 +139,19 @@ def threshold_for(degree: int, fraction: float) -> int:
     return min(degree, max(degree // 2 + 1, math.ceil(fraction * degree - 1e-9)))
 
 
+def holder_thresholds(graph: Mapping[str, Sequence[str]], fraction: float) -> dict[str, int]:
+    """Each hospital's Shamir threshold as it computes it: its shares are held by its
+    neighbours and by itself (``SecAggHospital.share``)."""
+    return {h: threshold_for(len(peers) + 1, fraction) for h, peers in graph.items()}
+
+
+def relay(ciphertexts: Mapping[str, Mapping[str, bytes]]) -> dict[str, dict[str, bytes]]:
+    """What the aggregator forwards: sender -> {receiver: ciphertext} turned into receiver ->
+    {sender: ciphertext}, for every hospital that sent shares."""
+    return {h: {s: cts[h] for s, cts in ciphertexts.items() if s != h and h in cts}
+            for h in ciphertexts}
+
+
 def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 

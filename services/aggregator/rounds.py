@@ -266,9 +266,7 @@ class FederatedRun:
         if p is None:
             return accepted, None
         clip = self._clip_norm(cfg)
-        summary: dict[str, Any] = {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
-                                   "delta": p.delta, "clip_norm": clip, "next_clip_norm": clip,
-                                   "sampling_rate": dp_sampling_rate(cfg)}
+        summary = self._dp_summary(cfg, clip)
         if p.mode == "central":
             from leukofed.privacy import central_mean
 
@@ -280,11 +278,23 @@ class FederatedRun:
                                adaptive=p.adaptive_clipping, target_quantile=p.target_quantile,
                                clip_learning_rate=p.clip_learning_rate,
                                count_noise=p.count_noise)
-            summary.update(next_clip_norm=res.next_clip_norm,
-                           clipped_fraction=res.clipped_fraction)
+            summary = self._dp_summary(cfg, clip, res)
             accepted = [ClientResult("dp-mean", res.weights,
                                      sum(r.num_examples for r in accepted))]
         return accepted, summary
+
+    @staticmethod
+    def _dp_summary(cfg: RunConfig, clip: float, res: Any = None) -> dict[str, Any]:
+        """A round's privacy summary; ``res``: the noised step's result (central mode)."""
+        assert cfg.privacy is not None
+        p = cfg.privacy
+        summary: dict[str, Any] = {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
+                                   "delta": p.delta, "clip_norm": clip, "next_clip_norm": clip,
+                                   "sampling_rate": dp_sampling_rate(cfg)}
+        if res is not None:
+            summary.update(next_clip_norm=res.next_clip_norm,
+                           clipped_fraction=res.clipped_fraction)
+        return summary
 
     def _dp_denominator(self, cfg: RunConfig, selected: list[str]) -> float:
         """Under Poisson sampling the expected sample size; otherwise the hospitals asked."""
@@ -335,11 +345,12 @@ class FederatedRun:
             fit_start = self.clock()
             if cfg.secure_aggregation is not None:
                 try:
-                    secure = self._secure_fit(cfg, server_round, selected, blob, config,
-                                              weights, strategy.bn_stat_names)
+                    accepted, answers, failures, secure_dp, secure_info = self._secure_fit(
+                        cfg, server_round, selected, blob, config, weights,
+                        strategy.bn_stat_names)
                 except SecureAborted as exc:
                     return self._abort_round(cfg, server_round, weights, strategy, rng, str(exc))
-                accepted, answers, failures, rejected = secure[0], secure[1], secure[2], {}
+                rejected = {}
                 fit_wall = self.clock() - fit_start
                 break
             handles = {h: self.dispatcher.submit(h, TASK_FIT, [blob, config], deadline)
@@ -359,7 +370,7 @@ class FederatedRun:
             raise RunFailed(f"round {server_round}: quorum not reached after "
                             f"{cfg.max_round_retries + 1} attempts: {last_reason}")
         if cfg.secure_aggregation is not None:  # noise (if any) went onto the sum already
-            private, dp_summary, participants = accepted, secure[3], secure[4]["participants"]
+            private, dp_summary, participants = accepted, secure_dp, secure_info["participants"]
         else:
             private, dp_summary = self._privatize(cfg, weights, accepted, selected)
             participants = {r.hospital: r.num_examples for r in accepted}
@@ -377,7 +388,7 @@ class FederatedRun:
         slowest = max((float(answers[h].get("timings", {}).get("total_s", 0.0))
                        for h in participants), default=0.0)
         if cfg.secure_aggregation is not None:
-            summary["secure_aggregation"] = secure[4]
+            summary["secure_aggregation"] = secure_info
         if calibration is not None:
             summary["bn_calibration"] = calibration
         if dp_summary is not None:
@@ -440,11 +451,7 @@ class FederatedRun:
                               clip_learning_rate=p.clip_learning_rate, count_noise=p.count_noise,
                               num_updates=len(result.answers))
             mean = res.weights
-            dp_summary = {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
-                          "delta": p.delta, "clip_norm": clip,
-                          "next_clip_norm": res.next_clip_norm,
-                          "clipped_fraction": res.clipped_fraction,
-                          "sampling_rate": dp_sampling_rate(cfg)}
+            dp_summary = self._dp_summary(cfg, clip, res)
         else:
             mean = {n: ((w.astype(np.float64) + result.sums[n] / total).astype(w.dtype)
                         if n in result.sums else w.copy()) for n, w in weights.items()}
@@ -638,14 +645,14 @@ class FederatedRun:
         current = {n: weights[n] for n in sorted(bn_names)}
         if cfg.secure_aggregation is not None:
             return self._secure_calibrate(cfg, server_round, weights, hospitals, current, start)
-        answers, failures = self._ask(cfg, server_round, TASK_CALIBRATE, weights, hospitals,
-                                      bn_mode="average",
-                                      calibration_images=cfg.calibration_images)
+        answers, failures, blob = self._ask(cfg, server_round, TASK_CALIBRATE, weights,
+                                            hospitals, bn_mode="average",
+                                            calibration_images=cfg.calibration_images)
         usable, rejected = self._checked(
             server_round, answers,
             lambda measured: validate_batchnorm_stats(current, measured,
                                                       max_norm_ratio=cfg.max_norm_ratio),
-            kind="calibration", task=TASK_CALIBRATE, blob=encode_weights(weights))
+            kind="calibration", task=TASK_CALIBRATE, blob=blob)
         used = {h: n for h, (n, _) in usable.items()}
         stats = [measured for _, measured in usable.values()]
         for hospital, reason in rejected.items():
@@ -701,15 +708,16 @@ class FederatedRun:
 
     def _ask(self, cfg: RunConfig, server_round: int, task: str, weights: Weights,
              hospitals: list[str], **config: Any
-             ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, str], bytes]:
         """Send ``task`` with these global weights to every hospital and wait for them all or
-        the round deadline, with no quorum: evaluation and calibration use whoever answers."""
+        the round deadline, with no quorum: evaluation and calibration use whoever answers.
+        Returns (answers, failures, the weight blob sent, which signed answers name)."""
         config = self._task_config(cfg, server_round, **config)
         deadline = float(config["deadline"])
         blob = encode_weights(weights)
         handles = {h: self.dispatcher.submit(h, task, [blob, config], deadline)
                    for h in hospitals}
-        return self._collect(server_round, task, handles, deadline, 0)
+        return (*self._collect(server_round, task, handles, deadline, 0), blob)
 
     def _evaluate(self, cfg: RunConfig, server_round: int, weights: Weights,
                   hospitals: list[str]) -> dict[str, dict[str, Any]]:
@@ -717,10 +725,9 @@ class FederatedRun:
         the others are logged with their reason and left out of every pooled number."""
         if not hospitals:
             return {}
-        answers, _ = self._ask(cfg, server_round, TASK_EVALUATE, weights, hospitals,
-                               bn_mode=cfg.bn_mode)
+        answers, _, blob = self._ask(cfg, server_round, TASK_EVALUATE, weights, hospitals,
+                                     bn_mode=cfg.bn_mode)
         valid = {}
-        blob = encode_weights(weights)
         for hospital, answer in sorted(answers.items()):
             try:
                 self._verify(answer, hospital, server_round, "evaluation", TASK_EVALUATE, blob)

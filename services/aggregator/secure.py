@@ -169,8 +169,7 @@ class SecureGather:
         if len(u1) < need:
             raise abort(f"{len(u1)} hospitals sent shares, {need} needed")
         total_weight = float(sum(int(keys[h]["cap"]) for h in u1))
-        received = {h: {s: shares[s]["ciphertexts"][h] for s in u1
-                        if s != h and h in shares[s]["ciphertexts"]} for h in u1}
+        received = secagg.relay({h: shares[h]["ciphertexts"] for h in u1})
         # 3. the payload task answers masked vectors
         size = spec.size(like)
         deadline = float(config.get("deadline") or stage_deadline())
@@ -194,8 +193,8 @@ class SecureGather:
                 **params, "survivors": u2, "dropped": dropped}}] for h in u2},
             d, self._reveal_body)
         failures.update(more)
-        thresholds = {h: secagg.threshold_for(len(graph[h]) + 1, params["threshold_fraction"])
-                      for h in u1}
+        thresholds = secagg.holder_thresholds({h: graph[h] for h in u1},
+                                              params["threshold_fraction"])
         vectors = {h: secagg.unpack(masked[h]["masked"], size, params["bits"]) for h in u2}
         try:
             total = secagg.unmask_sum(
@@ -250,7 +249,9 @@ class SecureGather:
         body = {"purpose": a["purpose"], "masked": a["masked"], "coords": a["coords"]}
         if body["coords"] != size:
             raise ValueError(f"{body['coords']!r} coordinates, expected {size}")
-        secagg.unpack(body["masked"], size, self.sa.bits)  # checks the byte length
+        width = self.sa.bits // 8  # unpacked once, when unmasking
+        if not isinstance(body["masked"], bytes) or len(body["masked"]) != size * width:
+            raise ValueError(f"a masked vector of {size} coordinates is {size * width} bytes")
         return body
 
     def _reveal_body(self, hospital: str, a: Mapping[str, Any]) -> dict[str, Any]:

@@ -256,18 +256,27 @@ class HospitalClient:
         """The update as a masked vector (leukofed.secagg, services.client.secure)."""
         from services.client.secure import update_to_sum
 
+        delta, weight, extras = update_to_sum(cfg["secure"], global_weights, weights, n)
+        answer = self._masked_answer("fit", cfg, global_weights, delta, weight, extras, n)
+        if answer["status"] == "ok":
+            done = time.perf_counter()
+            answer.update(extra, timings={**timings, "total_s": done - start,
+                                          "encode_s": done - start - sum(timings.values())})
+        return answer
+
+    def _masked_answer(self, task: str, cfg: dict[str, Any], like: dict[str, np.ndarray],
+                       tensors: dict[str, np.ndarray], weight: float,
+                       extras: dict[str, float], n: int) -> dict[str, Any]:
+        """A fit or calibrate answer under secure aggregation: the masked vector, logged in
+        the participation log; a protocol error is an error answer with its reason."""
         try:
-            delta, weight, extras = update_to_sum(cfg["secure"], global_weights, weights, n)
-            answer = self.secure.masked(cfg, global_weights, delta, weight, extras)
+            answer = self.secure.masked(cfg, like, tensors, weight, extras)
         except secagg.SecAggError as exc:
-            return self._error("fit", cfg, f"secure aggregation: {exc.reason}: {exc.message}")
-        done = time.perf_counter()
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
+            return self._error(task, cfg, f"secure aggregation: {exc.reason}: {exc.message}")
+        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
                                   status="ok", bytes=len(answer["masked"]), secure=True,
                                   num_examples=int(n))
-        answer.update(extra, bytes=len(answer["masked"]),
-                      timings={**timings, "encode_s": done - start - sum(timings.values()),
-                               "total_s": done - start})
+        answer["bytes"] = len(answer["masked"])
         return answer
 
     def training_profile(self, image_size: int) -> dict[str, Any]:
@@ -332,15 +341,9 @@ class HospitalClient:
         weights = weights_from_model(trainer.model)
         if cfg["secure"] is not None:
             stats = {n: weights[n] for n in sorted(self._bn_names)}
-            try:  # first and second moments, weighted by the images used: they sum exactly
-                answer = self.secure.masked(cfg, stats, secagg.bn_moments(stats), float(used),
-                                            {"count": 1.0})
-            except secagg.SecAggError as exc:
-                return self._error("calibrate", cfg,
-                                   f"secure aggregation: {exc.reason}: {exc.message}")
-            self.participation.append(run=cfg["run_id"], round=cfg["round"], task="calibrate",
-                                      status="ok", bytes=len(answer["masked"]), secure=True,
-                                      num_examples=used)
+            # First and second moments, weighted by the images used: they sum exactly.
+            answer = self._masked_answer("calibrate", cfg, stats, secagg.bn_moments(stats),
+                                         float(used), {"count": 1.0}, used)
             answer["seconds"] = time.perf_counter() - start
             return answer
         out = encode_weights({n: weights[n] for n in sorted(self._bn_names)})
@@ -391,10 +394,7 @@ class HospitalClient:
             if task == TASK_SECAGG_REVEAL:
                 return self.secure.reveal(cfg)
         except secagg.SecAggError as exc:
-            log.warning("%s round %s refused: %s (%s)", short, cfg["round"], exc.reason,
-                        exc.message)
-            return _status("error", self.hospital, reason=f"{exc.reason}: {exc.message}",
-                           round=cfg["round"], run_id=cfg["run_id"])
+            return self._error(short, cfg, f"{exc.reason}: {exc.message}")
         return self._error(short, cfg, f"unknown secure-aggregation task {task!r}")
 
     # ------------------------------------------------------------ helpers
