@@ -225,6 +225,10 @@ def blob_digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
+                   "dataset_fingerprint", "bad_files", "paused")
+
+
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
     """What an answer's signature covers, besides run, round and hospital: the weights and
     count of an update or calibration, the splits of an evaluation, the declaration of a
@@ -239,10 +243,6 @@ def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
     if kind == "describe":
         return payload_digest(kind, {k: answer.get(k) for k in DESCRIBE_FIELDS})
     raise ValueError(f"no answer of kind {kind!r}")
-
-
-DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
-                   "dataset_fingerprint", "bad_files", "paused")
 
 
 def sign_answer(key: Ed25519PrivateKey, kind: str, hospital: str, run: str, round: int,
