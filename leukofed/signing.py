@@ -1,4 +1,5 @@
-"""Ed25519 signatures on the two messages that cross the broker: tasks and updates.
+"""Ed25519 signatures on what crosses the broker (tasks and answers) and on registered
+models (what the inference service serves).
 
 Why: the broker is shared by every hospital, so anyone who can write to it (a compromised
 hospital, a stolen broker password, the broker operator) could otherwise inject an update
@@ -28,6 +29,7 @@ round, or a nonce seen before), ``expired`` (a task past its validity).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import secrets
@@ -49,8 +51,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
 # update: a fit answer; calibration, evaluation, describe: the other answers (a signature of
-# one kind is never valid as another); secagg: the secure-aggregation stages.
-KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe")
+# one kind is never valid as another); secagg: the secure-aggregation stages; model: a
+# registered version's ONNX file, signed by the aggregator for the inference service.
+KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -357,6 +360,50 @@ def verify_task(key: Ed25519PublicKey, auth: Any, task: str, hospital: str, args
     verify({AGGREGATOR: key}, auth, kind="task", signer=AGGREGATOR,
            run=str(config.get("run_id", "")), round=round_, hospital=hospital,
            digest=task_digest(task, args), nonces=nonces, max_age_s=max_age_s)
+
+
+# ---------------------------------------------------------------- registered models
+
+
+def model_digest(model_name: str, version: str, onnx_sha256: str) -> str:
+    """A model signature covers the registered name, the version number and the ONNX file's
+    SHA-256: retagging a version to another file, or another version's signature to this
+    one, breaks it."""
+    return payload_digest("model", model_name, str(version), onnx_sha256)
+
+
+def sign_model(key: Ed25519PrivateKey, model_name: str, version: str, onnx_sha256: str,
+               weights_sha256: str, run: str = "", round: int = 0) -> str:
+    """The aggregator's signature of a registered version, as text for an MLflow tag
+    (base64 of the msgpack envelope). The Keras weights' digest rides in the signed claims,
+    so an auditor can check the Keras artifact against the same signature."""
+    env = sign(key, kind="model", signer=AGGREGATOR, run=run, round=round, hospital="",
+               digest=model_digest(model_name, version, onnx_sha256),
+               extra={"model": model_name, "version": str(version), "onnx_sha256": onnx_sha256,
+                      "weights_sha256": weights_sha256})
+    return base64.b64encode(msgpack.packb(env, use_bin_type=True)).decode("ascii")
+
+
+def verify_model(key: Ed25519PublicKey, signature: str | None, model_name: str, version: str,
+                 onnx_sha256: str) -> dict[str, Any]:
+    """Check ``signature`` (the tag text) is the aggregator's, over exactly this name, version
+    and ONNX digest; raise SignatureRejected otherwise. Returns the signed claims."""
+    if not signature:
+        raise SignatureRejected("unsigned", "the version carries no model signature")
+    try:
+        env = msgpack.unpackb(base64.b64decode(signature, validate=True), raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise SignatureRejected("forged", "the model signature is not a signature envelope"
+                                ) from exc
+    if not isinstance(env, Mapping) or not isinstance(env.get("run"), str) \
+            or isinstance(env.get("round"), bool) or not isinstance(env.get("round"), int):
+        raise SignatureRejected("unsigned", "model signature envelope malformed")
+    # Run and round are the ones the envelope names (the signature covers them); what must
+    # match is the name, the version and the digest of the bytes about to be served.
+    extra = verify({AGGREGATOR: key}, env, kind="model", signer=AGGREGATOR, run=env["run"],
+                   round=env["round"], hospital="",
+                   digest=model_digest(model_name, version, onnx_sha256))
+    return {**extra, "run": env["run"], "round": env["round"], "signed_at": env["signed_at"]}
 
 
 # ---------------------------------------------------------------- CLI

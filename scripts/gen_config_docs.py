@@ -55,9 +55,8 @@ MEANINGS: dict[str, str] = {
     "provider": "onnxruntime execution provider: auto (CUDA if present), cpu or cuda",
     "threads": "onnxruntime intra-op threads (0: every core)",
     "onnx_cache_dir": "where exported ONNX models are cached, per model version",
-    "log_onnx_to_mlflow": "log the exported ONNX file back to the version's run, so other "
-                          "replicas reuse it",
-    "parity_images_dir": "real images for the export's Keras-vs-ONNX parity check",
+    "model_public_key_file": "the aggregator's public key (aggregator.pub): only versions "
+                             "whose ONNX file it signed are served",
 }
 
 # Variables read outside the settings classes.

@@ -57,7 +57,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
                     if settings.hospital_keys_dir else None)
         model_ops = KerasModelOps(settings)
         tracker = (MlflowTracker(settings.tracking_uri, settings.mlflow_experiment,
-                                 settings.model_name, model_ops) if settings.tracking else None)
+                                 settings.model_name, model_ops, signing_key)
+                   if settings.tracking else None)
         mgr = manager or RunManager(store, dispatcher, model_ops, tracker,
                                     settings.poll_interval_s, verifier=verifier)
         app.state.store = mgr.store

@@ -170,10 +170,12 @@ def promote(
     its shortcut audit (leukofed.audit); a version that reads colour is refused."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from leukofed.audit import audit_verdict, format_audit
     from registry.lineage import best_version
     from registry.lineage import promote as do_promote
+    from registry.publish import TAG_SHA, TAG_SIGNATURE, TAG_UNSIGNED
     from registry.store import DEFAULT_MODEL_NAME
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
@@ -192,7 +194,11 @@ def promote(
             raise typer.Exit(1)
         version = found[0]
         typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
-    tags = dict(MlflowClient().get_model_version(name, str(version)).tags)
+    try:
+        tags = dict(MlflowClient().get_model_version(name, str(version)).tags)
+    except MlflowException as exc:
+        typer.echo(f"cannot read version {version} of {name}: {_mlflow_message(exc)}", err=True)
+        raise typer.Exit(1) from None
     card = _model_card(tags)
     if card is not None:
         from leukofed.card import card_summary
@@ -208,9 +214,23 @@ def promote(
         raise typer.Exit(2)
     if not ok:
         typer.echo(f"warning: {reason}; promoted because of --force", err=True)
-    tags = do_promote(version, alias, name)
+    signed = tags.get(TAG_SIGNATURE) not in (None, "", TAG_UNSIGNED)
+    typer.echo(f"ONNX file sha256: {tags.get(TAG_SHA) or 'none (not servable)'}; aggregator "
+               f"signature: {'present (the inference service checks it)' if signed else 'none'}")
+    try:
+        tags = do_promote(version, alias, name)
+    except MlflowException as exc:  # e.g. a read-only (hospital) user with MLflow auth on
+        typer.echo(f"MLflow refused to move @{alias}: {_mlflow_message(exc)}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")
+
+
+def _mlflow_message(exc: Exception) -> str:
+    """MLflow's error in one line (its message can carry a whole HTTP response)."""
+    code = getattr(exc, "error_code", "")
+    text = str(getattr(exc, "message", exc)).strip().splitlines()
+    return f"{code}: {text[0][:300] if text else type(exc).__name__}"
 
 
 def _model_card(tags: dict[str, str]) -> dict[str, Any] | None:

@@ -68,6 +68,19 @@ class KerasModelOps:
                                "rotation_ensemble": cfg.rotation_ensemble,
                                "augmentation": cfg.augmentation, **(extra or {})})
 
+    def parity_images(self, cfg: RunConfig, count: int = 8) -> np.ndarray:
+        """Images for the ONNX parity check: the first of the server's test split when it
+        has one (real smears), else seeded noise (what matters is numerical agreement)."""
+        source = self._test_source(cfg)
+        if source is not None:
+            with self._lock:
+                x, _ = self._test_arrays(source, cfg.image_size)
+            if len(x):
+                return x[:count]
+        from leukofed.export import parity_batch
+
+        return parity_batch(cfg.image_size, count=count)
+
     def _test_source(self, cfg: RunConfig) -> tuple[str, str] | None:
         if cfg.server_test_manifest or self.settings.server_test_manifest:
             return "manifest", str(cfg.server_test_manifest or self.settings.server_test_manifest)

@@ -130,11 +130,14 @@ def _privacy_tag(privacy: dict[str, Any] | None) -> str:
 
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, model_name: str,
-                 model_ops: KerasModelOps) -> None:
+                 model_ops: KerasModelOps, signing_key: Any | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.model_name = model_name
         self.model_ops = model_ops
+        # The aggregator's Ed25519 key: it signs each version's ONNX file, which is what the
+        # inference service checks before serving it (registry.publish).
+        self.signing_key = signing_key
 
     def _client(self) -> Any:
         import mlflow
@@ -187,6 +190,8 @@ class MlflowTracker:
         import mlflow
 
         from registry.lineage import register_round
+        from registry.publish import publish_onnx
+        from registry.store import CANDIDATE_ALIAS
 
         self._client()
         glob = summary["global"]
@@ -241,12 +246,19 @@ class MlflowTracker:
         mlflow.set_experiment(experiment_id=run.info.experiment_id)
         with mlflow.start_run(run_id=record["mlflow_run_id"]):
             version = register_round(model, metadata, record["id"], summary["round"], tags,
-                                     self.model_name)
+                                     self.model_name, move_candidate=False)
         # Leaving start_run() marks the run FINISHED; the federated run is still going.
-        self._client().update_run(record["mlflow_run_id"], status="RUNNING")
-        if version is not None:
-            self._log_card(record["mlflow_run_id"], with_version(extra["card"], version),
-                           version)
+        client = self._client()
+        client.update_run(record["mlflow_run_id"], status="RUNNING")
+        if version is None:
+            return None
+        # ONNX is made where the model is made, checked against Keras and signed; only then
+        # does `candidate` move, so nothing following it ever sees an unpublished version.
+        publish_onnx(client, self.model_name, version, record["mlflow_run_id"], model,
+                     metadata, self.model_ops.parity_images(cfg), self.signing_key,
+                     record["id"], int(summary["round"]))
+        client.set_registered_model_alias(self.model_name, CANDIDATE_ALIAS, version)
+        self._log_card(record["mlflow_run_id"], with_version(extra["card"], version), version)
         return version
 
     def _log_card(self, run_id: str, card: dict[str, Any], version: str) -> None:

@@ -1,11 +1,12 @@
 """Which model is served: follow an alias (or a fixed version) and hot-swap atomically.
 
 The watcher polls the registry. When the alias moves it loads the new version beside the
-old one (ONNX from the store, a session, a warm-up run) and only then replaces the single
-``current`` reference. A batch takes that reference once when it starts, so requests in
-flight finish on the model they started with and none fails during a swap. A version that
-fails its parity check (or cannot be exported at all) is refused for good and the
-previous one keeps serving; transient errors (MLflow unreachable) are retried each poll.
+old one (its signed ONNX file from the store, a session, a warm-up run) and only then
+replaces the single ``current`` reference. A batch takes that reference once when it
+starts, so requests in flight finish on the model they started with and none fails during
+a swap. A version that failed its parity check, or whose ONNX file is not the one the
+aggregator signed, is refused for good and the previous one keeps serving; one not
+published yet, and transient errors (MLflow unreachable), are retried each poll.
 
 Each version's metadata may carry its training images' acquisition profile
 (``leukofed.ood``); the served model judges every input against it, so an answer on an
@@ -42,7 +43,15 @@ from .answers import (
     load_calibration,
     load_card,
 )
-from .onnx_store import ExportError, OnnxArtifact, OnnxStore, VersionInfo
+from .onnx_store import (
+    UNCHECKED,
+    ExportError,
+    NotPublished,
+    OnnxArtifact,
+    OnnxStore,
+    UntrustedModel,
+    VersionInfo,
+)
 from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -112,6 +121,7 @@ class ServedModel:
     onnx_origin: str
     parity_max_abs_diff: float | None
     providers: list[str]
+    signature: str = UNCHECKED  # "verified: ..." when the aggregator's signature was checked
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     profile: AcquisitionProfile | None = field(default=None, compare=False, repr=False)
     profile_note: str = NO_PROFILE  # why there is no profile (when there is none)
@@ -177,9 +187,12 @@ class ModelSource:
         if resolver is None or fetch_onnx is None:
             from mlflow import MlflowClient
 
+            from leukofed.signing import load_public_key
+
             self._client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
-            store = OnnxStore(settings.onnx_cache_dir, self._client, settings.tracking_uri,
-                              settings.log_onnx_to_mlflow, settings.parity_images_dir)
+            key = (load_public_key(settings.model_public_key_file)
+                   if settings.model_public_key_file else None)
+            store = OnnxStore(settings.onnx_cache_dir, settings.tracking_uri, key)
         self._resolve = resolver or self._resolve_mlflow
         self._fetch = fetch_onnx or store.get
 
@@ -231,9 +244,13 @@ class ModelSource:
         self.status = f"loading version {info.version} of {info.name!r}"
         try:
             served = self._load(info)
+        except NotPublished as exc:
+            self._note(str(exc))
+            return self.current
         except (ParityError, ExportError) as exc:
-            why = "failed the ONNX parity check" if isinstance(exc, ParityError) else \
-                "cannot be exported"
+            why = ("not the file the aggregator signed" if isinstance(exc, UntrustedModel)
+                   else "failed the ONNX parity check" if isinstance(exc, ParityError)
+                   else "not servable")
             reason = f"version {info.version} refused ({why}): {exc}"
             self.refused[info.version] = reason
             self._note(reason)
@@ -248,9 +265,10 @@ class ModelSource:
         self.swaps += 1
         self.status = f"serving version {served.version}"
         self.last_error = None
-        log.info("now serving %s version %s (was %s), ONNX from %s, providers %s",
-                 served.name, served.version, old.version if old else "nothing",
-                 served.onnx_origin, served.providers)
+        log.info("now serving %s version %s (was %s), ONNX from %s, providers %s, "
+                 "signature %s", served.name, served.version,
+                 old.version if old else "nothing", served.onnx_origin, served.providers,
+                 served.signature)
         for hook in self.on_swap:
             hook(served)
         return served
@@ -277,7 +295,8 @@ class ModelSource:
             alias=None if s.model_version else s.model_alias, run_id=info.run_id,
             session=session, metadata=metadata, sha256=artifact.sha256,
             onnx_origin=artifact.origin, parity_max_abs_diff=artifact.parity_max_abs_diff,
-            providers=list(session.get_providers()), profile=profile, profile_note=note,
+            providers=list(session.get_providers()), signature=artifact.signature,
+            profile=profile, profile_note=note,
             calibration=calibration, calibration_note=calibration_note, card=card,
             card_note=card_note,
         )

@@ -122,6 +122,8 @@ class ModelInfo(BaseModel):
     onnx_sha256: str
     onnx_origin: str
     parity_max_abs_diff: float | None
+    signature: str = Field(description="'verified: ...' when the ONNX file's aggregator "
+                           "signature was checked; 'unchecked: ...' in development mode")
     loaded_at: str
     run_id: str | None
     max_batch_size: int

@@ -66,8 +66,11 @@ class InferenceSettings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)  # 0: onnxruntime uses every core
     onnx_cache_dir: Path = Path.home() / ".cache" / "leukofed" / "onnx"
-    log_onnx_to_mlflow: bool = True
-    parity_images_dir: Path | None = None  # real images for the export's parity check
+    # The aggregator's public key (aggregator.pub from `make keys`): a version is served
+    # only when its ONNX file carries the aggregator's valid signature. Unset: any published
+    # version is served, unchecked (development mode only).
+    model_public_key_file: Path | None = Field(
+        None, description="aggregator.pub: serve only versions whose ONNX it signed")
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -76,7 +79,7 @@ class InferenceSettings(BaseSettings):
     https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
     https_key_file: Path | None = Field(None, description="the HTTPS certificate's key")
 
-    @field_validator("model_version", "api_key", "parity_images_dir", "https_cert_file",
+    @field_validator("model_version", "api_key", "model_public_key_file", "https_cert_file",
                      "https_key_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -149,30 +150,33 @@ def card_entry(name: str = "leukofed-unit", version: str = "1") -> dict:
 
 
 def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache_dir: Path,
-                          champion: bool = True) -> str:
-    """Register a version in MLflow whose ONNX file (e.g. ``tiny_onnx(...)``) is already in
-    the service's local cache, so serving it needs neither TensorFlow nor an export.
-    Returns the version; the service must use ``cache_dir`` as its ONNX cache."""
+                          champion: bool = True, signing_key: Any | None = None) -> str:
+    """Register a version in MLflow whose ONNX file (e.g. ``tiny_onnx(...)``) is published
+    as the aggregator publishes one (``registry.publish.publish_file``; signed with
+    ``signing_key`` when given), so serving it needs no TensorFlow. Returns the version.
+    ``cache_dir`` is unused (kept for callers): the service downloads the file."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from .onnx_store import OnnxStore, VersionInfo
+    from registry.publish import publish_file
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri, tracking_uri)
     mlflow.set_experiment(f"inference-tests-{model_name}")
     with mlflow.start_run() as run:
-        mlflow.log_text("ONNX only: see the service's cache", "model/README.txt")
+        mlflow.log_text("ONNX only", "model/README.txt")
     with contextlib.suppress(MlflowException):  # it exists already
         client.create_registered_model(model_name)
     mv = client.create_model_version(model_name, f"runs:/{run.info.run_id}/model",
                                      run_id=run.info.run_id)
     version = str(mv.version)
-    store = OnnxStore(cache_dir, client, tracking_uri, log_to_mlflow=False)
-    path = store.local_path(VersionInfo(model_name, version, run.info.run_id, {}))
-    store._write_local(path, onnx, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(onnx)
+        publish_file(client, model_name, version, run.info.run_id, path, "", 0.0,
+                     signing_key)
     if champion:
         client.set_registered_model_alias(model_name, "champion", version)
     return version
@@ -180,12 +184,16 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,
                         champion: bool = False, profile: bool = False,
-                        rotation_ensemble: bool = True) -> str:
-    """Build a compact_cnn, log and register it in MLflow; returns the version.
+                        rotation_ensemble: bool = True, signing_key: Any | None = None) -> str:
+    """Build a compact_cnn, log and register it in MLflow, and publish its ONNX file as the
+    aggregator does (signed with ``signing_key`` when given); returns the version.
     ``profile``: its metadata carries smear_profile(image_size) as acquisition profile."""
     import mlflow
+    from mlflow import MlflowClient
 
+    from leukofed.export import parity_batch
     from leukofed.models import build_model, model_metadata
+    from registry.publish import publish_onnx
     from registry.store import log_and_register, set_alias
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -196,8 +204,10 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
     if profile:
         meta["acquisition_profile"] = smear_profile(image_size)
     mlflow.set_experiment(f"inference-tests-{model_name}")
-    with mlflow.start_run():
+    with mlflow.start_run() as run:
         version = log_and_register(model, meta, model_name=model_name, tags={"seed": seed})
+    publish_onnx(MlflowClient(tracking_uri, tracking_uri), model_name, version,
+                 run.info.run_id, model, meta, parity_batch(image_size, count=4), signing_key)
     if champion:
         set_alias(version, "champion", model_name)
     return version

@@ -37,6 +37,7 @@ async def model_info(state: ServiceState = Depends(get_state)) -> dict:
         "image_size": size, "preprocessing": m.metadata.get("preprocessing", {}),
         "provider": m.providers[0], "providers": m.providers, "onnx_sha256": m.sha256,
         "onnx_origin": m.onnx_origin, "parity_max_abs_diff": m.parity_max_abs_diff,
+        "signature": m.signature,
         "loaded_at": m.loaded_at.isoformat(), "run_id": m.run_id,
         "max_batch_size": state.settings.max_batch_size,
         "max_queue_delay_ms": state.settings.max_queue_delay_ms,

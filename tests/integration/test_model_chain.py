@@ -1,0 +1,211 @@
+"""The signed model chain, with a real MLflow server and the real inference service.
+
+1. The service holds the aggregator's public key: a signed version is served and says so;
+   an unsigned one, or a signed one retagged to another ONNX file, is refused with the
+   reason while the previous champion keeps serving; a fresh service whose champion is
+   forged is not ready and says why.
+2. MLflow with basic auth: a hospital's (read-only) user cannot move an alias, the ML
+   engineer's can, and `leukofed promote` works (and fails clearly) with those credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import VENV_BIN, free_port, wait_for_port
+
+from leukofed import signing
+from registry.publish import TAG_SHA, TAG_URI
+from registry.store import set_alias
+from services.inference.testing import ServiceProcess, register_onnx_version, tiny_onnx
+
+pytestmark = pytest.mark.integration
+
+NAME = "leukofed-chain-it"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    signing.generate_keypair(folder, "aggregator")
+    return folder
+
+
+def _service(mlflow_server, keys: Path, tmp: Path) -> ServiceProcess:
+    return ServiceProcess(free_port(), {
+        "LEUKOFED_INFERENCE_TRACKING_URI": mlflow_server.url,
+        "LEUKOFED_INFERENCE_MODEL_NAME": NAME,
+        "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache"),
+        "LEUKOFED_INFERENCE_POLL_INTERVAL_S": "0.3",
+        "LEUKOFED_INFERENCE_MODEL_PUBLIC_KEY_FILE": str(keys / "aggregator.pub"),
+        "LEUKOFED_INFERENCE_THREADS": "1",
+    }, tmp / "service.log")
+
+
+def _wait_refused(svc: ServiceProcess, version: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = svc.get("/readyz")
+        if version in body.get("refused_versions", {}):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"version {version} not refused: {body}\n{svc.log()}")
+
+
+def test_only_versions_signed_by_the_aggregator_are_served(
+        mlflow_server, keys: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    key = signing.load_private_key(keys / "aggregator.key")
+    client = MlflowClient(mlflow_server.url, mlflow_server.url)
+    v1 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=1), tmp_path,
+                               signing_key=key)
+    svc = _service(mlflow_server, keys, tmp_path / "a").start()
+    try:
+        svc.wait_ready(timeout=60, version=v1)
+        status, model = svc.get("/v1/model")
+        assert status == 200 and model["signature"].startswith(
+            "verified: signed by the aggregator"), model
+
+        # An unsigned version promoted: refused with the reason, version 1 keeps serving.
+        v2 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=2), tmp_path)
+        body = _wait_refused(svc, v2)
+        assert "unsigned" in body["refused_versions"][v2]
+        assert body["ready"] and body["model"]["version"] == v1
+
+        # A signed version retagged to the unsigned version's file: refused as forged.
+        v3 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=3), tmp_path,
+                                   champion=False, signing_key=key)
+        other = client.get_model_version(NAME, v2).tags
+        client.set_model_version_tag(NAME, v3, TAG_URI, other[TAG_URI])
+        client.set_model_version_tag(NAME, v3, TAG_SHA, other[TAG_SHA])
+        set_alias(v3, "champion", NAME)
+        body = _wait_refused(svc, v3)
+        assert "not the file the aggregator signed" in body["refused_versions"][v3]
+        assert "forged" in body["refused_versions"][v3]
+        assert body["model"]["version"] == v1
+        image = tiny_png()
+        r = httpx.post(f"{svc.url}/v1/predict", files={"file": ("a.png", image, "image/png")})
+        assert r.status_code == 200 and r.json()["model"]["version"] == v1
+        assert f"version {v3} refused" in svc.log()
+
+        # A fresh replica whose champion is the forged version: not ready, and says why.
+        fresh = _service(mlflow_server, keys, tmp_path / "b").start()
+        try:
+            body = _wait_refused(fresh, v3)
+            status, _ = fresh.get("/readyz")
+            assert status == 503 and not body["ready"]
+            assert "not the file the aggregator signed" in body["status"]
+            assert fresh.get("/v1/model")[0] == 503
+        finally:
+            fresh.stop()
+    finally:
+        svc.stop()
+
+
+def tiny_png() -> bytes:
+    from services.inference.testing import encode, noise_image
+
+    return encode(noise_image(32, 1), "PNG")
+
+
+# ------------------------------------------------------------------ MLflow with basic auth
+
+ADMIN_PASSWORD = "admin-password-for-tests"  # noqa: S105 (a throwaway test server)
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server --app-name basic-auth`` (default permission READ), as in compose."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    try:
+        wait_for_port(port, 120, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _as(user: str, password: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+
+def _promote(url: str, user: str, password: str, version: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": user,
+           "MLFLOW_TRACKING_PASSWORD": password, "LEUKOFED_AGGREGATOR_MODEL_NAME": NAME}
+    return subprocess.run([str(VENV_BIN / "leukofed"), "promote", version, "--force"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
+        auth_server: str, keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from registry.lineage import alias_history
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server)
+    _as("admin", ADMIN_PASSWORD, monkeypatch)
+    admin = get_app_client("basic-auth", tracking_uri=auth_server)
+    passwords = {u: f"{u}-password-1234" for u in ("aggregator", "engineer", "hospital-a")}
+    for user, password in passwords.items():
+        admin.create_user(user, password)
+
+    # The aggregator registers (and owns) the model; the engineer is granted EDIT on it.
+    _as("aggregator", passwords["aggregator"], monkeypatch)
+    key = signing.load_private_key(keys / "aggregator.key")
+    v1 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=1), tmp_path,
+                               champion=True, signing_key=key)
+    v2 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=2), tmp_path,
+                               champion=False, signing_key=key)
+    _as("admin", ADMIN_PASSWORD, monkeypatch)
+    admin.grant_user_permission("engineer", "registered_model", NAME, "EDIT")
+
+    # A hospital reads, but cannot move the alias: neither through the API...
+    _as("hospital-a", passwords["hospital-a"], monkeypatch)
+    hospital = MlflowClient(auth_server, auth_server)
+    assert hospital.get_model_version_by_alias(NAME, "champion").version == v1
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+        hospital.set_registered_model_alias(NAME, "champion", v2)
+    # ...nor with `leukofed promote`, which says why in one line.
+    done = _promote(auth_server, "hospital-a", passwords["hospital-a"], v2)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "MLflow refused to move @champion" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert hospital.get_model_version_by_alias(NAME, "champion").version == v1
+
+    # The ML engineer can, and the move is recorded with who made it and the signed digest.
+    done = _promote(auth_server, "engineer", passwords["engineer"], v2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "aggregator signature: present" in done.stdout
+    assert hospital.get_model_version_by_alias(NAME, "champion").version == v2
+    last = alias_history(NAME)[-1]
+    assert last["by"] == "engineer" and last["version"] == v2 and last["from"] == v1
+    assert last["onnx_sha256"] == hospital.get_model_version(NAME, v2).tags[TAG_SHA]
