@@ -10,7 +10,7 @@ MODEL ?=
 IMAGE_SIZE ?=
 
 .PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
-	status logs demo test-browser test-security keys acl
+	status logs demo test-browser test-security keys acl secrets
 
 setup:
 	@bash scripts/setup.sh
@@ -106,6 +106,11 @@ test-security: setup
 # Ed25519 key pairs for the aggregator and each hospital (ids a, b, c, ... by default).
 keys: setup
 	$(PY) -m leukofed.signing generate --out .run/keys aggregator $(shell $(PY) -c "import string; print(' '.join(string.ascii_lowercase[:$(HOSPITALS)]))")
+
+# Everything docker-compose.yml needs to start closed: keys, TLS, Redis ACL (secrets/) and
+# the secrets in .env (infra/security/compose_secrets.py).
+secrets: setup
+	$(PY) infra/security/compose_secrets.py --hospitals a b c
 
 # Redis ACL users: one per hospital, one for the aggregator, the default user disabled.
 acl: setup

@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Benchmarks start the services bare (no keys, tokens or TLS) to measure them: the services'
+# development mode (leukofed.startup); a deployment never runs with it.
+os.environ.setdefault("LEUKOFED_DEV_MODE", "1")
+
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"

@@ -28,6 +28,9 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$PIDS" "$LOGS"
 RUN_DIR_ABS=$(cd "$RUN_DIR" && pwd)
 BROKER_URL="redis://127.0.0.1:${REDIS_PORT}/0"
+# Local process mode is a developer's stack: no keys, no tokens. Outside this mode every
+# service refuses to start without them (leukofed.startup, docs/security.md).
+export LEUKOFED_DEV_MODE=${LEUKOFED_DEV_MODE:-1}
 MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
 
 alive() {  # alive NAME: the recorded process still runs

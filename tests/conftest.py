@@ -21,6 +21,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# Services refuse to start without keys and tokens outside development mode
+# (leukofed.startup); tests start them bare unless they test the keys, and the tests of the
+# refusal itself clear this.
+os.environ.setdefault("LEUKOFED_DEV_MODE", "1")
 REAL_DATA = Path(os.environ.get("LEUKOFED_REAL_DATA", ROOT.parent / "shared" / "data" / "all-pbs"))
 VENV_BIN = Path(sys.executable).parent
 

@@ -27,15 +27,21 @@ from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
 
 # Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
 COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
-# A hospital needs even less, and must not learn what others do: Redis does not filter SCAN
-# or RANDOMKEY by the user's key patterns (they list every key name, other hospitals'
-# queues and task ids included), PUBSUB CHANNELS lists every active channel, and INFO gives
-# the keyspace and the connected clients. Neither kombu nor Celery's result backend uses
-# them. What stays: EVAL/EVALSHA (in @scripting), which kombu's Redis transport uses to
-# move messages atomically; a script can touch only the keys it is passed, and Redis checks
-# those against the user's key patterns, so EVAL reaches no other hospital's keys.
-HOSPITAL_COMMANDS = ("+@all -@dangerous -@admin +client|setname +client|id -info -scan "
-                     "-randomkey -pubsub|channels -pubsub|numpat -pubsub|numsub "
+# A hospital gets an allowlist, never +@all: the command families a Celery worker and its
+# result backend use (lists for queues, hashes and sorted sets for unacknowledged
+# messages, sets for bindings, strings for results, pub/sub, MULTI/EXEC and scripts), then
+# everything dangerous taken out again. A command Redis adds in a later version is not
+# granted by accident. Beyond key patterns, a hospital must not learn what others do: Redis
+# does not filter SCAN, RANDOMKEY or KEYS by the user's key patterns (they list every key
+# name, other hospitals' queues and task ids included), PUBSUB CHANNELS lists every active
+# channel, and INFO gives the keyspace and the connected clients; none is granted. What
+# stays: EVAL/EVALSHA (in @scripting), which kombu's Redis transport uses to move messages
+# atomically; a script can touch only the keys it is passed, and Redis checks those against
+# the user's key patterns, so EVAL reaches no other hospital's keys.
+HOSPITAL_COMMANDS = ("-@all +@connection +@list +@hash +@set +@sortedset +@string +@pubsub "
+                     "+@scripting +@transaction +del +unlink +exists +expire +pexpire +ttl "
+                     "+pttl +type +time -@dangerous -@admin +client|setname +client|id -info -scan "
+                     "-randomkey -keys -pubsub|channels -pubsub|numpat -pubsub|numsub "
                      "-pubsub|shardchannels -pubsub|shardnumsub")
 # kombu subscribes to fanout exchanges (Celery's remote control, ``celery.pidbox``) with
 # PSUBSCRIBE, and Redis checks a PSUBSCRIBE pattern *literally* against the user's channel
@@ -65,18 +71,33 @@ def _secret_file(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def generate(hospitals: list[str], out: Path, db: int = 0) -> dict[str, str]:
-    """Write users.acl and <user>.password files; return {user: password}."""
+# The compose stack's two service users: the health check may only PING; the monitor
+# (Flower) sees every hospital's prefix, as the aggregator does.
+HEALTHCHECK_LINE = "user healthcheck on #{digest} resetkeys resetchannels -@all +ping"
+
+
+def generate(hospitals: list[str], out: Path, db: int = 0,
+             passwords: dict[str, str] | None = None, service_users: bool = False
+             ) -> dict[str, str]:
+    """Write users.acl and <user>.password files; return {user: password}. ``passwords``:
+    ones to keep (others are drawn at random); ``service_users``: add ``healthcheck`` and
+    ``monitor`` (the compose stack's)."""
     hospitals = [check_hospital_id(h) for h in hospitals]
-    if "aggregator" in hospitals or len(set(hospitals)) != len(hospitals):
-        raise ValueError("hospital ids must be unique and not 'aggregator'")
+    reserved = {"aggregator", "healthcheck", "monitor"}
+    if reserved & set(hospitals) or len(set(hospitals)) != len(hospitals):
+        raise ValueError(f"hospital ids must be unique and not one of {sorted(reserved)}")
     out.mkdir(parents=True, exist_ok=True)
-    passwords = {u: secrets.token_urlsafe(32) for u in [*hospitals, "aggregator"]}
+    users = [*hospitals, "aggregator", *(("healthcheck", "monitor") if service_users else ())]
+    passwords = {u: (passwords or {}).get(u) or secrets.token_urlsafe(32) for u in users}
+    prefixes = [key_prefix(h) for h in hospitals]
     lines = ["user default off resetkeys resetchannels -@all"]
     lines += [user_line(h, passwords[h], [key_prefix(h)], db, HOSPITAL_COMMANDS)
               for h in hospitals]
-    lines.append(user_line("aggregator", passwords["aggregator"],
-                           [key_prefix(h) for h in hospitals], db))
+    lines.append(user_line("aggregator", passwords["aggregator"], prefixes, db))
+    if service_users:
+        digest = hashlib.sha256(passwords["healthcheck"].encode()).hexdigest()
+        lines.append(HEALTHCHECK_LINE.format(digest=digest))
+        lines.append(user_line("monitor", passwords["monitor"], prefixes, db))
     (out / "users.acl").write_text("\n".join(lines) + "\n")
     for user, password in passwords.items():
         _secret_file(out / f"{user}.password", password)

@@ -13,8 +13,9 @@ from typing import Any
 from celery import Celery
 from fastapi import Depends, FastAPI, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from leukofed import signing
+from leukofed import signing, startup
 from leukofed.logging import add_filter
 from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
@@ -33,6 +34,13 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
                ) -> FastAPI:
     settings = settings or AggregatorSettings()
     configure_logging("aggregator")  # JSON lines (leukofed.logging)
+    # The token is read once at startup, from env or a secret file, and kept off the settings
+    # object's repr (SecretStr); routers other than /healthz and /metrics require it.
+    admin_token = read_secret(
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
+        str(settings.admin_token_file) if settings.admin_token_file else None)
+    startup.enforce("aggregator", settings.startup_problems(admin_token),
+                    settings.startup_secrets(admin_token))
     metrics = AggregatorMetrics(settings.state_dir)
 
     @asynccontextmanager
@@ -74,11 +82,10 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     app = FastAPI(title="leukofed aggregator", version="1",
                   description="Start and follow federated training runs over the hospitals' "
                               "Celery workers.", lifespan=lifespan)
-    # The token is read once at startup, from env or a secret file, and kept off the settings
-    # object's repr (SecretStr); routers other than /healthz and /metrics require it.
-    app.state.admin_token = read_secret(
-        settings.admin_token.get_secret_value() if settings.admin_token else None,
-        str(settings.admin_token_file) if settings.admin_token_file else None)
+    app.state.admin_token = admin_token
+    # A request for another Host (DNS rebinding from a browser) gets 400 before anything.
+    app.add_middleware(TrustedHostMiddleware,
+                       allowed_hosts=startup.allowed_hosts(settings.allowed_hosts))
     admin = [Depends(require_admin)]
     app.include_router(runs.router, dependencies=admin)
     app.include_router(hospitals.router, dependencies=admin)

@@ -48,11 +48,17 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     """Run the aggregator (REST API + round loop) with uvicorn."""
     import uvicorn
 
+    from leukofed.startup import StartupRefused
     from services.aggregator.app import create_app
     from services.aggregator.settings import AggregatorSettings
 
     settings = AggregatorSettings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+    try:
+        app = create_app(settings)
+    except StartupRefused as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port,
                 ssl_certfile=settings.https_cert_file, ssl_keyfile=settings.https_key_file)
 
 

@@ -49,6 +49,9 @@ class AggregatorSettings(BaseSettings):
     resume_on_start: bool = True
     host: str = "127.0.0.1"
     port: int = 8001
+    allowed_hosts: str = Field(
+        "", description="Host headers answered (comma list); empty: any in development "
+        "mode, else localhost and 127.0.0.1")
     # HTTPS for the API (`serve`), e.g. server.crt/.key from infra/security/make_certs.py.
     https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
     https_key_file: Path | None = Field(None, description="the HTTPS certificate's key")
@@ -75,6 +78,26 @@ class AggregatorSettings(BaseSettings):
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise ValueError("https_cert_file and https_key_file go together")
         return self
+
+    def startup_problems(self, admin_token: str | None) -> list[str | None]:
+        """What the aggregator lacks to start outside development mode (leukofed.startup)."""
+        from leukofed.startup import broker_problem
+
+        return [None if admin_token else "no admin token (LEUKOFED_AGGREGATOR_ADMIN_TOKEN or "
+                "_ADMIN_TOKEN_FILE): anyone reaching the API could start runs",
+                None if self.signing_key_file else "no signing key "
+                "(LEUKOFED_AGGREGATOR_SIGNING_KEY_FILE): tasks and models would go unsigned",
+                None if self.hospital_keys_dir else "no hospital public keys "
+                "(LEUKOFED_AGGREGATOR_HOSPITAL_KEYS_DIR): unsigned answers would be taken",
+                broker_problem(self.broker_url)]
+
+    def startup_secrets(self, admin_token: str | None) -> dict[str, str | None]:
+        import os
+
+        return {"LEUKOFED_AGGREGATOR_ADMIN_TOKEN": admin_token,
+                "LEUKOFED_AGGREGATOR_BROKER_URL": self.broker_url,
+                "LEUKOFED_AGGREGATOR_RESULT_BACKEND": self.result_backend,
+                "MLFLOW_TRACKING_PASSWORD": os.environ.get("MLFLOW_TRACKING_PASSWORD")}
 
     @property
     def isolated(self) -> list[str]:

@@ -55,7 +55,14 @@ def worker(
     settings = ClientSettings()  # type: ignore[call-arg]
     if not settings.data_dir.is_dir():
         raise typer.BadParameter(f"data dir not found: {settings.data_dir}")
-    create_app(settings).worker_main(worker_argv(settings, loglevel))
+    from leukofed.startup import StartupRefused
+
+    try:
+        app = create_app(settings)
+    except StartupRefused as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    app.worker_main(worker_argv(settings, loglevel))
 
 
 @client_app.command("log")

@@ -85,6 +85,22 @@ class ClientSettings(BaseSettings):
         self.acquisition()  # raises AcquisitionError (a ValueError) naming the file
         return self
 
+    def startup_problems(self) -> list[str | None]:
+        """What this hospital's worker lacks to start outside development mode."""
+        from leukofed.startup import broker_problem
+
+        return [None if self.signing_key_file else "no signing key "
+                "(LEUKOFED_CLIENT_SIGNING_KEY_FILE): its answers could be forged",
+                None if self.aggregator_public_key_file else "no aggregator public key "
+                "(LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE): it would run anyone's tasks",
+                broker_problem(self.broker_url),
+                f"fault injection is on (LEUKOFED_CLIENT_FAULT={self.fault!r}), a test "
+                "drill" if self.fault or self.fault_delay_s else None]
+
+    def startup_secrets(self) -> dict[str, str | None]:
+        return {"LEUKOFED_CLIENT_BROKER_URL": self.broker_url,
+                "LEUKOFED_CLIENT_RESULT_BACKEND": self.result_backend}
+
     @property
     def acquisition_path(self) -> Path | None:
         """The simulated laboratory's file: the setting, else <data_dir>/acquisition.json."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 
+from leukofed import startup
 from leukofed.logging import install_celery_logging
 from leukofed.transport import (
     TASK_CALIBRATE,
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ClientSettings | None = None) -> Celery:
     settings = settings or ClientSettings()  # type: ignore[call-arg]
+    startup.enforce(f"hospital {settings.hospital_id}", settings.startup_problems(),
+                    settings.startup_secrets())
     app = make_celery(f"leukofed-client-{settings.hospital_id}", settings.broker_url,
                       settings.result_backend, settings.visibility_timeout_s,
                       hospital_id=settings.hospital_id, isolate=settings.isolate,

@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import leukofed
+from leukofed import startup
 
 from . import runtime
 from .batcher import MicroBatcher
@@ -36,6 +38,7 @@ def create_app(settings: InferenceSettings | None = None,
                source: ModelSource | None = None) -> FastAPI:
     """Build the app; ``source`` replaces the MLflow-backed model source (unit tests)."""
     settings = settings or InferenceSettings()
+    startup.enforce("inference", settings.startup_problems(), settings.startup_secrets())
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -82,4 +85,7 @@ def create_app(settings: InferenceSettings | None = None,
                            burst=settings.rate_limit_burst)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Outermost: a request for another Host (DNS rebinding) gets 400 before anything else.
+    app.add_middleware(TrustedHostMiddleware,
+                       allowed_hosts=startup.allowed_hosts(settings.allowed_hosts))
     return app

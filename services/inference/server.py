@@ -6,6 +6,8 @@ the served version in MLflow and never exports again.
 
 from __future__ import annotations
 
+import sys
+
 from .settings import InferenceSettings
 
 
@@ -16,9 +18,14 @@ def serve(host: str | None = None, port: int | None = None, log_level: str = "in
 
     settings = InferenceSettings()
     from leukofed.logging import configure
+    from leukofed.startup import StartupRefused
 
     configure("inference", level=log_level)  # JSON lines shared by every service
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+    try:
+        app = create_app(settings)
+    except StartupRefused as exc:
+        sys.exit(str(exc))  # one line on stderr, exit status 1
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port,
                 log_level=log_level, log_config=None, access_log=False,
                 timeout_graceful_shutdown=10, proxy_headers=bool(settings.forwarded_allow_ips),
                 forwarded_allow_ips=settings.forwarded_allow_ips or None,

@@ -74,6 +74,9 @@ class InferenceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    allowed_hosts: str = Field(
+        "", description="Host headers answered (comma list); empty: any in development "
+        "mode, else localhost and 127.0.0.1")
     # HTTPS served by uvicorn itself (server.crt/.key from infra/security/make_certs.py),
     # for deployments without a TLS-terminating proxy in front. Both or neither.
     https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
@@ -90,6 +93,21 @@ class InferenceSettings(BaseSettings):
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise ValueError("https_cert_file and https_key_file go together")
         return self
+
+    def startup_problems(self) -> list[str | None]:
+        """What this service lacks to start outside development mode (leukofed.startup)."""
+        return [None if self.api_key else "no API key (LEUKOFED_INFERENCE_API_KEY): anyone "
+                "who reaches the port could use the model",
+                None if self.model_public_key_file else "no aggregator public key "
+                "(LEUKOFED_INFERENCE_MODEL_PUBLIC_KEY_FILE): any file tagged in MLflow "
+                "would be served"]
+
+    def startup_secrets(self) -> dict[str, str | None]:
+        import os
+
+        return {"LEUKOFED_INFERENCE_API_KEY": self.api_key.get_secret_value()
+                if self.api_key else None,
+                "MLFLOW_TRACKING_PASSWORD": os.environ.get("MLFLOW_TRACKING_PASSWORD")}
 
     @property
     def target(self) -> str:

@@ -8,6 +8,7 @@ The compose file is checked twice: as written (the Compose JSON schema accepts t
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
+sys.path.insert(0, str(ROOT / "infra" / "security"))  # compose_secrets, gen_acl, make_certs
 
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}"
                   r"|([A-Za-z_][A-Za-z0-9_]*))")

@@ -3,6 +3,7 @@ the code (settings classes, ports, health routes) and with no secret in the repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from leukofed.logging import FORMAT_ENV, LEVEL_ENV
+from registry.users import PASSWORD_ENV
 from services.aggregator.settings import AggregatorSettings
 from services.client.settings import ClientSettings
 from services.inference.settings import InferenceSettings
@@ -29,8 +31,9 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 }
 # Variables read outside the settings classes, and by whom.
 OTHER_LEUKOFED_ENV = {FORMAT_ENV, LEVEL_ENV}
-SERVICES = {"redis", "postgres", "mlflow", "aggregator", "client-a", "client-b", "client-c",
-            "inference", "inference-gpu", "flower", "prometheus"}
+USERS_PASSWORD_ENV = PASSWORD_ENV  # registry.users: one password per MLflow account
+SERVICES = {"redis", "postgres", "mlflow", "mlflow-users", "aggregator", "client-a",
+            "client-b", "client-c", "inference", "inference-gpu", "flower", "prometheus"}
 HOSPITALS = ("a", "b", "c")
 
 
@@ -80,6 +83,9 @@ def test_services_topology(compose: dict[str, Any]) -> None:
         assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
         for volume in svc.get("volumes", []):
             source = volume.split(":")[0]
+            if source.startswith("./secrets/"):  # made by `make secrets`, read-only
+                assert volume.endswith(":ro"), f"{name}: {volume} must be read-only"
+                continue
             assert source in declared, f"{name}: {source} is not a named volume"
     assert services["inference-gpu"]["profiles"] == ["gpu"]
     assert "profiles" not in services["inference"]  # the CPU variant runs by default
@@ -93,6 +99,7 @@ def test_services_topology(compose: dict[str, Any]) -> None:
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert {c["target"] for c in services["redis"]["configs"]} >= {
         "/usr/local/etc/redis/users.acl", "/usr/local/etc/redis/redis.conf"}
+    assert "--app-name" in services["mlflow"]["command"]  # MLflow with basic auth
 
 
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(
@@ -101,7 +108,10 @@ def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(
         check = svc.get("healthcheck")
         assert check and check.get("test") and not check.get("disable"), name
         for dep, cond in (svc.get("depends_on") or {}).items():
-            assert cond == {"condition": "service_healthy"}, (name, dep)
+            # A one-shot job (mlflow-users) is waited for until it has finished.
+            expected = ("service_completed_successfully" if dep == "mlflow-users"
+                        else "service_healthy")
+            assert cond == {"condition": expected}, (name, dep)
 
 
 def test_no_service_runs_as_root(compose: dict[str, Any]) -> None:
@@ -113,8 +123,11 @@ def test_no_service_runs_as_root(compose: dict[str, Any]) -> None:
 
 def test_build_contexts_and_dockerfiles_exist(compose: dict[str, Any]) -> None:
     built = 0
+    built_images = {svc["image"] for svc in compose["services"].values() if "build" in svc}
     for name, svc in compose["services"].items():
         if "build" not in svc:
+            if svc["image"] in built_images:  # reuses an image the stack builds
+                continue
             assert ":" in svc["image"] and not svc["image"].endswith(":latest"), name
             continue
         context = ROOT / svc["build"]["context"]
@@ -131,7 +144,7 @@ def test_environment_names_match_the_settings_classes(compose: dict[str, Any]) -
             if not key.startswith("LEUKOFED_"):
                 continue
             used.add(key)
-            if key in OTHER_LEUKOFED_ENV:
+            if key in OTHER_LEUKOFED_ENV or key.startswith(USERS_PASSWORD_ENV):
                 continue
             prefix = next((p for p in SETTINGS if key.startswith(p)), None)
             assert prefix, f"{name}: {key} is read by no settings class"
@@ -171,9 +184,44 @@ def test_settings_load_from_the_compose_environment(
         assert settings.provider == ("cuda" if service.endswith("gpu") else "cpu")
 
 
-def test_each_party_has_its_own_broker_account(compose: dict[str, Any],
-                                               raw_compose: dict[str, Any]) -> None:
-    acl = compose["configs"]["redis_acl"]["content"]
+@pytest.mark.parametrize("service, cls", [
+    ("aggregator", AggregatorSettings), ("inference", InferenceSettings),
+    *((f"client-{h}", ClientSettings) for h in HOSPITALS)])
+def test_compose_starts_closed(compose: dict[str, Any], raw_compose: dict[str, Any],
+                               service: str, cls: type[BaseSettings],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each service as compose configures it passes its own start-up check with no
+    development mode (leukofed.startup): keys, token, TLS, and its secrets required."""
+    from leukofed.startup import DEV_MODE_ENV
+
+    raw = _env(raw_compose["services"][service])
+    assert DEV_MODE_ENV not in raw
+    for key in list(__import__("os").environ):
+        if key.startswith("LEUKOFED_"):
+            monkeypatch.delenv(key)
+    env = _env(compose["services"][service])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = cls(_env_file=None)  # type: ignore[call-arg]
+    token = env.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN")
+    problems = (settings.startup_problems(token) if cls is AggregatorSettings
+                else settings.startup_problems())
+    assert [p for p in problems if p] == [], service
+    for key in ("LEUKOFED_AGGREGATOR_ADMIN_TOKEN", "LEUKOFED_INFERENCE_API_KEY",
+                "MLFLOW_TRACKING_PASSWORD"):
+        if key in raw:  # required: compose refuses to start without it
+            assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", raw[key]), (service, key)
+    if cls is not ClientSettings:  # the trusted-host check must admit the service's name
+        assert service in settings.allowed_hosts.split(","), service
+
+
+def test_each_party_has_its_own_broker_account_from_the_generated_acl(
+        compose: dict[str, Any], raw_compose: dict[str, Any], tmp_path: Path) -> None:
+    import compose_secrets
+
+    assert compose["configs"]["redis_acl"]["file"] == "./secrets/redis/users.acl"
+    values = compose_secrets.generate(list(HOSPITALS), tmp_path / "secrets", tmp_path / ".env")
+    acl = (tmp_path / "secrets" / "redis" / "users.acl").read_text()
     users = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
     assert users["default"].split()[2] == "off"
     urls = {"aggregator": _env(compose["services"]["aggregator"])[
@@ -183,12 +231,19 @@ def test_each_party_has_its_own_broker_account(compose: dict[str, Any],
     raw_passwords = set()
     for service, url in urls.items():
         parts = urlsplit(url)
+        assert parts.scheme == "rediss", service  # TLS only
         assert parts.hostname == "redis" and parts.port == 6379, service
         assert parts.username in users and users[parts.username].split()[2] == "on", service
         raw = _env(raw_compose["services"][service])
         raw_url = next(v for k, v in raw.items() if k.endswith("_BROKER_URL"))
-        raw_passwords.add(re.search(r":\$\{([A-Z0-9_]+)", raw_url).group(1))
+        variable = re.search(r":\$\{([A-Z0-9_]+)", raw_url).group(1)
+        raw_passwords.add(variable)
+        # .env holds the password whose SHA-256 the ACL line carries.
+        digest = hashlib.sha256(values[variable].encode()).hexdigest()
+        assert f"#{digest}" in users[parts.username], service
     assert len(raw_passwords) == len(urls)  # no two parties share a password variable
+    for h in HOSPITALS:
+        assert "+@all" not in users[h] and f"~{h}:*" in users[h]  # an allowlist, its prefix
 
 
 def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
@@ -202,7 +257,7 @@ def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
     example = read_env_file(ENV_EXAMPLE)
     for key, value in example.items():
         if secretish.search(key):
-            assert value in ("", "change-me") or value.endswith(":change-me"), key
+            assert value == "change-me" or value.endswith(":change-me"), key
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
     assert ignored.returncode == 0, ".env must be git-ignored"
 

@@ -4,6 +4,7 @@ user, a HEALTHCHECK, dependencies pinned by requirements.lock, no build tools at
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -112,39 +113,54 @@ def test_redis_config_uses_the_mounted_acl_file_and_persists() -> None:
     assert directives["protected-mode"] == "yes"
 
 
-def test_redis_config_is_accepted_by_redis_server(tmp_path: Path) -> None:
+def test_redis_config_is_accepted_by_redis_server_and_speaks_only_tls(tmp_path: Path) -> None:
     # redis-server --test-memory is not a config check; instead start it on a free port
-    # with the file (paths rewritten to tmp) and an ACL file, and expect it to answer.
+    # with the file (paths rewritten to tmp), certificates from make_certs.py and an ACL
+    # file, and expect a TLS client to get PONG and a plain-text one nothing.
     redis = shutil.which("redis-server")
     if redis is None:
         pytest.skip("redis-server not installed")
     import socket
+    import ssl
     import time
 
+    import make_certs
+
+    make_certs.generate(["a"], tmp_path / "tls", server_names=["redis", "localhost"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     acl = tmp_path / "users.acl"
     acl.write_text("user default off\nuser healthcheck on >pw -@all +ping\n")
     conf = (ROOT / "infra/redis/redis.conf").read_text()
+    assert "\nport 0\n" in conf  # no plain-text port
     conf = (conf.replace("/usr/local/etc/redis/users.acl", str(acl))
             .replace("dir /data", f"dir {tmp_path}").replace("bind 0.0.0.0 -::*", "bind 127.0.0.1")
-            .replace("port 6379", f"port {port}"))
+            .replace("tls-port 6379", f"tls-port {port}").replace("/tls/", f"{tmp_path}/tls/"))
     (tmp_path / "redis.conf").write_text(conf)
     proc = subprocess.Popen([redis, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.crt"))
     try:
         answer = b""
         for _ in range(50):
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                        context.wrap_socket(raw, server_hostname="localhost") as conn:
                     conn.sendall(b"AUTH healthcheck pw\r\nPING\r\n")
-                    time.sleep(0.1)
+                    time.sleep(0.2)
                     answer = conn.recv(100)
                 break
             except OSError:
                 time.sleep(0.1)
         assert b"PONG" in answer, answer
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as plain:
+            plain.sendall(b"AUTH healthcheck pw\r\nPING\r\n")
+            time.sleep(0.2)
+            reply = b""
+            with contextlib.suppress(OSError):  # a closed connection is a refusal too
+                reply = plain.recv(100)
+            assert b"PONG" not in reply
     finally:
         proc.terminate()
         proc.wait(10)

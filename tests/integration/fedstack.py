@@ -33,7 +33,9 @@ def hospital_data(root: Path, hospital: str, per_class: int = 6) -> Path:
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEUKOFED_")}
+    # The suite's development mode (tests/conftest.py) stays: the stack runs without keys.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("LEUKOFED_") or k == "LEUKOFED_DEV_MODE"}
     env.update(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
                CUDA_VISIBLE_DEVICES="", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1")
     env.update(extra)

@@ -170,13 +170,15 @@ def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
     from mlflow.server import get_app_client
 
     from registry.lineage import alias_history
+    from registry.users import ensure_users
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server)
     _as("admin", ADMIN_PASSWORD, monkeypatch)
     admin = get_app_client("basic-auth", tracking_uri=auth_server)
     passwords = {u: f"{u}-password-1234" for u in ("aggregator", "engineer", "hospital-a")}
-    for user, password in passwords.items():
-        admin.create_user(user, password)
+    # What compose's mlflow-users service runs; again at the next `up`: idempotent.
+    assert ensure_users(auth_server, passwords)[0] == "created user aggregator"
+    assert ensure_users(auth_server, passwords)[0] == "user aggregator exists; password set"
 
     # The aggregator registers (and owns) the model; the engineer is granted EDIT on it.
     _as("aggregator", passwords["aggregator"], monkeypatch)
