@@ -151,7 +151,7 @@ def _acquisition(x: tf.Tensor) -> tf.Tensor:
 
 def augment_stain(x: tf.Tensor) -> tf.Tensor:
     """The stain-robust recipe (default): dihedral, then stain transfer between images of
-    any class in optical-density space, half the time with cells and background moved to
+    any class in optical-density space, mostly with cells and background moved to
     different stains, and a common stain intensity (lighter or darker staining, as between
     laboratories); brightness, contrast, gamma and channel jitter; another microscope's
     illumination, focus and noise. No random crops (they change cell size, which the classes
@@ -166,7 +166,10 @@ def augment_stain(x: tf.Tensor) -> tf.Tensor:
     cells = tf.sigmoid(((r + bl) / 2.0 - g - 30.0) / 5.0)  # soft purple-cell mask
     one = _stain_transfer(od, mean, std)
     two = _stain_transfer(od, mean, std)
-    split = tf.random.uniform([b, 1, 1, 1]) < 0.5
+    # Most transfers move cells and background to different stains: measured, 0.8 instead of
+    # 0.5 took the spatial recolouring's loss from 6.6 to 3.8 points and the recoloured one
+    # from 2.4 to 0.4 (docs/shortcuts.md); per-image normalisation cannot undo it.
+    split = tf.random.uniform([b, 1, 1, 1]) < 0.8
     od_new = tf.where(split, cells * one + (1.0 - cells) * two, one)
     transfer = tf.random.uniform([b, 1, 1, 1]) < 0.8
     od = tf.where(transfer, od_new, od)
