@@ -72,17 +72,17 @@ echo "== promote: the version with the best worse-of(original, recoloured) macro
 champion=$(sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$DEMO/promote.txt")
 
 echo "== predict: one held-out test image through the inference service ($INFERENCE_URL)"
-# The service polls the champion alias (every 5 s by default), exports the new version to
-# ONNX once and swaps it in: wait until /readyz reports it ready.
+# The service polls the champion alias (every second by default), downloads the signed ONNX
+# file the aggregator published and swaps it in: wait until /readyz reports it ready.
 # A service that was already serving an earlier champion is ready at once: wait until it
 # serves the version just promoted.
 serving() {
     curl -fsS "$INFERENCE_URL/v1/model" 2>/dev/null | "$VENV/python" -c \
         'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null
 }
-for ((i = 0; i < 120; i++)); do
+for ((i = 0; i < 480; i++)); do
     if [[ "$(serving)" == "$champion" ]]; then break; fi
-    sleep 2
+    sleep 0.5
 done
 if [[ "$(serving)" != "$champion" ]]; then
     echo "the inference service does not serve version $champion: $(curl -sS "$INFERENCE_URL/readyz")" >&2

@@ -181,6 +181,9 @@ class ModelSource:
         self.status = "starting: the registry has not been asked yet"
         self.last_error: str | None = None
         self.refused: dict[str, str] = {}
+        # The version the alias named at the last successful look-up: an answer calls the
+        # served version by the alias only while the alias still names it.
+        self.alias_version: str | None = None
         self.swaps = 0
         self.on_swap: list[Callable[[ServedModel], None]] = []
         self._lock = threading.Lock()  # one refresh at a time
@@ -199,6 +202,13 @@ class ModelSource:
     @property
     def ready(self) -> bool:
         return self.current is not None
+
+    def alias_of(self, model: ServedModel) -> str | None:
+        """The alias ``model`` is served under, or None once the alias has moved on (the
+        new version still loading, or refused): never "champion" for a former champion."""
+        if model.alias is None or self.alias_version != model.version:
+            return None
+        return model.alias
 
     def _resolve_mlflow(self) -> VersionInfo | None:
         from mlflow.exceptions import MlflowException
@@ -234,6 +244,7 @@ class ModelSource:
         except Exception as exc:
             self._note(f"cannot read the registry at {s.tracking_uri}: {exc}")
             return self.current
+        self.alias_version = None if info is None else info.version
         if info is None:
             self._note(self._missing_reason())
             return self.current

@@ -20,7 +20,8 @@ class ServiceState:
     metrics: Metrics
 
     def model_ref(self, model: ServedModel) -> dict[str, str | None]:
-        return {"name": model.name, "version": model.version, "alias": model.alias}
+        return {"name": model.name, "version": model.version,
+                "alias": self.source.alias_of(model)}
 
 
 def get_state(request: Request) -> ServiceState:

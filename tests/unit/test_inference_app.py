@@ -185,9 +185,16 @@ def test_alias_move_swaps_and_parity_failure_keeps_the_old_version(
     ready = client.get("/readyz").json()
     assert ready["model"]["version"] == "2" and "parity" in ready["last_error"]
     r = client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")})
-    assert r.json()["model"]["version"] == "2"
+    # Still answered by version 2, which is no longer called champion: the alias left it.
+    assert r.json()["model"] == {"name": NAME, "version": "2", "alias": None}
+    assert client.get("/v1/model").json()["alias"] is None
     time.sleep(0.2)
     assert registry.fetched.count("3") == 1  # refused for good, not retried every poll
+    registry.champion = "2"  # moved back: version 2 is champion again
+    deadline = time.monotonic() + 5
+    while client.get("/readyz").json()["model"]["alias"] != "champion":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def test_not_ready_without_champion_then_ready(tmp_path: Path) -> None:

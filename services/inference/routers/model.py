@@ -30,7 +30,8 @@ async def model_info(state: ServiceState = Depends(get_state)) -> dict:
     size = m.image_size
     cal, card = m.calibration, m.card
     return {
-        "name": m.name, "version": m.version, "alias": m.alias, "classes": m.classes,
+        "name": m.name, "version": m.version, "alias": state.source.alias_of(m),
+        "classes": m.classes,
         "architecture": m.metadata.get("architecture"),
         "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, size, size, 3]},
         "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(m.classes)]},

@@ -122,13 +122,13 @@ def _calibration_parameters(model: ServedModel) -> dict[str, Any]:
             "coverage": cal.coverage}
 
 
-def _metadata(model: ServedModel) -> dict:
+def _metadata(model: ServedModel, alias: str | None) -> dict:
     size = model.image_size
     return {
         "name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, size, size, 3]}],
         "outputs": _output_specs(model),
-        "parameters": {"classes": model.classes, "alias": model.alias,
+        "parameters": {"classes": model.classes, "alias": alias,
                        "preprocessing": model.metadata.get("preprocessing", {}),
                        "ood_check": _ood_check(model), **_calibration_parameters(model)},
     }
@@ -138,7 +138,8 @@ def _metadata(model: ServedModel) -> dict:
 @models.get("/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(name: str, version: str | None = None,
                          state: ServiceState = Depends(get_state)) -> dict:
-    return _metadata(_served(state, name, version))
+    model = _served(state, name, version)
+    return _metadata(model, state.source.alias_of(model))
 
 
 @models.get("/{name}/ready")
