@@ -56,7 +56,10 @@ def test_not_ready_without_champion_then_ready_after_promotion(service: ServiceP
     assert r.status_code in (415, 503)  # bad input is reported even before a model exists
 
     version = register_tiny_model(mlflow_server.url, NAME, seed=21, champion=True)
+    promoted = time.monotonic()
     ready = service.wait_ready(timeout=180, version=version)
+    # The first swap after start-up: from the alias moving to serving, within 5 s.
+    assert time.monotonic() - promoted < 5.0
     assert ready["model"] == {"name": NAME, "version": version, "alias": "champion"}
 
 
@@ -88,7 +91,9 @@ def test_alias_moves_under_16_concurrent_clients_with_zero_failures(
     try:
         time.sleep(1.0)
         set_alias(new, "champion", NAME)
+        promoted = time.monotonic()
         service.wait_ready(timeout=180, version=new)
+        assert time.monotonic() - promoted < 5.0  # promotion to serving, under load
         counts_at_swap = [len(s) for s in seen]
         deadline = time.monotonic() + 60
         while any(len(s) < c + 5 for s, c in zip(seen, counts_at_swap)):
