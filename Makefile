@@ -10,13 +10,26 @@ MODEL ?=
 IMAGE_SIZE ?=
 
 .PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
-	status logs demo test-browser test-security keys acl secrets
+	status logs demo test-browser test-security keys acl secrets test-inference-alone
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	@bash scripts/test.sh
+	@$(MAKE) -s test-inference-alone
+
+# The inference service without TensorFlow: its own environment from the "inference"
+# dependency group (pinned by requirements.lock), where its unit tests must pass.
+INFERENCE_VENV := .venv-inference
+test-inference-alone: setup
+	@[[ -x $(INFERENCE_VENV)/bin/python ]] || .venv/bin/uv venv -q --python .venv/bin/python $(INFERENCE_VENV)
+	@.venv/bin/uv pip install -q --python $(INFERENCE_VENV)/bin/python --constraint requirements.lock \
+	  --group pyproject.toml:inference --group pyproject.toml:inference-test
+	@.venv/bin/uv pip install -q --python $(INFERENCE_VENV)/bin/python --no-deps -e .
+	@$(INFERENCE_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit('TensorFlow is installed in $(INFERENCE_VENV)' if u.find_spec('tensorflow') else 0)"
+	@echo "inference without TensorFlow:"
+	@$(INFERENCE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_inference_*.py
 
 test-unit: setup
 	.venv/bin/pytest -q tests/unit
