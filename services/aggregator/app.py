@@ -19,6 +19,7 @@ from leukofed import signing, startup
 from leukofed.logging import add_filter
 from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
+from registry.client import Registry
 from services.aggregator.auth import read_secret, require_admin
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.manager import RunManager
@@ -64,8 +65,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         verifier = (signing.UpdateVerifier(signing.load_public_keys(settings.hospital_keys_dir))
                     if settings.hospital_keys_dir else None)
         model_ops = KerasModelOps(settings)
-        tracker = (MlflowTracker(settings.tracking_uri, settings.mlflow_experiment,
-                                 settings.model_name, model_ops, signing_key)
+        tracker = (MlflowTracker(Registry(settings.tracking_uri, settings.model_name),
+                                 settings.mlflow_experiment, model_ops, signing_key)
                    if settings.tracking else None)
         mgr = manager or RunManager(store, dispatcher, model_ops, tracker,
                                     settings.poll_interval_s, verifier=verifier)

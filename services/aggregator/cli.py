@@ -174,38 +174,30 @@ def promote(
 ) -> None:
     """Point an alias (champion by default) at a registered model version, after showing
     its shortcut audit (leukofed.audit); a version that reads colour is refused."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from leukofed.audit import audit_verdict, format_audit
-    from registry.lineage import best_version
-    from registry.lineage import promote as do_promote
+    from registry.client import Registry, RegistryError
     from registry.publish import TAG_SHA, TAG_SIGNATURE, TAG_UNSIGNED
     from registry.store import DEFAULT_MODEL_NAME
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    # Both: a registry URI set earlier in the process (mlflow also exports it as an
-    # environment variable) would otherwise win for the registry.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)
-    if version == "best":
-        found = best_version(metric, run_id, name)
-        if found is None:
-            typer.echo(f"no version of {name} has a {metric} tag"
-                       + (" (versions registered without a server test split carry no "
-                          "shortcut audit; rank them with --metric val_macro_f1)"
-                          if metric.startswith("audit_") else ""), err=True)
-            raise typer.Exit(1)
-        version = found[0]
-        typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
+    registry = Registry(uri, name)  # MLflow credentials: MLFLOW_TRACKING_USERNAME/PASSWORD
     try:
-        tags = dict(MlflowClient().get_model_version(name, str(version)).tags)
-    except MlflowException as exc:
-        typer.echo(f"cannot read version {version} of {name}: {_mlflow_message(exc)}", err=True)
+        if version == "best":
+            found = registry.best_version(metric, run_id)
+            if found is None:
+                typer.echo(f"no version of {name} has a {metric} tag"
+                           + (" (versions registered without a server test split carry no "
+                              "shortcut audit; rank them with --metric val_macro_f1)"
+                              if metric.startswith("audit_") else ""), err=True)
+                raise typer.Exit(1)
+            version = found[0]
+            typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
+        tags = registry.version(version).tags
+    except RegistryError as exc:
+        typer.echo(f"cannot read version {version} of {name}: {exc}", err=True)
         raise typer.Exit(1) from None
-    card = _model_card(tags)
+    card = _model_card(registry, tags)
     if card is not None:
         from leukofed.card import card_summary
 
@@ -224,32 +216,22 @@ def promote(
     typer.echo(f"ONNX file sha256: {tags.get(TAG_SHA) or 'none (not servable)'}; aggregator "
                f"signature: {'present (the inference service checks it)' if signed else 'none'}")
     try:
-        tags = do_promote(version, alias, name)
-    except MlflowException as exc:  # e.g. a read-only (hospital) user with MLflow auth on
-        typer.echo(f"MLflow refused to move @{alias}: {_mlflow_message(exc)}", err=True)
+        tags = registry.promote(version, alias)
+    except RegistryError as exc:  # e.g. a read-only (hospital) user with MLflow auth on
+        typer.echo(f"MLflow refused to move @{alias}: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")
 
 
-def _mlflow_message(exc: Exception) -> str:
-    """MLflow's error in one line (its message can carry a whole HTTP response)."""
-    code = getattr(exc, "error_code", "")
-    text = str(getattr(exc, "message", exc)).strip().splitlines()
-    return f"{code}: {text[0][:300] if text else type(exc).__name__}"
-
-
-def _model_card(tags: dict[str, str]) -> dict[str, Any] | None:
+def _model_card(registry: Any, tags: dict[str, str]) -> dict[str, Any] | None:
     """The version's model card, from the run artifact its ``model_card`` tag names."""
-    from mlflow import MlflowClient
-
     where = tags.get("model_card", "")
     run_id, _, path = where.partition(":")
     if not run_id or not path:
         return None
     try:
-        local = MlflowClient().download_artifacts(run_id, path)
-        return json.loads(Path(local).read_text())
+        return json.loads(registry.run_artifact_text(run_id, path))
     except Exception as exc:  # a missing artifact must not stop a promotion; say so
         typer.echo(f"model card unreadable ({where}): {exc}", err=True)
         return None

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from leukofed.card import build_card, card_html, card_markdown, with_version
+from registry.client import Registry
+from registry.store import CANDIDATE_ALIAS
 from services.aggregator.config import RunConfig
 from services.aggregator.modelops import KerasModelOps
 
@@ -129,71 +131,46 @@ def _privacy_tag(privacy: dict[str, Any] | None) -> str:
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, experiment: str, model_name: str,
-                 model_ops: KerasModelOps, signing_key: Any | None = None) -> None:
-        self.tracking_uri = tracking_uri
+    """A federated run in MLflow, through the registry (the only module that talks to it)."""
+
+    def __init__(self, registry: Registry, experiment: str, model_ops: KerasModelOps,
+                 signing_key: Any | None = None) -> None:
+        self.registry = registry
         self.experiment = experiment
-        self.model_name = model_name
+        self.model_name = registry.model_name
         self.model_ops = model_ops
         # The aggregator's Ed25519 key: it signs each version's ONNX file, which is what the
         # inference service checks before serving it (registry.publish).
         self.signing_key = signing_key
 
-    def _client(self) -> Any:
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow.MlflowClient(self.tracking_uri)
-
     def start(self, record: dict[str, Any], cfg: RunConfig) -> str:
-        client = self._client()
-        if record.get("mlflow_run_id"):
-            run_id = record["mlflow_run_id"]
-            if client.get_run(run_id).info.status != "RUNNING":
-                client.update_run(run_id, status="RUNNING")
-            return run_id
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        run_id, exp_id = self.registry.open_run(
+            self.experiment, cfg.name or f"federated-{record['id']}",
+            {"leukofed.run_id": record["id"], "kind": "federated"}, flat_params(cfg),
+            record.get("mlflow_run_id"))
         record["mlflow_experiment_id"] = exp_id
-        run = client.create_run(exp_id, run_name=cfg.name or f"federated-{record['id']}",
-                                tags={"leukofed.run_id": record["id"], "kind": "federated"})
-        for key, value in flat_params(cfg).items():
-            client.log_param(run.info.run_id, key, value)
-        return run.info.run_id
+        return run_id
 
     def log_round(self, record: dict[str, Any], summary: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
         from leukofed.labels import CLASSES
         from leukofed.metrics import plot_confusion_matrix
 
-        client = self._client()
         run_id = record["mlflow_run_id"]
         step = int(summary["round"])
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in round_metrics(summary).items()]
-        for i in range(0, len(metrics), 500):
-            client.log_batch(run_id, metrics=metrics[i:i + 500])
+        self.registry.log_metrics(run_id, round_metrics(summary), step)
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             plot_curves(record["rounds"], d / "curves.png")
-            client.log_artifact(run_id, str(d / "curves.png"))
+            self.registry.log_artifact(run_id, d / "curves.png")
             for split, cm in summary.get("confusion", {}).items():
                 p = plot_confusion_matrix(cm, CLASSES, d / f"confusion_{split}_round{step:04d}.png",
                                           title=f"{split}, round {step}")
-                client.log_artifact(run_id, str(p), "confusion")
+                self.registry.log_artifact(run_id, p, "confusion")
             (d / f"round{step:04d}.json").write_text(json.dumps(summary, indent=1))
-            client.log_artifact(run_id, str(d / f"round{step:04d}.json"), "rounds")
+            self.registry.log_artifact(run_id, d / f"round{step:04d}.json", "rounds")
 
     def register(self, record: dict[str, Any], cfg: RunConfig, summary: dict[str, Any],
                  weights: dict[str, Any]) -> str | None:
-        import mlflow
-
-        from registry.lineage import register_round
-        from registry.publish import publish_onnx
-        from registry.store import CANDIDATE_ALIAS
-
-        self._client()
         glob = summary["global"]
         tags: dict[str, Any] = {
             "mlflow_run_id": record["mlflow_run_id"], "strategy": cfg.strategy,
@@ -240,31 +217,20 @@ class MlflowTracker:
         extra["card"] = build_card(card_info(cfg, record, summary, self.model_name))
         metadata = self.model_ops.metadata(cfg, extra)
         model = self.model_ops.keras_model(cfg, weights)
-        # start_run(run_id) refuses a run outside the process's active experiment; make it
-        # this run's, whatever else in the process set one before (found in the test suite).
-        run = self._client().get_run(record["mlflow_run_id"])
-        mlflow.set_experiment(experiment_id=run.info.experiment_id)
-        with mlflow.start_run(run_id=record["mlflow_run_id"]):
-            version = register_round(model, metadata, record["id"], summary["round"], tags,
-                                     self.model_name, move_candidate=False)
-        # Leaving start_run() marks the run FINISHED; the federated run is still going.
-        client = self._client()
-        client.update_run(record["mlflow_run_id"], status="RUNNING")
-        if version is None:
-            return None
+        version = self.registry.register_round(model, metadata, record["mlflow_run_id"],
+                                               record["id"], int(summary["round"]), tags)
         # ONNX is made where the model is made, checked against Keras and signed; only then
         # does `candidate` move, so nothing following it ever sees an unpublished version.
-        publish_onnx(client, self.model_name, version, record["mlflow_run_id"], model,
-                     metadata, self.model_ops.parity_images(cfg), self.signing_key,
-                     record["id"], int(summary["round"]))
-        client.set_registered_model_alias(self.model_name, CANDIDATE_ALIAS, version)
+        self.registry.publish_onnx(version, record["mlflow_run_id"], model, metadata,
+                                   self.model_ops.parity_images(cfg), self.signing_key,
+                                   record["id"], int(summary["round"]))
+        self.registry.set_alias(version, CANDIDATE_ALIAS)
         self._log_card(record["mlflow_run_id"], with_version(extra["card"], version), version)
         return version
 
     def _log_card(self, run_id: str, card: dict[str, Any], version: str) -> None:
         """The model card as Markdown, HTML and JSON artifacts of the run, and a version tag
         that says where (``leukofed promote`` prints its summary from there)."""
-        client = self._client()
         folder = f"cards/version-{version}"
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
@@ -272,9 +238,8 @@ class MlflowTracker:
             (d / "card.html").write_text(card_html(card))
             (d / "card.json").write_text(json.dumps(card, indent=1))
             for name in ("card.md", "card.html", "card.json"):
-                client.log_artifact(run_id, str(d / name), folder)
-        client.set_model_version_tag(self.model_name, version, "model_card",
-                                     f"{run_id}:{folder}/card.json")
+                self.registry.log_artifact(run_id, d / name, folder)
+        self.registry.set_version_tag(version, "model_card", f"{run_id}:{folder}/card.json")
 
     def finish(self, record: dict[str, Any]) -> None:
         if not record.get("mlflow_run_id"):
@@ -282,7 +247,4 @@ class MlflowTracker:
         status = {"completed": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}.get(
             record["status"])
         if status:
-            client = self._client()
-            if record.get("reason"):
-                client.set_tag(record["mlflow_run_id"], "leukofed.reason", record["reason"][:4000])
-            client.set_terminated(record["mlflow_run_id"], status)
+            self.registry.finish_run(record["mlflow_run_id"], status, record.get("reason"))

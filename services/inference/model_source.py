@@ -32,6 +32,7 @@ import numpy as np
 from leukofed.calibration import Calibration
 from leukofed.export import ParityError, read_onnx_metadata
 from leukofed.ood import AcquisitionProfile
+from registry.client import RegistryError
 
 from . import runtime
 from .answers import (
@@ -188,15 +189,14 @@ class ModelSource:
         self.on_swap: list[Callable[[ServedModel], None]] = []
         self._lock = threading.Lock()  # one refresh at a time
         if resolver is None or fetch_onnx is None:
-            from mlflow import MlflowClient
-
             from leukofed.signing import load_public_key
+            from registry.client import Registry
 
-            self._client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+            self._registry = Registry(settings.tracking_uri, settings.model_name)
             key = (load_public_key(settings.model_public_key_file)
                    if settings.model_public_key_file else None)
-            store = OnnxStore(settings.onnx_cache_dir, settings.tracking_uri, key)
-        self._resolve = resolver or self._resolve_mlflow
+            store = OnnxStore(settings.onnx_cache_dir, self._registry, key)
+        self._resolve = resolver or self._resolve_registry
         self._fetch = fetch_onnx or store.get
 
     @property
@@ -210,20 +210,16 @@ class ModelSource:
             return None
         return model.alias
 
-    def _resolve_mlflow(self) -> VersionInfo | None:
-        from mlflow.exceptions import MlflowException
-
+    def _resolve_registry(self) -> VersionInfo | None:
         s = self.settings
-        try:
-            if s.model_version:
-                mv = self._client.get_model_version(s.model_name, s.model_version)
-            else:
-                mv = self._client.get_model_version_by_alias(s.model_name, s.model_alias)
-        except MlflowException as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc):
-                return None
-            raise
-        return VersionInfo(s.model_name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+        if s.model_version:
+            try:
+                return self._registry.version(s.model_version)
+            except RegistryError as exc:
+                if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                    return None
+                raise
+        return self._registry.alias(s.model_alias)
 
     def _missing_reason(self) -> str:
         s = self.settings

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from leukofed import signing
+from registry.client import Registry, VersionInfo
 from registry.publish import (
     TAG_DIFF,
     TAG_PARITY_FAILED,
@@ -36,6 +37,8 @@ from registry.publish import (
 )
 
 log = logging.getLogger(__name__)
+__all__ = ["ExportError", "NotPublished", "OnnxArtifact", "OnnxStore", "UntrustedModel",
+           "VersionInfo", "sha256"]
 
 UNCHECKED = "unchecked: no aggregator public key configured (development mode)"
 
@@ -50,14 +53,6 @@ class UntrustedModel(ExportError):
 
 class NotPublished(RuntimeError):
     """The version has no ONNX file (yet): not served, asked again at the next poll."""
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    name: str
-    version: str
-    run_id: str | None
-    tags: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -78,10 +73,10 @@ def _safe(name: str) -> str:
 
 
 class OnnxStore:
-    def __init__(self, cache_dir: Path, tracking_uri: str,
+    def __init__(self, cache_dir: Path, registry: Registry,
                  public_key: Any | None = None) -> None:
         self.cache_dir = Path(cache_dir)
-        self.tracking_uri = tracking_uri
+        self.registry = registry  # read-only: a version's tags and its ONNX file
         self.public_key = public_key  # the aggregator's Ed25519 key; None: development mode
 
     def local_path(self, info: VersionInfo) -> Path:
@@ -137,13 +132,9 @@ class OnnxStore:
             json.dumps({"sha256": sha256(data), "parity_max_abs_diff": diff}))
 
     def _download(self, info: VersionInfo, path: Path, expected: str) -> OnnxArtifact:
-        import mlflow.artifacts
-
         uri = info.tags[TAG_URI]
         with tempfile.TemporaryDirectory() as tmp:  # an unreachable store: retried next poll
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri)
-            data = Path(local).read_bytes()
+            data = self.registry.download(uri, Path(tmp)).read_bytes()
         if sha256(data) != expected:
             raise UntrustedModel(f"version {info.version}'s ONNX file {uri} does not match its "
                                  f"recorded digest {expected[:16]}...; it is never served")

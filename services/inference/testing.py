@@ -155,18 +155,19 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache
     as the aggregator publishes one (``registry.publish.publish_file``; signed with
     ``signing_key`` when given), so serving it needs no TensorFlow. Returns the version.
     ``cache_dir`` is unused (kept for callers): the service downloads the file."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from registry.publish import publish_file
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    # An explicit client only: MLflow's process-wide URIs would leak into later tests.
     client = MlflowClient(tracking_uri, tracking_uri)
-    mlflow.set_experiment(f"inference-tests-{model_name}")
-    with mlflow.start_run() as run:
-        mlflow.log_text("ONNX only", "model/README.txt")
+    experiment = f"inference-tests-{model_name}"
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(exp_id)
+    client.log_text(run.info.run_id, "ONNX only", "model/README.txt")
+    client.set_terminated(run.info.run_id)
     with contextlib.suppress(MlflowException):  # it exists already
         client.create_registered_model(model_name)
     mv = client.create_model_version(model_name, f"runs:/{run.info.run_id}/model",

@@ -46,7 +46,7 @@ def test_aggregator_killed_and_restarted_resumes(tmp_path: Path, redis_server,
     assert run["status"] == "completed", run["reason"]
     assert [r["round"] for r in run["history"]] == [1, 2, 3]
     assert any("resumed after round 1" in e["message"] for e in run["events"])
-    versions = MlflowClient(mlflow_server.url).search_model_versions(
+    versions = MlflowClient(mlflow_server.url, mlflow_server.url).search_model_versions(
         "name='leukofed-it-restart'")
     rounds = sorted(int(v.tags["round"]) for v in versions if v.tags.get("run_id") == run_id)
     assert rounds == [1, 2, 3], f"duplicate or missing rounds in the registry: {rounds}"

@@ -22,7 +22,6 @@ from conftest import VENV_BIN, free_port, wait_for_port
 
 from leukofed import signing
 from registry.publish import TAG_SHA, TAG_URI
-from registry.store import set_alias
 from services.inference.testing import ServiceProcess, register_onnx_version, tiny_onnx
 
 pytestmark = pytest.mark.integration
@@ -86,7 +85,7 @@ def test_only_versions_signed_by_the_aggregator_are_served(
         other = client.get_model_version(NAME, v2).tags
         client.set_model_version_tag(NAME, v3, TAG_URI, other[TAG_URI])
         client.set_model_version_tag(NAME, v3, TAG_SHA, other[TAG_SHA])
-        set_alias(v3, "champion", NAME)
+        client.set_registered_model_alias(NAME, "champion", v3)
         body = _wait_refused(svc, v3)
         assert "not the file the aggregator signed" in body["refused_versions"][v3]
         assert "forged" in body["refused_versions"][v3]
@@ -169,7 +168,7 @@ def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
-    from registry.lineage import alias_history
+    from registry.client import Registry
     from registry.users import ensure_users
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server)
@@ -208,6 +207,6 @@ def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "aggregator signature: present" in done.stdout
     assert hospital.get_model_version_by_alias(NAME, "champion").version == v2
-    last = alias_history(NAME)[-1]
+    last = Registry(auth_server, NAME).alias_history()[-1]
     assert last["by"] == "engineer" and last["version"] == v2 and last["from"] == v1
     assert last["onnx_sha256"] == hospital.get_model_version(NAME, v2).tags[TAG_SHA]

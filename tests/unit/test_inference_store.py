@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from leukofed import signing
+from registry.client import Registry, RegistryError
 from registry.publish import TAG_PARITY_FAILED, TAG_SHA, TAG_SIGNATURE, TAG_URI
 from services.inference.cli import format_table
 from services.inference.onnx_store import (
@@ -31,7 +32,7 @@ def published(name: str, version: str, data: bytes, key: object | None = None,
 
 
 def test_local_cache_is_keyed_by_run_and_checked_against_the_version(tmp_path: Path) -> None:
-    store = OnnxStore(tmp_path, "http://unused")
+    store = OnnxStore(tmp_path, Registry("http://unused"))
     info = published("m", "3", b"onnx-bytes")
     path = store.local_path(info)
     assert path.parent.name == "v3-r3"  # a fresh MLflow reusing "3" gets another run id
@@ -44,14 +45,14 @@ def test_local_cache_is_keyed_by_run_and_checked_against_the_version(tmp_path: P
 
 
 def test_version_without_onnx_is_not_served_and_asked_again(tmp_path: Path) -> None:
-    store = OnnxStore(tmp_path, "http://unused")
+    store = OnnxStore(tmp_path, Registry("http://unused"))
     with pytest.raises(NotPublished, match="no ONNX file"):
         store.get(VersionInfo("m", "1", "r", {}))
     assert not issubclass(NotPublished, ExportError)  # not refused for good
 
 
 def test_version_tagged_as_failing_parity_is_refused(tmp_path: Path) -> None:
-    store = OnnxStore(tmp_path, "http://unused")
+    store = OnnxStore(tmp_path, Registry("http://unused"))
     info = VersionInfo("m", "4", "r", {TAG_PARITY_FAILED: "differ by 0.2"})
     with pytest.raises(ExportError, match="parity"):
         store.get(info)
@@ -62,7 +63,7 @@ def test_only_the_file_the_aggregator_signed_is_served(tmp_path: Path) -> None:
     signing.generate_keypair(tmp_path / "keys", "intruder")
     key = signing.load_private_key(tmp_path / "keys" / "aggregator.key")
     pub = signing.load_public_key(tmp_path / "keys" / "aggregator.pub")
-    store = OnnxStore(tmp_path / "cache", "http://unused", pub)
+    store = OnnxStore(tmp_path / "cache", Registry("http://unused"), pub)
 
     good = published("m", "3", b"the signed model", key)
     store._write_local(store.local_path(good), b"the signed model", 0.0)
@@ -100,7 +101,7 @@ def test_a_downloaded_file_must_match_the_signed_digest(tmp_path: Path,
         return str(out)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
-    store = OnnxStore(tmp_path, "http://unused")
+    store = OnnxStore(tmp_path, Registry("http://unused"))
     with pytest.raises(UntrustedModel, match="does not match"):
         store.get(published("m", "3", b"what the aggregator logged"))
     assert not store.local_path(published("m", "3", b"")).exists()
@@ -122,24 +123,21 @@ def test_predict_table_lists_files_labels_and_model() -> None:
     assert "in distribution" in format_table(body)
 
 
-class FakeVersion:
-    def __init__(self, version: str) -> None:
-        self.version, self.run_id, self.tags = version, f"run{version}", {"k": "v"}
+class FakeRegistry:
+    """Registry's read side: version 7 exists, no alias does."""
 
-
-class FakeClient:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def get_model_version(self, name: str, version: str) -> FakeVersion:
-        self.calls.append(("version", name, version))
-        return FakeVersion(version)
+    def version(self, version: str) -> VersionInfo:
+        self.calls.append(("version", version))
+        if version != "7":
+            raise RegistryError("no such version", "RESOURCE_DOES_NOT_EXIST")
+        return VersionInfo("m", version, f"run{version}", {"k": "v"})
 
-    def get_model_version_by_alias(self, name: str, alias: str) -> FakeVersion:
-        from mlflow.exceptions import MlflowException
-
-        self.calls.append(("alias", name, alias))
-        raise MlflowException(f"Registered model alias {alias} not found.")
+    def alias(self, alias: str) -> VersionInfo | None:
+        self.calls.append(("alias", alias))
+        return None
 
 
 def test_fixed_version_wins_over_the_alias_and_a_missing_alias_is_not_an_error(
@@ -149,11 +147,16 @@ def test_fixed_version_wins_over_the_alias_and_a_missing_alias_is_not_an_error(
 
     fixed = ModelSource(InferenceSettings(model_name="m", model_version="7",
                                           onnx_cache_dir=tmp_path))
-    fixed._client = FakeClient()
-    info = fixed._resolve_mlflow()
-    assert info.version == "7" and info.run_id == "run7" and fixed._client.calls[0][0] == "version"
+    fixed._registry = FakeRegistry()
+    info = fixed._resolve_registry()
+    assert info.version == "7" and info.run_id == "run7"
+    assert fixed._registry.calls[0][0] == "version"
+    gone = ModelSource(InferenceSettings(model_name="m", model_version="8",
+                                         onnx_cache_dir=tmp_path))
+    gone._registry = FakeRegistry()
+    assert gone._resolve_registry() is None
 
     follow = ModelSource(InferenceSettings(model_name="m", onnx_cache_dir=tmp_path))
-    follow._client = FakeClient()
-    assert follow._resolve_mlflow() is None
+    follow._registry = FakeRegistry()
+    assert follow._resolve_registry() is None
     assert follow.refresh() is None and "alias 'champion'" in follow.status
