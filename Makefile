@@ -10,7 +10,7 @@ MODEL ?=
 IMAGE_SIZE ?=
 
 .PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
-	status logs demo test-browser test-security keys acl secrets test-inference-alone
+	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,10 @@ test-inference-alone: setup
 
 test-unit: setup
 	.venv/bin/pytest -q tests/unit
+
+# The unit tests without the slow tier (real CNN training, real data): minutes, not ten.
+test-fast: setup
+	.venv/bin/pytest -q -m "not slow" tests/unit
 
 lint: setup
 	.venv/bin/ruff check .

@@ -152,3 +152,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-data tests train or scan the real images: they are the slow tier too."""
+    for item in items:
+        if item.get_closest_marker("realdata"):
+            item.add_marker(pytest.mark.slow)

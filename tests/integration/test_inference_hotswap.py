@@ -89,7 +89,10 @@ def test_alias_moves_under_16_concurrent_clients_with_zero_failures(
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not all(seen) and not failures:  # every client answered by the old version
+            assert time.monotonic() < deadline, "clients never got an answer"
+            time.sleep(0.05)
         set_alias(new, "champion", NAME)
         promoted = time.monotonic()
         service.wait_ready(timeout=180, version=new)

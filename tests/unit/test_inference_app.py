@@ -45,8 +45,10 @@ class FakeRegistry:
         self.champion: str | None = None
         self.bad_parity: set[str] = set()
         self.fetched: list[str] = []
+        self.polls = 0  # how often the watcher asked
 
     def resolve(self) -> VersionInfo | None:
+        self.polls += 1
         if self.champion is None:
             return None
         return VersionInfo(NAME, self.champion, f"run-{self.champion}", {})
@@ -188,7 +190,11 @@ def test_alias_move_swaps_and_parity_failure_keeps_the_old_version(
     # Still answered by version 2, which is no longer called champion: the alias left it.
     assert r.json()["model"] == {"name": NAME, "version": "2", "alias": None}
     assert client.get("/v1/model").json()["alias"] is None
-    time.sleep(0.2)
+    polls = registry.polls
+    deadline = time.monotonic() + 5
+    while registry.polls < polls + 3:  # three more polls of the alias, still on version 3
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     assert registry.fetched.count("3") == 1  # refused for good, not retried every poll
     registry.champion = "2"  # moved back: version 2 is champion again
     deadline = time.monotonic() + 5
@@ -200,7 +206,10 @@ def test_alias_move_swaps_and_parity_failure_keeps_the_old_version(
 def test_not_ready_without_champion_then_ready(tmp_path: Path) -> None:
     reg = FakeRegistry()
     with make_client(tmp_path, reg) as c:
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while reg.polls < 2:  # the watcher has looked (twice) and found no champion
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         r = c.get("/readyz")
         assert r.status_code == 503 and "alias 'champion'" in r.json()["status"]
         p = c.post("/v1/predict", files={"file": ("x.png", png(), "image/png")})

@@ -151,6 +151,7 @@ def poisoning_accuracies(strategies: list[str], scale: float = 100.0) -> dict[st
     return out
 
 
+@pytest.mark.slow
 def test_one_poisoning_hospital_breaks_fedavg_not_the_robust_strategies() -> None:
     clean = poisoning_accuracies(["fedavg"], scale=-1.0)["fedavg"]  # scale -1: all honest
     acc = poisoning_accuracies(["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
