@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -18,19 +17,22 @@ train_app = typer.Typer(help="Train models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 
-# Service command groups (client, aggregator, inference) register themselves when present.
-SERVICE_CLIS = ("services.client.cli", "services.aggregator.cli", "services.inference.cli")
+# Service command groups (client, aggregator, inference) are entry points of the group
+# "leukofed.commands" (pyproject.toml): the core does not know the services, and an
+# installation without one of them simply has no such command.
+COMMANDS_GROUP = "leukofed.commands"
 
 
 def _register_services() -> None:
-    for module_name in SERVICE_CLIS:
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
+            register = entry.load()
+        except ModuleNotFoundError as exc:  # a service whose dependencies are not installed
+            logging.getLogger(__name__).debug("no %s commands: %s", entry.name, exc)
             continue
-        module.register(app)
+        register(app)
 
 
 def _scan(src: Path, block_size: int):  # noqa: ANN202 - internal helper
