@@ -31,9 +31,6 @@ MEANINGS: dict[str, str] = {
     "split_seed": "seed of the hospital's local block split",
     "block_size": "files per block of consecutive file numbers in the local split (near-"
                   "duplicate images stay on one side)",
-    "fault": "fault injection for tests and drills only (nan, shape, norm, unsigned, forged, "
-             "replay; comma list cycles by round); never set in production",
-    "fault_delay_s": "drills only: stall this long before training",
     "mlflow_experiment": "MLflow experiment the federated runs are logged to",
     "model_name": "registered model name in the MLflow registry",
     "cache_dir": "local cache (decoded images, server-side test arrays)",

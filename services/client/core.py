@@ -82,7 +82,6 @@ class HospitalClient:
         peers = (signing.load_public_keys(settings.peer_public_keys_dir)
                  if settings.peer_public_keys_dir else {})
         self.secure = SecureSessions(self.hospital, self._signing_key, peers)
-        self._previous_answer: dict[str, Any] | None = None  # for the "replay" drill only
         # A simulated laboratory (leukofed.labs): read now, so a bad file fails at start.
         self.acquisition = settings.acquisition()
         if self.acquisition is not None:
@@ -200,8 +199,7 @@ class HospitalClient:
         cfg, trainer, refusal = self._prepare(TASK_FIT, blob, config, auth)
         if refusal:
             return refusal
-        if self.settings.fault_delay_s:
-            time.sleep(self.settings.fault_delay_s)
+        self._before_training(cfg)
         from leukofed.train import local_fit
         from leukofed.wire import weights_from_model
 
@@ -220,7 +218,7 @@ class HospitalClient:
         if cfg["bn_mode"] == "local":
             self._local_bn_run = str(cfg["run_id"])
         trained = time.perf_counter()
-        weights = self._inject_fault(weights_from_model(trainer.model), int(cfg["round"]))
+        weights = self._trained_weights(weights_from_model(trainer.model), cfg)
         if cfg["dp_mode"] == "local":
             from leukofed.privacy import privatize_local
 
@@ -317,7 +315,7 @@ class HospitalClient:
         answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
                          splits=splits, num_examples=splits["test"]["n"],
                          seconds=time.perf_counter() - start)
-        return self._sign_answer(answer, cfg, fault_drills=False, kind="evaluation", blob=blob,
+        return self._sign_answer(answer, cfg, kind="evaluation", blob=blob,
                                  task_id=task_id)
 
     def calibrate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
@@ -354,7 +352,7 @@ class HospitalClient:
         answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
                          weights=out, bytes=len(out), sha256=digest, num_examples=used,
                          seconds=time.perf_counter() - start)
-        return self._sign_answer(answer, cfg, fault_drills=False, kind="calibration", blob=blob,
+        return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
                                  task_id=task_id)
 
     def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
@@ -370,7 +368,7 @@ class HospitalClient:
                          dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
                          paused=self.pause_switch.paused)
         # Signed: the split sizes it declares bound every count it claims later.
-        return self._sign_answer(answer, {"run_id": "", "round": 0}, fault_drills=False,
+        return self._sign_answer(answer, {"run_id": "", "round": 0},
                                  kind="describe")
 
     def secure_stage(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
@@ -407,47 +405,28 @@ class HospitalClient:
                        run_id=cfg["run_id"])
 
     def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
-                     fault_drills: bool = True, kind: str = "update", blob: bytes = b"",
-                     task_id: str = "") -> dict[str, Any]:
+                     kind: str = "update", blob: bytes = b"", task_id: str = "",
+                     key: Any = None) -> dict[str, Any]:
         """Attach this hospital's signature of ``kind`` (leukofed.signing.sign_answer): run,
-        round, hospital, nonce, the answer's content, the task id and the global weights."""
-        fault = self.settings.fault_for(int(cfg["round"])) if self.settings.fault else ""
-        previous = None
-        if fault_drills:
-            previous, self._previous_answer = self._previous_answer, answer
-        else:  # the signature drills act on fit updates only
-            fault = ""
-        if self._signing_key is None or fault == "unsigned":
+        round, hospital, nonce, the answer's content, the task id and the global weights.
+        Unsigned when the hospital has no key (development mode only: leukofed.startup)."""
+        key = key or self._signing_key
+        if key is None:
             return answer
-        if fault == "replay" and previous is not None:
-            log.warning("FAULT INJECTION active: replaying the previous round's update")
-            return previous
-        key = self._signing_key
-        if fault == "forged":  # a key that is not this hospital's: what an impostor has
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-            log.warning("FAULT INJECTION active: signing with a key that is not ours")
-            key = Ed25519PrivateKey.generate()
         answer["signature"] = signing.sign_answer(
             key, kind, self.hospital, str(cfg["run_id"]), int(cfg["round"]), answer,
             signing.blob_digest(blob) if blob else "", str(task_id or ""))
         return answer
 
-    def _inject_fault(self, weights: dict[str, np.ndarray], server_round: int
-                      ) -> dict[str, np.ndarray]:
-        fault = self.settings.fault_for(server_round)
-        if fault not in ("nan", "shape", "norm"):  # signature faults act in _sign_answer
-            return weights
-        log.warning("FAULT INJECTION active: sending a %r update", fault)
-        floats = [n for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)]
-        if fault == "nan":
-            weights[floats[0]] = np.full_like(weights[floats[0]], np.nan)
-        elif fault == "shape":
-            name = next(n for n in floats if weights[n].ndim >= 1 and weights[n].shape[0] > 1)
-            weights[name] = weights[name][:-1]
-        elif fault == "norm":
-            weights = {n: w * np.asarray(1000.0, w.dtype) if n in floats else w
-                       for n, w in weights.items()}
+    # Two seams, no-ops here. The test suite's drills (tests/integration/drills.py) override
+    # them to stall a hospital or make it send a bad update, against real processes.
+
+    def _before_training(self, cfg: dict[str, Any]) -> None:
+        """Called after a fit task is accepted, before the data is loaded."""
+
+    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: dict[str, Any]
+                         ) -> dict[str, np.ndarray]:
+        """The locally trained weights, as they will be sent (before any local DP)."""
         return weights
 
 

@@ -17,8 +17,6 @@ from leukofed.transport import (
     tls_options,
 )
 
-FAULTS = ("", "nan", "shape", "norm", "unsigned", "forged", "replay")
-
 
 class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEUKOFED_CLIENT_", env_file=".env",
@@ -61,14 +59,6 @@ class ClientSettings(BaseSettings):
         "that each neighbour's relayed keys are signed by that neighbour")
     task_max_age_s: float = Field(
         7 * 24 * 3600.0, description="a signed task older than this is refused as expired")
-    # Fault injection for tests and drills only: makes this hospital send a bad update
-    # ("nan", "shape", "norm"; "unsigned", "forged" (signed with a key that is not this
-    # hospital's), "replay" (the previous round's signed update again); a comma list
-    # cycles by round: "nan,shape,norm") or stall
-    # before training, so the aggregator's defences can be exercised against real processes.
-    # Never set in a real deployment.
-    fault: str = ""
-    fault_delay_s: float = 0.0
 
     @field_validator("hospital_id")
     @classmethod
@@ -93,9 +83,7 @@ class ClientSettings(BaseSettings):
                 "(LEUKOFED_CLIENT_SIGNING_KEY_FILE): its answers could be forged",
                 None if self.aggregator_public_key_file else "no aggregator public key "
                 "(LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE): it would run anyone's tasks",
-                broker_problem(self.broker_url),
-                f"fault injection is on (LEUKOFED_CLIENT_FAULT={self.fault!r}), a test "
-                "drill" if self.fault or self.fault_delay_s else None]
+                broker_problem(self.broker_url)]
 
     def startup_secrets(self) -> dict[str, str | None]:
         return {"LEUKOFED_CLIENT_BROKER_URL": self.broker_url,
@@ -113,17 +101,6 @@ class ClientSettings(BaseSettings):
         """This hospital's simulated laboratory, or None (images used as they are)."""
         path = self.acquisition_path
         return load_acquisition(path) if path is not None else None
-
-    @field_validator("fault")
-    @classmethod
-    def _fault(cls, value: str) -> str:
-        if any(v not in FAULTS for v in value.split(",")):
-            raise ValueError(f"fault must be one of {FAULTS} or a comma list of them")
-        return value
-
-    def fault_for(self, server_round: int) -> str:
-        faults = self.fault.split(",")
-        return faults[(max(server_round, 1) - 1) % len(faults)]
 
     @property
     def tls(self) -> dict[str, object] | None:

@@ -9,6 +9,7 @@ training at a time there is nothing to gain from forking, and TensorFlow dislike
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -33,7 +34,11 @@ from services.client.settings import ClientSettings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ClientSettings | None = None) -> Celery:
+def create_app(settings: ClientSettings | None = None,
+               client_factory: Callable[[ClientSettings], HospitalClient] = HospitalClient
+               ) -> Celery:
+    """The hospital's Celery app; ``client_factory`` makes its one HospitalClient (the test
+    suite's drills pass a subclass)."""
     settings = settings or ClientSettings()  # type: ignore[call-arg]
     startup.enforce(f"hospital {settings.hospital_id}", settings.startup_problems(),
                     settings.startup_secrets())
@@ -45,7 +50,7 @@ def create_app(settings: ClientSettings | None = None) -> Celery:
 
     @cache
     def client() -> HospitalClient:
-        return HospitalClient(settings)
+        return client_factory(settings)
 
     # bind=True: the answer's signature names the Celery task id it answers.
     @app.task(name=TASK_FIT, bind=True)

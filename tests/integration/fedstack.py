@@ -92,10 +92,14 @@ class Worker(ProcessGroup):
                     "LEUKOFED_CLIENT_STATE_DIR": str(self.state_dir),
                     "LEUKOFED_CLIENT_CACHE_DIR": str(self.cache_dir),
                     "LEUKOFED_CLIENT_BLOCK_SIZE": "2", **self.extra})
+        # A drill (tests/integration/drills.py) runs the same app with a faulty client.
+        drill = any(k.startswith("LEUKOFED_DRILL_") for k in self.extra)
+        if drill:
+            env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{Path(__file__).resolve().parent}"
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
                 # The command line `leukofed client worker` runs.
-                [str(VENV_BIN / "celery"), "-A", "services.client.worker",
+                [str(VENV_BIN / "celery"), "-A", "drills" if drill else "services.client.worker",
                  *worker_argv(ClientSettings(hospital_id=self.hospital,
                                              data_dir=self.data_dir))],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -44,7 +44,7 @@ def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_s
     a = Worker.in_tmp(tmp_path, "a", redis_server.url).start()
     # b stalls inside fit, so it is certainly mid-round when killed.
     b = Worker.in_tmp(tmp_path, "b", redis_server.url,
-                      {"LEUKOFED_CLIENT_FAULT_DELAY_S": "120"}).start()
+                      {"LEUKOFED_DRILL_DELAY_S": "120"}).start()
     try:
         a.wait_ready()
         b.wait_ready()
@@ -90,7 +90,7 @@ def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_s
 def test_bad_updates_rejected_round_goes_on(tmp_path: Path, redis_server) -> None:
     honest = Worker.in_tmp(tmp_path, "a", redis_server.url).start()
     byzantine = Worker.in_tmp(tmp_path, "b", redis_server.url,
-                              {"LEUKOFED_CLIENT_FAULT": "nan,shape,norm"}).start()
+                              {"LEUKOFED_DRILL_FAULT": "nan,shape,norm"}).start()
     try:
         honest.wait_ready()
         byzantine.wait_ready()
@@ -111,7 +111,7 @@ def test_bad_updates_rejected_round_goes_on(tmp_path: Path, redis_server) -> Non
 
 def test_redis_restart_mid_run(tmp_path: Path, redis_server) -> None:
     workers = [Worker.in_tmp(tmp_path, h, redis_server.url,
-                             {"LEUKOFED_CLIENT_FAULT_DELAY_S": "2"}).start() for h in ("a", "b")]
+                             {"LEUKOFED_DRILL_DELAY_S": "2"}).start() for h in ("a", "b")]
     try:
         for w in workers:
             w.wait_ready()

@@ -23,7 +23,7 @@ def test_aggregator_killed_and_restarted_resumes(tmp_path: Path, redis_server,
     from mlflow import MlflowClient
 
     workers = [Worker.in_tmp(tmp_path, h, redis_server.url,
-                             {"LEUKOFED_CLIENT_FAULT_DELAY_S": "1.5"}).start() for h in ("a", "b")]
+                             {"LEUKOFED_DRILL_DELAY_S": "1.5"}).start() for h in ("a", "b")]
     agg = AggregatorProcess(redis_server.url, tmp_path / "agg", mlflow_server.url,
                             model_name="leukofed-it-restart")
     try:

@@ -46,7 +46,7 @@ def test_unsigned_task_refused_and_bad_updates_rejected(tmp_path: Path, redis_se
 
     def worker(h: str, fault: str = "") -> Worker:
         return Worker.in_tmp(tmp_path, h, redis_server.url,
-                             {**signing_env(keys, h), "LEUKOFED_CLIENT_FAULT": fault},
+                             {**signing_env(keys, h), "LEUKOFED_DRILL_FAULT": fault},
                              per_class=4).start()
 
     # a: honest. b: honest in round 1, replays its round-1 update in round 2.

@@ -96,11 +96,17 @@ def test_garbage_weights_give_an_error_answer(client: HospitalClient) -> None:
     assert answer["status"] == "error" and "global weights unusable" in answer["reason"]
 
 
-def test_fault_injection_cycles_by_round(tmp_path: Path) -> None:
-    s = ClientSettings(hospital_id="a", data_dir=tmp_path, fault="nan,shape")
-    assert [s.fault_for(r) for r in (1, 2, 3)] == ["nan", "shape", "nan"]
+def test_fault_drills_are_test_code_and_cycle_by_round() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from drills import fault_for
+
+    assert [fault_for("nan,shape", r) for r in (1, 2, 3)] == ["nan", "shape", "nan"]
     with pytest.raises(ValueError):
-        ClientSettings(hospital_id="a", data_dir=tmp_path, fault="evil")
+        fault_for("evil", 1)
+    # Production settings have no fault switch at all (issue: one owner per boundary).
+    assert not any("fault" in name for name in ClientSettings.model_fields)
 
 
 def test_audit_cli(tmp_path: Path) -> None:

@@ -1,0 +1,100 @@
+"""Fault drills against real processes: a hospital worker that stalls or sends a bad update.
+
+Test-only: production workers (services/client/worker.py) carry none of it. A drill worker
+is the same Celery app with a HospitalClient subclass overriding its two seams and, for fit
+answers, its signature:
+
+    celery -A drills worker ...   (tests/integration on PYTHONPATH; fedstack.Worker does it)
+
+with ``LEUKOFED_DRILL_FAULT`` = nan | shape | norm | unsigned | forged | replay (a comma list
+cycles by round: "nan,shape,norm") and/or ``LEUKOFED_DRILL_DELAY_S`` (stall before training).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from services.client.core import HospitalClient
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "LEUKOFED_DRILL_FAULT"
+DELAY_ENV = "LEUKOFED_DRILL_DELAY_S"
+FAULTS = ("", "nan", "shape", "norm", "unsigned", "forged", "replay")
+
+
+def fault_for(faults: str, server_round: int) -> str:
+    """The drill of this round: a comma list cycles by round (round 1 takes the first)."""
+    names = faults.split(",")
+    if any(n not in FAULTS for n in names):
+        raise ValueError(f"{FAULT_ENV} must be one of {FAULTS} or a comma list of them")
+    return names[(max(server_round, 1) - 1) % len(names)]
+
+
+class DrillClient(HospitalClient):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.faults = os.environ.get(FAULT_ENV, "")
+        fault_for(self.faults, 1)  # a typo fails at start
+        self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self._previous_update: dict[str, Any] | None = None
+
+    def _fault(self, cfg: dict[str, Any]) -> str:
+        return fault_for(self.faults, int(cfg["round"])) if self.faults else ""
+
+    def _before_training(self, cfg: dict[str, Any]) -> None:
+        if self.delay_s:
+            log.warning("DRILL: stalling %.1f s before training", self.delay_s)
+            time.sleep(self.delay_s)
+
+    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: dict[str, Any]
+                         ) -> dict[str, np.ndarray]:
+        fault = self._fault(cfg)
+        if fault not in ("nan", "shape", "norm"):  # signature drills act in _sign_answer
+            return weights
+        log.warning("DRILL: sending a %r update", fault)
+        floats = [n for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)]
+        if fault == "nan":
+            weights[floats[0]] = np.full_like(weights[floats[0]], np.nan)
+        elif fault == "shape":
+            name = next(n for n in floats if weights[n].ndim >= 1 and weights[n].shape[0] > 1)
+            weights[name] = weights[name][:-1]
+        else:
+            weights = {n: w * np.asarray(1000.0, w.dtype) if n in floats else w
+                       for n, w in weights.items()}
+        return weights
+
+    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
+                     kind: str = "update", blob: bytes = b"", task_id: str = "",
+                     key: Any = None) -> dict[str, Any]:
+        if kind != "update":  # the signature drills act on fit updates only
+            return super()._sign_answer(answer, cfg, kind, blob, task_id, key)
+        fault = self._fault(cfg)
+        previous, self._previous_update = self._previous_update, answer
+        if fault == "unsigned":
+            return answer
+        if fault == "replay" and previous is not None:
+            log.warning("DRILL: replaying the previous round's update")
+            return previous
+        if fault == "forged":  # a key that is not this hospital's: what an impostor has
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            log.warning("DRILL: signing with a key that is not ours")
+            key = Ed25519PrivateKey.generate()
+        return super()._sign_answer(answer, cfg, kind, blob, task_id, key)
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A drills` looks up `app`; built on first access, as services.client.worker.
+    if name in ("app", "celery"):
+        from services.client.worker import create_app
+
+        value = create_app(client_factory=DrillClient)
+        globals()["app"] = globals()["celery"] = value
+        return value
+    raise AttributeError(name)
