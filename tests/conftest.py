@@ -6,6 +6,7 @@ ports picked at run time, and stop them afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -130,21 +131,22 @@ class MlflowServer:
     root: Path
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real MLflow tracking server (SQLite store, local artifacts) for the whole session."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def running_mlflow(root: Path, *args: str, env: dict[str, str] | None = None
+                   ) -> Iterator[str]:
+    """``mlflow server`` (SQLite store, local artifacts, ``args`` added) on a free port:
+    yields its URL, stops it after."""
     port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
+        [str(VENV_BIN / "mlflow"), "server", *args, "--backend-store-uri",
          f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
     )
     try:
         wait_for_port(port, 120, proc)
-        yield MlflowServer(f"http://127.0.0.1:{port}", root)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -152,6 +154,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server (SQLite store, local artifacts) for the whole session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with running_mlflow(root) as url:
+        yield MlflowServer(url, root)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

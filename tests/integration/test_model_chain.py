@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import VENV_BIN, free_port, wait_for_port
+from conftest import VENV_BIN, free_port, running_mlflow
 
 from leukofed import signing
 from registry.publish import TAG_SHA, TAG_URI
@@ -128,26 +128,11 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = free_port()
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
-    try:
-        wait_for_port(port, 120, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with running_mlflow(root, "--app-name", "basic-auth", env=env) as url:
+        yield url
 
 
 def _as(user: str, password: str, monkeypatch: pytest.MonkeyPatch) -> None:
