@@ -167,8 +167,8 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     from leukofed.probes import probe_sets
     from leukofed.splits import read_manifest
     from leukofed.train import load_arrays
-    from registry.store import DEFAULT_MODEL_NAME, load_version
-    from services.aggregator.modelops import predict_in_batches
+    from registry.model_versions import DEFAULT_MODEL_NAME, load_version
+    from services.aggregator.keras_ops import predict_in_batches
 
     mlflow.set_tracking_uri(f"http://127.0.0.1:{ports['mlflow']}")
     version = rec["versions"][str(rec["history"][-1]["round"])]

@@ -174,7 +174,7 @@ def runtime_comparison(cache: Path, model_name: str, tracking_uri: str,
     import tensorflow as tf
 
     from leukofed.export import INPUT_NAME, OUTPUT_NAME
-    from registry.store import load_version
+    from registry.model_versions import load_version
     from services.inference.explain import occlusion_map
     from services.inference.runtime import make_session
 
@@ -391,7 +391,7 @@ def register_bench_model(uri: str, name: str, architecture: str, alpha: float,
     import mlflow
 
     from leukofed.models import build_model, model_metadata
-    from registry.store import log_and_register, set_alias
+    from registry.model_versions import log_and_register, set_alias
 
     mlflow.set_tracking_uri(uri)
     model = build_model(architecture, image_size=size, alpha=alpha, seed=0,

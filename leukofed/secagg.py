@@ -18,7 +18,7 @@ Everything here is pure (numpy and ``cryptography``, no transport): ``SecAggHosp
 hospital's side, a state machine whose state is a plain dict the caller keeps on disk between
 stages; ``advertise``/``share``/``masked_input``/``reveal`` make the messages and
 ``unmask_sum`` recovers the sum from them. The stages and their deadlines live in
-``services.aggregator.secure`` (aggregator) and ``services.client.core`` (hospital).
+``services.aggregator.secure`` (aggregator) and ``services.client.hospital`` (hospital).
 
 Quantisation (``quantise``/``dequantise``): each coordinate ``v`` of a hospital with weight
 ``w`` (its example count, at most its declared cap) becomes ``round(w * clip(v, -r, r) *

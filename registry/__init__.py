@@ -1,6 +1,6 @@
 """Helpers over MLflow's model registry: register with lineage, move aliases, load versions."""
 
-from registry.store import (
+from registry.model_versions import (
     CANDIDATE_ALIAS,
     CHAMPION_ALIAS,
     DEFAULT_MODEL_NAME,

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from registry.store import CANDIDATE_ALIAS, CHAMPION_ALIAS, DEFAULT_MODEL_NAME
+from registry.model_versions import CANDIDATE_ALIAS, CHAMPION_ALIAS, DEFAULT_MODEL_NAME
 
 HISTORY_TAG = "leukofed.alias_history"  # on the registered model: the last moves, JSON
 HISTORY_LENGTH = 30

@@ -9,7 +9,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from registry.store import DEFAULT_MODEL_NAME, log_and_register
+from registry.model_versions import DEFAULT_MODEL_NAME, log_and_register
 
 log = logging.getLogger(__name__)
 

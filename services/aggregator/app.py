@@ -22,12 +22,12 @@ from leukofed.transport import make_celery
 from registry.client import Registry
 from services.aggregator.auth import read_secret, require_admin
 from services.aggregator.dispatch import CeleryDispatcher
+from services.aggregator.keras_ops import KerasModelOps
 from services.aggregator.manager import RunManager
-from services.aggregator.modelops import KerasModelOps
 from services.aggregator.observability import AggregatorMetrics, RunContextFilter
 from services.aggregator.routers import hospitals, runs
+from services.aggregator.run_records import RunStore
 from services.aggregator.settings import AggregatorSettings
-from services.aggregator.store import RunStore
 from services.aggregator.tracking import MlflowTracker
 
 

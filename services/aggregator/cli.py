@@ -176,8 +176,8 @@ def promote(
     its shortcut audit (leukofed.audit); a version that reads colour is refused."""
     from leukofed.audit import audit_verdict, format_audit
     from registry.client import Registry, RegistryError
+    from registry.model_versions import DEFAULT_MODEL_NAME
     from registry.publish import TAG_SHA, TAG_SIGNATURE, TAG_UNSIGNED
-    from registry.store import DEFAULT_MODEL_NAME
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)

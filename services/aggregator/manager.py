@@ -10,7 +10,7 @@ from typing import Any
 
 from services.aggregator.config import RunConfig
 from services.aggregator.rounds import Dispatcher, FederatedRun, ModelOps, Tracker, UpdateCheck
-from services.aggregator.store import ACTIVE, RunStore
+from services.aggregator.run_records import ACTIVE, RunStore
 
 log = logging.getLogger(__name__)
 

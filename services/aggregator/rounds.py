@@ -6,7 +6,7 @@ registry).
 
 I/O sits behind three small interfaces (Dispatcher: Celery; ModelOps: Keras; Tracker:
 MLflow), so unit tests drive this loop with fakes and the decisions themselves are pure
-functions in ``logic.py``.
+functions in ``round_logic.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from leukofed.validation import (
 )
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.aggregator.config import RunConfig
-from services.aggregator.logic import (
+from services.aggregator.round_logic import (
     calibration_metrics,
     combine_evaluations,
     hospital_metrics,
@@ -43,8 +43,8 @@ from services.aggregator.logic import (
     server_test_report,
     training_class_counts,
 )
+from services.aggregator.run_records import RunStore
 from services.aggregator.secure import SecureAborted
-from services.aggregator.store import RunStore
 
 log = logging.getLogger(__name__)
 Weights = dict[str, np.ndarray]

@@ -14,7 +14,7 @@ from leukofed.transport import (
     check_tls,
     tls_options,
 )
-from registry.store import DEFAULT_MODEL_NAME
+from registry.model_versions import DEFAULT_MODEL_NAME
 
 
 class AggregatorSettings(BaseSettings):

@@ -12,9 +12,9 @@ from typing import Any
 
 from leukofed.card import build_card, card_html, card_markdown, with_version
 from registry.client import Registry
-from registry.store import CANDIDATE_ALIAS
+from registry.model_versions import CANDIDATE_ALIAS
 from services.aggregator.config import RunConfig
-from services.aggregator.modelops import KerasModelOps
+from services.aggregator.keras_ops import KerasModelOps
 
 log = logging.getLogger(__name__)
 CURVE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",

@@ -119,7 +119,7 @@ def describe(hospital_id: HospitalOpt = None,
              data_dir: Annotated[Path | None, typer.Option()] = None) -> None:
     """What the aggregator would learn from describe(): class counts and a fingerprint."""
     _set_env(hospital_id=hospital_id, data_dir=data_dir)
-    from services.client.core import HospitalClient
+    from services.client.hospital import HospitalClient
     from services.client.settings import ClientSettings
 
     typer.echo(json.dumps(HospitalClient(ClientSettings()).describe(),  # type: ignore[call-arg]

@@ -28,7 +28,7 @@ from leukofed.transport import (
     make_celery,
     queue_name,
 )
-from services.client.core import HospitalClient
+from services.client.hospital import HospitalClient
 from services.client.settings import ClientSettings
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from leukofed import startup
 
 from . import runtime
 from .batcher import MicroBatcher
-from .hygiene import RateLimitMiddleware, SecurityHeadersMiddleware
+from .http_guards import RateLimitMiddleware, SecurityHeadersMiddleware
 from .imaging import InputError
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware

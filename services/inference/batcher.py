@@ -102,7 +102,7 @@ class MicroBatcher:
             try:
                 if model is None:
                     raise NotReadyError("no model loaded")
-                batch = _fit(batch, model.image_size)
+                batch = _resize_to_model(batch, model.image_size)
                 if not batch:
                     continue
                 images = np.concatenate([item.images for item in batch])
@@ -123,7 +123,7 @@ class MicroBatcher:
                 start += n
 
 
-def _fit(batch: list[_Item], size: int) -> list[_Item]:
+def _resize_to_model(batch: list[_Item], size: int) -> list[_Item]:
     """Items whose images match ``size``: re-sized from their sources, or failed."""
     from leukofed.preprocessing import to_model_input
 

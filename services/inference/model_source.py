@@ -44,7 +44,7 @@ from .answers import (
     load_calibration,
     load_card,
 )
-from .onnx_store import (
+from .onnx_files import (
     UNCHECKED,
     ExportError,
     NotPublished,

@@ -58,7 +58,7 @@ class InferenceSettings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0)
 
     api_key: SecretStr | None = None
-    # Per-client-IP token bucket (services/inference/hygiene.py); 0 turns it off (the
+    # Per-client-IP token bucket (services/inference/http_guards.py); 0 turns it off (the
     # default, so benchmarks and tests that hammer one port are unaffected). Health probes
     # and /metrics are never limited. A deployment facing many users: e.g. 5/s, burst 20.
     rate_limit_per_s: float = Field(

@@ -194,8 +194,8 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
 
     from leukofed.export import parity_batch
     from leukofed.models import build_model, model_metadata
+    from registry.model_versions import log_and_register, set_alias
     from registry.publish import publish_onnx
-    from registry.store import log_and_register, set_alias
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

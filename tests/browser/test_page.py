@@ -118,7 +118,7 @@ def test_upload_shows_label_bars_heatmap_and_errors(service: ServiceProcess,
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            # The Content-Security-Policy (services/inference/hygiene.py) must block nothing
+            # The Content-Security-Policy (services/inference/http_guards.py) must block nothing
             # the page needs: Chromium reports every blocked script/style/image here.
             console: list[str] = []
             page.on("console", lambda msg: console.append(msg.text))

@@ -53,7 +53,7 @@ def parse(path: Path) -> tuple[dict[str, str], list[Stage]]:
 
 def test_there_is_one_dockerfile_per_built_service() -> None:
     assert {p.parent.name for p in DOCKERFILES} == {
-        "aggregator", "client", "inference", "mlflow", "flower"}
+        "aggregator", "client", "inference", "mlflow", "celery-flower"}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)

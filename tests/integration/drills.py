@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from services.client.core import HospitalClient
+from services.client.hospital import HospitalClient
 
 log = logging.getLogger(__name__)
 

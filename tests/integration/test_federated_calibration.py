@@ -44,7 +44,7 @@ def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_s
     assert all(n > 0 for n in calibration["hospitals"].values())
 
     # The checkpointed global model carries the pooled statistics: finite, variances >= 0.
-    from services.aggregator.store import RunStore
+    from services.aggregator.run_records import RunStore
 
     weights, _ = RunStore(tmp_path / "agg").read_checkpoint(run)
     sent = {}

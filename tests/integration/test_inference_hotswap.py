@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import free_port
 
-from registry.store import set_alias
+from registry.model_versions import set_alias
 from services.inference.testing import ServiceProcess, encode, noise_image, register_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.aggregator.app import create_app
+from services.aggregator.run_records import RunStore
 from services.aggregator.settings import AggregatorSettings
-from services.aggregator.store import RunStore
 
 TOKEN = "s3cret-admin-token-for-tests"
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from services.aggregator.app import create_app
 from services.aggregator.config import RunConfig
+from services.aggregator.run_records import RunStore
 from services.aggregator.settings import AggregatorSettings
-from services.aggregator.store import RunStore
 
 
 class FakeDispatcher:

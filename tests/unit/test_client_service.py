@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from leukofed.wire import decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
 from services.client.cli import register
-from services.client.core import HospitalClient
+from services.client.hospital import HospitalClient
 from services.client.settings import ClientSettings
 
 CFG = {"run_id": "r1", "round": 1, "model": "compact_cnn", "image_size": 32,

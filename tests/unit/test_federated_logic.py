@@ -13,7 +13,7 @@ from leukofed.transport import (
     queue_name,
     round_config,
 )
-from services.aggregator.logic import (
+from services.aggregator.round_logic import (
     combine_evaluations,
     hospital_metrics,
     pooled_metrics,
@@ -100,7 +100,7 @@ def test_combine_evaluations_sums_confusion_matrices() -> None:
 def test_training_profiles_pool_exactly_and_skip_a_malformed_one() -> None:
     from leukofed.audit import stain_sums
     from leukofed.ood import AcquisitionProfile, ProfileStats
-    from services.aggregator.logic import pool_training_profiles
+    from services.aggregator.round_logic import pool_training_profiles
 
     rng = np.random.default_rng(0)
     images = rng.integers(150, 256, (12, 32, 32, 3), dtype=np.uint8)
@@ -148,7 +148,7 @@ def _evaluation(probs: np.ndarray, y: np.ndarray) -> dict:
 
 def test_calibration_pools_hospital_sums_and_leaves_out_a_malformed_one() -> None:
     from leukofed.calibration import calibration_report, calibration_sums, pool_sums
-    from services.aggregator.logic import calibration_metrics, pool_calibration
+    from services.aggregator.round_logic import calibration_metrics, pool_calibration
 
     (pa, ya), (pb, yb) = _overconfident(800, 1), _overconfident(600, 2)
     evaluations = {"a": _evaluation(pa, ya), "b": _evaluation(pb, yb),
@@ -171,7 +171,7 @@ def test_calibration_pools_hospital_sums_and_leaves_out_a_malformed_one() -> Non
 
 
 def test_server_test_report_measures_the_versions_prediction_sets() -> None:
-    from services.aggregator.logic import pool_calibration, server_test_report
+    from services.aggregator.round_logic import pool_calibration, server_test_report
 
     probs, y = _overconfident(1600, 3)
     report, _ = pool_calibration({"a": _evaluation(probs[:800], y[:800])}, 0.95)
@@ -189,7 +189,7 @@ def test_server_test_report_measures_the_versions_prediction_sets() -> None:
 
 
 def test_training_class_counts_for_the_card_skip_what_is_missing_or_malformed() -> None:
-    from services.aggregator.logic import training_class_counts
+    from services.aggregator.round_logic import training_class_counts
 
     answers = {"a": {"stain_sums": {"counts": [3, 4, 5, 6]}},
                "b": {"stain_sums": {"counts": [1, -2, 3, 4]}},   # negative: left out

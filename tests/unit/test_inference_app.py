@@ -22,7 +22,7 @@ from leukofed.export import ParityError
 from services.inference.app import create_app
 from services.inference.imaging import InputError, decode_upload
 from services.inference.model_source import ModelSource
-from services.inference.onnx_store import OnnxArtifact, VersionInfo, sha256
+from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 from services.inference.runtime import ProviderError, make_session
 from services.inference.settings import InferenceSettings
 from services.inference.testing import (

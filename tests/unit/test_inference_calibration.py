@@ -34,7 +34,7 @@ from services.inference.answers import (
 )
 from services.inference.app import create_app
 from services.inference.model_source import ADVICE_REFER, ADVICE_SUPPORT, ModelSource, Referral
-from services.inference.onnx_store import OnnxArtifact, VersionInfo, sha256
+from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 from services.inference.settings import InferenceSettings
 from services.inference.testing import (
     BENIGN_PRO_WEIGHTS,

@@ -21,7 +21,7 @@ from PIL import Image
 from leukofed import probes
 from leukofed.ood import DESCRIPTORS, AcquisitionProfile
 from services.inference.model_source import NO_PROFILE, load_profile
-from services.inference.onnx_store import OnnxArtifact, VersionInfo, sha256
+from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 from services.inference.testing import (
     encode,
     serve_fake_registry,

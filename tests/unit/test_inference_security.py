@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_inference_app import FakeRegistry, make_client, png, wait_version
 
-from services.inference.hygiene import PAGE_CSP, TokenBuckets
+from services.inference.http_guards import PAGE_CSP, TokenBuckets
 
 HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY",
            "referrer-policy": "no-referrer"}

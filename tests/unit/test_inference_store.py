@@ -10,7 +10,7 @@ from leukofed import signing
 from registry.client import Registry, RegistryError
 from registry.publish import TAG_PARITY_FAILED, TAG_SHA, TAG_SIGNATURE, TAG_URI
 from services.inference.cli import format_table
-from services.inference.onnx_store import (
+from services.inference.onnx_files import (
     ExportError,
     NotPublished,
     OnnxStore,

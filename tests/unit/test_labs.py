@@ -268,7 +268,7 @@ def test_load_arrays_applies_the_lab_before_resizing(synthetic_dataset, tmp_path
 
 
 def _client(data: Path, tmp_path: Path, **settings: object):  # noqa: ANN202
-    from services.client.core import HospitalClient
+    from services.client.hospital import HospitalClient
     from services.client.settings import ClientSettings
 
     return HospitalClient(ClientSettings(hospital_id="a", data_dir=data,

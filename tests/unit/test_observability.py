@@ -16,8 +16,8 @@ from leukofed.logging import JsonFormatter, configure, log_context
 from services.aggregator.app import create_app
 from services.aggregator.config import RunConfig
 from services.aggregator.observability import RunContextFilter
+from services.aggregator.run_records import MAX_EVENTS, RunStore
 from services.aggregator.settings import AggregatorSettings
-from services.aggregator.store import MAX_EVENTS, RunStore
 
 
 def _capture(service: str, **static: object) -> io.StringIO:

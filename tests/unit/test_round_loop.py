@@ -11,7 +11,7 @@ import pytest
 from leukofed.wire import decode_weights, encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.rounds import FederatedRun
-from services.aggregator.store import RunStore
+from services.aggregator.run_records import RunStore
 
 
 class Clock:

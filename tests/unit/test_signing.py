@@ -104,7 +104,7 @@ def test_client_refuses_unsigned_and_forged_tasks_and_signs_its_update(
         tmp_path: Path, keys: Path, synthetic_dataset) -> None:
     from leukofed.models import build_model
     from leukofed.wire import weights_from_model
-    from services.client.core import HospitalClient
+    from services.client.hospital import HospitalClient
     from services.client.settings import ClientSettings
 
     settings = ClientSettings(hospital_id="a", data_dir=synthetic_dataset(per_class=4),
