@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common import header, write_json  # noqa: E402
-
-from services.inference.testing import ServiceProcess, register_tiny_model  # noqa: E402
+from inference_support import ServiceProcess, register_tiny_model  # noqa: E402
 
 REAL_DATA = Path(os.environ.get("LEUKOFED_REAL_DATA", ROOT.parent / "shared" / "data" / "all-pbs"))
 BOUNDARY = "leukofedbench"
@@ -47,7 +46,7 @@ def sample_images(count: int = 16) -> list[tuple[str, bytes]]:
     files = files[:: max(1, len(files) // count)][:count]  # spread over the classes
     if files:
         return [(f.name, f.read_bytes()) for f in files]
-    from services.inference.testing import encode, noise_image
+    from inference_support import encode, noise_image
 
     return [(f"synthetic-{i}.jpg", encode(noise_image(224, i), "JPEG", quality=90))
             for i in range(count)]

@@ -24,10 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port
-from PIL import Image
-
-from leukofed import probes
-from services.inference.testing import (
+from inference_support import (
     BENIGN_PRO_WEIGHTS,
     ServiceProcess,
     calibration_entry,
@@ -37,6 +34,9 @@ from services.inference.testing import (
     smear_like,
     tiny_onnx,
 )
+from PIL import Image
+
+from leukofed import probes
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from inference_support import ServiceProcess, encode, noise_image, register_tiny_model
 
 from registry.model_versions import set_alias
-from services.inference.testing import ServiceProcess, encode, noise_image, register_tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import free_port
-
-from services.inference.testing import (
+from inference_support import (
     BAD_INPUT_MAX_PIXELS,
     BAD_INPUT_MAX_UPLOAD_BYTES,
     ServiceProcess,

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import VENV_BIN, free_port, running_mlflow
+from inference_support import ServiceProcess, register_onnx_version, tiny_onnx
 
 from leukofed import signing
 from registry.publish import TAG_SHA, TAG_URI
-from services.inference.testing import ServiceProcess, register_onnx_version, tiny_onnx
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_only_versions_signed_by_the_aggregator_are_served(
 
 
 def tiny_png() -> bytes:
-    from services.inference.testing import encode, noise_image
+    from inference_support import encode, noise_image
 
     return encode(noise_image(32, 1), "PNG")
 

@@ -16,6 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from inference_support import (
+    BAD_INPUT_MAX_PIXELS,
+    BAD_INPUT_MAX_UPLOAD_BYTES,
+    bad_inputs,
+    encode,
+    good_inputs,
+    noise_image,
+    tiny_onnx,
+)
 from PIL import Image
 
 from leukofed.export import ParityError
@@ -25,15 +34,6 @@ from services.inference.model_source import ModelSource
 from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 from services.inference.runtime import ProviderError, make_session
 from services.inference.settings import InferenceSettings
-from services.inference.testing import (
-    BAD_INPUT_MAX_PIXELS,
-    BAD_INPUT_MAX_UPLOAD_BYTES,
-    bad_inputs,
-    encode,
-    good_inputs,
-    noise_image,
-    tiny_onnx,
-)
 
 NAME = "leukofed-unit"
 

@@ -20,6 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from inference_support import (
+    BENIGN_PRO_WEIGHTS,
+    COLOUR_WEIGHTS,
+    calibration_entry,
+    card_entry,
+    encode,
+    serve_fake_registry,
+    smear_like,
+    wait_ready,
+)
 from PIL import Image
 
 from leukofed.calibration import Calibration, apply_temperature
@@ -36,16 +46,6 @@ from services.inference.app import create_app
 from services.inference.model_source import ADVICE_REFER, ADVICE_SUPPORT, ModelSource, Referral
 from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 from services.inference.settings import InferenceSettings
-from services.inference.testing import (
-    BENIGN_PRO_WEIGHTS,
-    COLOUR_WEIGHTS,
-    calibration_entry,
-    card_entry,
-    encode,
-    serve_fake_registry,
-    smear_like,
-    wait_ready,
-)
 
 NAME = "leukofed-calibrated"
 SIZE = 32
@@ -93,7 +93,7 @@ class Registry:
 
 
 def tiny_onnx_for(version: str) -> bytes:
-    from services.inference.testing import tiny_onnx
+    from inference_support import tiny_onnx
 
     return tiny_onnx(image_size=SIZE, **VERSIONS[version])
 

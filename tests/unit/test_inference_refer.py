@@ -16,13 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
-
-from leukofed import probes
-from leukofed.ood import DESCRIPTORS, AcquisitionProfile
-from services.inference.model_source import NO_PROFILE, load_profile
-from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
-from services.inference.testing import (
+from inference_support import (
     encode,
     serve_fake_registry,
     smear_like,
@@ -31,6 +25,12 @@ from services.inference.testing import (
     tiny_onnx,
     wait_ready,
 )
+from PIL import Image
+
+from leukofed import probes
+from leukofed.ood import DESCRIPTORS, AcquisitionProfile
+from services.inference.model_source import NO_PROFILE, load_profile
+from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
 
 NAME = "leukofed-refer"
 SIZE = 32

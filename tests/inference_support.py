@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SMEAR_PROFILE = "smear"  # tiny_onnx's default: the profile of smear_like images
 PROFILE_IMAGES = 96  # smear_like images behind a test profile
 PROFILE_SEED = 1000  # their seeds: PROFILE_SEED, PROFILE_SEED + 1, ...; test images use < 1000
@@ -368,9 +368,9 @@ def serve_fake_registry(tmp_path: Path, model_name: str, resolve: Any, fetch: An
     ``resolve`` and ``fetch`` replace the MLflow lookup and the ONNX download."""
     from fastapi.testclient import TestClient
 
-    from .app import create_app
-    from .model_source import ModelSource
-    from .settings import InferenceSettings
+    from services.inference.app import create_app
+    from services.inference.model_source import ModelSource
+    from services.inference.settings import InferenceSettings
 
     s = InferenceSettings(tracking_uri="http://unused", model_name=model_name,
                           poll_interval_s=0.05, onnx_cache_dir=tmp_path, threads=1)
