@@ -29,7 +29,15 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image (empty, truncated, wrong type, too large)."""
+    """The bytes are not a decodable image (empty, truncated, corrupt)."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """More pixels than allowed (a decompression bomb, or over the service's budget)."""
+
+
+class UnsupportedImage(ImageDecodeError):
+    """Not one of the accepted formats (JPEG, PNG, BMP, TIFF)."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -65,12 +73,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         # attack surface that a blood-smear upload never needs.
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from exc
+        raise ImageTooLarge(f"image too large: {exc}") from exc
     except Exception as exc:  # Pillow raises several types for "not an image"
-        raise ImageDecodeError("not a recognised image (JPEG, PNG, BMP or TIFF)") from exc
+        raise UnsupportedImage("not a recognised image (JPEG, PNG, BMP or TIFF)") from exc
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLarge(
             f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}"
         )
     try:

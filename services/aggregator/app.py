@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from leukofed import signing, startup
+from leukofed import http_errors, signing, startup
 from leukofed.logging import add_filter
 from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
@@ -83,6 +83,7 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     app = FastAPI(title="leukofed aggregator", version="1",
                   description="Start and follow federated training runs over the hospitals' "
                               "Celery workers.", lifespan=lifespan)
+    http_errors.install(app)  # {"error": ...} for every 4xx/5xx (leukofed.http_errors)
     app.state.admin_token = admin_token
     # A request for another Host (DNS rebinding from a browser) gets 400 before anything.
     app.add_middleware(TrustedHostMiddleware,

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import leukofed
-from leukofed import startup
+from leukofed import http_errors, startup
 
 from . import runtime
 from .batcher import MicroBatcher
@@ -68,9 +68,11 @@ def create_app(settings: InferenceSettings | None = None,
         lifespan=lifespan,
     )
 
+    http_errors.install(app)  # {"error": ...} for every 4xx/5xx (leukofed.http_errors)
+
     @app.exception_handler(InputError)
     async def input_error(_: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return http_errors.error_response(exc.status, exc.message)
 
     app.add_exception_handler(v2.V2Error, v2.v2_error_response)
     for router in (predict.router, model.router, health.router, v2.router, v2.models,

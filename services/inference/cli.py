@@ -63,7 +63,7 @@ def predict(
         raise typer.Exit(2) from exc
     if response.status_code != 200:
         try:
-            detail = response.json().get("detail", response.text)
+            detail = response.json().get("error", response.text)
         except ValueError:
             detail = response.text
         typer.echo(f"error {response.status_code}: {detail}", err=True)

@@ -19,12 +19,13 @@ inline bootstrap script, so they get a policy that allows exactly that and nothi
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from leukofed.http_errors import error_bytes
 
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; "
             "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; "
@@ -131,8 +132,7 @@ class RateLimitMiddleware:
         message = (f"rate limit exceeded: at most {self.buckets.rate:g} requests/s per client "
                    f"(bursts of {self.buckets.burst:g}); retry after {retry_after} s "
                    "(LEUKOFED_INFERENCE_RATE_LIMIT_PER_S, LEUKOFED_INFERENCE_RATE_LIMIT_BURST)")
-        body = json.dumps({"detail": message, "error": message,
-                           "retry_after_s": retry_after}).encode()
+        body = error_bytes(message, retry_after_s=retry_after)
         await send({"type": "http.response.start", "status": 429,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

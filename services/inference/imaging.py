@@ -17,6 +17,8 @@ from PIL import Image
 from leukofed.preprocessing import (
     ACCEPTED_FORMATS,
     ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedImage,
     decode_image,
     to_model_input,
 )
@@ -36,11 +38,10 @@ def human_bytes(n: int) -> str:
 
 
 def status_for(error: ImageDecodeError) -> int:
-    """The HTTP status for a decode error (preprocessing words its messages by kind)."""
-    text = str(error)
-    if text.startswith("image too large"):
+    """The HTTP status for a decode error, by its type."""
+    if isinstance(error, ImageTooLarge):
         return 413
-    if text.startswith("not a recognised image"):
+    if isinstance(error, UnsupportedImage):
         return 415
     return 422  # empty, truncated, corrupt
 

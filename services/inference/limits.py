@@ -6,9 +6,9 @@ body is counted as it streams and cut off with 413 as soon as it passes the limi
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from leukofed.http_errors import error_bytes
 
 from .imaging import human_bytes
 
@@ -28,7 +28,7 @@ class BodyLimitMiddleware:
                 "(LEUKOFED_INFERENCE_MAX_UPLOAD_BYTES)")
 
     async def _reject(self, send: Send, size: int | None) -> None:
-        body = json.dumps({"detail": self._message(size), "error": self._message(size)}).encode()
+        body = error_bytes(self._message(size))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

@@ -114,7 +114,7 @@ def test_bad_input_then_a_successful_prediction(service: ServiceProcess, case: s
         r = client.post("/v1/predict",
                         files={"files": (filename, data, "application/octet-stream")})
         assert r.status_code == status, r.text
-        assert message in r.json()["detail"]
+        assert message in r.json()["error"]
     ok = httpx.post(f"{service.url}/v1/predict", timeout=30,
                     files={"files": ("fine.png", png(), "image/png")})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["filename"] == "fine.png"
@@ -192,7 +192,7 @@ def test_version_without_calibration_or_card_says_so(service: ServiceProcess) ->
     assert p["calibrated"] is False and p["prediction_set"] is None
     assert p["malignant"] == ("no" if p["label"] == "Benign" else "yes")
     card = httpx.get(f"{service.url}/v1/model/card")
-    assert card.status_code == 404 and "has no model card" in card.json()["detail"]
+    assert card.status_code == 404 and "has no model card" in card.json()["error"]
 
 
 def test_demanding_cuda_without_a_gpu_stops_start_up(mlflow_server, tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_a_request_of_huge_blank_images_gets_413_and_memory_stays_bounded(
             files = [("files", (f"blank-{i}.png", blank, "image/png")) for i in range(32)]
             r = httpx.post(f"{svc.url}/v1/predict", files=files, timeout=120)
             assert r.status_code == 413, r.text
-            assert expected in r.json()["detail"], r.text
+            assert expected in r.json()["error"], r.text
         assert _peak_rss_mib(svc.proc.pid) < 1024
     finally:
         svc.stop()

@@ -132,7 +132,7 @@ def test_bad_input_gets_its_status_and_the_service_keeps_serving(
         message: str) -> None:
     r = client.post("/v1/predict", files={"files": (filename, data, "application/octet-stream")})
     assert r.status_code == status, r.text
-    assert message in r.json()["detail"]
+    assert message in r.json()["error"]
     ok = client.post("/v1/predict", files={"files": ("good.png", png(), "image/png")})
     assert ok.status_code == 200
 
@@ -151,7 +151,7 @@ def test_no_files_and_too_many_files_are_client_errors(client: TestClient) -> No
     assert client.post("/v1/predict", data={"x": "1"}).status_code == 422
     many = [("files", (f"{i}.png", png(), "image/png")) for i in range(40)]
     r = client.post("/v1/predict", files=many)
-    assert r.status_code == 413 and "limit is 32" in r.json()["detail"]
+    assert r.status_code == 413 and "limit is 32" in r.json()["error"]
 
 
 def test_explain_returns_prediction_and_a_png_heat_map(client: TestClient) -> None:
@@ -213,7 +213,7 @@ def test_not_ready_without_champion_then_ready(tmp_path: Path) -> None:
         r = c.get("/readyz")
         assert r.status_code == 503 and "alias 'champion'" in r.json()["status"]
         p = c.post("/v1/predict", files={"file": ("x.png", png(), "image/png")})
-        assert p.status_code == 503 and "not ready" in p.json()["detail"]
+        assert p.status_code == 503 and "not ready" in p.json()["error"]
         assert c.get("/v2/health/ready").status_code == 503
         assert c.get("/healthz").status_code == 200
         reg.champion = "1"

@@ -307,7 +307,7 @@ def test_version_without_calibration_answers_as_before(tmp_path: Path) -> None:
         assert m["card"]["available"] is False and m["card"]["note"] == NO_CARD
         card = c.get("/v1/model/card")
         assert card.status_code == 404
-        assert card.json()["detail"] == (f"model {NAME!r} version 2 has no model card: "
+        assert card.json()["error"] == (f"model {NAME!r} version 2 has no model card: "
                                          f"{NO_CARD}")
         meta = c.get(f"/v2/models/{NAME}").json()
         assert [o["name"] for o in meta["outputs"]] == ["probabilities"]
@@ -373,8 +373,8 @@ def test_malformed_card_is_a_404_with_the_reason(tmp_path: Path,
     with serve(tmp_path, "4") as c:
         wait_ready(c)
         r = c.get("/v1/model/card?format=html")
-        assert r.status_code == 404 and "model card is malformed" in r.json()["detail"]
-        assert "leukofed-model-card/1" in r.json()["detail"]
+        assert r.status_code == 404 and "model card is malformed" in r.json()["error"]
+        assert "leukofed-model-card/1" in r.json()["error"]
         assert c.get("/v1/model").json()["card"]["available"] is False
         assert predict(c, "red")[0]["prediction_set"] is None  # and it still predicts
     assert any("malformed model card" in r.getMessage() for r in caplog.records)

@@ -61,7 +61,7 @@ def test_rate_limit_answers_429_with_retry_after_per_client(tmp_path: Path,
         limited = c.post("/v1/predict", files=upload())
         assert limited.status_code == 429
         body = limited.json()
-        assert "rate limit exceeded" in body["detail"] and "retry after" in body["detail"]
+        assert "rate limit exceeded" in body["error"] and "retry after" in body["error"]
         assert int(limited.headers["retry-after"]) == body["retry_after_s"] >= 1
         assert limited.headers["x-frame-options"] == "DENY"  # headers on a 429 too
         assert c.get("/v1/model").status_code == 429  # every route, not just predict

@@ -67,7 +67,7 @@ async def model_card(request: Request,
     m = served_or_503(state)
     headers = {"X-Model-Name": m.name, "X-Model-Version": m.version}
     if m.card is None:
-        return JSONResponse({"detail": f"model {m.name!r} version {m.version} has no model "
+        return JSONResponse({"error": f"model {m.name!r} version {m.version} has no model "
                                        f"card: {m.card_note}"},
                             status_code=404, headers=headers)
     if format is None:

@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 import leukofed
 from leukofed.export import INPUT_NAME, OUTPUT_NAME
+from leukofed.http_errors import error_response
 
 from ..answers import Answer
 from ..batcher import NotReadyError, ShapeError
@@ -60,7 +61,7 @@ class V2Error(Exception):
 
 
 def v2_error_response(_: Request, exc: V2Error) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return error_response(exc.status, exc.message)
 
 
 @router.get("", summary="Server metadata")

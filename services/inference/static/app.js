@@ -17,7 +17,7 @@ function showKeyField() {
 async function errorText(response) {
   try {
     const body = await response.json();
-    return body.detail || body.error || response.statusText;
+    return body.error || response.statusText;
   } catch (_) {
     return `${response.status} ${response.statusText}`;
   }
