@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from leukofed.data import DEFAULT_BLOCK_SIZE
+from leukofed.protocol import DEFAULT_IMAGE_SIZE
 
 app = typer.Typer(help="Federated ALL blood-smear classifier: data, training, export, services.",
                   no_args_is_help=True, add_completion=False)
@@ -140,7 +141,8 @@ def train_central(
     data: Path = typer.Argument(..., help="folder with one sub-folder per class"),
     out: Path = typer.Option(Path("artifacts/central"), help="output folder"),
     model: str = typer.Option("compact_cnn", help="compact_cnn, mobilenetv2 or efficientnetb0"),
-    image_size: int = typer.Option(128, help="128 px shows cells (13+ px wide)"),
+    image_size: int = typer.Option(DEFAULT_IMAGE_SIZE, help="128 px shows cells (13+ px "
+                                   "wide)"),
     augmentation: str = typer.Option("stain", help="'stain' (stain-robust) or 'basic' (old)"),
     cell_focus: bool = typer.Option(True, help="keep only the stained cells in the model"),
     rotation_ensemble: bool = typer.Option(

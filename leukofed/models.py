@@ -24,12 +24,12 @@ import keras  # noqa: E402
 
 from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.preprocessing import PREPROCESSING  # noqa: E402
+from leukofed.protocol import DEFAULT_IMAGE_SIZE  # noqa: E402,F401  (re-exported)
 
 MODEL_NAMES = ("compact_cnn", "mobilenetv2", "efficientnetb0")
 # The default recipe reads cells: 128 px (a white cell is 13+ px wide, 6-7 at 64 px), only
 # the stained cells kept (CellFocus), stain-robust augmentation (leukofed.train). Chosen by
 # the shortcut audit, not by test accuracy alone: docs/shortcuts.md.
-DEFAULT_IMAGE_SIZE = 128
 DEFAULT_CELL_FOCUS = True
 # Answer from the four right-angle rotations of the image, averaged: a smear has no "up",
 # training sees all eight symmetries, and averaging them at inference measured +1.0 point of

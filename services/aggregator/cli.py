@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from leukofed.audit import DEFAULT_MAX_FOLLOW_COLOUR
+from leukofed.protocol import DEFAULT_IMAGE_SIZE
 
 aggregator_app = typer.Typer(help="The aggregator service.", no_args_is_help=True)
 run_app = typer.Typer(help="Federated runs, through the aggregator's REST API.",
@@ -75,7 +76,8 @@ def _progress_line(run: dict[str, Any]) -> str:
 @run_app.command()
 def start(
     config: Annotated[Path | None, typer.Option(help="JSON file with a run config")] = None,
-    model: str = "compact_cnn", image_size: int = 128, rounds: int = 10, local_epochs: int = 1,
+    model: str = "compact_cnn", image_size: int = DEFAULT_IMAGE_SIZE, rounds: int = 10,
+    local_epochs: int = 1,
     batch_size: int = 32, learning_rate: float = 1e-3, strategy: str = "fedavg",
     strategy_param: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
     hospitals: Annotated[str | None, typer.Option(help="comma-separated ids")] = None,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from leukofed.protocol import RoundConfig
 from leukofed.signing import SignatureRejected, blob_digest
 from leukofed.strategies import ClientResult, Strategy, make_strategy, pool_batchnorm_stats
 from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE, TASK_FIT
@@ -96,16 +97,16 @@ class RunInterrupted(Exception):
 
 def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Strategy,
                deadline: float) -> dict[str, Any]:
-    """What a hospital needs to train this round (see leukofed.transport.ROUND_CONFIG_DEFAULTS)."""
-    return {"run_id": record_id, "round": server_round, "model": cfg.model,
-            "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-            "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
-            "augmentation": cfg.augmentation, "send_profile": cfg.privacy is None,
-            "local_epochs": cfg.local_epochs,
-            "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
-            "class_balanced": cfg.class_balanced, "bn_mode": cfg.bn_mode, "fp16": cfg.fp16,
-            "seed": cfg.seed, "jit_compile": cfg.jit_compile, "deadline": deadline,
-            **_local_dp(cfg), **strategy.configure_fit(server_round)}
+    """What a hospital needs to train this round (leukofed.protocol.RoundConfig)."""
+    return RoundConfig.build(
+        run_id=record_id, round=server_round, model=cfg.model, image_size=cfg.image_size,
+        alpha=cfg.alpha, norm=cfg.norm, cell_focus=cfg.cell_focus,
+        rotation_ensemble=cfg.rotation_ensemble, augmentation=cfg.augmentation,
+        send_profile=cfg.privacy is None, local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        class_balanced=cfg.class_balanced, bn_mode=cfg.bn_mode, fp16=cfg.fp16, seed=cfg.seed,
+        jit_compile=cfg.jit_compile, deadline=deadline, **_local_dp(cfg),
+        **strategy.configure_fit(server_round))
 
 
 def _local_dp(cfg: RunConfig) -> dict[str, Any]:
@@ -700,11 +701,12 @@ class FederatedRun:
                      "seconds": self.clock() - start}
 
     def _task_config(self, cfg: RunConfig, server_round: int, **config: Any) -> dict[str, Any]:
-        return {"run_id": self.record["id"], "round": server_round, "model": cfg.model,
-                "image_size": cfg.image_size, "alpha": cfg.alpha, "norm": cfg.norm,
-                "cell_focus": cfg.cell_focus, "rotation_ensemble": cfg.rotation_ensemble,
-                "jit_compile": cfg.jit_compile,
-                "deadline": self.clock() + cfg.round_deadline_s, **config}
+        return RoundConfig.build(
+            run_id=self.record["id"], round=server_round, model=cfg.model,
+            image_size=cfg.image_size, alpha=cfg.alpha, norm=cfg.norm,
+            cell_focus=cfg.cell_focus, rotation_ensemble=cfg.rotation_ensemble,
+            jit_compile=cfg.jit_compile, deadline=self.clock() + cfg.round_deadline_s,
+            **config)
 
     def _ask(self, cfg: RunConfig, server_round: int, task: str, weights: Weights,
              hospitals: list[str], **config: Any

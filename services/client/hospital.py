@@ -20,6 +20,7 @@ from leukofed import secagg, signing
 from leukofed.calibration import calibration_sums
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
+from leukofed.protocol import RoundConfig
 from leukofed.splits import Split, group_split
 from leukofed.transport import (
     TASK_CALIBRATE,
@@ -29,7 +30,6 @@ from leukofed.transport import (
     TASK_SECAGG_KEYS,
     TASK_SECAGG_REVEAL,
     TASK_SECAGG_SHARES,
-    round_config,
 )
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
@@ -113,37 +113,37 @@ class HospitalClient:
 
     # ------------------------------------------------------------ model
 
-    def trainer(self, cfg: dict[str, Any]) -> Any:
-        key = (cfg["model"], int(cfg["image_size"]), float(cfg["alpha"]), str(cfg["norm"]),
-               bool(cfg["cell_focus"]), bool(cfg["rotation_ensemble"]), bool(cfg["jit_compile"]))
+    def trainer(self, cfg: RoundConfig) -> Any:
+        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm,
+               cfg.cell_focus, cfg.rotation_ensemble, cfg.jit_compile)
         if self._trainer_key != key:
             from leukofed.models import build_model
             from leukofed.train import Trainer
             from leukofed.wire import batchnorm_stat_names
 
-            model = build_model(cfg["model"], int(cfg["image_size"]), alpha=float(cfg["alpha"]),
-                                norm=str(cfg["norm"]), cell_focus=bool(cfg["cell_focus"]),
-                                rotation_ensemble=bool(cfg["rotation_ensemble"]))
-            self._trainer = Trainer(model, learning_rate=float(cfg["learning_rate"]),
-                                    jit_compile=bool(cfg["jit_compile"]))
+            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
+                                norm=cfg.norm, cell_focus=cfg.cell_focus,
+                                rotation_ensemble=cfg.rotation_ensemble)
+            self._trainer = Trainer(model, learning_rate=cfg.learning_rate,
+                                    jit_compile=cfg.jit_compile)
             self._trainer_key = key
             self._bn_names = batchnorm_stat_names(model)
             self._local_bn_run = None
         return self._trainer
 
-    def _load_global(self, blob: bytes, cfg: dict[str, Any]) -> Any:
+    def _load_global(self, blob: bytes, cfg: RoundConfig) -> Any:
         from leukofed.wire import set_model_weights
 
         weights = decode_weights(blob)
         trainer = self.trainer(cfg)
         # FedBN keeps this hospital's BatchNorm statistics once it has its own for this run.
-        keep_local = cfg["bn_mode"] == "local" and self._local_bn_run == cfg["run_id"]
+        keep_local = cfg.bn_mode == "local" and self._local_bn_run == cfg.run_id
         set_model_weights(trainer.model, weights, skip=self._bn_names if keep_local else ())
         return trainer
 
     # ------------------------------------------------------------ gatekeeping
 
-    def check_task(self, task: str, args: list[Any], auth: Any, cfg: dict[str, Any]
+    def check_task(self, task: str, args: list[Any], auth: Any, cfg: RoundConfig
                     ) -> dict[str, Any] | None:
         """A decline answer for a task without a valid aggregator signature, else None. Runs
         before anything in the task is decoded, so a forged task costs the hospital nothing."""
@@ -155,27 +155,27 @@ class HospitalClient:
                                 max_age_s=self.settings.task_max_age_s)
         except signing.SignatureRejected as exc:
             log.warning("refused %s task: %s (%s)", task, exc.reason, exc.message)
-            self.participation.append(run=cfg.get("run_id", ""), round=cfg.get("round", 0),
+            self.participation.append(run=cfg.run_id, round=cfg.round,
                                       task=task.rsplit(".", 1)[-1], status="refused",
                                       reason=f"task_{exc.reason}", bytes=0)
             return _status("declined", self.hospital, reason=f"task_{exc.reason}",
-                           message=f"task refused: {exc.message}", round=cfg.get("round", 0),
-                           run_id=cfg.get("run_id", ""))
+                           message=f"task refused: {exc.message}", round=cfg.round,
+                           run_id=cfg.run_id)
         return None
 
-    def _gate(self, task: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    def _gate(self, task: str, cfg: RoundConfig) -> dict[str, Any] | None:
         """A decline answer when paused or past the round deadline, else None."""
         reason = None
         if self.pause_switch.paused:
             reason = "paused"
-        elif cfg["deadline"] and time.time() > float(cfg["deadline"]):
+        elif cfg.deadline and time.time() > cfg.deadline:
             reason = "expired"
         if reason is None:
             return None
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
+        self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="declined", reason=reason, bytes=0)
         return _status("declined", self.hospital, reason=reason,
-                       message=f"declined: {reason}", round=cfg["round"], run_id=cfg["run_id"])
+                       message=f"declined: {reason}", round=cfg.round, run_id=cfg.run_id)
 
     # ------------------------------------------------------------ tasks
 
@@ -183,11 +183,13 @@ class HospitalClient:
                  ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
         """(round config, trainer holding the global weights, None), or (config, None, the
         answer to send instead: declined or error). The signature check runs first."""
-        cfg = round_config(config)
+        cfg, invalid = _decode(config)
         short = task.rsplit(".", 1)[-1]
         declined = self.check_task(task, [blob, config], auth, cfg) or self._gate(short, cfg)
         if declined:
             return cfg, None, declined
+        if invalid:
+            return cfg, None, self._error(short, cfg, invalid)
         try:
             return cfg, self._load_global(blob, cfg), None
         except (WireFormatError, ValueError) as exc:
@@ -203,58 +205,58 @@ class HospitalClient:
         from leukofed.train import local_fit
         from leukofed.wire import weights_from_model
 
-        x, y = self.arrays("train", int(cfg["image_size"]))
+        x, y = self.arrays("train", cfg.image_size)
         loaded = time.perf_counter()
         if len(x) == 0:
             return self._error("fit", cfg, "no training images at this hospital")
-        seed = (int(cfg["seed"]) * 1_000_003 + int(cfg["round"]) * 101
+        seed = (cfg.seed * 1_000_003 + cfg.round * 101
                 + zlib.crc32(self.hospital.encode())) % 2**31
-        stats = local_fit(trainer, x, y, epochs=int(cfg["local_epochs"]),
-                          batch_size=int(cfg["batch_size"]),
-                          learning_rate=float(cfg["learning_rate"]),
-                          proximal_mu=float(cfg["proximal_mu"]),
-                          class_balanced=bool(cfg["class_balanced"]), seed=seed,
-                          augmentation=str(cfg["augmentation"]))
-        if cfg["bn_mode"] == "local":
-            self._local_bn_run = str(cfg["run_id"])
+        stats = local_fit(trainer, x, y, epochs=cfg.local_epochs,
+                          batch_size=cfg.batch_size,
+                          learning_rate=cfg.learning_rate,
+                          proximal_mu=cfg.proximal_mu,
+                          class_balanced=cfg.class_balanced, seed=seed,
+                          augmentation=cfg.augmentation)
+        if cfg.bn_mode == "local":
+            self._local_bn_run = cfg.run_id
         trained = time.perf_counter()
         weights = self._trained_weights(weights_from_model(trainer.model), cfg)
-        if cfg["dp_mode"] == "local":
+        if cfg.dp_mode == "local":
             from leukofed.privacy import privatize_local
 
             # Local DP: clipped and noised here, so neither the broker nor the aggregator
             # ever sees this hospital's exact update. OS entropy, never a known seed.
-            weights = privatize_local(decode_weights(blob), weights, float(cfg["dp_clip_norm"]),
-                                      float(cfg["dp_noise_multiplier"]), np.random.default_rng())
+            weights = privatize_local(decode_weights(blob), weights, cfg.dp_clip_norm,
+                                      cfg.dp_noise_multiplier, np.random.default_rng())
         extra = {
             "metrics": {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
             "class_counts": _counts(y), "dataset_fingerprint": self.dataset()[0].fingerprint,
-            **(self.training_profile(int(cfg["image_size"])) if cfg["send_profile"] else {}),
+            **(self.training_profile(cfg.image_size) if cfg.send_profile else {}),
         }
-        if cfg["secure"] is not None:
+        if cfg.secure is not None:
             return self._secure_fit(cfg, decode_weights(blob), weights, len(x), extra,
                                     {"load_s": loaded - start,
                                      "train_s": float(stats["train_seconds"])}, start)
-        out = encode_weights(weights, fp16=bool(cfg["fp16"]))
+        out = encode_weights(weights, fp16=cfg.fp16)
         digest = hashlib.sha256(out).hexdigest()
         done = time.perf_counter()
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="fit",
+        self.participation.append(run=cfg.run_id, round=cfg.round, task="fit",
                                   status="ok", bytes=len(out), sha256=digest,
-                                  num_examples=int(len(x)), fp16=bool(cfg["fp16"]))
+                                  num_examples=int(len(x)), fp16=cfg.fp16)
         answer = _status(
-            "ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"], weights=out,
+            "ok", self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
                      "encode_s": done - trained, "total_s": done - start}, **extra)
         return self._sign_answer(answer, cfg, blob=blob, task_id=task_id)
 
-    def _secure_fit(self, cfg: dict[str, Any], global_weights: dict[str, np.ndarray],
+    def _secure_fit(self, cfg: RoundConfig, global_weights: dict[str, np.ndarray],
                     weights: dict[str, np.ndarray], n: int, extra: dict[str, Any],
                     timings: dict[str, float], start: float) -> dict[str, Any]:
         """The update as a masked vector (leukofed.secagg, services.client.secure)."""
         from services.client.secure import update_to_sum
 
-        delta, weight, extras = update_to_sum(cfg["secure"], global_weights, weights, n)
+        delta, weight, extras = update_to_sum(cfg.secure, global_weights, weights, n)
         answer = self._masked_answer("fit", cfg, global_weights, delta, weight, extras, n)
         if answer["status"] == "ok":
             done = time.perf_counter()
@@ -262,7 +264,7 @@ class HospitalClient:
                                           "encode_s": done - start - sum(timings.values())})
         return answer
 
-    def _masked_answer(self, task: str, cfg: dict[str, Any], like: dict[str, np.ndarray],
+    def _masked_answer(self, task: str, cfg: RoundConfig, like: dict[str, np.ndarray],
                        tensors: dict[str, np.ndarray], weight: float,
                        extras: dict[str, float], n: int) -> dict[str, Any]:
         """A fit or calibrate answer under secure aggregation: the masked vector, logged in
@@ -271,7 +273,7 @@ class HospitalClient:
             answer = self.secure.masked(cfg, like, tensors, weight, extras)
         except secagg.SecAggError as exc:
             return self._error(task, cfg, f"secure aggregation: {exc.reason}: {exc.message}")
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
+        self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="ok", bytes=len(answer["masked"]), secure=True,
                                   num_examples=int(n))
         answer["bytes"] = len(answer["masked"])
@@ -301,7 +303,7 @@ class HospitalClient:
             return refusal
         splits = {}
         for name in ("val", "test"):
-            x, y = self.arrays(name, int(cfg["image_size"]))
+            x, y = self.arrays(name, cfg.image_size)
             splits[name] = {"n": 0}
             if len(x):
                 probs = trainer.predict(x)
@@ -309,10 +311,10 @@ class HospitalClient:
                 # the version's calibration from them without any per-image score.
                 splits[name] = {**split_metrics(y, probs),
                                 "calibration": calibration_sums(probs, y)}
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="evaluate",
+        self.participation.append(run=cfg.run_id, round=cfg.round, task="evaluate",
                                   status="ok", bytes=0,
                                   num_examples=sum(s["n"] for s in splits.values()))
-        answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
+        answer = _status("ok", self.hospital, run_id=cfg.run_id, round=cfg.round,
                          splits=splits, num_examples=splits["test"]["n"],
                          seconds=time.perf_counter() - start)
         return self._sign_answer(answer, cfg, kind="evaluation", blob=blob,
@@ -331,13 +333,13 @@ class HospitalClient:
         from leukofed.train import recalibrate_batchnorm
         from leukofed.wire import weights_from_model
 
-        x, _ = self.arrays("train", int(cfg["image_size"]))
-        used = min(len(x), int(cfg["calibration_images"]))
+        x, _ = self.arrays("train", cfg.image_size)
+        used = min(len(x), cfg.calibration_images)
         if used == 0 or not self._bn_names:
             return self._error("calibrate", cfg, "no training images or no BatchNorm layer")
         recalibrate_batchnorm(trainer.model, x, max_images=used)
         weights = weights_from_model(trainer.model)
-        if cfg["secure"] is not None:
+        if cfg.secure is not None:
             stats = {n: weights[n] for n in sorted(self._bn_names)}
             # First and second moments, weighted by the images used: they sum exactly.
             answer = self._masked_answer("calibrate", cfg, stats, secagg.bn_moments(stats),
@@ -346,17 +348,17 @@ class HospitalClient:
             return answer
         out = encode_weights({n: weights[n] for n in sorted(self._bn_names)})
         digest = hashlib.sha256(out).hexdigest()
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task="calibrate",
+        self.participation.append(run=cfg.run_id, round=cfg.round, task="calibrate",
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=used)
-        answer = _status("ok", self.hospital, run_id=cfg["run_id"], round=cfg["round"],
+        answer = _status("ok", self.hospital, run_id=cfg.run_id, round=cfg.round,
                          weights=out, bytes=len(out), sha256=digest, num_examples=used,
                          seconds=time.perf_counter() - start)
         return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
                                  task_id=task_id)
 
     def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
-        declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, {})
+        declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, RoundConfig())
         if declined:
             return declined
         ds, sp = self.dataset()
@@ -368,24 +370,25 @@ class HospitalClient:
                          dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
                          paused=self.pause_switch.paused)
         # Signed: the split sizes it declares bound every count it claims later.
-        return self._sign_answer(answer, {"run_id": "", "round": 0},
-                                 kind="describe")
+        return self._sign_answer(answer, RoundConfig(), kind="describe")
 
     def secure_stage(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
                      ) -> dict[str, Any]:
         """A secure-aggregation stage of its own: keys, shares or reveal (services.client.
         secure). Signed and gated like every task; a protocol error is an error answer with
         its reason, never an exception on the worker."""
-        cfg = round_config(config)
+        cfg, invalid = _decode(config)
         short = task.rsplit(".", 1)[-1]
         declined = self.check_task(task, [blob, config], auth, cfg) or self._gate(short, cfg)
         if declined:
             return declined
+        if invalid:
+            return self._error(short, cfg, invalid)
         try:
             if task == TASK_SECAGG_KEYS:
                 train = len(self.dataset()[1]["train"])
-                purpose = (cfg["secure"] or {}).get("purpose")
-                cap = train if purpose == "fit" else min(train, int(cfg["calibration_images"]))
+                purpose = (cfg.secure or {}).get("purpose")
+                cap = train if purpose == "fit" else min(train, cfg.calibration_images)
                 return self.secure.keys(cfg, cap)
             if task == TASK_SECAGG_SHARES:
                 return self.secure.shares(cfg)
@@ -397,14 +400,14 @@ class HospitalClient:
 
     # ------------------------------------------------------------ helpers
 
-    def _error(self, task: str, cfg: dict[str, Any], message: str) -> dict[str, Any]:
-        log.error("%s round %s: %s", task, cfg["round"], message)
-        self.participation.append(run=cfg["run_id"], round=cfg["round"], task=task,
+    def _error(self, task: str, cfg: RoundConfig, message: str) -> dict[str, Any]:
+        log.error("%s round %s: %s", task, cfg.round, message)
+        self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="error", reason=message, bytes=0)
-        return _status("error", self.hospital, reason=message, round=cfg["round"],
-                       run_id=cfg["run_id"])
+        return _status("error", self.hospital, reason=message, round=cfg.round,
+                       run_id=cfg.run_id)
 
-    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
+    def _sign_answer(self, answer: dict[str, Any], cfg: RoundConfig,
                      kind: str = "update", blob: bytes = b"", task_id: str = "",
                      key: Any = None) -> dict[str, Any]:
         """Attach this hospital's signature of ``kind`` (leukofed.signing.sign_answer): run,
@@ -414,20 +417,30 @@ class HospitalClient:
         if key is None:
             return answer
         answer["signature"] = signing.sign_answer(
-            key, kind, self.hospital, str(cfg["run_id"]), int(cfg["round"]), answer,
+            key, kind, self.hospital, cfg.run_id, cfg.round, answer,
             signing.blob_digest(blob) if blob else "", str(task_id or ""))
         return answer
 
     # Two seams, no-ops here. The test suite's drills (tests/integration/drills.py) override
     # them to stall a hospital or make it send a bad update, against real processes.
 
-    def _before_training(self, cfg: dict[str, Any]) -> None:
+    def _before_training(self, cfg: RoundConfig) -> None:
         """Called after a fit task is accepted, before the data is loaded."""
 
-    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: dict[str, Any]
+    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: RoundConfig
                          ) -> dict[str, np.ndarray]:
         """The locally trained weights, as they will be sent (before any local DP)."""
         return weights
+
+
+def _decode(config: Any) -> tuple[RoundConfig, str | None]:
+    """The round configuration, or the defaults and why it was refused (the task's
+    signature is checked before the refusal is answered)."""
+    try:
+        return RoundConfig.decode(config), None
+    except ValueError as exc:
+        run = config.get("run_id", "") if isinstance(config, dict) else ""
+        return RoundConfig(run_id=str(run)), str(exc)
 
 
 def _counts(y: np.ndarray) -> dict[str, int]:

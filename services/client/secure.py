@@ -21,18 +21,19 @@ from typing import Any
 import numpy as np
 
 from leukofed import secagg, signing
+from leukofed.protocol import RoundConfig
 
 log = logging.getLogger(__name__)
 KEEP_SESSIONS = 8  # the fit and calibrate sessions of a few rounds; older ones are forgotten
 
 
-def session_of(cfg: Mapping[str, Any]) -> secagg.Session:
+def session_of(cfg: RoundConfig) -> secagg.Session:
     """The session a task belongs to, from its round config's ``secure`` entry."""
-    secure = cfg.get("secure")
+    secure = cfg.secure
     if not isinstance(secure, Mapping):
         raise secagg.SecAggError("schema", "no secure-aggregation parameters in the task")
     try:
-        session = secagg.Session(run=str(cfg["run_id"]), round=int(cfg["round"]),
+        session = secagg.Session(run=cfg.run_id, round=cfg.round,
                                  purpose=str(secure["purpose"]), bits=int(secure["bits"]),
                                  neighbours=int(secure["neighbours"]),
                                  threshold_fraction=float(secure["threshold_fraction"]))
@@ -101,15 +102,15 @@ class SecureSessions:
         return answer
 
     # ---- the three stages of their own
-    def keys(self, cfg: Mapping[str, Any], cap: int) -> dict[str, Any]:
+    def keys(self, cfg: RoundConfig, cap: int) -> dict[str, Any]:
         session = session_of(cfg)
         adverts = self._party(session, create=True).advertise()
         return self._signed(session, "keys", {"purpose": session.purpose, **adverts,
                                               "cap": int(cap)})
 
-    def shares(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    def shares(self, cfg: RoundConfig) -> dict[str, Any]:
         session = session_of(cfg)
-        adverts = cfg["secure"].get("adverts")
+        adverts = cfg.secure.get("adverts")
         if not isinstance(adverts, Mapping):
             raise secagg.SecAggError("schema", "no neighbour keys in the task")
         plain = {}
@@ -130,9 +131,9 @@ class SecureSessions:
         return self._signed(session, "shares", {"purpose": session.purpose,
                                                 "ciphertexts": ciphertexts})
 
-    def reveal(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    def reveal(self, cfg: RoundConfig) -> dict[str, Any]:
         session = session_of(cfg)
-        secure = cfg["secure"]
+        secure = cfg.secure
         survivors, dropped = secure.get("survivors"), secure.get("dropped")
         if not isinstance(survivors, list) or not isinstance(dropped, list):
             raise secagg.SecAggError("schema", "survivors and dropped must be lists")
@@ -146,13 +147,13 @@ class SecureSessions:
                                                 "reveals": reveals})
 
     # ---- the masked vector, made inside the fit or calibrate task
-    def masked(self, cfg: Mapping[str, Any], like: Mapping[str, np.ndarray],
+    def masked(self, cfg: RoundConfig, like: Mapping[str, np.ndarray],
                tensors: Mapping[str, np.ndarray], weight: float, extras: Mapping[str, float]
                ) -> dict[str, Any]:
         """The signed answer fields of a masked vector: ``weight * tensors`` (clipped to the
         spec's ranges) plus the extras, quantised and masked."""
         session = session_of(cfg)
-        secure = cfg["secure"]
+        secure = cfg.secure
         spec = secagg.VectorSpec.from_dict(secure.get("spec"))
         cap, total = secure.get("cap"), secure.get("total_weight")
         received = secure.get("received")

@@ -17,6 +17,7 @@ from celery import Celery
 
 from leukofed import startup
 from leukofed.logging import install_celery_logging
+from leukofed.protocol import RoundConfig
 from leukofed.transport import (
     TASK_CALIBRATE,
     TASK_DESCRIBE,
@@ -79,7 +80,7 @@ def create_app(settings: ClientSettings | None = None,
 
     @app.task(name=TASK_DESCRIBE)
     def describe(auth: Any = None) -> dict[str, Any]:
-        declined = client().check_task(TASK_DESCRIBE, [], auth, {})
+        declined = client().check_task(TASK_DESCRIBE, [], auth, RoundConfig())
         if declined:  # checked first: an unsigned caller learns not even the pause state
             return declined
         if client().pause_switch.paused:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from leukofed.protocol import RoundConfig
 from services.client.hospital import HospitalClient
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,15 @@ class DrillClient(HospitalClient):
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
         self._previous_update: dict[str, Any] | None = None
 
-    def _fault(self, cfg: dict[str, Any]) -> str:
-        return fault_for(self.faults, int(cfg["round"])) if self.faults else ""
+    def _fault(self, cfg: RoundConfig) -> str:
+        return fault_for(self.faults, cfg.round) if self.faults else ""
 
-    def _before_training(self, cfg: dict[str, Any]) -> None:
+    def _before_training(self, cfg: RoundConfig) -> None:
         if self.delay_s:
             log.warning("DRILL: stalling %.1f s before training", self.delay_s)
             time.sleep(self.delay_s)
 
-    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: dict[str, Any]
+    def _trained_weights(self, weights: dict[str, np.ndarray], cfg: RoundConfig
                          ) -> dict[str, np.ndarray]:
         fault = self._fault(cfg)
         if fault not in ("nan", "shape", "norm"):  # signature drills act in _sign_answer
@@ -69,7 +70,7 @@ class DrillClient(HospitalClient):
                        for n, w in weights.items()}
         return weights
 
-    def _sign_answer(self, answer: dict[str, Any], cfg: dict[str, Any],
+    def _sign_answer(self, answer: dict[str, Any], cfg: RoundConfig,
                      kind: str = "update", blob: bytes = b"", task_id: str = "",
                      key: Any = None) -> dict[str, Any]:
         if kind != "update":  # the signature drills act on fit updates only

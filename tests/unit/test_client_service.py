@@ -96,6 +96,16 @@ def test_garbage_weights_give_an_error_answer(client: HospitalClient) -> None:
     assert answer["status"] == "error" and "global weights unusable" in answer["reason"]
 
 
+def test_a_malformed_round_config_is_an_error_answer_naming_the_field(
+        client: HospitalClient) -> None:
+    for bad, field in (({"image_size": "big"}, "image_size"), ({"local_epochs": 0},
+                                                               "local_epochs")):
+        answer = client.fit(b"unused", {**CFG, **bad})
+        assert answer["status"] == "error", answer
+        assert f"round configuration refused: {field}" in answer["reason"]
+    assert list(client.participation.entries())[-1]["status"] == "error"
+
+
 def test_fault_drills_are_test_code_and_cycle_by_round() -> None:
     import sys
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from leukofed.protocol import DEFAULT_IMAGE_SIZE, RoundConfig
 from leukofed.transport import (
     ACCEPTED_CONTENT,
     check_hospital_id,
     hospital_of_queue,
     make_celery,
     queue_name,
-    round_config,
 )
 from services.aggregator.round_logic import (
     combine_evaluations,
@@ -43,9 +43,20 @@ def test_queue_names() -> None:
             check_hospital_id(bad)
 
 
-def test_round_config_fills_defaults_and_drops_unknown() -> None:
-    cfg = round_config({"round": 3, "surprise": 1})
-    assert cfg["round"] == 3 and "surprise" not in cfg and cfg["model"] == "compact_cnn"
+def test_round_config_fills_defaults_drops_unknown_and_refuses_bad_values() -> None:
+    cfg = RoundConfig.decode({"round": 3, "surprise": 1})  # a newer aggregator's extra key
+    assert cfg.round == 3 and cfg.model == "compact_cnn" and not hasattr(cfg, "surprise")
+    assert cfg.image_size == DEFAULT_IMAGE_SIZE and RoundConfig.decode(None) == RoundConfig()
+    for bad, field in (({"image_size": "big"}, "image_size"), ({"round": -1}, "round"),
+                       ({"local_epochs": 0}, "local_epochs"), ({"bn_mode": "x"}, "bn_mode")):
+        with pytest.raises(ValueError, match=f"round configuration refused: {field}"):
+            RoundConfig.decode(bad)
+    with pytest.raises(ValueError, match="not a map"):
+        RoundConfig.decode([1, 2])
+    # The aggregator's side refuses a field no hospital knows (a typo would vanish).
+    with pytest.raises(ValueError, match="imagesize"):
+        RoundConfig.build(imagesize=64)
+    assert RoundConfig.build(image_size=64)["image_size"] == 64
 
 
 def test_select_prefers_live_and_falls_back_to_requested() -> None:

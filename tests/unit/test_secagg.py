@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from leukofed import secagg
+from leukofed.protocol import RoundConfig
 from leukofed.secagg import (
     PRIME,
     SecAggError,
@@ -842,8 +843,8 @@ PARAMS = {"purpose": "fit", "bits": 24, "neighbours": 3, "threshold_fraction": 0
 HOSPITALS = ("h0", "h1", "h2", "h3")  # 4 hospitals, 3 neighbours: the complete graph
 
 
-def _cfg(round_: int, **secure: Any) -> dict[str, Any]:
-    return {"run_id": RUN, "round": round_, "secure": {**PARAMS, **secure}}
+def _cfg(round_: int, **secure: Any) -> RoundConfig:
+    return RoundConfig.decode({"run_id": RUN, "round": round_, "secure": {**PARAMS, **secure}})
 
 
 def _sessions() -> tuple[dict[str, Ed25519PrivateKey], dict[str, SecureSessions],
@@ -896,7 +897,8 @@ def test_secure_sessions_refuse_adverts_not_signed_by_the_neighbour(attack: str)
 
 def test_secure_sessions_refuse_malformed_tasks() -> None:
     _, sessions, adverts = _sessions()
-    for cfg in ({"run_id": RUN, "round": 1}, _cfg(1, purpose="train", adverts=adverts),
+    for cfg in (RoundConfig.decode({"run_id": RUN, "round": 1}),
+                _cfg(1, purpose="train", adverts=adverts),
                 _cfg(1, bits=8, adverts=adverts), _cfg(1, bits="many", adverts=adverts),
                 _cfg(1), _cfg(1, adverts={**adverts, "h1": "keys"})):
         with pytest.raises(SecAggError) as exc:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 from test_round_loop import Clock, FakeDispatcher, FakeTracker, make_run
 
+from leukofed.protocol import RoundConfig
 from leukofed.secagg import bn_moments
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 from leukofed.wire import decode_weights
@@ -25,7 +26,7 @@ def secure_hospital(delta: float, n: int, die_at: str | None = None):
 
     def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any] | None:
         s = sessions.setdefault(hospital, SecureSessions(hospital))
-        cfg = args[1]
+        cfg = RoundConfig.decode(args[1])
         stage = {TASK_SECAGG_KEYS: "keys", TASK_SECAGG_SHARES: "shares",
                  TASK_SECAGG_REVEAL: "reveal"}.get(task, task.rsplit(".", 1)[-1])
         if stage == die_at:
@@ -41,14 +42,14 @@ def secure_hospital(delta: float, n: int, die_at: str | None = None):
             cm = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
             return {"status": "ok", "hospital": hospital, "splits": {
                 "test": {"n": 4, "loss": 0.5, "accuracy": 1.0, "confusion_matrix": cm}}}
-        assert cfg["secure"] is not None, f"plain {stage} under secure mode"
+        assert cfg.secure is not None, f"plain {stage} under secure mode"
         if stage == "calibrate":  # measured statistics: the global ones plus delta
             stats = {k: v + delta for k, v in weights.items()}
             out = s.masked(cfg, weights, bn_moments(stats), float(n), {"count": 1.0})
             return out
         local = {k: v + delta for k, v in weights.items()}
         # The hospital's own code turns its update into what it adds to the sum.
-        delta_t, weight, extras = update_to_sum(cfg["secure"], weights, local, n)
+        delta_t, weight, extras = update_to_sum(cfg.secure, weights, local, n)
         out = s.masked(cfg, weights, delta_t, weight, extras)
         out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
         return out
