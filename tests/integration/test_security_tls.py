@@ -162,6 +162,7 @@ def test_inference_service_serves_https_with_our_certificate(tmp_path: Path) -> 
     _make_certs().generate(["a"], certs)
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LEUKOFED_")},
+           "LEUKOFED_DEV_MODE": "1",  # no API key or model key: HTTPS is what is tested
            "LEUKOFED_INFERENCE_PORT": str(port), "LEUKOFED_INFERENCE_HOST": "127.0.0.1",
            "LEUKOFED_INFERENCE_TRACKING_URI": "http://127.0.0.1:9",  # no model needed here
            "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "cache"),
@@ -208,7 +209,8 @@ def test_aggregator_serves_https_and_the_cli_trusts_only_our_ca(tmp_path: Path,
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("LEUKOFED_") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
     token = "https-test-admin-token-0123456789"
-    env = {**base, "LEUKOFED_AGGREGATOR_BROKER_URL": redis_server.url,
+    env = {**base, "LEUKOFED_DEV_MODE": "1",  # no signing keys: HTTPS is what is tested
+           "LEUKOFED_AGGREGATOR_BROKER_URL": redis_server.url,
            "LEUKOFED_AGGREGATOR_STATE_DIR": str(tmp_path / "state"),
            "LEUKOFED_AGGREGATOR_CACHE_DIR": str(tmp_path / "cache"),
            "LEUKOFED_AGGREGATOR_TRACKING": "false",

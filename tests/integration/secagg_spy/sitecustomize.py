@@ -25,14 +25,14 @@ if os.environ.get("LEUKOFED_TEST_SPY_DIR") or os.environ.get("LEUKOFED_TEST_EXIT
     _masked = secure.SecureSessions.masked
 
     def masked(self, cfg, like, tensors, weight, extras):  # type: ignore[no-untyped-def]
-        purpose = cfg["secure"]["purpose"]
+        purpose = cfg.secure["purpose"]
         spy = os.environ.get("LEUKOFED_TEST_SPY_DIR")
         if spy and purpose == "fit":
-            np.savez(Path(spy) / f"{self.hospital}-{cfg['round']}.npz", __weight=weight,
+            np.savez(Path(spy) / f"{self.hospital}-{cfg.round}.npz", __weight=weight,
                      **{f"global/{k}": v for k, v in like.items()},
                      **{f"delta/{k}": v for k, v in tensors.items()})
         when, _, at = os.environ.get("LEUKOFED_TEST_EXIT", "").partition(":")
-        if purpose == "fit" and at == str(cfg["round"]):
+        if purpose == "fit" and at == str(cfg.round):
             if when == "before":
                 os._exit(1)
             if when == "fail":  # answers an error and lives on
