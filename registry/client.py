@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -25,6 +26,8 @@ from typing import Any
 
 from registry.model_versions import CANDIDATE_ALIAS, CHAMPION_ALIAS, DEFAULT_MODEL_NAME
 
+log = logging.getLogger(__name__)
+
 HISTORY_TAG = "leukofed.alias_history"  # on the registered model: the last moves, JSON
 HISTORY_LENGTH = 30
 _FLUENT = threading.Lock()  # MLflow's fluent API is process-wide: one registration at a time
@@ -33,9 +36,10 @@ _FLUENT = threading.Lock()  # MLflow's fluent API is process-wide: one registrat
 class RegistryError(RuntimeError):
     """MLflow refused or failed; ``code`` is MLflow's error code (e.g. PERMISSION_DENIED)."""
 
-    def __init__(self, message: str, code: str = "") -> None:
+    def __init__(self, message: str, code: str = "", missing: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.missing = missing  # the model, version or alias does not exist
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,9 @@ def _mlflow_errors(what: str) -> Iterator[None]:
         yield
     except MlflowException as exc:
         lines = str(getattr(exc, "message", exc)).strip().splitlines()
+        missing = "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc)
         raise RegistryError(f"{what}: {exc.error_code}: {lines[0][:300] if lines else ''}",
-                            str(exc.error_code)) from exc
-
-
-def _missing(exc: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or \
-        "not found" in str(exc)
+                            str(exc.error_code), missing) from exc
 
 
 class Registry:
@@ -80,15 +80,13 @@ class Registry:
 
     def alias(self, alias: str) -> VersionInfo | None:
         """The version ``alias`` names, or None when the model or the alias does not exist."""
-        from mlflow.exceptions import MlflowException
-
         try:
-            mv = self.client.get_model_version_by_alias(self.model_name, alias)
-        except MlflowException as exc:
-            if _missing(exc):
-                return None
             with _mlflow_errors(f"alias {alias} of {self.model_name}"):
-                raise
+                mv = self.client.get_model_version_by_alias(self.model_name, alias)
+        except RegistryError as exc:
+            if exc.missing:
+                return None
+            raise
         return VersionInfo(self.model_name, str(mv.version), mv.run_id, dict(mv.tags or {}))
 
     def download(self, artifact_uri: str, dst: Path) -> Path:
@@ -104,17 +102,14 @@ class Registry:
             return Path(local).read_text()
 
     def _versions(self, run_id: str | None = None) -> list[Any]:
-        from mlflow.exceptions import MlflowException
-
         query = f"name='{self.model_name}'" + (f" and tags.run_id='{run_id}'" if run_id else "")
         try:
-            return list(self.client.search_model_versions(query, max_results=10_000))
-        except MlflowException as exc:
-            if _missing(exc):
-                return []
             with _mlflow_errors("search versions"):
-                raise
-        return []
+                return list(self.client.search_model_versions(query, max_results=10_000))
+        except RegistryError as exc:
+            if exc.missing:
+                return []
+            raise
 
     def find_versions(self, run_id: str) -> dict[int, str]:
         """{round: version} of every version registered for federated run ``run_id``."""
@@ -220,8 +215,13 @@ class Registry:
         returned. ``candidate`` is not moved (the caller does, once the ONNX is published)."""
         import mlflow
 
-        from registry.lineage import register_round
+        from registry.model_versions import log_and_register
 
+        existing = self.find_versions(federated_run).get(int(server_round))
+        if existing is not None:  # the aggregator crashed after registering: nothing added
+            log.info("run %s round %s already registered as version %s", federated_run,
+                     server_round, existing)
+            return existing
         with _FLUENT, _mlflow_errors("register the round's model"):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.tracking_uri)
@@ -229,8 +229,9 @@ class Registry:
             # start_run(run_id) refuses a run outside the process's active experiment.
             mlflow.set_experiment(experiment_id=run.info.experiment_id)
             with mlflow.start_run(run_id=mlflow_run_id):
-                version = register_round(model, metadata, federated_run, server_round, tags,
-                                         self.model_name, move_candidate=False)
+                version = log_and_register(
+                    model, metadata, self.model_name, move_candidate=False,
+                    tags={**tags, "run_id": federated_run, "round": int(server_round)})
             # Leaving start_run() marks the run FINISHED; the federated run is still going.
             self.client.update_run(mlflow_run_id, status="RUNNING")
         return version

@@ -216,7 +216,7 @@ class ModelSource:
             try:
                 return self._registry.version(s.model_version)
             except RegistryError as exc:
-                if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                if exc.missing:
                     return None
                 raise
         return self._registry.alias(s.model_alias)

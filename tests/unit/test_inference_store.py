@@ -132,7 +132,7 @@ class FakeRegistry:
     def version(self, version: str) -> VersionInfo:
         self.calls.append(("version", version))
         if version != "7":
-            raise RegistryError("no such version", "RESOURCE_DOES_NOT_EXIST")
+            raise RegistryError("no such version", "RESOURCE_DOES_NOT_EXIST", missing=True)
         return VersionInfo("m", version, f"run{version}", {"k": "v"})
 
     def alias(self, alias: str) -> VersionInfo | None:
