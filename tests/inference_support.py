@@ -149,12 +149,11 @@ def card_entry(name: str = "leukofed-unit", version: str = "1") -> dict:
                        "image_size": 32})
 
 
-def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes, cache_dir: Path,
+def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes,
                           champion: bool = True, signing_key: Any | None = None) -> str:
     """Register a version in MLflow whose ONNX file (e.g. ``tiny_onnx(...)``) is published
     as the aggregator publishes one (``registry.publish.publish_file``; signed with
-    ``signing_key`` when given), so serving it needs no TensorFlow. Returns the version.
-    ``cache_dir`` is unused (kept for callers): the service downloads the file."""
+    ``signing_key`` when given), so serving it needs no TensorFlow. Returns the version."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

@@ -89,7 +89,7 @@ def calibrated_service(mlflow_server, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("page-calibrated")
     onnx = tiny_onnx(SIZE, weights=BENIGN_PRO_WEIGHTS, metadata={
         "calibration": calibration_entry(), "card": card_entry(CALIBRATED_NAME, "1")})
-    version = register_onnx_version(mlflow_server.url, CALIBRATED_NAME, onnx, tmp / "cache")
+    version = register_onnx_version(mlflow_server.url, CALIBRATED_NAME, onnx)
     yield from _serve(mlflow_server.url, CALIBRATED_NAME, tmp, 120, version)
 
 

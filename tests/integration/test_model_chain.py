@@ -64,7 +64,7 @@ def test_only_versions_signed_by_the_aggregator_are_served(
 
     key = signing.load_private_key(keys / "aggregator.key")
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
-    v1 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=1), tmp_path,
+    v1 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=1),
                                signing_key=key)
     svc = _service(mlflow_server, keys, tmp_path / "a").start()
     try:
@@ -74,13 +74,13 @@ def test_only_versions_signed_by_the_aggregator_are_served(
             "verified: signed by the aggregator"), model
 
         # An unsigned version promoted: refused with the reason, version 1 keeps serving.
-        v2 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=2), tmp_path)
+        v2 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=2))
         body = _wait_refused(svc, v2)
         assert "unsigned" in body["refused_versions"][v2]
         assert body["ready"] and body["model"]["version"] == v1
 
         # A signed version retagged to the unsigned version's file: refused as forged.
-        v3 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=3), tmp_path,
+        v3 = register_onnx_version(mlflow_server.url, NAME, tiny_onnx(seed=3),
                                    champion=False, signing_key=key)
         other = client.get_model_version(NAME, v2).tags
         client.set_model_version_tag(NAME, v3, TAG_URI, other[TAG_URI])
@@ -148,7 +148,7 @@ def _promote(url: str, user: str, password: str, version: str) -> subprocess.Com
 
 
 def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
-        auth_server: str, keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        auth_server: str, keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
@@ -167,9 +167,9 @@ def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
     # The aggregator registers (and owns) the model; the engineer is granted EDIT on it.
     _as("aggregator", passwords["aggregator"], monkeypatch)
     key = signing.load_private_key(keys / "aggregator.key")
-    v1 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=1), tmp_path,
+    v1 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=1),
                                champion=True, signing_key=key)
-    v2 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=2), tmp_path,
+    v2 = register_onnx_version(auth_server, NAME, tiny_onnx(seed=2),
                                champion=False, signing_key=key)
     _as("admin", ADMIN_PASSWORD, monkeypatch)
     admin.grant_user_permission("engineer", "registered_model", NAME, "EDIT")
