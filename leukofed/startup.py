@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 DEV_MODE_ENV = "LEUKOFED_DEV_MODE"
 PLACEHOLDER = "change-me"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Secrets any service may take from the environment outside its own settings.
+SHARED_SECRETS = ("MLFLOW_TRACKING_PASSWORD",)
 
 
 class StartupRefused(RuntimeError):
@@ -49,8 +51,9 @@ def enforce(service: str, problems: Iterable[str | None],
             environ: Mapping[str, str] | None = None) -> list[str]:
     """Raise StartupRefused (one line) when a secret still holds the placeholder, or when
     anything is missing outside development mode. Returns what was waived in dev mode."""
-    placeholders = [name for name, value in (secrets or {}).items()
-                    if value and PLACEHOLDER in value]
+    env = os.environ if environ is None else environ
+    secrets = {**{name: env.get(name) for name in SHARED_SECRETS}, **(secrets or {})}
+    placeholders = [name for name, value in secrets.items() if value and PLACEHOLDER in value]
     if placeholders:
         raise StartupRefused(
             f"{service}: refusing to start: {', '.join(placeholders)} still hold the "
@@ -58,7 +61,7 @@ def enforce(service: str, problems: Iterable[str | None],
     missing = [p for p in problems if p]
     if not missing:
         return []
-    if not dev_mode(environ):
+    if not dev_mode(env):
         raise StartupRefused(
             f"{service}: refusing to start without protection: {'; '.join(missing)}. "
             f"Configure them (docs/security.md), or set {DEV_MODE_ENV}=1 on a developer "

@@ -92,12 +92,9 @@ class AggregatorSettings(BaseSettings):
                 broker_problem(self.broker_url)]
 
     def startup_secrets(self, admin_token: str | None) -> dict[str, str | None]:
-        import os
-
         return {"LEUKOFED_AGGREGATOR_ADMIN_TOKEN": admin_token,
                 "LEUKOFED_AGGREGATOR_BROKER_URL": self.broker_url,
-                "LEUKOFED_AGGREGATOR_RESULT_BACKEND": self.result_backend,
-                "MLFLOW_TRACKING_PASSWORD": os.environ.get("MLFLOW_TRACKING_PASSWORD")}
+                "LEUKOFED_AGGREGATOR_RESULT_BACKEND": self.result_backend}
 
     @property
     def isolated(self) -> list[str]:

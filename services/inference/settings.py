@@ -105,11 +105,8 @@ class InferenceSettings(BaseSettings):
                 "would be served"]
 
     def startup_secrets(self) -> dict[str, str | None]:
-        import os
-
         return {"LEUKOFED_INFERENCE_API_KEY": self.api_key.get_secret_value()
-                if self.api_key else None,
-                "MLFLOW_TRACKING_PASSWORD": os.environ.get("MLFLOW_TRACKING_PASSWORD")}
+                if self.api_key else None}
 
     @property
     def target(self) -> str:

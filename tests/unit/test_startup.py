@@ -53,6 +53,10 @@ def test_change_me_is_refused_even_in_dev_mode() -> None:
     secrets = {"BROKER_URL": "redis://hospital-a:change-me@redis:6379/0", "TOKEN": "s3cret"}
     with pytest.raises(StartupRefused, match="BROKER_URL still hold the 'change-me'"):
         startup.enforce("svc", [], secrets, environ={DEV_MODE_ENV: "1"})
+    # Every service checks the MLflow password it may take from the environment too.
+    with pytest.raises(StartupRefused, match="MLFLOW_TRACKING_PASSWORD still hold"):
+        startup.enforce("svc", [], environ={DEV_MODE_ENV: "1",
+                                            "MLFLOW_TRACKING_PASSWORD": "change-me"})
 
 
 def test_broker_without_tls_is_a_problem_only_off_this_machine() -> None:
