@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,13 @@ class Published:
     artifact_uri: str
 
 
+def safe_name(name: str) -> str:
+    """A name usable as one path component: anything but letters, digits, '_.-' is '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def artifact_path(model_name: str, version: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in model_name)
-    return f"{ARTIFACT_DIR}/{safe}/v{version}"
+    return f"{ARTIFACT_DIR}/{safe_name(model_name)}/v{version}"
 
 
 def publish_onnx(client: Any, model_name: str, version: str, run_id: str, model: Any,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from registry.publish import (
     TAG_SIGNATURE,
     TAG_UNSIGNED,
     TAG_URI,
+    safe_name,
 )
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 class OnnxStore:
     def __init__(self, cache_dir: Path, registry: Registry,
                  public_key: Any | None = None) -> None:
@@ -80,8 +76,8 @@ class OnnxStore:
         self.public_key = public_key  # the aggregator's Ed25519 key; None: development mode
 
     def local_path(self, info: VersionInfo) -> Path:
-        return (self.cache_dir / _safe(info.name)
-                / f"v{info.version}-{_safe(info.run_id or 'norun')}" / "model.onnx")
+        return (self.cache_dir / safe_name(info.name)
+                / f"v{info.version}-{safe_name(info.run_id or 'norun')}" / "model.onnx")
 
     def get(self, info: VersionInfo) -> OnnxArtifact:
         if failed := info.tags.get(TAG_PARITY_FAILED):
