@@ -87,15 +87,29 @@ demo: setup
 
 # Deployment (issue 5): static checks of docker-compose.yml and the Dockerfiles, the generated
 # configuration reference, and the images (needs a Docker engine; none runs on the dev boxes).
-.PHONY: test-deploy config-docs images
+.PHONY: test-deploy config-docs images compose-demo compose-down test-containers
 test-deploy: setup
 	.venv/bin/pytest -q tests/deploy
 
 config-docs: setup
 	$(PY) scripts/gen_config_docs.py
 
+# Every image from infra/Dockerfile (one target per service); a Debian base made with
+# debootstrap where no registry is reachable. Sizes and times: benchmarks/results/images.json.
 images:
-	docker compose build
+	@bash scripts/images.sh $(TARGETS)
+
+# The federation in containers: images, 2 hospitals on their own networks, a run, promotion,
+# a prediction from the inference container (DATA when present, else synthetic images).
+compose-demo: setup
+	@DATA=$(DATA) bash scripts/compose_demo.sh
+
+compose-down:
+	@bash scripts/compose.sh down
+
+# The container tests: build, run, restart, isolate (skipped with a reason without Docker).
+test-containers: setup
+	.venv/bin/pytest -q -p no:cacheprovider tests/containers
 
 bench-inference: setup
 	$(PY) benchmarks/bench_inference.py

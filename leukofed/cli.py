@@ -100,6 +100,9 @@ def data_partition(
     lab_seed: int | None = typer.Option(None, help="seed of the laboratories (default: --seed)"),
     unseen_kind: str = typer.Option(
         "inside", help="the unseen lab: 'inside' the hospitals' range or 'outside' it"),
+    links: str = typer.Option(
+        "symbolic", help="'symbolic' links, or 'hard' links for folders mounted into "
+                         "containers (same file system as SRC; images are never copied)"),
 ) -> None:
     """Simulate hospitals: whole blocks of file numbers per hospital, every image once."""
     from leukofed.labs import KINDS, draw_labs, unseen_lab
@@ -125,7 +128,7 @@ def data_partition(
         manifest = write_partition(
             parts, out, params, force=force,
             labs=draw_labs(len(parts), lab_seed) if labs else None,
-            unseen=unseen_lab(lab_seed, unseen_kind) if labs else None,
+            unseen=unseen_lab(lab_seed, unseen_kind) if labs else None, links=links,
         )
     except (ValueError, FileExistsError) as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -106,14 +106,20 @@ def write_partition(
     force: bool = False,
     labs: dict[str, Acquisition] | None = None,
     unseen: Acquisition | None = None,
+    links: str = "symbolic",
 ) -> Path:
     """Create OUT/<hospital>/<Class>/<file> as symbolic links plus OUT/partition.json.
+
+    ``links="hard"`` makes hard links instead (same file system only): what a container
+    needs, since a symbolic link into a folder it does not mount leads nowhere.
 
     With ``labs`` (one Acquisition per hospital) also OUT/<hospital>/acquisition.json, and
     with ``unseen`` OUT/unseen-lab/acquisition.json (no images: a test-only laboratory);
     both are recorded in the manifest. Images are never copied."""
     if labs is not None and set(labs) != set(parts):
         raise ValueError(f"labs for {sorted(labs)} but hospitals {sorted(parts)}")
+    if links not in ("symbolic", "hard"):
+        raise ValueError(f"links must be 'symbolic' or 'hard', not {links!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty; pass force=True (--force) to replace it")
@@ -126,7 +132,14 @@ def write_partition(
         for r in recs:
             link = out / h / r.class_name / r.path.name
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(r.path.resolve(), link)
+            if links == "hard":
+                try:
+                    os.link(r.path.resolve(), link)
+                except OSError as exc:  # EXDEV: another file system; never fall back to a copy
+                    raise ValueError(f"cannot hard-link {r.path} into {out}: {exc.strerror}; "
+                                     "choose an OUT on the images' file system") from exc
+            else:
+                os.symlink(r.path.resolve(), link)
         entry: dict[str, object] = {
             "count": len(recs),
             "class_counts": {
@@ -149,12 +162,14 @@ def write_partition(
 
 
 def _remove_previous(out: Path) -> None:
-    """Remove only what an earlier partition wrote: links, their folders, the manifest and
-    the laboratories' acquisition files."""
+    """Remove only what an earlier partition wrote: links (symbolic, or hard: a file with
+    another name elsewhere), their folders, the manifest and the laboratories' acquisition
+    files."""
     for path in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         ours = path.name == MANIFEST_NAME or (path.name == ACQUISITION_FILE
                                               and path.parent.parent == out)
-        if path.is_symlink() or ours:
+        hard_link = path.is_file() and not path.is_symlink() and path.stat().st_nlink > 1
+        if path.is_symlink() or ours or hard_link:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()

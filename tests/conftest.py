@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from leukofed.synthetic import write_synthetic_dataset, write_synthetic_image  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 # Services refuse to start without keys and tokens outside development mode
@@ -55,32 +55,13 @@ def real_data() -> Path:
     return REAL_DATA
 
 
-def write_synthetic_image(path: Path, label: int, seed: int, size: int = 48) -> Path:
-    """A small image whose colour and pattern depend on the label, so a model can learn it."""
-    rng = np.random.default_rng(seed)
-    base = np.array([[200, 80, 80], [80, 200, 80], [80, 80, 200], [200, 200, 80]][label])
-    img = rng.normal(0, 20, (size, size, 3)) + base
-    yy, xx = np.mgrid[:size, :size]
-    img[(yy // (4 + 2 * label)) % 2 == 0] *= 0.7
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture
 def synthetic_dataset(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make(per_class=20, folders=CLASSES)`` writes a class-per-folder dataset."""
 
     def make(per_class: int = 20, folders: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro"),
              root: Path | None = None, suffix: str = ".png") -> Path:
-        root = root or tmp_path / "data"
-        for label, folder in enumerate(folders):
-            for i in range(per_class):
-                write_synthetic_image(
-                    root / folder / f"img-{folder.split()[-1]}-{i + 1:03d}{suffix}",
-                    label, seed=label * 1000 + i,
-                )
-        return root
+        return write_synthetic_dataset(root or tmp_path / "data", per_class, folders, suffix)
 
     return make
 

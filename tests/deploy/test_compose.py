@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,12 @@ def test_every_required_variable_is_in_env_example(example_env: dict[str, str]) 
 def test_services_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == SERVICES
-    assert list(compose["networks"]) == ["leukofed"]
     declared = set(compose["volumes"])
     for name, svc in services.items():
-        assert svc.get("networks") == ["leukofed"], name
         assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
         for volume in svc.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("./secrets/"):  # made by `make secrets`, read-only
+            if source.startswith(("./secrets/", "./infra/", "/")):  # files and folders, read-only
                 assert volume.endswith(":ro"), f"{name}: {volume} must be read-only"
                 continue
             assert source in declared, f"{name}: {source} is not a named volume"
@@ -93,13 +92,51 @@ def test_services_topology(compose: dict[str, Any]) -> None:
     assert devices[0]["capabilities"] == ["gpu"]
     assert services["flower"]["profiles"] == ["monitoring"]
     mlflow_env = _env(services["mlflow"])
-    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:")
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
     assert urlsplit(mlflow_env["MLFLOW_BACKEND_STORE_URI"]).hostname == "postgres"
     assert any(v.endswith(":/var/lib/mlflow/artifacts") for v in services["mlflow"]["volumes"])
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
-    assert {c["target"] for c in services["redis"]["configs"]} >= {
-        "/usr/local/etc/redis/users.acl", "/usr/local/etc/redis/redis.conf"}
+    targets = {v.split(":")[1] for v in services["redis"]["volumes"]}
+    assert targets >= {"/usr/local/etc/redis/users.acl", "/usr/local/etc/redis/redis.conf"}
     assert "--app-name" in services["mlflow"]["command"]  # MLflow with basic auth
+    assert any(v.endswith(":/srv/leukofed/test:ro") for v in services["aggregator"]["volumes"])
+
+
+def test_each_hospital_has_its_own_network_shared_with_the_broker_only(
+        compose: dict[str, Any]) -> None:
+    services, networks = compose["services"], compose["networks"]
+    hospital_nets = {f"hospital-{h}" for h in HOSPITALS}
+    assert set(networks) == {"leukofed", *hospital_nets}
+    for net in hospital_nets:
+        assert networks[net] == {"internal": True}, net  # no gateway out
+        members = {name for name, svc in services.items() if net in svc.get("networks", [])}
+        assert members == {"redis", f"client-{net.removeprefix('hospital-')}"}, (net, members)
+    for h in HOSPITALS:
+        client = services[f"client-{h}"]
+        assert client["networks"] == [f"hospital-{h}"]
+        assert "ports" not in client, "a hospital publishes no port"
+        assert client["read_only"] is True
+        assert f"hospital-{h}-data:/data:ro" in client["volumes"]
+    for name, svc in services.items():
+        if not name.startswith("client-") and name != "redis":
+            assert svc["networks"] == ["leukofed"], name
+
+
+def test_valid_for_compose_1_29_too(raw_compose: dict[str, Any], example_env: dict[str, str],
+                                    tmp_path: Path) -> None:
+    # Debian's docker-compose 1.29 rejects a top-level `name` and ignores `configs` (the
+    # files would silently be missing): neither may appear.
+    assert "name" not in raw_compose and "configs" not in raw_compose
+    assert all("configs" not in svc for svc in raw_compose["services"].values())
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        return
+    env = tmp_path / "compose.env"
+    env.write_text("\n".join(f"{k}={v.replace('change-me', 'x1')}"
+                             for k, v in example_env.items()) + "\n")
+    proc = subprocess.run([tool, "--env-file", str(env), "-f", str(COMPOSE), "config", "-q"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "ignored" not in proc.stderr, proc.stderr
 
 
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(
@@ -132,7 +169,11 @@ def test_build_contexts_and_dockerfiles_exist(compose: dict[str, Any]) -> None:
             continue
         context = ROOT / svc["build"]["context"]
         assert context.is_dir(), name
-        assert (context / svc["build"]["dockerfile"]).is_file(), name
+        dockerfile = context / svc["build"]["dockerfile"]
+        assert dockerfile.is_file(), name
+        # The target is a stage of the one Dockerfile.
+        assert re.search(rf"^FROM \S+ AS {re.escape(svc['build']['target'])}$",
+                         dockerfile.read_text(), re.M), (name, svc["build"]["target"])
         built += 1
     assert built >= 7
 
@@ -219,7 +260,8 @@ def test_each_party_has_its_own_broker_account_from_the_generated_acl(
         compose: dict[str, Any], raw_compose: dict[str, Any], tmp_path: Path) -> None:
     import compose_secrets
 
-    assert compose["configs"]["redis_acl"]["file"] == "./secrets/redis/users.acl"
+    assert "./secrets/redis/users.acl:/usr/local/etc/redis/users.acl:ro" in compose[
+        "services"]["redis"]["volumes"]
     values = compose_secrets.generate(list(HOSPITALS), tmp_path / "secrets", tmp_path / ".env")
     acl = (tmp_path / "secrets" / "redis" / "users.acl").read_text()
     users = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
@@ -256,7 +298,7 @@ def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
                 assert m.group(1).startswith("${"), (name, key)
     example = read_env_file(ENV_EXAMPLE)
     for key, value in example.items():
-        if secretish.search(key):
+        if secretish.search(key) and key != "SECRETS_DIR":  # a folder's name, not a secret
             assert value == "change-me" or value.endswith(":change-me"), key
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
     assert ignored.returncode == 0, ".env must be git-ignored"
