@@ -87,7 +87,7 @@ demo: setup
 
 # Deployment (issue 5): static checks of docker-compose.yml and the Dockerfiles, the generated
 # configuration reference, and the images (needs a Docker engine; none runs on the dev boxes).
-.PHONY: test-deploy config-docs images compose-demo compose-down test-containers
+.PHONY: test-deploy config-docs images compose-demo compose-down test-containers bench-images
 test-deploy: setup
 	.venv/bin/pytest -q tests/deploy
 
@@ -98,6 +98,10 @@ config-docs: setup
 # debootstrap where no registry is reachable. Sizes and times: benchmarks/results/images.json.
 images:
 	@bash scripts/images.sh $(TARGETS)
+
+# Image sizes and build times: cold, cached and after a code change, in one run.
+bench-images: setup
+	$(PY) benchmarks/bench_images.py
 
 # The federation in containers: images, 2 hospitals on their own networks, a run, promotion,
 # a prediction from the inference container (DATA when present, else synthetic images).

@@ -11,6 +11,9 @@ writes, under ``secrets/`` (git-ignored):
 * ``keys/``: the aggregator's and each hospital's Ed25519 key pair (leukofed.signing), and
   ``keys/hospitals/`` with only the hospitals' public keys (what the aggregator and each
   hospital's peers read);
+* ``hospital-<id>/``: what that hospital, and only it, receives: ``tls/ca.crt``,
+  ``tls/<id>.crt``, ``tls/<id>.key``, ``keys/<id>.key``, ``keys/aggregator.pub`` and
+  ``keys/hospitals/`` (its client reads the folder as LEUKOFED_CLIENT_CREDENTIALS_DIR);
 
 and fills ``.env`` (from ``.env.example`` when absent): the Redis passwords of the ACL, and
 every other secret that is still empty or ``change-me`` (database, admin token, API key,
@@ -98,12 +101,32 @@ def generate(hospitals: list[str], out: Path, env_path: Path) -> dict[str, str]:
     (keys / "hospitals").mkdir(parents=True, exist_ok=True)
     for h in hospitals:
         shutil.copy(keys / f"{h}.pub", keys / "hospitals" / f"{h}.pub")
+    for h in hospitals:
+        hospital_credentials(out, h)
     values = {redis_variable(u): p for u, p in passwords.items()}
     values |= {k: secrets.token_urlsafe(32) for k in GENERATED if unset(env.get(k))}
     if unset(env.get("FLOWER_BASIC_AUTH")):
         values["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(24)}"
     write_env(env_path, values)
     return values
+
+
+def hospital_credentials(out: Path, hospital: str) -> Path:
+    """OUT/hospital-<id>/: the files one hospital's client needs, nobody else's secrets."""
+    bundle = out / f"hospital-{hospital}"
+    files = {"tls/ca.crt": out / "tls" / "ca.crt",
+             f"tls/{hospital}.crt": out / "tls" / f"{hospital}.crt",
+             f"tls/{hospital}.key": out / "tls" / f"{hospital}.key",
+             f"keys/{hospital}.key": out / "keys" / f"{hospital}.key",
+             "keys/aggregator.pub": out / "keys" / "aggregator.pub"}
+    files |= {f"keys/hospitals/{p.name}": p for p in (out / "keys" / "hospitals").glob("*.pub")}
+    for name, source in files.items():
+        target = bundle / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        if target.suffix == ".key":
+            target.chmod(0o600)
+    return bundle
 
 
 def give_to_containers(out: Path) -> str | None:

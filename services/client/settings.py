@@ -38,7 +38,15 @@ class ClientSettings(BaseSettings):
     # Per-hospital isolation (infra/security/gen_acl.py): every key and channel of this
     # worker's traffic lies under "<id>:", the only prefix its Redis ACL user may touch. The
     # aggregator must list this hospital in LEUKOFED_AGGREGATOR_ISOLATED_HOSPITALS.
-    isolate: bool = Field(False, description="keys and channels under '<id>:' (ACL isolation)")
+    isolate: bool | None = Field(
+        None, description="keys and channels under '<id>:' (ACL isolation); default: on "
+                          "with credentials_dir, off without")
+    # The folder a consortium hands each hospital (`make hospital-credentials HOSPITAL=<id>`):
+    # tls/ca.crt, tls/<id>.crt, tls/<id>.key, keys/<id>.key, keys/aggregator.pub and
+    # keys/hospitals/. It fills each file setting above and below that is not set.
+    credentials_dir: Path | None = Field(
+        None, description="folder with tls/ and keys/ for this hospital; fills every unset "
+                          "TLS, signing and public-key setting, and turns isolation on")
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
@@ -66,9 +74,27 @@ class ClientSettings(BaseSettings):
         return check_hospital_id(value)
 
     @model_validator(mode="after")
-    def _tls(self) -> ClientSettings:
+    def _credentials_and_tls(self) -> ClientSettings:
+        if self.credentials_dir is not None:
+            self._fill_from_credentials(self.credentials_dir)
+        if self.isolate is None:
+            self.isolate = self.credentials_dir is not None
         check_tls(self.broker_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         return self
+
+    def _fill_from_credentials(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise ValueError(f"credentials_dir {folder} is not a folder")
+        h = self.hospital_id
+        expected = {"tls_ca_file": folder / "tls" / "ca.crt",
+                    "tls_cert_file": folder / "tls" / f"{h}.crt",
+                    "tls_key_file": folder / "tls" / f"{h}.key",
+                    "signing_key_file": folder / "keys" / f"{h}.key",
+                    "aggregator_public_key_file": folder / "keys" / "aggregator.pub",
+                    "peer_public_keys_dir": folder / "keys" / "hospitals"}
+        for name, path in expected.items():
+            if getattr(self, name) is None and path.exists():
+                setattr(self, name, path)
 
     @model_validator(mode="after")
     def _acquisition(self) -> ClientSettings:

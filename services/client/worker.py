@@ -45,7 +45,7 @@ def create_app(settings: ClientSettings | None = None,
                     settings.startup_secrets())
     app = make_celery(f"leukofed-client-{settings.hospital_id}", settings.broker_url,
                       settings.result_backend, settings.visibility_timeout_s,
-                      hospital_id=settings.hospital_id, isolate=settings.isolate,
+                      hospital_id=settings.hospital_id, isolate=bool(settings.isolate),
                       tls=settings.tls)
     install_celery_logging("client", hospital=settings.hospital_id)  # JSON lines with ids
 

@@ -22,7 +22,8 @@ import httpx
 import pytest
 from conftest import ROOT
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow]
+# The first test builds the images and runs the demo (minutes, cold): beyond the default 600 s.
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 PROJECT = "leukofed-ctest"
 WORK = Path(os.environ.get("LEUKOFED_CONTAINER_TEST_WORK", "/var/tmp/leukofed-ctest"))

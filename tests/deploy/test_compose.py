@@ -45,6 +45,48 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def _image_env(target: str) -> dict[str, str]:
+    """The ENV a target of infra/Dockerfile sets (its stage and the stages below it)."""
+    text = re.sub(r"\\\n", " ", (ROOT / "infra/Dockerfile").read_text())
+    stages: dict[str, tuple[str, dict[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.match(r"FROM (\S+) AS (\S+)", line):
+            current = m.group(2)
+            stages[current] = (m.group(1), {})
+        elif line.startswith("ENV ") and current:
+            stages[current][1].update(re.findall(r"(\w+)=(\S+)", line))
+    env: dict[str, str] = {}
+    while target in stages:
+        base, values = stages[target]
+        env = {**values, **env}
+        target = base
+    return env
+
+
+def _container_env(compose: dict[str, Any], service: str, secrets_dir: Path) -> dict[str, str]:
+    """A service's environment inside its container: the image's ENV, then compose's; the
+    hospital's credentials folder, a bind mount, is the one `make secrets` wrote."""
+    svc = compose["services"][service]
+    env = {**_image_env(svc["build"]["target"]), **_env(svc)} if "build" in svc else _env(svc)
+    if credentials := env.get("LEUKOFED_CLIENT_CREDENTIALS_DIR"):
+        source = next(v.split(":")[0] for v in svc["volumes"]
+                      if v.split(":")[1] == credentials)
+        assert source.startswith("./secrets/"), source
+        env["LEUKOFED_CLIENT_CREDENTIALS_DIR"] = str(secrets_dir / source.removeprefix(
+            "./secrets/"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def made_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import compose_secrets
+
+    out = tmp_path_factory.mktemp("secrets")
+    compose_secrets.generate(list(HOSPITALS), out / "secrets", out / ".env")
+    return out / "secrets"
+
+
 def test_schema_valid_as_written_and_interpolated(compose: dict[str, Any],
                                                   tmp_path: Path) -> None:
     # check-jsonschema ships the Compose specification's own JSON schema (vendored).
@@ -199,13 +241,13 @@ def test_environment_names_match_the_settings_classes(compose: dict[str, Any]) -
     ("inference-gpu", InferenceSettings),
     *((f"client-{h}", ClientSettings) for h in HOSPITALS)])
 def test_settings_load_from_the_compose_environment(
-        compose: dict[str, Any], service: str, cls: type[BaseSettings],
+        compose: dict[str, Any], service: str, cls: type[BaseSettings], made_secrets: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The settings class itself parses the container's environment: names, types, validators.
     for key in list(__import__("os").environ):
         if key.startswith("LEUKOFED_") or key == "MLFLOW_TRACKING_URI":
             monkeypatch.delenv(key)
-    for key, value in _env(compose["services"][service]).items():
+    for key, value in _container_env(compose, service, made_secrets).items():
         monkeypatch.setenv(key, value)
     settings = cls(_env_file=None)  # type: ignore[call-arg]
     svc = compose["services"][service]
@@ -229,7 +271,7 @@ def test_settings_load_from_the_compose_environment(
     ("aggregator", AggregatorSettings), ("inference", InferenceSettings),
     *((f"client-{h}", ClientSettings) for h in HOSPITALS)])
 def test_compose_starts_closed(compose: dict[str, Any], raw_compose: dict[str, Any],
-                               service: str, cls: type[BaseSettings],
+                               service: str, cls: type[BaseSettings], made_secrets: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Each service as compose configures it passes its own start-up check with no
     development mode (leukofed.startup): keys, token, TLS, and its secrets required."""
@@ -240,10 +282,13 @@ def test_compose_starts_closed(compose: dict[str, Any], raw_compose: dict[str, A
     for key in list(__import__("os").environ):
         if key.startswith("LEUKOFED_"):
             monkeypatch.delenv(key)
-    env = _env(compose["services"][service])
+    env = _container_env(compose, service, made_secrets)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = cls(_env_file=None)  # type: ignore[call-arg]
+    if cls is ClientSettings:  # everything came from the hospital's own credentials folder
+        assert settings.isolate and settings.signing_key_file and settings.tls_ca_file
+        assert settings.signing_key_file.parent.parent.name == f"hospital-{settings.hospital_id}"
     token = env.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN")
     problems = (settings.startup_problems(token) if cls is AggregatorSettings
                 else settings.startup_problems())

@@ -164,3 +164,41 @@ def test_calibrate_returns_batchnorm_statistics_of_the_given_weights(
     assert entry["task"] == "calibrate" and entry["sha256"] == answer["sha256"]
     client.pause_switch.pause("audit")
     assert client.calibrate(global_blob, CFG)["status"] == "declined"
+
+
+def test_credentials_dir_fills_every_unset_key_setting_and_turns_isolation_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "infra" / "security"))
+    import compose_secrets
+
+    for key in [k for k in __import__("os").environ if k.startswith("LEUKOFED_CLIENT_")]:
+        monkeypatch.delenv(key)
+    compose_secrets.generate(["a", "b"], tmp_path / "secrets", tmp_path / ".env")
+    bundle = tmp_path / "secrets" / "hospital-a"
+    # Only hospital a's secrets: not b's private keys, nor the aggregator's.
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) \
+        == ["keys/a.key", "keys/aggregator.pub", "keys/hospitals/a.pub", "keys/hospitals/b.pub",
+            "tls/a.crt", "tls/a.key", "tls/ca.crt"]
+    settings = ClientSettings(hospital_id="a", data_dir=tmp_path, credentials_dir=bundle,
+                              broker_url="rediss://a:pw@broker:6379/0", _env_file=None)
+    assert settings.isolate is True
+    assert settings.signing_key_file == bundle / "keys/a.key"
+    assert settings.tls_key_file == bundle / "tls/a.key"
+    assert settings.aggregator_public_key_file == bundle / "keys/aggregator.pub"
+    assert settings.peer_public_keys_dir == bundle / "keys/hospitals"
+    assert [p for p in settings.startup_problems() if p] == []
+    # An explicit setting wins; no credentials folder keeps the old defaults.
+    own = tmp_path / "own.key"
+    explicit = ClientSettings(hospital_id="a", data_dir=tmp_path, credentials_dir=bundle,
+                              broker_url="rediss://a:pw@broker:6379/0",
+                              signing_key_file=own, isolate=False, _env_file=None)
+    assert explicit.signing_key_file == own and explicit.isolate is False
+    plain = ClientSettings(hospital_id="a", data_dir=tmp_path, _env_file=None)
+    assert plain.isolate is False and plain.signing_key_file is None
+    with pytest.raises(ValueError, match="not a folder"):
+        ClientSettings(hospital_id="a", data_dir=tmp_path, credentials_dir=tmp_path / "none",
+                       _env_file=None)
