@@ -114,9 +114,10 @@ promote_best() {  # RUN_ID [extra promote options]
     sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$COMPOSE_WORK/promote.txt"
 }
 
+# /readyz needs no API key and names the version served (and its alias, while it has it).
 serving_version() {
-    curl -fsS "$INFERENCE_URL/v1/model" 2>/dev/null | "$VENV/python" -c \
-        'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null || true
+    curl -fsS "$INFERENCE_URL/readyz" 2>/dev/null | "$VENV/python" -c \
+        'import json, sys; print(json.load(sys.stdin)["model"]["version"])' 2>/dev/null || true
 }
 
 wait_serving() {  # VERSION SECONDS

@@ -152,7 +152,8 @@ def test_demo_federates_promotes_and_the_inference_container_predicts(
     assert body["model"] == {"name": "leukofed-all", "version": champion, "alias": "champion"}
     assert body["predictions"][0]["label"] in ("Benign", "Early", "Pre", "Pro")
     # The inference container verified the aggregator's signature on what it serves.
-    model = httpx.get(f"{INFERENCE}/v1/model", timeout=10).json()
+    model = httpx.get(f"{INFERENCE}/v1/model", timeout=10,
+                      headers={"X-API-Key": env_value("INFERENCE_API_KEY")}).json()
     assert model["signature"].startswith("verified"), model["signature"]
     assert model["provider"] == "CPUExecutionProvider"  # no GPU here, and it says so
 
@@ -242,7 +243,8 @@ def test_a_new_inference_container_serves_the_current_champion(demo: dict[str, A
     assert champion
     sh("compose rm -sf inference && compose up -d --no-deps inference")
     sh(f"wait_serving {champion} 180")
-    model = httpx.get(f"{INFERENCE}/v1/model", timeout=10).json()
+    model = httpx.get(f"{INFERENCE}/v1/model", timeout=10,
+                      headers={"X-API-Key": env_value("INFERENCE_API_KEY")}).json()
     assert (model["version"], model["alias"]) == (champion, "champion")
 
 
