@@ -211,6 +211,10 @@ class RunConfig(BaseModel):
             raise ValueError("secure aggregation needs min_fit_clients >= 2: the sum of one "
                              "hospital's update is that update")
 
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The strategy's parameters as leukofed.strategies.make_strategy takes them."""
+        return dict(self.strategy_params)
+
     def calibrates_batchnorm(self) -> bool:
         """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""
         if self.bn_calibration == "off" or self.bn_mode == "local" or self.privacy is not None:
