@@ -220,6 +220,9 @@ class Status(_Answer):
     reason: str = ""
     message: str = ""
 
+    def encode(self) -> WireMap:
+        return self.model_dump(exclude_unset=True)  # only what was said
+
 
 # ---------------------------------------------------------------- the run record
 

@@ -13,6 +13,8 @@ import numpy as np
 from leukofed.labels import CLASSES
 from leukofed.protocol import EvaluateAnswer, FitReport, RoundSummary
 
+JsonMap = dict[str, Any]  # a report kept in the run record as JSON (leukofed.calibration)
+
 
 def select_hospitals(requested: Sequence[str] | None, live: Iterable[str] | None,
                      fraction: float, min_fit_clients: int,
@@ -113,7 +115,7 @@ def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None
 
 
 def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
-                           ) -> tuple[dict[str, Any] | None, list[list[list[float]]] | None,
+                           ) -> tuple[JsonMap | None, list[list[list[float]]] | None,
                                       dict[str, str]]:
     """Pool the participants' acquisition statistics and per-class stain sums, exactly.
 
@@ -145,7 +147,7 @@ def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
 
 
 def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
-                     ) -> tuple[dict[str, Any] | None, dict[str, str]]:
+                     ) -> tuple[JsonMap | None, dict[str, str]]:
     """Fit the version's temperature and conformal quantiles from the hospitals' validation
     sums, and measure them on the pooled test sums (leukofed.calibration): no per-image
     score leaves a hospital.
@@ -154,7 +156,7 @@ def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
     with malformed sums keeps its accuracy numbers; only calibration leaves it out."""
     from leukofed.calibration import calibration_report, pool_sums, validate_sums
 
-    buckets: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
+    buckets: dict[str, list[JsonMap]] = {"val": [], "test": []}
     skipped: dict[str, str] = {}
     for hospital in sorted(evaluations):
         splits = evaluations[hospital].splits
@@ -216,7 +218,7 @@ def training_class_counts(answers: Mapping[str, FitReport], used: Iterable[str]
 
 def server_test_report(y: np.ndarray, probs: np.ndarray,
                        calibration: Mapping[str, Any] | None
-                       ) -> tuple[dict[str, float], list[list[int]], dict[str, Any] | None]:
+                       ) -> tuple[dict[str, float], list[list[int]], JsonMap | None]:
     """Metrics of one version on the server's held-out test split, and, when the version is
     calibrated, what its prediction sets do there: coverage per class, the share of images
     whose set is not one class (answered "refer"), accuracy on the images it answers."""
@@ -245,9 +247,9 @@ class PooledRound:
 
     global_metrics: dict[str, float]
     confusion: dict[str, list[list[int]]]
-    profile: dict[str, Any] | None
+    profile: JsonMap | None
     stain_targets: list[list[list[float]]] | None
-    calibration: dict[str, Any] | None
+    calibration: JsonMap | None
     # (hospital, message) for each hospital left out of a pooled number, in order
     left_out: list[tuple[str, str]] = field(default_factory=list)
 
@@ -272,7 +274,7 @@ def round_summary(server_round: int, attempt: int, selected: list[str], answered
                   reports: Mapping[str, FitReport], participants: Mapping[str, int],
                   rejected: dict[str, str], failures: dict[str, str],
                   evaluations: Mapping[str, EvaluateAnswer], pooled: PooledRound,
-                  conformal: dict[str, Any] | None) -> RoundSummary:
+                  conformal: JsonMap | None) -> RoundSummary:
     """The round as the run record keeps it. ``answered``: every hospital whose fit answer
     arrived (accepted or not); ``reports``: the accepted ones'."""
     used = sorted(participants)
