@@ -19,12 +19,22 @@ gammas and moving variances start at 1, so ||global|| >= sqrt(channels)).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from leukofed.labels import CLASSES
+from leukofed.protocol import (
+    AnswerInvalid,
+    CalibrateAnswer,
+    DeclaredSplits,
+    EvaluateAnswer,
+    FitAnswer,
+    WireAnswer,
+)
+from leukofed.signing import SignatureRejected
+from leukofed.wire import WireFormatError, decode_weights
 
 REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm", "range", "inflated",
            "evaluation")
@@ -152,8 +162,21 @@ def check_declared(num_examples: int, declared: int | None, what: str = "trainin
                              f"{declared}")
 
 
+_T = TypeVar("_T", FitAnswer, CalibrateAnswer, EvaluateAnswer)
+
+
+def decoded(cls: type[_T], answer: object, reason: str) -> _T:
+    """``answer`` as its typed structure (leukofed.protocol); UpdateRejected(``reason``)
+    naming the fields that do not hold. The checks above give the precise message for what
+    they know; this catches anything else an answer gets wrong."""
+    try:
+        return cls.decode(answer)
+    except AnswerInvalid as exc:
+        raise UpdateRejected(reason, str(exc)) from None
+
+
 def validate_evaluation(answer: Mapping[str, Any],
-                        declared: Mapping[str, int] | None = None) -> None:
+                        declared: Mapping[str, int] | None = None) -> EvaluateAnswer:
     """An evaluate answer: each split has ``n`` (at most the declared split size), and when
     ``n > 0`` a 4x4 confusion matrix of counts summing to ``n``, a finite non-negative loss
     and the accuracy that matrix gives. A forged answer cannot move pooled metrics (and so
@@ -187,3 +210,61 @@ def validate_evaluation(answer: Mapping[str, Any],
         if not _number(accuracy) or abs(accuracy - sum(cm[i][i] for i in range(k)) / n) > 1e-6:
             raise UpdateRejected("evaluation", f"{name}: accuracy {accuracy!r} is not what its "
                                  "confusion matrix gives")
+    return decoded(EvaluateAnswer, answer, "evaluation")
+
+
+# ---------------------------------------------------------------- a round's answers
+
+Tensors = dict[str, np.ndarray]
+Verify = Callable[[WireAnswer, str], None]  # (answer, hospital); raises SignatureRejected
+
+
+def check_tensor_answers(answers: Mapping[str, WireAnswer], verify: Verify,
+                         declared: Mapping[str, DeclaredSplits],
+                         check: Callable[[Tensors], None], kind: str = "update"
+                         ) -> tuple[dict[str, tuple[FitAnswer | CalibrateAnswer, Tensors]],
+                                    dict[str, str]]:
+    """Fit (``kind`` "update") or calibrate ("calibration") answers: signature first (nothing
+    unsigned is even decoded), then a positive example count within what the hospital
+    declared, the answer's other numbers, its typed structure, the wire format and ``check``
+    on the decoded tensors. Returns {hospital: (answer, tensors)} and {hospital: reason};
+    a bad answer is a reason, never an exception."""
+    cls = FitAnswer if kind == "update" else CalibrateAnswer
+    usable: dict[str, tuple[FitAnswer | CalibrateAnswer, Tensors]] = {}
+    rejected: dict[str, str] = {}
+    for hospital, answer in sorted(answers.items()):
+        try:
+            verify(answer, hospital)
+            n = answer.get("num_examples")
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise UpdateRejected("schema", f"num_examples must be a positive int, "
+                                               f"got {n!r}")
+            check_declared(n, declared.get(hospital, {}).get("train"))
+            validate_answer_scalars(answer)
+            typed = decoded(cls, answer, "schema")
+            tensors = decode_weights(typed.weights)
+            check(tensors)
+        except (SignatureRejected, UpdateRejected) as exc:
+            rejected[hospital] = f"{exc.reason}: {exc.message}"
+        except WireFormatError as exc:
+            rejected[hospital] = f"wire: {exc}"
+        else:
+            usable[hospital] = (typed, tensors)
+    return usable, rejected
+
+
+def check_evaluations(answers: Mapping[str, WireAnswer], verify: Verify,
+                      declared: Mapping[str, DeclaredSplits]
+                      ) -> tuple[dict[str, EvaluateAnswer], dict[str, SignatureRejected |
+                                                                    UpdateRejected]]:
+    """Evaluation answers whose signature holds and whose numbers hold together
+    (``validate_evaluation``); the others with the exception that says why."""
+    valid: dict[str, EvaluateAnswer] = {}
+    rejected: dict[str, SignatureRejected | UpdateRejected] = {}
+    for hospital, answer in sorted(answers.items()):
+        try:
+            verify(answer, hospital)
+            valid[hospital] = validate_evaluation(answer, declared.get(hospital))
+        except (SignatureRejected, UpdateRejected) as exc:
+            rejected[hospital] = exc
+    return valid, rejected

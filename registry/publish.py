@@ -1,5 +1,7 @@
 """A registered version made servable where it is made: its ONNX twin (checked against
-Keras), logged in the version's run, and the aggregator's signature over it.
+Keras), logged in the version's run as an MLflow model of the ``onnx`` flavor (with a
+signature and an input example, so ``mlflow models serve`` and any MLflow-aware tool can use
+it), and the aggregator's signature over the exact bytes of its model file.
 
 The inference service reads only what this writes (the ONNX file and these tags) and never
 loads a Keras or SavedModel artifact: TensorFlow stays on the training side, and a version
@@ -76,21 +78,57 @@ def publish_onnx(client: Any, model_name: str, version: str, run_id: str, model:
             return None
         return publish_file(client, model_name, version, run_id, path,
                             weights_digest(weights_from_model(model)), report.max_abs_diff,
-                            signing_key, run, round)
+                            signing_key, run, round, input_example=parity_images[:1])
+
+
+def save_mlflow_onnx(path: Path, out_dir: Path, input_example: np.ndarray | None = None
+                     ) -> Path:
+    """Save the ONNX file at ``path`` as an MLflow model (``onnx`` flavor) in ``out_dir``,
+    with a signature from running it on one image of ``input_example`` (N x S x S x 3;
+    default one black image of the model's input size). Returns the model file inside
+    ``out_dir``: byte for byte the file at ``path``."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import Model, infer_signature
+
+    from leukofed.export import cpu_session
+
+    data = Path(path).read_bytes()
+    session = cpu_session(data)
+    first = session.get_inputs()[0]
+    if input_example is None:
+        input_example = np.zeros([1] + [d if isinstance(d, int) else 1
+                                        for d in first.shape[1:]], np.float32)
+    example = np.asarray(input_example[:1], np.float32)
+    output = session.run(None, {first.name: example})[0]
+    # One file: the inference service downloads the model file alone, by URI.
+    mlflow.onnx.save_model(onnx.load_from_string(data), str(out_dir),
+                           signature=infer_signature(example, output),
+                           input_example=example, save_as_external_data=False,
+                           onnx_execution_providers=["CPUExecutionProvider"])
+    model_file = Path(out_dir) / Model.load(str(out_dir)).flavors["onnx"]["data"]
+    # The parity-checked bytes, not onnx's re-serialisation of them: the signature and the
+    # inference service's digest check name exactly these.
+    model_file.write_bytes(data)
+    return model_file
 
 
 def publish_file(client: Any, model_name: str, version: str, run_id: str, path: Path,
                  weights_sha256: str, parity_max_abs_diff: float,
-                 signing_key: Any | None = None, run: str = "", round: int = 0) -> Published:
-    """Log the ONNX file at ``path`` to ``run_id`` and tag ``version`` with its URI, SHA-256
-    and, with ``signing_key`` (the aggregator's), the signature the inference service checks."""
+                 signing_key: Any | None = None, run: str = "", round: int = 0,
+                 input_example: np.ndarray | None = None) -> Published:
+    """Log the ONNX file at ``path`` to ``run_id`` as an MLflow model of the onnx flavor
+    (``save_mlflow_onnx``) and tag ``version`` with its model file's URI, SHA-256 and, with
+    ``signing_key`` (the aggregator's), the signature the inference service checks."""
     from leukofed import signing
 
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     folder = artifact_path(model_name, version)
-    client.log_artifact(run_id, str(path), artifact_path=folder)
-    uri = f"runs:/{run_id}/{folder}/{Path(path).name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = save_mlflow_onnx(Path(path), Path(tmp) / "model", input_example)
+        client.log_artifacts(run_id, str(model_file.parent), artifact_path=folder)
+    uri = f"runs:/{run_id}/{folder}/{model_file.name}"
     signature = (signing.sign_model(signing_key, model_name, version, digest, weights_sha256,
                                     run, round)
                  if signing_key is not None else TAG_UNSIGNED)

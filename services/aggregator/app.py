@@ -21,6 +21,7 @@ from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
 from registry.client import Registry
 from services.aggregator.auth import read_secret, require_admin
+from services.aggregator.deps import RunDeps
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.keras_ops import KerasModelOps
 from services.aggregator.manager import RunManager
@@ -68,8 +69,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         tracker = (MlflowTracker(Registry(settings.tracking_uri, settings.model_name),
                                  settings.mlflow_experiment, model_ops, signing_key)
                    if settings.tracking else None)
-        mgr = manager or RunManager(store, dispatcher, model_ops, tracker,
-                                    settings.poll_interval_s, verifier=verifier)
+        mgr = manager or RunManager(RunDeps(store, dispatcher, model_ops, tracker, verifier,
+                                            settings.poll_interval_s))
         app.state.store = mgr.store
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr

@@ -17,6 +17,12 @@ from leukofed.models import (
 )
 from leukofed.strategies import STRATEGIES, make_strategy
 from leukofed.transport import check_hospital_id
+from services.aggregator.strategy_config import (
+    FedAvgParams,
+    StrategyParams,
+    as_kwargs,
+    typed_params,
+)
 
 
 class PrivacyConfig(BaseModel):
@@ -91,8 +97,12 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     class_balanced: bool = True
-    strategy: str = "fedavg"
-    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    strategy: str = Field("fedavg", description="aggregation strategy: one of "
+                          "fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fedmedian, "
+                          "fedtrimmedavg, krum, multikrum")
+    strategy_params: StrategyParams = Field(
+        default_factory=FedAvgParams,
+        description="the parameters of the chosen strategy (the model named after it)")
     bn_mode: Literal["average", "local"] = "average"
     bn_calibration: Literal["auto", "on", "off"] = Field(
         "auto", description="after each server step, hospitals measure BatchNorm statistics "
@@ -121,6 +131,16 @@ class RunConfig(BaseModel):
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="'on' (defaults), 'off' (null) or its parameters: the aggregator "
         "sees only the sum of the updates (docs/security.md)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_params(cls, data: Any) -> Any:
+        """Read ``strategy_params`` as the model of the chosen strategy: an unknown
+        strategy, or a parameter it does not take, is refused here with its name."""
+        if isinstance(data, dict):
+            data = {**data, "strategy_params": typed_params(data.get("strategy", "fedavg"),
+                                                            data.get("strategy_params"))}
+        return data
 
     @field_validator("secure_aggregation", mode="before")
     @classmethod
@@ -166,7 +186,7 @@ class RunConfig(BaseModel):
         if self.norm != "batch" and self.model != "compact_cnn":
             raise ValueError(f"norm={self.norm!r} is available for compact_cnn only")
         try:
-            make_strategy(self.strategy, bn_mode=self.bn_mode, **self.strategy_params)
+            make_strategy(self.strategy, bn_mode=self.bn_mode, **self.strategy_kwargs())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"strategy: {exc}") from exc
         if self.privacy is not None and self.privacy.adaptive_clipping and \
@@ -210,6 +230,10 @@ class RunConfig(BaseModel):
         if self.min_fit_clients < 2:
             raise ValueError("secure aggregation needs min_fit_clients >= 2: the sum of one "
                              "hospital's update is that update")
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The strategy's parameters as leukofed.strategies.make_strategy takes them."""
+        return as_kwargs(self.strategy_params)
 
     def calibrates_batchnorm(self) -> bool:
         """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""

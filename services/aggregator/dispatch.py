@@ -20,6 +20,7 @@ from celery import Celery, states
 from celery.result import AsyncResult
 
 from leukofed import signing
+from leukofed.protocol import WireAnswer, WireMap
 from leukofed.transport import TASK_DESCRIBE, hospital_of_queue, queue_name
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class CeleryDispatcher:
         self.signing_key = signing_key  # when set, every task carries the aggregator's signature
         self.ping_timeout_s = ping_timeout_s
         self.last_seen: dict[str, float] = {}
-        self.describes: dict[str, dict[str, Any]] = {}
+        self.describes: dict[str, WireAnswer] = {}
         self._lock = threading.Lock()
         for h in hospitals:
             self.app_for(h)
@@ -89,7 +90,7 @@ class CeleryDispatcher:
             self.seen(hospital)
         return live
 
-    def _live_in(self, replies: dict[str, Any]) -> set[str]:
+    def _live_in(self, replies: dict[str, object]) -> set[str]:
         live = set()
         for queues in replies.values():
             for q in queues or ():
@@ -98,7 +99,7 @@ class CeleryDispatcher:
                     live.add(hospital)
         return live
 
-    def _active_queues(self, app: Celery) -> dict[str, Any] | None:
+    def _active_queues(self, app: Celery) -> dict[str, object] | None:
         try:
             return app.control.inspect(timeout=self.ping_timeout_s).active_queues() or {}
         except Exception as exc:
@@ -112,12 +113,12 @@ class CeleryDispatcher:
             task, args=args, kwargs=self._auth(task, hospital, args),
             queue=queue_name(hospital), expires=max(1.0, expires - time.time()) + 30.0)
 
-    def _auth(self, task: str, hospital: str, args: list[Any]) -> dict[str, Any]:
+    def _auth(self, task: str, hospital: str, args: list[Any]) -> WireMap:
         if self.signing_key is None:
             return {}
         return {"auth": signing.sign_task(self.signing_key, task, hospital, args)}
 
-    def poll(self, handle: AsyncResult) -> tuple[bool, dict[str, Any] | None, str | None]:
+    def poll(self, handle: AsyncResult) -> tuple[bool, WireAnswer | None, str | None]:
         state = handle.state
         if state not in states.READY_STATES:
             return False, None, None
@@ -134,7 +135,7 @@ class CeleryDispatcher:
         except Exception as exc:
             log.debug("forget %s: %s", handle.id, exc)
 
-    def describe(self, hospitals: list[str], timeout_s: float = 3.0) -> dict[str, dict[str, Any]]:
+    def describe(self, hospitals: list[str], timeout_s: float = 3.0) -> dict[str, WireAnswer]:
         """Ask live hospitals for their class counts and fingerprint (cached)."""
         handles = {h: self.app_for(h).send_task(
                        TASK_DESCRIBE, kwargs=self._auth(TASK_DESCRIBE, h, []),

@@ -9,22 +9,18 @@ import threading
 from typing import Any
 
 from services.aggregator.config import RunConfig
-from services.aggregator.rounds import Dispatcher, FederatedRun, ModelOps, Tracker, UpdateCheck
-from services.aggregator.run_records import ACTIVE, RunStore
+from services.aggregator.deps import RunDeps
+from services.aggregator.rounds import FederatedRun
+from services.aggregator.run_records import ACTIVE
 
 log = logging.getLogger(__name__)
 
 
 class RunManager:
-    def __init__(self, store: RunStore, dispatcher: Dispatcher, model_ops: ModelOps,
-                 tracker: Tracker | None, poll_interval_s: float = 0.25,
-                 verifier: UpdateCheck | None = None) -> None:
-        self.verifier = verifier
-        self.store = store
-        self.dispatcher = dispatcher
-        self.model_ops = model_ops
-        self.tracker = tracker
-        self.poll_interval_s = poll_interval_s
+    def __init__(self, deps: RunDeps) -> None:
+        self.deps = deps
+        self.store = deps.store
+        self.dispatcher = deps.dispatcher  # the API's hospital listing reads it
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._current: FederatedRun | None = None
         self._lock = threading.Lock()
@@ -75,8 +71,7 @@ class RunManager:
             record = self.store.load(run_id)
             if record is None or record["status"] not in ACTIVE:
                 continue
-            run = FederatedRun(record, self.store, self.dispatcher, self.model_ops,
-                               self.tracker, self.poll_interval_s, verifier=self.verifier)
+            run = FederatedRun(record, self.deps)
             with self._lock:
                 self._current = run
             try:

@@ -1,14 +1,19 @@
 """The round loop's decisions as pure functions: who takes part, whether the quorum holds,
-and how per-hospital evaluations pool into global metrics. No I/O here."""
+how per-hospital answers pool into global metrics, and the round's summary. No I/O here:
+the answers arrive decoded (leukofed.protocol) and checked (leukofed.validation)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from leukofed.labels import CLASSES
+from leukofed.protocol import EvaluateAnswer, FitReport, RoundSummary
+
+JsonMap = dict[str, Any]  # a report kept in the run record as JSON (leukofed.calibration)
 
 
 def select_hospitals(requested: Sequence[str] | None, live: Iterable[str] | None,
@@ -68,49 +73,49 @@ def pooled_metrics(confusion: np.ndarray, loss_sum: float, n: int,
     return out
 
 
-def combine_evaluations(results: Mapping[str, Mapping[str, Any]]
+def combine_evaluations(results: Mapping[str, EvaluateAnswer]
                         ) -> tuple[dict[str, dict[str, float]], dict[str, list[list[int]]]]:
     """Pool the ``splits`` of every hospital's evaluate answer. Returns
     ({split: metrics}, {split: summed confusion matrix})."""
     metrics: dict[str, dict[str, float]] = {}
     matrices: dict[str, list[list[int]]] = {}
-    names = sorted({s for r in results.values() for s in r.get("splits", {})})
+    names = sorted({s for r in results.values() for s in r.splits})
     for split in names:
         cm = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
         loss_sum, n = 0.0, 0
         for r in results.values():
-            s = r.get("splits", {}).get(split, {})
-            if not s.get("n"):
+            s = r.splits.get(split)
+            if s is None or not s.n:
                 continue
-            cm += np.asarray(s["confusion_matrix"], dtype=np.int64)
-            loss_sum += float(s["loss"]) * int(s["n"])
-            n += int(s["n"])
+            cm += np.asarray(s.confusion_matrix, dtype=np.int64)
+            loss_sum += float(s.loss or 0.0) * s.n
+            n += s.n
         if n:
             metrics[split] = pooled_metrics(cm, loss_sum, n)
             matrices[split] = cm.tolist()
     return metrics, matrices
 
 
-def hospital_metrics(fit: Mapping[str, Any] | None, evaluation: Mapping[str, Any] | None
+def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None
                      ) -> dict[str, float]:
     """One hospital's scalars for a round: training numbers and its own val/test scores."""
     out: dict[str, float] = {}
-    if fit:
-        out.update({f"train_{k}": float(v) for k, v in fit.get("metrics", {}).items()})
-        out["num_examples"] = float(fit.get("num_examples", 0))
-        out["bytes_sent"] = float(fit.get("bytes", 0))
-        out.update({k: float(v) for k, v in fit.get("timings", {}).items()})
-    if evaluation:
-        for split, s in evaluation.get("splits", {}).items():
-            if s.get("n"):
-                out[f"{split}_accuracy"] = float(s["accuracy"])
-                out[f"{split}_loss"] = float(s["loss"])
-                out[f"{split}_n"] = float(s["n"])
+    if fit is not None:
+        out.update({f"train_{k}": float(v) for k, v in fit.metrics.items()})
+        out["num_examples"] = float(getattr(fit, "num_examples", 0))
+        out["bytes_sent"] = float(fit.bytes)
+        out.update({k: float(v) for k, v in fit.timings.items()})
+    if evaluation is not None:
+        for split, s in evaluation.splits.items():
+            if s.n:
+                out[f"{split}_accuracy"] = float(s.accuracy or 0.0)
+                out[f"{split}_loss"] = float(s.loss or 0.0)
+                out[f"{split}_n"] = float(s.n)
     return out
 
 
-def pool_training_profiles(answers: Mapping[str, Mapping[str, Any]], used: Iterable[str]
-                           ) -> tuple[dict[str, Any] | None, list[list[list[float]]] | None,
+def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
+                           ) -> tuple[JsonMap | None, list[list[list[float]]] | None,
                                       dict[str, str]]:
     """Pool the participants' acquisition statistics and per-class stain sums, exactly.
 
@@ -125,15 +130,15 @@ def pool_training_profiles(answers: Mapping[str, Mapping[str, Any]], used: Itera
     sums: list[Mapping[str, Any]] = []
     skipped: dict[str, str] = {}
     for hospital in sorted(used):
-        answer = answers.get(hospital) or {}
+        answer = answers.get(hospital)
         try:
-            stats = ProfileStats.from_dict(dict(answer.get("acquisition") or {}))
+            stats = ProfileStats.from_dict(dict(answer.acquisition or {}) if answer else {})
         except (ValueError, KeyError, TypeError) as exc:
             skipped[hospital] = f"acquisition statistics unusable: {exc}"
             continue
         pooled = stats if pooled is None else pooled.merge(stats)
-        if isinstance(answer.get("stain_sums"), Mapping):
-            sums.append(answer["stain_sums"])
+        if answer is not None and answer.stain_sums is not None:
+            sums.append(answer.stain_sums)
     profile = None
     if pooled is not None and pooled.count >= 2:
         profile = AcquisitionProfile.from_stats(pooled).to_dict()
@@ -141,8 +146,8 @@ def pool_training_profiles(answers: Mapping[str, Mapping[str, Any]], used: Itera
     return profile, (targets.tolist() if targets is not None else None), skipped
 
 
-def pool_calibration(evaluations: Mapping[str, Mapping[str, Any]], coverage: float
-                     ) -> tuple[dict[str, Any] | None, dict[str, str]]:
+def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
+                     ) -> tuple[JsonMap | None, dict[str, str]]:
     """Fit the version's temperature and conformal quantiles from the hospitals' validation
     sums, and measure them on the pooled test sums (leukofed.calibration): no per-image
     score leaves a hospital.
@@ -151,14 +156,14 @@ def pool_calibration(evaluations: Mapping[str, Mapping[str, Any]], coverage: flo
     with malformed sums keeps its accuracy numbers; only calibration leaves it out."""
     from leukofed.calibration import calibration_report, pool_sums, validate_sums
 
-    buckets: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
+    buckets: dict[str, list[JsonMap]] = {"val": [], "test": []}
     skipped: dict[str, str] = {}
     for hospital in sorted(evaluations):
-        splits = evaluations[hospital].get("splits") or {}
+        splits = evaluations[hospital].splits
         checked = {}
         try:
             for split in buckets:
-                raw = (splits.get(split) or {}).get("calibration")
+                raw = splits[split].calibration if split in splits else None  # type: ignore[index]
                 if raw is not None:
                     checked[split] = validate_sums(raw)
         except (ValueError, TypeError, KeyError) as exc:
@@ -196,14 +201,15 @@ def calibration_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def training_class_counts(answers: Mapping[str, Mapping[str, Any]], used: Iterable[str]
+def training_class_counts(answers: Mapping[str, FitReport], used: Iterable[str]
                           ) -> dict[str, dict[str, int]]:
     """Each participant's training images per class, from the stain sums its fit answer
     carries (absent in differentially private runs, malformed ones left out): for the
     model card."""
     out = {}
     for hospital in sorted(used):
-        counts = ((answers.get(hospital) or {}).get("stain_sums") or {}).get("counts")
+        answer = answers.get(hospital)
+        counts = ((answer.stain_sums if answer else None) or {}).get("counts")
         if (isinstance(counts, list) and len(counts) == len(CLASSES)
                 and all(isinstance(c, int) and c >= 0 for c in counts)):
             out[hospital] = dict(zip(CLASSES, counts))
@@ -212,7 +218,7 @@ def training_class_counts(answers: Mapping[str, Mapping[str, Any]], used: Iterab
 
 def server_test_report(y: np.ndarray, probs: np.ndarray,
                        calibration: Mapping[str, Any] | None
-                       ) -> tuple[dict[str, float], list[list[int]], dict[str, Any] | None]:
+                       ) -> tuple[dict[str, float], list[list[int]], JsonMap | None]:
     """Metrics of one version on the server's held-out test split, and, when the version is
     calibrated, what its prediction sets do there: coverage per class, the share of images
     whose set is not one class (answered "refer"), accuracy on the images it answers."""
@@ -233,3 +239,58 @@ def server_test_report(y: np.ndarray, probs: np.ndarray,
     if conformal["accuracy_answered"] is not None:
         flat["accuracy_answered"] = conformal["accuracy_answered"]
     return flat, m["confusion_matrix"], conformal  # type: ignore[return-value]
+
+
+@dataclass
+class PooledRound:
+    """What a round's accepted answers and evaluations add up to."""
+
+    global_metrics: dict[str, float]
+    confusion: dict[str, list[list[int]]]
+    profile: JsonMap | None
+    stain_targets: list[list[list[float]]] | None
+    calibration: JsonMap | None
+    # (hospital, message) for each hospital left out of a pooled number, in order
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+
+def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
+               evaluations: Mapping[str, EvaluateAnswer], coverage: float) -> PooledRound:
+    """Pooled evaluation metrics, acquisition profile, stain targets and calibration of a
+    round; ``used``: the hospitals whose update counted, ``reports`` their fit answers."""
+    pooled, matrices = combine_evaluations(evaluations)
+    metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
+    profile, stain_targets, skipped = pool_training_profiles(reports, used)
+    left_out = [(h, f"left out of the acquisition profile ({reason})")
+                for h, reason in skipped.items()]
+    calibration, unusable = pool_calibration(evaluations, coverage)
+    left_out += [(h, f"left out of calibration ({reason})") for h, reason in unusable.items()]
+    if calibration is not None:
+        metrics.update(calibration_metrics(calibration))
+    return PooledRound(metrics, matrices, profile, stain_targets, calibration, left_out)
+
+
+def round_summary(server_round: int, attempt: int, selected: list[str], answered: Iterable[str],
+                  reports: Mapping[str, FitReport], participants: Mapping[str, int],
+                  rejected: dict[str, str], failures: dict[str, str],
+                  evaluations: Mapping[str, EvaluateAnswer], pooled: PooledRound,
+                  conformal: JsonMap | None) -> RoundSummary:
+    """The round as the run record keeps it. ``answered``: every hospital whose fit answer
+    arrived (accepted or not); ``reports``: the accepted ones'."""
+    used = sorted(participants)
+    return {
+        "acquisition_profile": pooled.profile, "stain_targets": pooled.stain_targets,
+        "calibration": pooled.calibration, "server_conformal": conformal,
+        "class_counts": training_class_counts(reports, used),
+        "round": server_round, "attempt": attempt, "selected": selected,
+        "participants": dict(participants),
+        "rejected": rejected, "failed": failures,
+        "global": pooled.global_metrics, "confusion": pooled.confusion,
+        "hospitals": {h: hospital_metrics(reports.get(h) if h in participants else None,
+                                          evaluations.get(h))
+                      for h in sorted(set(answered) | set(evaluations))},
+        "bytes": {h: reports[h].bytes if h in reports else 0 for h in used},
+        "sha256": {h: reports[h].sha256 if h in reports else "" for h in used},
+        "fingerprints": {h: reports[h].dataset_fingerprint if h in reports else ""
+                         for h in used},
+    }

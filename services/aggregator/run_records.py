@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from leukofed.protocol import RunRecord
 from leukofed.wire import decode_weights, encode_weights
 
 ACTIVE = ("queued", "running")
@@ -55,9 +56,10 @@ class RunStore:
     def dir(self, run_id: str) -> Path:
         return self.root / run_id
 
-    def create(self, config: dict[str, Any]) -> dict[str, Any]:
+    def create(self, config: dict[str, object]) -> RunRecord:
         now = time.time()
-        record = {"id": new_run_id(), "config": config, "status": "queued", "reason": None,
+        record: RunRecord = {
+                  "id": new_run_id(), "config": config, "status": "queued", "reason": None,
                   "created": now, "updated": now, "current_round": 0, "completed_round": 0,
                   "registered_round": 0, "rounds": [], "versions": {}, "mlflow_run_id": None,
                   "rng_state": None, "events": [], "cancel_requested": False}
@@ -65,25 +67,25 @@ class RunStore:
         self.save(record)
         return record
 
-    def save(self, record: dict[str, Any]) -> None:
+    def save(self, record: RunRecord) -> None:
         with self._lock:
             record["updated"] = time.time()
             record["events"] = record["events"][-MAX_EVENTS:]
             _atomic_write(self.dir(record["id"]) / "run.json",
                           json.dumps(record, default=_json_default).encode())
 
-    def load(self, run_id: str) -> dict[str, Any] | None:
+    def load(self, run_id: str) -> RunRecord | None:
         path = self.dir(run_id) / "run.json"
         if not path.is_file():
             return None
         with self._lock:
             return json.loads(path.read_text())
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[RunRecord]:
         records = [self.load(p.name) for p in sorted(self.root.iterdir()) if p.is_dir()]
         return [r for r in records if r is not None]
 
-    def event(self, record: dict[str, Any], message: str, **fields: Any) -> None:
+    def event(self, record: RunRecord, message: str, **fields: Any) -> None:
         record["events"].append({"time": time.time(), "message": message, **fields})
         if "rejected" in fields and "hospital" in fields:
             # Counted apart from the events, which are capped: a counter never goes down.
@@ -93,9 +95,9 @@ class RunStore:
 
     # ------------------------------------------------------------ checkpoints
 
-    def write_checkpoint(self, record: dict[str, Any], round_no: int,
+    def write_checkpoint(self, record: RunRecord, round_no: int,
                          weights: Mapping[str, np.ndarray], strategy_state: Mapping[str, Any],
-                         rng_state: dict[str, Any]) -> None:
+                         rng_state: dict[str, object]) -> None:
         d = self.dir(record["id"])
         _atomic_write(d / f"round-{round_no:04d}.weights", encode_weights(weights))
         _atomic_write(d / f"round-{round_no:04d}.strategy",
@@ -107,7 +109,7 @@ class RunStore:
             old.unlink(missing_ok=True)
             old.with_suffix(".strategy").unlink(missing_ok=True)
 
-    def read_checkpoint(self, record: dict[str, Any]
+    def read_checkpoint(self, record: RunRecord
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         n = record["completed_round"]
         if not n:

@@ -34,7 +34,7 @@ from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG
 
 if TYPE_CHECKING:
     from services.aggregator.config import RunConfig
-    from services.aggregator.rounds import FederatedRun
+    from services.aggregator.gather import Gather
 
 STAGES = ("keys", "shares", "masked", "reveal")
 
@@ -81,14 +81,15 @@ def _hex_key(value: Any) -> bool:
 
 
 class SecureGather:
-    """One secure sum for one round of ``run`` (uses its dispatcher, collect and event log)."""
+    """One secure sum for one round of a run (uses its gather step: send, collect, event
+    log, declarations)."""
 
-    def __init__(self, run: FederatedRun, cfg: RunConfig, server_round: int, purpose: str
+    def __init__(self, gather: Gather, cfg: RunConfig, server_round: int, purpose: str
                  ) -> None:
         assert cfg.secure_aggregation is not None
-        self.run, self.cfg, self.round, self.purpose = run, cfg, server_round, purpose
+        self.traffic, self.cfg, self.round, self.purpose = gather, cfg, server_round, purpose
         self.sa = cfg.secure_aggregation
-        self.run_id = str(run.record["id"])
+        self.run_id = gather.run_id
         self.bytes: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.answered: dict[str, list[str]] = {}
@@ -103,14 +104,13 @@ class SecureGather:
         """Send, collect, check the shape (``body_of(hospital, answer)`` returns the signed
         body or raises) and the signature. Returns (good answers, reasons for the rest)."""
         start = time.monotonic()
-        handles = {h: self.run.dispatcher.submit(h, task, args, deadline)
-                   for h, args in args_of.items()}
-        answers, failures = self.run._collect(self.round, task, handles, deadline, 0)
+        handles = self.traffic.send(task, args_of, deadline)
+        answers, failures = self.traffic.collect(self.round, task, handles, deadline, 0)
         good = {}
         for h, answer in sorted(answers.items()):
             try:
                 body = body_of(h, answer)
-                check = getattr(self.run.verifier, "secagg", None)
+                check = getattr(self.traffic.deps.verifier, "secagg", None)
                 if check is not None:
                     check(answer.get("signature"), h, self.run_id, self.round, stage, body)
             except SignatureRejected as exc:
@@ -121,7 +121,7 @@ class SecureGather:
                 good[h] = answer
                 self.bytes[h] = self.bytes.get(h, 0) + _size(body)
         for h in sorted(set(answers) - set(good)):
-            self.run.event(f"round {self.round} secure {self.purpose} {stage}: {h} rejected "
+            self.traffic.event(f"round {self.round} secure {self.purpose} {stage}: {h} rejected "
                            f"({failures[h]})", round=self.round, hospital=h)
         self.seconds[stage] = time.monotonic() - start
         self.answered[stage] = sorted(good)
@@ -135,7 +135,7 @@ class SecureGather:
                                  params["neighbours"], params["threshold_fraction"])
         base = {"run_id": self.run_id, "round": self.round,
                 "calibration_images": self.cfg.calibration_images}
-        clock = self.run.clock
+        clock = self.traffic.deps.clock
 
         def stage_deadline() -> float:
             return clock() + self.sa.stage_deadline_s
@@ -231,7 +231,7 @@ class SecureGather:
         cap = body["cap"]
         if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= 10_000_000:
             raise ValueError(f"cap must be a positive int, got {cap!r}")
-        declared = self.run._declared.get(hospital, {}).get("train")
+        declared = self.traffic.declared.get(hospital, {}).get("train")
         if declared is not None and cap > declared:  # the weight cap is its declared size
             raise ValueError(f"cap {cap} exceeds the {declared} training images declared")
         return body

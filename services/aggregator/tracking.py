@@ -174,7 +174,7 @@ class MlflowTracker:
         glob = summary["global"]
         tags: dict[str, Any] = {
             "mlflow_run_id": record["mlflow_run_id"], "strategy": cfg.strategy,
-            "strategy_params": json.dumps(cfg.strategy_params, sort_keys=True),
+            "strategy_params": json.dumps(cfg.strategy_kwargs(), sort_keys=True),
             "bn_mode": cfg.bn_mode, "fp16": cfg.fp16, "model": cfg.model,
             "image_size": cfg.image_size,
             "hospitals": ",".join(sorted(summary["participants"])),

@@ -20,7 +20,16 @@ from leukofed import secagg, signing
 from leukofed.calibration import calibration_sums
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
-from leukofed.protocol import RoundConfig
+from leukofed.protocol import (
+    CalibrateAnswer,
+    DescribeAnswer,
+    EvaluateAnswer,
+    FitAnswer,
+    RoundConfig,
+    SplitResult,
+    Status,
+    WireMap,
+)
 from leukofed.splits import Split, group_split
 from leukofed.transport import (
     TASK_CALIBRATE,
@@ -39,11 +48,12 @@ from services.client.settings import ClientSettings
 log = logging.getLogger(__name__)
 
 
-def _status(status: str, hospital: str, **extra: Any) -> dict[str, Any]:
-    return {"status": status, "hospital": hospital, **extra}
+def _status(status: str, hospital: str, **extra: Any) -> WireMap:
+    """A declined or error answer (leukofed.protocol.Status)."""
+    return Status(status=status, hospital=hospital, **extra).encode()  # type: ignore[arg-type]
 
 
-def split_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def split_metrics(y: np.ndarray, probs: np.ndarray) -> WireMap:
     """Aggregate numbers for one split: counts, mean loss, accuracy, confusion matrix. The
     aggregator sums confusion matrices over hospitals to get pooled metrics."""
     n = len(y)
@@ -69,7 +79,7 @@ class HospitalClient:
         self._dataset: Dataset | None = None
         self._split: Split | None = None
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._profiles: dict[tuple[str, int], dict[str, Any]] = {}
+        self._profiles: dict[tuple[str, int], WireMap] = {}
         self._trainer: Any = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._bn_names: set[str] = set()
@@ -144,7 +154,7 @@ class HospitalClient:
     # ------------------------------------------------------------ gatekeeping
 
     def check_task(self, task: str, args: list[Any], auth: Any, cfg: RoundConfig
-                    ) -> dict[str, Any] | None:
+                    ) -> WireMap | None:
         """A decline answer for a task without a valid aggregator signature, else None. Runs
         before anything in the task is decoded, so a forged task costs the hospital nothing."""
         if self._aggregator_key is None:
@@ -163,7 +173,7 @@ class HospitalClient:
                            run_id=cfg.run_id)
         return None
 
-    def _gate(self, task: str, cfg: RoundConfig) -> dict[str, Any] | None:
+    def _gate(self, task: str, cfg: RoundConfig) -> WireMap | None:
         """A decline answer when paused or past the round deadline, else None."""
         reason = None
         if self.pause_switch.paused:
@@ -179,8 +189,8 @@ class HospitalClient:
 
     # ------------------------------------------------------------ tasks
 
-    def _prepare(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
-                 ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+    def _prepare(self, task: str, blob: bytes, config: WireMap | None, auth: Any
+                 ) -> tuple[RoundConfig, Any, WireMap | None]:
         """(round config, trainer holding the global weights, None), or (config, None, the
         answer to send instead: declined or error). The signature check runs first."""
         cfg, invalid = _decode(config)
@@ -195,8 +205,8 @@ class HospitalClient:
         except (WireFormatError, ValueError) as exc:
             return cfg, None, self._error(short, cfg, f"global weights unusable: {exc}")
 
-    def fit(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
-            task_id: str = "") -> dict[str, Any]:
+    def fit(self, blob: bytes, config: WireMap | None = None, auth: Any = None,
+            task_id: str = "") -> WireMap:
         start = time.perf_counter()
         cfg, trainer, refusal = self._prepare(TASK_FIT, blob, config, auth)
         if refusal:
@@ -243,16 +253,16 @@ class HospitalClient:
         self.participation.append(run=cfg.run_id, round=cfg.round, task="fit",
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=int(len(x)), fp16=cfg.fp16)
-        answer = _status(
-            "ok", self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
+        answer = FitAnswer.model_validate(dict(
+            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
-                     "encode_s": done - trained, "total_s": done - start}, **extra)
+                     "encode_s": done - trained, "total_s": done - start}, **extra)).encode()
         return self._sign_answer(answer, cfg, blob=blob, task_id=task_id)
 
     def _secure_fit(self, cfg: RoundConfig, global_weights: dict[str, np.ndarray],
-                    weights: dict[str, np.ndarray], n: int, extra: dict[str, Any],
-                    timings: dict[str, float], start: float) -> dict[str, Any]:
+                    weights: dict[str, np.ndarray], n: int, extra: WireMap,
+                    timings: dict[str, float], start: float) -> WireMap:
         """The update as a masked vector (leukofed.secagg, services.client.secure)."""
         from services.client.secure import update_to_sum
 
@@ -266,7 +276,7 @@ class HospitalClient:
 
     def _masked_answer(self, task: str, cfg: RoundConfig, like: dict[str, np.ndarray],
                        tensors: dict[str, np.ndarray], weight: float,
-                       extras: dict[str, float], n: int) -> dict[str, Any]:
+                       extras: dict[str, float], n: int) -> WireMap:
         """A fit or calibrate answer under secure aggregation: the masked vector, logged in
         the participation log; a protocol error is an error answer with its reason."""
         try:
@@ -279,7 +289,7 @@ class HospitalClient:
         answer["bytes"] = len(answer["masked"])
         return answer
 
-    def training_profile(self, image_size: int) -> dict[str, Any]:
+    def training_profile(self, image_size: int) -> WireMap:
         """What this hospital's training images look like, as aggregate numbers only: the
         acquisition profile's sufficient statistics (for "refer") and per-class sums of stain
         statistics (for the shortcut audit's recolouring). Computed once per image size."""
@@ -295,8 +305,8 @@ class HospitalClient:
             }
         return self._profiles[key]
 
-    def evaluate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
-                 task_id: str = "") -> dict[str, Any]:
+    def evaluate(self, blob: bytes, config: WireMap | None = None, auth: Any = None,
+                 task_id: str = "") -> WireMap:
         start = time.perf_counter()
         cfg, trainer, refusal = self._prepare(TASK_EVALUATE, blob, config, auth)
         if refusal:
@@ -314,14 +324,15 @@ class HospitalClient:
         self.participation.append(run=cfg.run_id, round=cfg.round, task="evaluate",
                                   status="ok", bytes=0,
                                   num_examples=sum(s["n"] for s in splits.values()))
-        answer = _status("ok", self.hospital, run_id=cfg.run_id, round=cfg.round,
-                         splits=splits, num_examples=splits["test"]["n"],
-                         seconds=time.perf_counter() - start)
+        answer = EvaluateAnswer(
+            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round,
+            splits={k: SplitResult.model_validate(v) for k, v in splits.items()},
+            num_examples=splits["test"]["n"], seconds=time.perf_counter() - start).encode()
         return self._sign_answer(answer, cfg, kind="evaluation", blob=blob,
                                  task_id=task_id)
 
-    def calibrate(self, blob: bytes, config: dict[str, Any] | None = None, auth: Any = None,
-                  task_id: str = "") -> dict[str, Any]:
+    def calibrate(self, blob: bytes, config: WireMap | None = None, auth: Any = None,
+                  task_id: str = "") -> WireMap:
         """BatchNorm moving statistics of the given global weights, measured exactly on up to
         ``calibration_images`` un-augmented local training images. Leaves the hospital: one
         mean and one variance per channel and the image count (the aggregator pools them);
@@ -351,29 +362,30 @@ class HospitalClient:
         self.participation.append(run=cfg.run_id, round=cfg.round, task="calibrate",
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=used)
-        answer = _status("ok", self.hospital, run_id=cfg.run_id, round=cfg.round,
-                         weights=out, bytes=len(out), sha256=digest, num_examples=used,
-                         seconds=time.perf_counter() - start)
+        answer = CalibrateAnswer(
+            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
+            bytes=len(out), sha256=digest, num_examples=used,
+            seconds=time.perf_counter() - start).encode()
         return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
                                  task_id=task_id)
 
-    def describe(self, auth: Any = None, verified: bool = False) -> dict[str, Any]:
+    def describe(self, auth: Any = None, verified: bool = False) -> WireMap:
         declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, RoundConfig())
         if declined:
             return declined
         ds, sp = self.dataset()
-        answer = _status("ok", self.hospital, class_counts=ds.class_counts(),
-                         num_images=len(ds.records),
-                         splits={n: len(sp[n]) for n in ("train", "val", "test")},
-                         split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
-                                       for n in ("train", "val", "test")},
-                         dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
-                         paused=self.pause_switch.paused)
+        answer = DescribeAnswer.model_validate(dict(
+            hospital=self.hospital, class_counts=ds.class_counts(), num_images=len(ds.records),
+            splits={n: len(sp[n]) for n in ("train", "val", "test")},
+            split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
+                          for n in ("train", "val", "test")},
+            dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
+            paused=self.pause_switch.paused)).encode()
         # Signed: the split sizes it declares bound every count it claims later.
         return self._sign_answer(answer, RoundConfig(), kind="describe")
 
-    def secure_stage(self, task: str, blob: bytes, config: dict[str, Any] | None, auth: Any
-                     ) -> dict[str, Any]:
+    def secure_stage(self, task: str, blob: bytes, config: WireMap | None, auth: Any
+                     ) -> WireMap:
         """A secure-aggregation stage of its own: keys, shares or reveal (services.client.
         secure). Signed and gated like every task; a protocol error is an error answer with
         its reason, never an exception on the worker."""
@@ -400,16 +412,16 @@ class HospitalClient:
 
     # ------------------------------------------------------------ helpers
 
-    def _error(self, task: str, cfg: RoundConfig, message: str) -> dict[str, Any]:
+    def _error(self, task: str, cfg: RoundConfig, message: str) -> WireMap:
         log.error("%s round %s: %s", task, cfg.round, message)
         self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="error", reason=message, bytes=0)
         return _status("error", self.hospital, reason=message, round=cfg.round,
                        run_id=cfg.run_id)
 
-    def _sign_answer(self, answer: dict[str, Any], cfg: RoundConfig,
+    def _sign_answer(self, answer: WireMap, cfg: RoundConfig,
                      kind: str = "update", blob: bytes = b"", task_id: str = "",
-                     key: Any = None) -> dict[str, Any]:
+                     key: Any = None) -> WireMap:
         """Attach this hospital's signature of ``kind`` (leukofed.signing.sign_answer): run,
         round, hospital, nonce, the answer's content, the task id and the global weights.
         Unsigned when the hospital has no key (development mode only: leukofed.startup)."""

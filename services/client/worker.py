@@ -17,7 +17,7 @@ from celery import Celery
 
 from leukofed import startup
 from leukofed.logging import install_celery_logging
-from leukofed.protocol import RoundConfig
+from leukofed.protocol import RoundConfig, WireMap
 from leukofed.transport import (
     TASK_CALIBRATE,
     TASK_DESCRIBE,
@@ -55,23 +55,23 @@ def create_app(settings: ClientSettings | None = None,
 
     # bind=True: the answer's signature names the Celery task id it answers.
     @app.task(name=TASK_FIT, bind=True)
-    def fit(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+    def fit(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
         return client().fit(blob, config, auth, task_id=self.request.id)
 
     @app.task(name=TASK_EVALUATE, bind=True)
-    def evaluate(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None
-                 ) -> dict[str, Any]:
+    def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None
+                 ) -> WireMap:
         return client().evaluate(blob, config, auth, task_id=self.request.id)
 
     @app.task(name=TASK_CALIBRATE, bind=True)
-    def calibrate(self: Any, blob: bytes, config: dict[str, Any], auth: Any = None
-                  ) -> dict[str, Any]:
+    def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None
+                  ) -> WireMap:
         return client().calibrate(blob, config, auth, task_id=self.request.id)
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds
-        def run(blob: bytes, config: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+        def run(blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
             return client().secure_stage(task, blob, config, auth)
         return app.task(name=task)(run)
 
@@ -79,7 +79,7 @@ def create_app(settings: ClientSettings | None = None,
         secure_stage(task)
 
     @app.task(name=TASK_DESCRIBE)
-    def describe(auth: Any = None) -> dict[str, Any]:
+    def describe(auth: Any = None) -> WireMap:
         declined = client().check_task(TASK_DESCRIBE, [], auth, RoundConfig())
         if declined:  # checked first: an unsigned caller learns not even the pause state
             return declined

@@ -195,3 +195,42 @@ def test_with_mlflow_auth_a_hospital_cannot_move_the_champion(
     last = Registry(auth_server, NAME).alias_history()[-1]
     assert last["by"] == "engineer" and last["version"] == v2 and last["from"] == v1
     assert last["onnx_sha256"] == hospital.get_model_version(NAME, v2).tags[TAG_SHA]
+
+
+def test_the_version_run_holds_an_onnx_flavored_mlflow_model_of_the_signed_bytes(
+        mlflow_server, keys: Path, tmp_path: Path) -> None:
+    """What the aggregator publishes is an MLflow model (onnx flavor, signature, input
+    example) that MLflow-aware tools can load, and its model file is the file the
+    aggregator signed and the inference service downloads."""
+    import hashlib
+
+    import mlflow.onnx
+    import numpy as np
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    key = signing.load_private_key(keys / "aggregator.key")
+    client = MlflowClient(mlflow_server.url, mlflow_server.url)
+    version = register_onnx_version(mlflow_server.url, "flavored", tiny_onnx(seed=4),
+                                    champion=False, signing_key=key)
+    tags = client.get_model_version("flavored", version).tags
+    model_uri = tags[TAG_URI].rsplit("/", 1)[0]  # the folder of the MLflow model
+    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path),
+                                    tracking_uri=mlflow_server.url))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert "onnx" in mlmodel["flavors"] and "python_function" in mlmodel["flavors"]
+    assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["outputs"]
+    assert (local / mlmodel["saved_input_example_info"]["artifact_path"]).is_file()
+    model_file = local / mlmodel["flavors"]["onnx"]["data"]
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert digest == tags[TAG_SHA]
+    assert tags[TAG_URI].endswith("/" + model_file.name)  # what the service downloads
+    signing.verify_model(signing.load_public_key(keys / "aggregator.pub"),
+                         tags["leukofed.signature"], "flavored", version, digest)
+    # MLflow's own loader serves it: four class probabilities for one image.
+    pyfunc = mlflow.pyfunc.load_model(str(local))
+    out = pyfunc.predict(np.zeros((1, 32, 32, 3), np.float32))
+    probs = np.asarray(out["probabilities"] if isinstance(out, dict) else out)
+    assert probs.shape[-1] == 4 and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert mlflow.onnx.load_model(str(local)).graph.input[0].name

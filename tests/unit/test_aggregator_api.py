@@ -85,3 +85,37 @@ def test_runs_lifecycle(api: TestClient) -> None:
     assert hospitals[0]["hospital"] == "a" and hospitals[0]["live"]
     assert hospitals[0]["num_images"] == 10
     assert api.get("/openapi.json").status_code == 200
+
+
+def test_openapi_lists_each_strategys_parameters(api: TestClient) -> None:
+    """The run form documents every strategy's parameters, not an untyped map."""
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    params = schemas["RunConfig"]["properties"]["strategy_params"]
+    listed = {ref["$ref"].rsplit("/", 1)[-1] for ref in params["anyOf"]}
+    assert {"FedProxParams", "FedAvgMParams", "FedAdamParams", "MultiKrumParams"} <= listed
+    assert "mu" in schemas["FedProxParams"]["properties"]
+    assert {"server_lr", "momentum"} <= set(schemas["FedAvgMParams"]["properties"])
+    assert {"eta", "beta_1", "beta_2", "tau"} <= set(schemas["FedYogiParams"]["properties"])
+    assert schemas["FedTrimmedAvgParams"]["properties"]["beta"]["default"] == 0.2
+
+
+def test_an_unknown_strategy_parameter_is_422_naming_it(api: TestClient) -> None:
+    response = api.post("/v1/runs", json={"strategy": "fedavgm",
+                                          "strategy_params": {"momentum": 0.5, "mu": 0.1}})
+    assert response.status_code == 422
+    assert "fedavgm does not take ['mu']" in response.text
+    assert "momentum" in response.text  # what it does take
+
+
+def test_the_typed_parameters_are_what_each_strategy_takes() -> None:
+    from leukofed.strategies import STRATEGIES, make_strategy, strategy_params
+    from services.aggregator.strategy_config import STRATEGY_PARAMS
+
+    assert set(STRATEGY_PARAMS) == set(STRATEGIES)
+    for name, model in STRATEGY_PARAMS.items():
+        own = strategy_params(STRATEGIES[name]) - {"bn_mode", "bn_stat_names"}
+        if name == "krum":  # inherited from multikrum, but krum fixes it at 1
+            own -= {"num_selected"}
+        assert set(model.model_fields) == own, name
+        # The model's defaults build the strategy as its own defaults do.
+        assert make_strategy(name, **model().model_dump()).params == make_strategy(name).params

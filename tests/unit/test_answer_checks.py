@@ -142,7 +142,7 @@ def test_dp_sampling_is_the_poisson_sampling_the_accountant_assumes(tmp_path) ->
     """Central DP at fraction 0.3 over 20 hospitals: each round takes each hospital
     independently with probability 0.3 (the accountant's q), not a fixed-size seeded sample;
     two runs with the same seed sample differently (OS entropy)."""
-    from services.aggregator.rounds import dp_sampling_rate
+    from services.aggregator.privacy_step import dp_sampling_rate
 
     hospitals = [f"h{i:02d}" for i in range(20)]
     samples = []

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukofed.protocol import DEFAULT_IMAGE_SIZE, RoundConfig
+from leukofed.protocol import (
+    DEFAULT_IMAGE_SIZE,
+    EvaluateAnswer,
+    FitAnswer,
+    FitReport,
+    RoundConfig,
+)
 from leukofed.transport import (
     ACCEPTED_CONTENT,
     check_hospital_id,
@@ -98,12 +104,14 @@ def test_combine_evaluations_sums_confusion_matrices() -> None:
                     "val": {"n": 0}}}
     b = {"splits": {"test": {"n": 2, "loss": 3.0, "accuracy": 0.0,
                              "confusion_matrix": [[0, 1, 0, 0], [1, 0, 0, 0], [0] * 4, [0] * 4]}}}
-    metrics, matrices = combine_evaluations({"a": a, "b": b})
+    metrics, matrices = combine_evaluations({"a": EvaluateAnswer.decode(a),
+                                             "b": EvaluateAnswer.decode(b)})
     assert metrics["test"]["accuracy"] == 0.5 and metrics["test"]["loss"] == 2.0
     assert matrices["test"][0][:2] == [1, 1]
     assert "val" not in metrics
-    h = hospital_metrics({"metrics": {"loss": 0.5}, "num_examples": 4, "bytes": 10,
-                          "timings": {"train_s": 1.0}}, a)
+    h = hospital_metrics(FitAnswer.decode({"metrics": {"loss": 0.5}, "num_examples": 4,
+                                           "bytes": 10, "timings": {"train_s": 1.0},
+                                           "weights": b""}), EvaluateAnswer.decode(a))
     assert h == {"train_loss": 0.5, "num_examples": 4.0, "bytes_sent": 10.0, "train_s": 1.0,
                  "test_accuracy": 1.0, "test_loss": 1.0, "test_n": 2.0}
 
@@ -125,6 +133,7 @@ def test_training_profiles_pool_exactly_and_skip_a_malformed_one() -> None:
         "c": {"acquisition": {"format": "something else"}},
         "d": {},  # an older client: nothing sent
     }
+    answers = {h: FitReport.decode(a) for h, a in answers.items()}
     profile, targets, skipped = pool_training_profiles(answers, ["a", "b", "c", "d"])
     whole = AcquisitionProfile.from_stats(ProfileStats.of_images(images))
     pooled = AcquisitionProfile.from_dict(profile)
@@ -148,6 +157,10 @@ def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return p / p.sum(1, keepdims=True), y
 
 
+def _typed(evaluations: dict) -> dict[str, EvaluateAnswer]:
+    return {h: EvaluateAnswer.decode(e) for h, e in evaluations.items()}
+
+
 def _evaluation(probs: np.ndarray, y: np.ndarray) -> dict:
     from leukofed.calibration import calibration_sums
 
@@ -164,7 +177,7 @@ def test_calibration_pools_hospital_sums_and_leaves_out_a_malformed_one() -> Non
     (pa, ya), (pb, yb) = _overconfident(800, 1), _overconfident(600, 2)
     evaluations = {"a": _evaluation(pa, ya), "b": _evaluation(pb, yb),
                    "forger": {"splits": {"val": {"n": 5, "calibration": {"format": "x"}}}}}
-    report, skipped = pool_calibration(evaluations, 0.9)
+    report, skipped = pool_calibration(_typed(evaluations), 0.9)
     assert set(skipped) == {"forger"} and "calibration sums unusable" in skipped["forger"]
     # Pooled sums give exactly what one site holding every validation image would fit.
     whole = calibration_report(
@@ -178,14 +191,14 @@ def test_calibration_pools_hospital_sums_and_leaves_out_a_malformed_one() -> Non
     metrics = calibration_metrics(report)
     assert metrics["val_ece_after"] < metrics["val_ece_before"] / 2
     assert metrics["test_conformal_coverage"] >= 0.88
-    assert pool_calibration({"a": {"splits": {"val": {"n": 0}}}}, 0.95) == (None, {})
+    assert pool_calibration(_typed({"a": {"splits": {"val": {"n": 0}}}}), 0.95) == (None, {})
 
 
 def test_server_test_report_measures_the_versions_prediction_sets() -> None:
     from services.aggregator.round_logic import pool_calibration, server_test_report
 
     probs, y = _overconfident(1600, 3)
-    report, _ = pool_calibration({"a": _evaluation(probs[:800], y[:800])}, 0.95)
+    report, _ = pool_calibration(_typed({"a": _evaluation(probs[:800], y[:800])}), 0.95)
     flat, cm, conformal = server_test_report(y[800:], probs[800:], report)
     assert np.asarray(cm).sum() == 800
     assert conformal is not None and conformal["target"] == 0.95
@@ -206,5 +219,6 @@ def test_training_class_counts_for_the_card_skip_what_is_missing_or_malformed() 
                "b": {"stain_sums": {"counts": [1, -2, 3, 4]}},   # negative: left out
                "c": {},                                          # DP run: nothing sent
                "d": {"stain_sums": {"counts": [1, 2, 3, 4]}}}    # not a participant
-    assert training_class_counts(answers, ["a", "b", "c"]) == {
+    typed = {h: FitReport.decode(a) for h, a in answers.items()}
+    assert training_class_counts(typed, ["a", "b", "c"]) == {
         "a": {"Benign": 3, "Early": 4, "Pre": 5, "Pro": 6}}

@@ -10,6 +10,7 @@ import pytest
 
 from leukofed.wire import decode_weights, encode_weights
 from services.aggregator.config import RunConfig
+from services.aggregator.deps import RunDeps
 from services.aggregator.rounds import FederatedRun
 from services.aggregator.run_records import RunStore
 
@@ -103,7 +104,8 @@ def make_run(tmp_path, dispatcher, clock, tracker=None, **config) -> FederatedRu
     cfg = RunConfig(**{"rounds": 2, "hospitals": ["a", "b"], "round_deadline_s": 10,
                        "max_round_retries": 0, **config})
     record = store.create(cfg.model_dump())
-    return FederatedRun(record, store, dispatcher, FakeOps(), tracker, 0.5, clock, clock.sleep)
+    return FederatedRun(record, RunDeps(store, dispatcher, FakeOps(), tracker,
+                                        poll_interval_s=0.5, clock=clock, sleep=clock.sleep))
 
 
 def test_fedavg_two_rounds_weighted_and_tracked(tmp_path) -> None:
@@ -183,8 +185,7 @@ def test_resume_after_interrupt_continues_and_never_duplicates(tmp_path) -> None
         rec = run.execute()
         if interrupt_after:
             assert rec["status"] == "running" and rec["completed_round"] == interrupt_after
-            again = FederatedRun(run.store.load(rec["id"]), run.store, d, FakeOps(), tracker,
-                                 0.5, clock, clock.sleep)
+            again = FederatedRun(run.store.load(rec["id"]), run.deps)
             rec = again.execute()
         return rec, run.store.read_checkpoint(rec)[0], tracker
 
@@ -207,7 +208,7 @@ def test_cancel(tmp_path) -> None:
         run.cancel_requested = True
         original(s)
 
-    run.sleep = sleep
+    run.deps.sleep = sleep
     rec = run.execute()
     assert rec["status"] == "cancelled"
 
@@ -227,7 +228,7 @@ def test_hospital_joining_between_rounds_takes_part_next_round(tmp_path) -> None
     run = make_run(tmp_path, d, clock, hospitals=None, rounds=2)
     tracker = FakeTracker()
     tracker.on_log = lambda r: setattr(d, "live", {"a", "b"})  # b's worker starts
-    run.tracker = tracker
+    run.deps.tracker = tracker
     rec = run.execute()
     assert [r["selected"] for r in rec["rounds"]] == [["a"], ["a", "b"]]
 

@@ -1,0 +1,62 @@
+"""What a federated run depends on, in one place: the interfaces the round loop talks to
+(Dispatcher: Celery; ModelOps: Keras; Tracker: MLflow; UpdateCheck: answer signatures) and
+``RunDeps``, the one bundle that ``RunManager`` holds and hands to every ``FederatedRun``.
+
+Unit tests build a ``RunDeps`` of fakes (a fake clock makes every deadline instant)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from leukofed.protocol import RoundSummary, RunRecord
+from services.aggregator.config import RunConfig
+from services.aggregator.run_records import RunStore
+
+Weights = dict[str, np.ndarray]
+
+
+class Dispatcher(Protocol):
+    def live_hospitals(self) -> set[str] | None: ...
+    def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> Any: ...
+    def poll(self, handle: Any) -> tuple[bool, Any, str | None]: ...
+    def discard(self, handle: Any) -> None: ...
+
+
+class ModelOps(Protocol):
+    def initial(self, cfg: RunConfig) -> tuple[Weights, set[str]]: ...
+    def server_predictions(self, cfg: RunConfig, weights: Weights
+                           ) -> tuple[np.ndarray, np.ndarray] | None: ...
+    def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
+                     ) -> dict[str, float]: ...
+
+
+class Tracker(Protocol):
+    def start(self, record: RunRecord, cfg: RunConfig) -> str | None: ...
+    def log_round(self, record: RunRecord, summary: RoundSummary) -> None: ...
+    def register(self, record: RunRecord, cfg: RunConfig, summary: RoundSummary,
+                 weights: Weights) -> str | None: ...
+    def finish(self, record: RunRecord) -> None: ...
+
+
+# Checks an answer's signature (leukofed.signing.UpdateVerifier); raises SignatureRejected.
+# Called as (answer, hospital, run, round, kind=..., global_digest=..., task_id=...).
+UpdateCheck = Callable[..., None]
+
+
+@dataclass
+class RunDeps:
+    """The services a run uses. Read at each use (not copied), so a test may swap one."""
+
+    store: RunStore
+    dispatcher: Dispatcher
+    model_ops: ModelOps
+    tracker: Tracker | None = None
+    verifier: UpdateCheck | None = None
+    poll_interval_s: float = 0.25
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep

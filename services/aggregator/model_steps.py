@@ -1,0 +1,93 @@
+"""The steps that send the new global model back to the hospitals within a round: BatchNorm
+calibration (their measured statistics replace the averaged ones) and federated evaluation.
+Whoever answers by the deadline counts; no quorum."""
+
+from __future__ import annotations
+
+from leukofed.protocol import EvaluateAnswer, RoundConfig, WireAnswer, WireMap
+from leukofed.strategies import pool_batchnorm_stats
+from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE
+from leukofed.validation import check_evaluations, check_tensor_answers, validate_batchnorm_stats
+from leukofed.wire import encode_weights
+from services.aggregator.config import RunConfig
+from services.aggregator.deps import Weights
+from services.aggregator.gather import Gather
+
+
+def task_config(cfg: RunConfig, run_id: str, server_round: int, deadline: float,
+                **config: object) -> WireMap:
+    """The round configuration of a calibrate or evaluate task (a fit's is rounds.fit_config)."""
+    return RoundConfig.build(
+        run_id=run_id, round=server_round, model=cfg.model, image_size=cfg.image_size,
+        alpha=cfg.alpha, norm=cfg.norm, cell_focus=cfg.cell_focus,
+        rotation_ensemble=cfg.rotation_ensemble, jit_compile=cfg.jit_compile,
+        deadline=deadline, **config)
+
+
+def _send(g: Gather, cfg: RunConfig, server_round: int, task: str, weights: Weights,
+          hospitals: list[str], **config: object
+          ) -> tuple[dict[str, WireAnswer], dict[str, str], bytes]:
+    """(answers, failures, the weight blob sent, which signed answers name)."""
+    deadline = g.deps.clock() + cfg.round_deadline_s
+    config_map = task_config(cfg, g.run_id, server_round, deadline, **config)
+    blob = encode_weights(weights)
+    answers, failures = g.ask(server_round, task, hospitals, blob, config_map, deadline)
+    return answers, failures, blob
+
+
+def calibrate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
+              hospitals: list[str], bn_names: frozenset[str], robust: bool = False
+              ) -> tuple[Weights, dict[str, object]]:
+    """Replace the new global model's BatchNorm statistics by those the round's hospitals
+    measure on it, pooled exactly or by median (leukofed.strategies.pool_batchnorm_stats).
+    Statistics that fail a check are rejected with a logged reason; with none usable the
+    averaged statistics stay and the round goes on."""
+    start = g.deps.clock()
+    current = {n: weights[n] for n in sorted(bn_names)}
+    if cfg.secure_aggregation is not None:
+        from services.aggregator.secure_steps import secure_calibrate
+
+        return secure_calibrate(g, cfg, server_round, weights, hospitals, current, start)
+    answers, failures, blob = _send(g, cfg, server_round, TASK_CALIBRATE, weights, hospitals,
+                                    bn_mode="average",
+                                    calibration_images=cfg.calibration_images)
+    usable, rejected = check_tensor_answers(
+        answers, lambda a, h: g.verify(a, h, server_round, "calibration", TASK_CALIBRATE, blob),
+        g.declared,
+        lambda measured: validate_batchnorm_stats(current, measured,
+                                                  max_norm_ratio=cfg.max_norm_ratio),
+        kind="calibration")
+    used = {h: a.num_examples for h, (a, _) in usable.items()}
+    stats = [measured for _, measured in usable.values()]
+    for hospital, reason in rejected.items():
+        g.event(f"round {server_round}: BatchNorm statistics from {hospital} rejected "
+                f"({reason})", round=server_round, hospital=hospital,
+                rejected=reason.split(":")[0])
+    summary = {"hospitals": used, "rejected": rejected, "failed": failures,
+               "pooling": "median" if robust else "exact", "seconds": g.deps.clock() - start}
+    if not stats:
+        g.event(f"round {server_round}: no usable BatchNorm statistics; the averaged ones "
+                "stay", round=server_round)
+        return weights, summary
+    pooled = pool_batchnorm_stats(stats, [float(n) for n in used.values()], robust=robust)
+    out = dict(weights)
+    out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
+    return out, summary
+
+
+def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
+             hospitals: list[str]) -> dict[str, EvaluateAnswer]:
+    """Evaluation answers that hold together (leukofed.validation.validate_evaluation);
+    the others are logged with their reason and left out of every pooled number."""
+    if not hospitals:
+        return {}
+    answers, _, blob = _send(g, cfg, server_round, TASK_EVALUATE, weights, hospitals,
+                             bn_mode=cfg.bn_mode)
+    valid, rejected = check_evaluations(
+        answers, lambda a, h: g.verify(a, h, server_round, "evaluation", TASK_EVALUATE, blob),
+        g.declared)
+    for hospital, exc in rejected.items():
+        g.event(f"round {server_round}: evaluation from {hospital} rejected "
+                f"({exc.reason}: {exc.message})", round=server_round,
+                hospital=hospital, rejected=exc.reason)
+    return valid
