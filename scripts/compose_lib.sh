@@ -101,7 +101,8 @@ start_run() {  # ROUNDS LOCAL_EPOCHS IMAGE_SIZE MODEL HOSPITAL...
  "min_fit_clients": 1, "round_deadline_s": ${ROUND_DEADLINE_S:-300}, "seed": 0,
  "server_test_dir": "/srv/leukofed/test"}
 JSON
-    "$VENV/leukofed" run start --config "$COMPOSE_WORK/run.json" --url "$AGGREGATOR_URL"
+    LEUKOFED_AGGREGATOR_ADMIN_TOKEN=$(env_value AGGREGATOR_ADMIN_TOKEN) \
+        "$VENV/leukofed" run start --config "$COMPOSE_WORK/run.json" --url "$AGGREGATOR_URL"
 }
 
 # `promote best` as the ML engineer: the MLflow admin, from this machine, through the
