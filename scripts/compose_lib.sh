@@ -64,12 +64,15 @@ PY
     LEUKOFED_AGGREGATOR_ADMIN_TOKEN=$(env_value AGGREGATOR_ADMIN_TOKEN)
 }
 
-wait_http() {  # URL SECONDS NAME
-    local deadline=$(( $(date +%s) + $2 ))
-    until curl -fsS -o /dev/null "$1" 2>/dev/null; do
+# Retry COMMAND every second until it succeeds; after SECONDS, print SERVICE's last log lines
+# and fail, saying what did not happen.
+wait_for() {  # SECONDS SERVICE WHAT COMMAND...
+    local seconds=$1 service=$2 what=$3; shift 3
+    local deadline=$(( $(date +%s) + seconds ))
+    until "$@" >/dev/null 2>&1; do
         if (( $(date +%s) > deadline )); then
-            echo "$3 did not answer $1 within $2 s; its log:" >&2
-            compose logs --tail 40 "$3" >&2
+            echo "$service did not $what within $seconds s; its log:" >&2
+            compose logs --tail 40 "$service" >&2
             return 1
         fi
         sleep 1
@@ -77,20 +80,10 @@ wait_http() {  # URL SECONDS NAME
 }
 
 container_of() { compose ps -q "$1"; }
+is_healthy() { [[ $(docker inspect -f '{{.State.Health.Status}}' "$(container_of "$1")") == healthy ]]; }
 
-wait_healthy() {  # SERVICE SECONDS
-    local deadline=$(( $(date +%s) + $2 )) state
-    while true; do
-        state=$(docker inspect -f '{{.State.Health.Status}}' "$(container_of "$1")" 2>/dev/null || echo missing)
-        [[ $state == healthy ]] && return 0
-        if (( $(date +%s) > deadline )); then
-            echo "$1 is $state after $2 s; its log:" >&2
-            compose logs --tail 40 "$1" >&2
-            return 1
-        fi
-        sleep 2
-    done
-}
+wait_http() { wait_for "$2" "$3" "answer $1" curl -fsS -o /dev/null "$1"; }  # URL SECONDS SERVICE
+wait_healthy() { wait_for "$2" "$1" "become healthy" is_healthy "$1"; }     # SERVICE SECONDS
 
 start_run() {  # ROUNDS LOCAL_EPOCHS IMAGE_SIZE MODEL HOSPITAL...
     local rounds=$1 epochs=$2 size=$3 model=$4; shift 4
@@ -121,14 +114,5 @@ serving_version() {
         'import json, sys; print(json.load(sys.stdin)["model"]["version"])' 2>/dev/null || true
 }
 
-wait_serving() {  # VERSION SECONDS
-    local deadline=$(( $(date +%s) + $2 ))
-    until [[ "$(serving_version)" == "$1" ]]; do
-        if (( $(date +%s) > deadline )); then
-            echo "the inference container does not serve version $1: $(curl -sS "$INFERENCE_URL/readyz")" >&2
-            compose logs --tail 40 inference >&2
-            return 1
-        fi
-        sleep 0.5
-    done
-}
+serves() { [[ "$(serving_version)" == "$1" ]]; }
+wait_serving() { wait_for "$2" inference "serve version $1" serves "$1"; }  # VERSION SECONDS

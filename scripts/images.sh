@@ -101,8 +101,11 @@ for target in "${TARGETS[@]}"; do
     }
     seconds=$(python3 -c "import sys; print(round($(date +%s.%N) - $start, 1))")
     bytes=$(docker image inspect "$tag" --format '{{.Size}}')
+    # The leukofed services' code layer (/opt/app): what an upgrade pulls; null for others.
+    code=$(docker history --human=false --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$tag" \
+           | awk -F'\t' '/COPY \/opt\/app/ {print $1; exit}')
     printf 'images: %-28s %7.0f MB  %6.1f s\n' "$tag" "$(python3 -c "print($bytes/1e6)")" "$seconds"
-    rows+=("{\"image\": \"$tag\", \"target\": \"$target\", \"bytes\": $bytes, \"build_s\": $seconds}")
+    rows+=("{\"image\": \"$tag\", \"target\": \"$target\", \"bytes\": $bytes, \"code_layer_bytes\": ${code:-null}, \"build_s\": $seconds}")
 done
 
 mkdir -p "$(dirname "$RESULTS")"
