@@ -106,7 +106,7 @@ Cached / cold: {totals['cached'] / totals['cold']:.2f}; code change / cold:
   Redis and PostgreSQL come from Debian's packages (targets `redis`, `postgres`).
 - The GPU targets (`client-gpu`: TensorFlow with CUDA from PyPI; `inference-gpu`:
   onnxruntime-gpu with CUDA and cuDNN wheels) are not in this table: several GB of
-  downloads each; see the note in docs/operator.md.
+  downloads each; their sizes and build times are in docs/operator.md.
 """)
     print(DOC.read_text())
 
