@@ -44,10 +44,8 @@ compose_prepare() {
         echo "INFERENCE_PORT=$DEMO_INFERENCE_PORT"
         echo "MLFLOW_PORT=$DEMO_MLFLOW_PORT"
         echo "REDIS_PORT=$DEMO_REDIS_PORT"
-        [[ -f infra/images.env ]] && cat infra/images.env
-        docker image inspect leukofed/base:bookworm >/dev/null 2>&1 \
-            && ! docker image inspect python:3.11-slim-bookworm >/dev/null 2>&1 \
-            && echo "BASE_IMAGE=leukofed/base:bookworm"
+        # What scripts/images.sh chose: the base, and Redis/PostgreSQL where none was pulled.
+        if [[ -f infra/images.env ]]; then cat infra/images.env; fi
     } >"$COMPOSE_WORK/overrides.env"
     "$VENV/python" - "$COMPOSE_ENV" "$COMPOSE_WORK/overrides.env" <<'PY'
 import sys

@@ -7,7 +7,7 @@
 # pulled; else a Debian bookworm base made here with debootstrap (no registry needed), kept
 # as leukofed/base:bookworm. When the public redis/postgres images are missing and cannot be
 # pulled either, the redis and postgres targets are built from the same base instead, and
-# their names are written to infra/images.env, which the compose scripts read.
+# their names (and the base's) are written to infra/images.env, which the compose scripts read.
 #
 # The CA bundle pip trusts on this machine (a proxy's CA, say) goes to the build as the
 # BuildKit secret "pip_ca": used by pip and uv in one RUN, never stored in an image.
@@ -76,7 +76,7 @@ if [[ -z $base ]]; then
 fi
 echo "images: base $base"
 
-: >"$IMAGES_ENV.tmp"
+echo "BASE_IMAGE=$base" >"$IMAGES_ENV.tmp"
 if [[ $base == "$LOCAL_BASE" ]]; then
     # No registry: the stack's third-party services come from Debian too, unless present.
     can_pull "$PUBLIC_REDIS" || { TARGETS+=(redis); echo "REDIS_IMAGE=leukofed/redis:$VERSION" >>"$IMAGES_ENV.tmp"; }

@@ -61,10 +61,11 @@ def sh(script: str, timeout: float = 900, check: bool = True) -> subprocess.Comp
 
 
 def env_value(name: str) -> str:
-    for line in (WORK / "compose.env").read_text().splitlines():
-        if line.startswith(f"{name}="):
-            value = line.split("=", 1)[1]
-    return value
+    """The last value of NAME in the demo's settings file (as compose reads it)."""
+    values = [line.split("=", 1)[1] for line in (WORK / "compose.env").read_text().splitlines()
+              if line.startswith(f"{name}=")]
+    assert values, f"{name} is not in {WORK / 'compose.env'}"
+    return values[-1]
 
 
 def aggregator(method: str, path: str, **kwargs: Any) -> Any:
