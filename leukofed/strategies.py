@@ -90,6 +90,43 @@ def weighted_average(updates: Sequence[Mapping[str, np.ndarray]],
     return out
 
 
+class RunningSum:
+    """The example-weighted mean of updates, folded in one at a time as they arrive.
+
+    Holds one float64 copy of the model whatever the number of hospitals, so a round's
+    memory does not grow with them. ``mean()`` equals ``weighted_average`` of the same
+    updates (up to float64 rounding; both return float64 for float tensors here). Integer
+    tensors are taken from the first update, as ``weighted_average`` does."""
+
+    def __init__(self) -> None:
+        self.sums: Weights = {}
+        self.first: Weights = {}  # non-float tensors of the first update
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, update: Mapping[str, np.ndarray], num_examples: float) -> None:
+        n = float(num_examples)
+        if not np.isfinite(n) or n < 0:
+            raise ValueError(f"num_examples must be finite and >= 0, got {num_examples!r}")
+        if self.count and set(update) != set(self.sums) | set(self.first):
+            raise ValueError("update has tensors the earlier updates do not share")
+        for name, value in update.items():
+            array = np.asarray(value)
+            if not _is_float(array):
+                self.first.setdefault(name, array.copy())
+            elif name in self.sums:
+                self.sums[name] += n * array.astype(np.float64)
+            else:
+                self.sums[name] = n * array.astype(np.float64)
+        self.total += n
+        self.count += 1
+
+    def mean(self) -> Weights:
+        if not self.count or self.total <= 0:
+            raise ValueError("nothing to aggregate: no update with examples")
+        return {**{n: s / self.total for n, s in self.sums.items()}, **self.first}
+
+
 def pool_batchnorm_stats(stats: Sequence[Mapping[str, np.ndarray]],
                          counts: Sequence[float], robust: bool = False) -> Weights:
     """Pooled BatchNorm statistics of several hospitals, as if measured on their union.
@@ -217,6 +254,11 @@ class Strategy(ABC):
     weights_are_client_average: ClassVar[bool] = False
     # Robust rules take the median of calibrated statistics too (pool_batchnorm_stats).
     robust: ClassVar[bool] = False
+    # True where the rule needs only the example-weighted mean of the updates (FedAvg,
+    # FedProx, the server optimizers): the aggregator then folds each update into a
+    # RunningSum as it arrives and aggregates the one mean, in memory bounded by one model.
+    # The others (median, trimmed mean, Krum) need every update at once.
+    streams: ClassVar[bool] = False
 
     def __init__(self, *, bn_mode: str = "average", bn_stat_names: Iterable[str] = ()) -> None:
         if bn_mode not in BN_MODES:
@@ -291,6 +333,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     weights_are_client_average = True
+    streams = True
 
     def _combine(self, global_weights: Weights, updates: list[dict[str, np.ndarray]],
                  num_examples: list[float]) -> Weights:
@@ -318,6 +361,7 @@ class _Stateful(Strategy):
     """Keeps per-tensor float64 state arrays under "<slot>/<tensor name>" plus scalars."""
 
     slots: ClassVar[tuple[str, ...]] = ()
+    streams = True  # a step on the weighted mean delta
 
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)

@@ -69,8 +69,10 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         tracker = (MlflowTracker(Registry(settings.tracking_uri, settings.model_name),
                                  settings.mlflow_experiment, model_ops, signing_key)
                    if settings.tracking else None)
-        mgr = manager or RunManager(RunDeps(store, dispatcher, model_ops, tracker, verifier,
-                                            settings.poll_interval_s))
+        mgr = manager or RunManager(RunDeps(
+            store, dispatcher, model_ops, tracker, verifier, settings.poll_interval_s,
+            max_in_flight=settings.max_in_flight,
+            max_held_updates_mb=settings.max_held_updates_mb))
         app.state.store = mgr.store
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr

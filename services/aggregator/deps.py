@@ -25,6 +25,8 @@ class Dispatcher(Protocol):
     def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> Any: ...
     def poll(self, handle: Any) -> tuple[bool, Any, str | None]: ...
     def discard(self, handle: Any) -> None: ...
+    # Optional (leukofed.liveness): {hospital: time of its worker's last heartbeat, or None}.
+    # def heartbeats(self, hospitals: list[str]) -> dict[str, float | None]: ...
 
 
 class ModelOps(Protocol):
@@ -58,5 +60,12 @@ class RunDeps:
     tracker: Tracker | None = None
     verifier: UpdateCheck | None = None
     poll_interval_s: float = 0.25
+    # Tasks out at once per step (0: all): each queued task holds the global weights in
+    # Redis and each finished one an update, so this bounds Redis, not the round's size.
+    max_in_flight: int = 64
+    # Robust rules (median, Krum) and central DP hold every update of a round: refuse a
+    # round whose updates would need more than this (MB).
+    max_held_updates_mb: float = 2048.0
+    liveness_check_s: float = 2.0  # how often pending hospitals' heartbeats are read
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep

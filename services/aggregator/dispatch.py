@@ -20,6 +20,7 @@ from celery import Celery, states
 from celery.result import AsyncResult
 
 from leukofed import signing
+from leukofed.liveness import read_heartbeats
 from leukofed.protocol import WireAnswer, WireMap
 from leukofed.transport import TASK_DESCRIBE, hospital_of_queue, queue_name
 
@@ -90,6 +91,21 @@ class CeleryDispatcher:
             self.seen(hospital)
         return live
 
+    def heartbeats(self, hospitals: list[str]) -> dict[str, float | None]:
+        """Each hospital's last worker heartbeat (leukofed.liveness), None when gone."""
+        if self.isolated:  # each through its own prefix's connection
+            beats = {}
+            for h in hospitals:
+                beats.update(read_heartbeats(self.app_for(h).backend.client, [h]))
+        else:
+            assert self.app is not None
+            beats = read_heartbeats(self.app.backend.client, hospitals)
+        with self._lock:
+            for h, seen in beats.items():
+                if seen is not None:
+                    self.last_seen[h] = max(self.last_seen.get(h, 0.0), seen)
+        return beats
+
     def _live_in(self, replies: dict[str, object]) -> set[str]:
         live = set()
         for queues in replies.values():
@@ -109,9 +125,12 @@ class CeleryDispatcher:
     def submit(self, hospital: str, task: str, args: list[Any], expires: float) -> AsyncResult:
         # expires: a message still queued after the round deadline (a worker that was down)
         # is dropped by Celery instead of training on a stale model.
-        return self.app_for(hospital).send_task(
+        app = self.app_for(hospital)
+        handle = app.send_task(
             task, args=args, kwargs=self._auth(task, hospital, args),
             queue=queue_name(hospital), expires=max(1.0, expires - time.time()) + 30.0)
+        _unsubscribe(app, handle.id)
+        return handle
 
     def _auth(self, task: str, hospital: str, args: list[Any]) -> WireMap:
         if self.signing_key is None:
@@ -151,3 +170,17 @@ class CeleryDispatcher:
                         self.describes[h] = {**result, "time": time.time()}
             time.sleep(0.1)
         return self.describes
+
+
+def _unsubscribe(app: Celery, task_id: str) -> None:
+    """We poll results (and forget each once read) and never block on one, so Celery's
+    Redis backend must not stay SUBSCRIBEd to the task's result channel: nobody drains
+    those messages outside AsyncResult.get(), and each published result (a whole weight
+    update) would wait in Redis's output buffer for this client, counted in Redis's memory,
+    for every hospital of the round at once."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        try:
+            consumer.cancel_for(task_id)
+        except Exception as exc:  # the subscription dies with its connection anyway
+            log.debug("unsubscribe %s: %s", task_id, exc)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from leukofed.liveness import HEARTBEAT_TTL_S
 from leukofed.protocol import DeclaredSplits, DescribeAnswer, WireAnswer
 from leukofed.signing import SignatureRejected, blob_digest
 from services.aggregator.config import RunConfig
@@ -23,6 +24,7 @@ from services.aggregator.round_logic import poisson_sample, quorum_possible, sel
 
 log = logging.getLogger(__name__)
 Event = Callable[..., None]  # (message, **fields): the run's event log
+OnAnswer = Callable[[str, WireAnswer], WireAnswer]  # (hospital, answer) -> what to keep
 
 
 class Gather:
@@ -36,6 +38,10 @@ class Gather:
         self.declared: dict[str, DeclaredSplits] = {}
         self.pool_size = 0  # hospitals the last Poisson sample was drawn from
         self.task_ids: dict[tuple[str, str], str] = {}  # (task, hospital) -> Celery task id
+        self.beating: set[str] = set()  # hospitals whose worker heartbeat was seen
+        # The step in progress (round, task, selected, answered, failed, deadline): shown by
+        # the run's API and /metrics while a round runs.
+        self.progress: dict[str, object] = {}
 
     # ------------------------------------------------------------ select
 
@@ -69,23 +75,42 @@ class Gather:
                 for h, args in args_of.items()}
 
     def ask(self, server_round: int, task: str, hospitals: list[str], blob: bytes,
-            config: Mapping[str, object], deadline: float, need: int = 0
+            config: Mapping[str, object], deadline: float, need: int = 0,
+            on_answer: OnAnswer | None = None
             ) -> tuple[dict[str, WireAnswer], dict[str, str]]:
-        """Send ``task`` with ``blob`` and ``config`` to every hospital and collect."""
-        handles = self.send(task, {h: [blob, config] for h in hospitals}, deadline)
-        return self.collect(server_round, task, handles, deadline, need)
+        """Send ``task`` with ``blob`` and ``config`` to every hospital, at most
+        ``deps.max_in_flight`` at a time, and collect."""
+        return self.collect(server_round, task, {}, deadline, need, waiting=list(hospitals),
+                            args=[blob, config], on_answer=on_answer)
 
     def collect(self, server_round: int, task: str, handles: dict[str, Any], deadline: float,
-                need: int) -> tuple[dict[str, WireAnswer], dict[str, str]]:
+                need: int, waiting: list[str] | None = None, args: list[Any] | None = None,
+                on_answer: OnAnswer | None = None
+                ) -> tuple[dict[str, WireAnswer], dict[str, str]]:
         """Wait until every hospital answered, the deadline passed, or the quorum became
-        impossible. Unanswered tasks become 'late': their results are discarded and logged."""
+        impossible. ``waiting`` hospitals get the task (``args``) as the window frees up.
+        A hospital whose worker stopped beating (leukofed.liveness) fails at once instead of
+        at the deadline. Unanswered tasks become 'late': their results are discarded.
+
+        ``on_answer(hospital, answer)`` sees each answer as it arrives and returns what to
+        keep of it: the fit step folds the update into a running sum and keeps no tensors,
+        so the aggregator's memory does not grow with the number of hospitals."""
         d = self.deps
         pending = dict(handles)
+        queue = list(waiting or ())
+        window = d.max_in_flight if d.max_in_flight > 0 else len(queue) + len(pending)
         answers: dict[str, WireAnswer] = {}
         failures: dict[str, str] = {}
-        while pending and d.clock() < deadline and quorum_possible(len(answers), len(pending),
-                                                                   need):
+        next_liveness = d.clock() + d.liveness_check_s
+        self.progress = {"round": server_round, "task": task.rsplit(".", 1)[-1],
+                         "selected": len(pending) + len(queue), "answered": 0,
+                         "failed": 0, "deadline": deadline}
+        while (pending or queue) and d.clock() < deadline and quorum_possible(
+                len(answers), len(pending) + len(queue), need):
             self.check()
+            while queue and len(pending) < window:
+                hospital = queue.pop(0)
+                pending[hospital] = d.dispatcher.submit(hospital, task, args or [], deadline)
             self.drain_late()
             for hospital, handle in list(pending.items()):
                 try:
@@ -106,16 +131,46 @@ class Gather:
                     reason = result.get("reason") if isinstance(result, dict) else ""
                     failures[hospital] = f"{status}: {reason}"
                 else:
-                    answers[hospital] = result
-            if pending:
+                    answers[hospital] = on_answer(hospital, result) if on_answer else result
+            if pending and d.clock() >= next_liveness:
+                next_liveness = d.clock() + d.liveness_check_s
+                for hospital in self.lost(sorted(pending)):
+                    failures[hospital] = (f"worker lost: no heartbeat for over "
+                                          f"{HEARTBEAT_TTL_S:.0f} s")
+                    self.late.append((server_round, hospital, task, pending.pop(hospital)))
+            self.progress.update(answered=len(answers), failed=len(failures))
+            if pending or queue:
                 d.sleep(d.poll_interval_s)
         for hospital, handle in pending.items():
             failures[hospital] = "no answer by the deadline"
             self.late.append((server_round, hospital, task, handle))
+        for hospital in queue:  # never sent: the quorum was already out of reach
+            failures[hospital] = "not asked: the quorum was out of reach"
+        self.progress.update(answered=len(answers), failed=len(failures))
         for hospital, reason in failures.items():
             self.event(f"round {server_round} {task.rsplit('.', 1)[-1]}: {hospital} {reason}",
                        round=server_round, hospital=hospital)
         return answers, failures
+
+    def lost(self, hospitals: list[str]) -> list[str]:
+        """Those of ``hospitals`` whose worker has beaten before and stopped. A hospital
+        never seen beating (an older worker, or the dispatcher has no heartbeats) is left to
+        the deadline."""
+        read = getattr(self.deps.dispatcher, "heartbeats", None)
+        if read is None:
+            return []
+        try:
+            beats = read(hospitals)
+        except Exception as exc:  # the broker hiccuped: the deadline still holds
+            log.warning("reading heartbeats: %s", exc)
+            return []
+        lost = []
+        for hospital in hospitals:
+            if beats.get(hospital) is not None:
+                self.beating.add(hospital)
+            elif hospital in self.beating:
+                lost.append(hospital)
+        return lost
 
     def drain_late(self) -> None:
         still = []

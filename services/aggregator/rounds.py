@@ -15,6 +15,7 @@ I/O sits behind the interfaces of deps.py, so unit tests drive this loop with fa
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ from services.aggregator.privacy_step import (
 )
 from services.aggregator.round_logic import pool_round, round_summary, server_test_report
 from services.aggregator.secure_steps import SecureAborted, secure_fit
+from services.aggregator.update_fold import UpdateFold, held_updates_problem
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +274,8 @@ class FederatedRun:
                 continue
             g.declare(selected)
             config = fit_config(cfg, self.record["id"], server_round, strategy, deadline)
-            self.event(f"round {server_round} attempt {attempt}: fit on {selected}",
+            named = selected if len(selected) <= 12 else f"{len(selected)} hospitals"
+            self.event(f"round {server_round} attempt {attempt}: fit on {named}",
                        round=server_round)
             fit_start = clock()
             if cfg.secure_aggregation is not None:
@@ -286,32 +289,62 @@ class FederatedRun:
                 return FitRound(attempt, selected, s.answered, s.reports, s.accepted,
                                 dict(s.info["participants"]),  # type: ignore[call-overload]
                                 {}, s.failures, clock() - fit_start, s.privacy, s.info)
-            answers, failures = g.ask(server_round, TASK_FIT, selected, blob, config,
-                                      deadline, cfg.min_fit_clients)
+            answers, accepted, participants, reports, rejected, failures = \
+                self._collect_updates(cfg, strategy, server_round, selected, blob, config,
+                                      deadline, weights)
             wall = clock() - fit_start
-            usable, rejected = check_tensor_answers(
-                answers, lambda a, h: g.verify(a, h, server_round, "update", TASK_FIT, blob),
-                g.declared,
-                lambda update: validate_update(weights, update,
-                                               max_norm_ratio=cfg.max_norm_ratio))
             for hospital, reason in rejected.items():
                 self.event(f"round {server_round}: update from {hospital} rejected ({reason})",
                            round=server_round, hospital=hospital,
                            rejected=reason.split(":")[0])
-            accepted = [ClientResult(h, update, a.num_examples, a.metrics)
-                        for h, (a, update) in usable.items()]
-            if len(accepted) >= cfg.min_fit_clients:
-                reports = {h: a for h, (a, _) in usable.items() if isinstance(a, FitReport)}
+            if len(participants) >= cfg.min_fit_clients:
                 return FitRound(attempt, selected, sorted(answers), reports, accepted,
-                                {r.hospital: r.num_examples for r in accepted}, rejected,
-                                failures, wall)
-            last_reason = (f"{len(accepted)} usable updates, min_fit_clients is "
+                                participants, rejected, failures, wall)
+            last_reason = (f"{len(participants)} usable updates, min_fit_clients is "
                            f"{cfg.min_fit_clients} (failed: {failures or 'none'}; rejected: "
                            f"{rejected or 'none'})")
             self.event(f"round {server_round} attempt {attempt} failed: {last_reason}",
                        round=server_round)
         raise RunFailed(f"round {server_round}: quorum not reached after "
                         f"{cfg.max_round_retries + 1} attempts: {last_reason}")
+
+    def _collect_updates(self, cfg: RunConfig, strategy: Strategy, server_round: int,
+                         selected: list[str], blob: bytes, config: WireMap, deadline: float,
+                         weights: Weights
+                         ) -> tuple[dict[str, WireMap], list[ClientResult], dict[str, int],
+                                    dict[str, FitReport], dict[str, str], dict[str, str]]:
+        """Send fit and check the answers: folded into a running mean as they arrive where
+        the rule allows it (update_fold.py), else held, within the memory limit.
+        Returns (answers, results for the strategy, participants and their example counts,
+        reports, rejected, failures)."""
+        g = self.gather
+
+        def check(answers: Mapping[str, WireMap]) -> tuple[dict, dict[str, str]]:
+            return check_tensor_answers(
+                answers, lambda a, h: g.verify(a, h, server_round, "update", TASK_FIT, blob),
+                g.declared, lambda update: validate_update(weights, update,
+                                                           max_norm_ratio=cfg.max_norm_ratio))
+
+        central_dp = cfg.privacy is not None and cfg.privacy.mode == "central"
+        if strategy.streams and not central_dp:
+            fold = UpdateFold(check)
+            answers, failures = g.ask(server_round, TASK_FIT, selected, blob, config,
+                                      deadline, cfg.min_fit_clients, on_answer=fold.take)
+            return (answers, fold.accepted(), fold.participants, fold.reports, fold.rejected,
+                    failures)
+        problem = held_updates_problem(strategy.name + (" with central DP" if central_dp
+                                                        else ""), len(selected), len(blob),
+                                       self.deps.max_held_updates_mb)
+        if problem:
+            raise RunFailed(f"round {server_round}: {problem}")
+        answers, failures = g.ask(server_round, TASK_FIT, selected, blob, config, deadline,
+                                  cfg.min_fit_clients)
+        usable, rejected = check(answers)
+        accepted = [ClientResult(h, update, a.num_examples, a.metrics)
+                    for h, (a, update) in usable.items()]
+        reports = {h: a for h, (a, _) in usable.items() if isinstance(a, FitReport)}
+        return (answers, accepted, {r.hospital: r.num_examples for r in accepted}, reports,
+                rejected, failures)
 
     def _summary(self, cfg: RunConfig, server_round: int, fit: FitRound,
                  evaluations: dict, weights: Weights) -> RoundSummary:

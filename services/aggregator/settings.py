@@ -46,6 +46,12 @@ class AggregatorSettings(BaseSettings):
         None, description="default split manifest whose test split is evaluated server-side")
     poll_interval_s: float = 0.25
     ping_timeout_s: float = 1.0
+    # Many hospitals (docs/scale.md): tasks out at once per round step (0: all), which
+    # bounds the weights waiting in Redis; and the memory a round that holds every update
+    # (median, Krum, central DP) may use before it is refused.
+    max_in_flight: int = Field(64, ge=0, description="tasks out at once per step (0: all)")
+    max_held_updates_mb: float = Field(
+        2048.0, gt=0, description="memory for rules that hold every update of a round")
     resume_on_start: bool = True
     host: str = "127.0.0.1"
     port: int = 8001

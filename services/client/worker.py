@@ -14,8 +14,10 @@ from functools import cache
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from leukofed import startup
+from leukofed.liveness import Heartbeat
 from leukofed.logging import install_celery_logging
 from leukofed.protocol import RoundConfig, WireMap
 from leukofed.transport import (
@@ -53,43 +55,62 @@ def create_app(settings: ClientSettings | None = None,
     def client() -> HospitalClient:
         return client_factory(settings)
 
+    register_tasks(app, lambda request: client(), [settings.hospital_id])
+    app.leukofed_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
+                   hospitals: list[str]) -> None:
+    """The hospital tasks on ``app``. ``client_for(request)`` is the HospitalClient a task
+    request is for: the worker's one hospital, or (services/client/virtual.py) the virtual
+    hospital whose queue the task came from. Also starts the heartbeat of ``hospitals``
+    (leukofed.liveness) once the worker is consuming."""
+
     # bind=True: the answer's signature names the Celery task id it answers.
     @app.task(name=TASK_FIT, bind=True)
     def fit(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
-        return client().fit(blob, config, auth, task_id=self.request.id)
+        return client_for(self.request).fit(blob, config, auth, task_id=self.request.id)
 
     @app.task(name=TASK_EVALUATE, bind=True)
     def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None
                  ) -> WireMap:
-        return client().evaluate(blob, config, auth, task_id=self.request.id)
+        return client_for(self.request).evaluate(blob, config, auth, task_id=self.request.id)
 
     @app.task(name=TASK_CALIBRATE, bind=True)
     def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None
                   ) -> WireMap:
-        return client().calibrate(blob, config, auth, task_id=self.request.id)
+        return client_for(self.request).calibrate(blob, config, auth, task_id=self.request.id)
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds
-        def run(blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
-            return client().secure_stage(task, blob, config, auth)
-        return app.task(name=task)(run)
+        def run(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
+            return client_for(self.request).secure_stage(task, blob, config, auth)
+        return app.task(name=task, bind=True)(run)
 
     for task in (TASK_SECAGG_KEYS, TASK_SECAGG_SHARES, TASK_SECAGG_REVEAL):
         secure_stage(task)
 
-    @app.task(name=TASK_DESCRIBE)
-    def describe(auth: Any = None) -> WireMap:
-        declined = client().check_task(TASK_DESCRIBE, [], auth, RoundConfig())
+    @app.task(name=TASK_DESCRIBE, bind=True)
+    def describe(self: Any, auth: Any = None) -> WireMap:
+        client = client_for(self.request)
+        declined = client.check_task(TASK_DESCRIBE, [], auth, RoundConfig())
         if declined:  # checked first: an unsigned caller learns not even the pause state
             return declined
-        if client().pause_switch.paused:
-            return {"status": "declined", "hospital": settings.hospital_id, "reason": "paused",
+        if client.pause_switch.paused:
+            return {"status": "declined", "hospital": client.hospital, "reason": "paused",
                     "message": "declined: paused"}
-        return client().describe(verified=True)
+        return client.describe(verified=True)
 
-    app.leukofed_settings = settings  # type: ignore[attr-defined]
-    return app
+    def start_heartbeat(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:  # another app's worker in this process
+            return
+        beating = Heartbeat(lambda: app.backend.client, hospitals)
+        beating.start()
+        app.leukofed_heartbeat = beating  # type: ignore[attr-defined]
+
+    worker_ready.connect(start_heartbeat, weak=False)
 
 
 def worker_argv(settings: ClientSettings, loglevel: str = "INFO") -> list[str]:
