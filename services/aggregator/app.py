@@ -77,6 +77,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr
         metrics.collector.live_hospitals = mgr.dispatcher.live_hospitals
+        metrics.collector.progress = mgr.progress
+        metrics.collector.last_seen = lambda: dict(getattr(mgr.dispatcher, "last_seen", {}))
         add_filter(RunContextFilter(mgr))  # run_id and round on the round loop's lines
         app.state.mlflow_url = lambda rec: _mlflow_url(settings, rec)
         mgr.start(resume=settings.resume_on_start)

@@ -63,6 +63,21 @@ class RunManager:
                 self.store.save(record)
             return record
 
+    def progress(self, run_id: str | None = None) -> dict[str, Any] | None:
+        """The step in progress of the running run (``run_id``: only if it is that one):
+        round, task, selected, answered, failed, deadline and seconds left; else None."""
+        with self._lock:
+            run = self._current
+        if run is None or (run_id is not None and run.record["id"] != run_id):
+            return None
+        progress = dict(run.gather.progress)
+        if not progress:
+            return None
+        deadline = progress.get("deadline")
+        if isinstance(deadline, int | float):
+            progress["seconds_left"] = round(max(0.0, deadline - self.deps.clock()), 1)
+        return {"run_id": run.record["id"], **progress}
+
     def _loop(self) -> None:
         while True:
             run_id = self._queue.get()

@@ -43,6 +43,10 @@ class RunRecordCollector:
                  live_hospitals: Callable[[], set[str] | None] | None = None) -> None:
         self.runs_dir = Path(state_dir) / "runs"
         self.live_hospitals = live_hospitals
+        # Set by the app: the running step's progress (RunManager.progress) and each
+        # hospital's last sign of life (answer or heartbeat, CeleryDispatcher.last_seen).
+        self.progress: Callable[[], dict[str, Any] | None] | None = None
+        self.last_seen: Callable[[], dict[str, float]] | None = None
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
 
     def _records(self) -> list[dict[str, Any]]:
@@ -61,6 +65,20 @@ class RunRecordCollector:
             except (OSError, ValueError):  # being replaced right now: next scrape reads it
                 continue
         return out
+
+    def _live_metrics(self) -> Iterable[Metric]:
+        if self.progress is not None:
+            yield from _progress_metrics(self.progress())
+        if self.last_seen is not None:
+            import time
+
+            now = time.time()
+            gauge = GaugeMetricFamily("leukofed_hospital_last_seen_seconds",
+                                      "Seconds since each hospital's last heartbeat or answer",
+                                      labels=["hospital"])
+            for hospital, seen in sorted(self.last_seen().items()):
+                gauge.add_metric([hospital], round(max(0.0, now - seen), 1))
+            yield gauge
 
     def collect(self) -> Iterable[Metric]:
         records = self._records()
@@ -111,6 +129,7 @@ class RunRecordCollector:
                     _histogram("leukofed_round_duration_seconds",
                                "Wall time of completed rounds, selection to checkpoint",
                                durations))
+        yield from self._live_metrics()
         if self.live_hospitals is not None:
             live = self.live_hospitals()
             alive = GaugeMetricFamily("leukofed_hospitals_alive",
@@ -118,6 +137,17 @@ class RunRecordCollector:
                                       "(0 when the broker is unreachable)")
             alive.add_metric([], len(live) if live is not None else 0)
             yield alive
+
+
+def _progress_metrics(progress: dict[str, Any] | None) -> Iterable[Metric]:
+    p = progress or {}
+    for key, doc in (("selected", "Hospitals asked in the step in progress (0: none)"),
+                     ("answered", "Hospitals that answered in the step in progress"),
+                     ("failed", "Hospitals that failed or were lost in the step in progress"),
+                     ("seconds_left", "Seconds to the deadline of the step in progress")):
+        gauge = GaugeMetricFamily(f"leukofed_round_{key}", doc)
+        gauge.add_metric([], float(p.get(key) or 0))
+        yield gauge
 
 
 def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:

@@ -65,6 +65,38 @@ def worker(
     app.worker_main(worker_argv(settings, loglevel))
 
 
+@client_app.command()
+def virtual(
+    hospitals_dir: Annotated[Path | None, typer.Option(
+        help="one sub-folder per hospital; $LEUKOFED_VIRTUAL_HOSPITALS_DIR")] = None,
+    ids: Annotated[str | None, typer.Option(
+        help="comma-separated hospital ids (default: every sub-folder); "
+             "$LEUKOFED_VIRTUAL_HOSPITALS")] = None,
+    broker_url: Annotated[str | None, typer.Option(help="$LEUKOFED_VIRTUAL_BROKER_URL")] = None,
+    keys_dir: Annotated[Path | None, typer.Option(
+        help="<id>.key per hospital and aggregator.pub; $LEUKOFED_VIRTUAL_KEYS_DIR")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Simulation: ONE worker process serving many virtual hospitals (their queues, data,
+    keys), one training at a time, through the same task code as a real hospital."""
+    for key, value in {"hospitals_dir": hospitals_dir, "hospitals": ids,
+                       "broker_url": broker_url, "keys_dir": keys_dir}.items():
+        if value is not None:
+            os.environ[f"LEUKOFED_VIRTUAL_{key.upper()}"] = str(value)
+    from leukofed.startup import StartupRefused
+    from services.client.virtual import VirtualSettings, create_virtual_app, virtual_worker_argv
+
+    try:
+        settings = VirtualSettings()  # type: ignore[call-arg]
+        app = create_virtual_app(settings)
+    except StartupRefused as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    app.worker_main(virtual_worker_argv(settings, loglevel))
+
+
 @client_app.command("log")
 def show_log(hospital_id: HospitalOpt = None, state_dir: StateOpt = None,
              as_json: Annotated[bool, typer.Option("--json")] = False,

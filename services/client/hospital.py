@@ -71,8 +71,14 @@ class HospitalClient:
     """Holds the local dataset split and ONE Trainer across rounds (rebuilding a model and
     recompiling its train step every round would cost more than a small round's training)."""
 
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(self, settings: ClientSettings, trainers: TrainerCache | None = None
+                 ) -> None:
         self.settings = settings
+        # Virtual hospitals of one process share one cache (services/client/virtual.py):
+        # local_fit resets the optimizer and loads the global weights every round, so a
+        # Trainer carries nothing from one hospital to the next except FedBN statistics,
+        # which each hospital keeps itself (_local_bn).
+        self.trainers = trainers or TrainerCache()
         self.hospital = settings.hospital_id
         self.participation = ParticipationLog(settings.state_path)
         self.pause_switch = PauseSwitch(settings.state_path)
@@ -80,10 +86,8 @@ class HospitalClient:
         self._split: Split | None = None
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._profiles: dict[tuple[str, int], WireMap] = {}
-        self._trainer: Any = None
-        self._trainer_key: tuple[Any, ...] | None = None
-        self._bn_names: set[str] = set()
         self._local_bn_run: str | None = None  # FedBN: run whose local statistics we hold
+        self._local_bn: dict[str, np.ndarray] = {}  # ...and those statistics
         self._signing_key = (signing.load_private_key(settings.signing_key_file)
                              if settings.signing_key_file else None)
         self._aggregator_key = (signing.load_public_key(settings.aggregator_public_key_file)
@@ -124,22 +128,7 @@ class HospitalClient:
     # ------------------------------------------------------------ model
 
     def trainer(self, cfg: RoundConfig) -> Any:
-        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm,
-               cfg.cell_focus, cfg.rotation_ensemble, cfg.jit_compile)
-        if self._trainer_key != key:
-            from leukofed.models import build_model
-            from leukofed.train import Trainer
-            from leukofed.wire import batchnorm_stat_names
-
-            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
-                                norm=cfg.norm, cell_focus=cfg.cell_focus,
-                                rotation_ensemble=cfg.rotation_ensemble)
-            self._trainer = Trainer(model, learning_rate=cfg.learning_rate,
-                                    jit_compile=cfg.jit_compile)
-            self._trainer_key = key
-            self._bn_names = batchnorm_stat_names(model)
-            self._local_bn_run = None
-        return self._trainer
+        return self.trainers.get(cfg)
 
     def _load_global(self, blob: bytes, cfg: RoundConfig) -> Any:
         from leukofed.wire import set_model_weights
@@ -147,8 +136,9 @@ class HospitalClient:
         weights = decode_weights(blob)
         trainer = self.trainer(cfg)
         # FedBN keeps this hospital's BatchNorm statistics once it has its own for this run.
-        keep_local = cfg.bn_mode == "local" and self._local_bn_run == cfg.run_id
-        set_model_weights(trainer.model, weights, skip=self._bn_names if keep_local else ())
+        if cfg.bn_mode == "local" and self._local_bn_run == cfg.run_id and self._local_bn:
+            weights = {**weights, **{n: v for n, v in self._local_bn.items() if n in weights}}
+        set_model_weights(trainer.model, weights)
         return trainer
 
     # ------------------------------------------------------------ gatekeeping
@@ -227,10 +217,12 @@ class HospitalClient:
                           proximal_mu=cfg.proximal_mu,
                           class_balanced=cfg.class_balanced, seed=seed,
                           augmentation=cfg.augmentation)
+        trained = time.perf_counter()
+        own = weights_from_model(trainer.model)
         if cfg.bn_mode == "local":
             self._local_bn_run = cfg.run_id
-        trained = time.perf_counter()
-        weights = self._trained_weights(weights_from_model(trainer.model), cfg)
+            self._local_bn = {n: own[n].copy() for n in self.trainers.bn_names if n in own}
+        weights = self._trained_weights(own, cfg)
         if cfg.dp_mode == "local":
             from leukofed.privacy import privatize_local
 
@@ -346,18 +338,18 @@ class HospitalClient:
 
         x, _ = self.arrays("train", cfg.image_size)
         used = min(len(x), cfg.calibration_images)
-        if used == 0 or not self._bn_names:
+        if used == 0 or not self.trainers.bn_names:
             return self._error("calibrate", cfg, "no training images or no BatchNorm layer")
         recalibrate_batchnorm(trainer.model, x, max_images=used)
         weights = weights_from_model(trainer.model)
         if cfg.secure is not None:
-            stats = {n: weights[n] for n in sorted(self._bn_names)}
+            stats = {n: weights[n] for n in sorted(self.trainers.bn_names)}
             # First and second moments, weighted by the images used: they sum exactly.
             answer = self._masked_answer("calibrate", cfg, stats, secagg.bn_moments(stats),
                                          float(used), {"count": 1.0}, used)
             answer["seconds"] = time.perf_counter() - start
             return answer
-        out = encode_weights({n: weights[n] for n in sorted(self._bn_names)})
+        out = encode_weights({n: weights[n] for n in sorted(self.trainers.bn_names)})
         digest = hashlib.sha256(out).hexdigest()
         self.participation.append(run=cfg.run_id, round=cfg.round, task="calibrate",
                                   status="ok", bytes=len(out), sha256=digest,
@@ -458,3 +450,31 @@ def _decode(config: Any) -> tuple[RoundConfig, str | None]:
 def _counts(y: np.ndarray) -> dict[str, int]:
     counts = np.bincount(y, minlength=len(CLASSES)) if len(y) else np.zeros(len(CLASSES), int)
     return {name: int(counts[i]) for i, name in enumerate(CLASSES)}
+
+
+class TrainerCache:
+    """One Trainer per model configuration (rebuilding a model and recompiling its train step
+    every round would cost more than a small round's training). Shared by the virtual
+    hospitals of one worker process, so 200 of them hold one model, not 200."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.trainer: Any = None
+        self.bn_names: set[str] = set()
+
+    def get(self, cfg: RoundConfig) -> Any:
+        key = (cfg.model, cfg.image_size, cfg.alpha, cfg.norm,
+               cfg.cell_focus, cfg.rotation_ensemble, cfg.jit_compile)
+        if self.key != key:
+            from leukofed.models import build_model
+            from leukofed.train import Trainer
+            from leukofed.wire import batchnorm_stat_names
+
+            model = build_model(cfg.model, cfg.image_size, alpha=cfg.alpha,
+                                norm=cfg.norm, cell_focus=cfg.cell_focus,
+                                rotation_ensemble=cfg.rotation_ensemble)
+            self.trainer = Trainer(model, learning_rate=cfg.learning_rate,
+                                   jit_compile=cfg.jit_compile)
+            self.key = key
+            self.bn_names = batchnorm_stat_names(model)
+        return self.trainer

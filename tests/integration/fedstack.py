@@ -113,6 +113,40 @@ class Worker(ProcessGroup):
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
 
+@dataclass
+class VirtualWorker(ProcessGroup):
+    """One process serving many virtual hospitals (services/client/virtual.py), started as
+    `leukofed client virtual` starts it."""
+
+    name: str
+    hospitals: list[str]
+    hospitals_dir: Path
+    broker_url: str
+    state_dir: Path
+    cache_dir: Path
+    extra: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self) -> VirtualWorker:
+        self.log_path = self.state_dir / f"virtual-{self.name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = _env({"LEUKOFED_VIRTUAL_HOSPITALS_DIR": str(self.hospitals_dir),
+                    "LEUKOFED_VIRTUAL_HOSPITALS": ",".join(self.hospitals),
+                    "LEUKOFED_VIRTUAL_BROKER_URL": self.broker_url,
+                    "LEUKOFED_VIRTUAL_STATE_DIR": str(self.state_dir),
+                    "LEUKOFED_VIRTUAL_CACHE_DIR": str(self.cache_dir),
+                    "LEUKOFED_VIRTUAL_BLOCK_SIZE": "2", **self.extra})
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "leukofed"), "client", "virtual"], cwd=ROOT, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        wait_log(self.log_path, "ready.", timeout, self.proc)
+
+
 def signing_env(keys: Path, hospital: str) -> dict[str, str]:
     """A hospital worker's signing settings for keys made by ``leukofed keys generate``."""
     return {"LEUKOFED_CLIENT_SIGNING_KEY_FILE": str(keys / f"{hospital}.key"),

@@ -43,6 +43,8 @@ def get_run(run_id: str, request: Request) -> dict[str, Any]:
     return {**_brief(record), "config": record["config"], "versions": record["versions"],
             "history": record["rounds"], "aborted_rounds": record.get("aborted_rounds", []),
             "events": record["events"][-100:],
+            # While a round runs: its step, selected / answered / failed, deadline.
+            "progress": request.app.state.manager.progress(run_id),
             "mlflow_url": request.app.state.mlflow_url(record)}
 
 
