@@ -51,7 +51,7 @@ def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_s
         with aggregator(tmp_path, redis_server.url) as client:
             response = client.post("/v1/runs", json={
                 **TINY, "rounds": 2, "hospitals": ["a", "b"], "min_fit_clients": 1,
-                "round_deadline_s": 30, "max_round_retries": 0})
+                "round_deadline_s": 150, "max_round_retries": 0})
             run_id = response.json()["id"]
             wait_log(b.log_path, "Task leukofed.client.fit[", 60, b.proc)
             time.sleep(1.0)
@@ -60,7 +60,9 @@ def test_worker_killed_mid_round_then_quorum_unreachable(tmp_path: Path, redis_s
             assert run["status"] == "completed", run["reason"]
             first, second = run["history"]
             assert first["participants"].keys() == {"a"}
-            assert first["failed"]["b"] == "no answer by the deadline"
+            # Noticed by its heartbeat stopping, well before the deadline.
+            assert first["failed"]["b"].startswith("worker lost: no heartbeat"), first
+            assert first["timings"]["round_s"] < 100, first["timings"]
             assert second["selected"] == ["a"]  # b is not live any more
 
             # Quorum of 2 with one hospital dead: fails with a reason, does not hang.
