@@ -111,6 +111,54 @@ def test_each_hospital_clips_to_the_update_range_before_masking(tmp_path) -> Non
     assert rec["rounds"][0]["secure_aggregation"]["clipped_coordinates"] == {"a": 4, "b": 0}
 
 
+class LateFit(FakeDispatcher):
+    """Every answer at once, except the fit answers of ``late`` hospitals: ready that many
+    seconds after the task was sent (the hospital trained and masked, but slowly)."""
+
+    def __init__(self, clock: Clock, behaviours: dict[str, Any], late: dict[str, float]) -> None:
+        super().__init__(clock, behaviours, live=set(behaviours))
+        self.late = late
+
+    def poll(self, handle: Any) -> tuple[bool, dict[str, Any] | None, str | None]:
+        h = handle["hospital"]
+        if handle["task"].endswith(".fit") and self.clock() < handle["at"] + self.late.get(h, 0):
+            return False, None, None
+        return super().poll(handle)
+
+
+def test_a_vector_after_the_fit_deadline_is_not_in_the_mean(tmp_path) -> None:
+    """Issue 10: a hospital that trains and masks its update but answers after the round
+    deadline is dropped after sharing. The sum, its total weight and so the mean are over
+    the vectors that arrived (the summary's answered["masked"]), not over every hospital
+    that trained: the plain mean of all five is off by about one update / 5."""
+    deltas = {"a": (0.1, 10), "b": (0.3, 30), "c": (-0.2, 20), "d": (0.05, 40), "e": (0.4, 20)}
+    clock, tracker = Clock(), FakeTracker()
+    d = LateFit(clock, {h: secure_hospital(*dn) for h, dn in deltas.items()},
+                late={"e": 30.0})  # the round deadline is 10 s
+    run = make_run(tmp_path, d, clock, tracker, hospitals=sorted(deltas), min_fit_clients=2,
+                   secure_aggregation="on", rounds=1)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    sa = rec["rounds"][0]["secure_aggregation"]
+    assert sa["answered"]["masked"] == ["a", "b", "c", "d"]
+    assert sa["dropped_after_shares"] == ["e"]
+    assert any(e["message"] == "round 1 fit: e no answer by the deadline" for e in rec["events"])
+
+    def mean(hospitals: str) -> float:
+        return sum(deltas[h][0] * deltas[h][1] for h in hospitals) / sum(
+            deltas[h][1] for h in hospitals)
+
+    weights, _ = run.store.read_checkpoint(rec)
+    summed = sum(deltas[h][1] for h in "abcd")
+    # Quantisation: each summed vector is off by less than one step W * r / (2**23 - 1) (W:
+    # the caps of every hospital that shared, e's too; r = update_range = 1), the mean by
+    # at most 4 steps / the summed weight.
+    bound = 4 * sa["total_weight_bound"] / ((2**23 - 1) * summed)
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), mean("abcd")),
+                               rtol=0, atol=bound)
+    assert abs(mean("abcde") - mean("abcd")) > 0.03  # what the integration test compared
+
+
 def test_too_few_survivors_abort_the_round_and_the_run_goes_on(tmp_path) -> None:
     dying = {"a": secure_hospital(1.0, 10), "b": secure_hospital(3.0, 30, die_at="fit"),
              "c": secure_hospital(2.0, 20, die_at="fit")}
