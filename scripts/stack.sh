@@ -12,6 +12,8 @@
 #                       are started for its sub-folders (or for HOSPITAL_IDS=a,b,c). Default:
 #                       the last value given, else RUN_DIR/demo/hospitals when the demo ran
 #   SERVER_TEST_MANIFEST=FILE  split manifest whose test split the aggregator evaluates
+#   VIRTUAL_WORKERS=N   simulation: N processes of virtual hospitals (services/client/
+#                       virtual.py) serve the hospitals instead of one worker each
 # Each process runs in its own session; its pid file is RUN_DIR/pids/NAME.pid and its log
 # RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started.
 set -euo pipefail
@@ -81,6 +83,25 @@ hospital_ids() {
     fi
 }
 
+start_virtual() {  # VIRTUAL_WORKERS processes share the hospitals round-robin
+    local n=$VIRTUAL_WORKERS i h
+    local -a share=()
+    for ((i = 0; i < n; i++)); do share[i]=""; done
+    i=0
+    for h in $(hospital_ids); do
+        share[i % n]+="${share[i % n]:+,}$h"
+        i=$((i + 1))
+    done
+    for ((i = 0; i < n; i++)); do
+        [[ -n ${share[i]} ]] || continue
+        start "virtual-$i" env LEUKOFED_VIRTUAL_HOSPITALS_DIR="${HOSPITAL_DATA:-data}" \
+            LEUKOFED_VIRTUAL_HOSPITALS="${share[i]}" \
+            LEUKOFED_VIRTUAL_BROKER_URL="$BROKER_URL" \
+            LEUKOFED_VIRTUAL_STATE_DIR="$RUN_DIR_ABS/virtual" \
+            "$VENV/leukofed" client virtual
+    done
+}
+
 up() {
     echo "starting the stack (state in $RUN_DIR)"
     mkdir -p "$RUN_DIR/redis" "$RUN_DIR/mlflow/artifacts"
@@ -99,14 +120,18 @@ up() {
     start aggregator env "${agg_env[@]}" "$VENV/uvicorn" services.aggregator.app:create_app \
         --factory --host 127.0.0.1 --port "$AGGREGATOR_PORT"
     local h
-    for h in $(hospital_ids); do
-        start "client-$h" env LEUKOFED_CLIENT_HOSPITAL_ID="$h" \
-            LEUKOFED_CLIENT_DATA_DIR="${HOSPITAL_DATA:-data}/$h" \
-            LEUKOFED_CLIENT_BROKER_URL="$BROKER_URL" \
-            LEUKOFED_CLIENT_STATE_DIR="$RUN_DIR_ABS/client-$h" \
-            "$VENV/celery" -A services.client.worker worker --pool solo --concurrency 1 \
-            -Q "hospital.$h" -n "$h@%h" --loglevel INFO --without-gossip --without-mingle
-    done
+    if ((${VIRTUAL_WORKERS:-0} > 0)); then
+        start_virtual
+    else
+        for h in $(hospital_ids); do
+            start "client-$h" env LEUKOFED_CLIENT_HOSPITAL_ID="$h" \
+                LEUKOFED_CLIENT_DATA_DIR="${HOSPITAL_DATA:-data}/$h" \
+                LEUKOFED_CLIENT_BROKER_URL="$BROKER_URL" \
+                LEUKOFED_CLIENT_STATE_DIR="$RUN_DIR_ABS/client-$h" \
+                "$VENV/celery" -A services.client.worker worker --pool solo --concurrency 1 \
+                -Q "hospital.$h" -n "$h@%h" --loglevel INFO --without-gossip --without-mingle
+        done
+    fi
     mkdir -p "$RUN_DIR_ABS/inference/onnx"
     start inference env LEUKOFED_INFERENCE_TRACKING_URI="$MLFLOW_URL" \
         LEUKOFED_INFERENCE_ONNX_CACHE_DIR="$RUN_DIR_ABS/inference/onnx" \
@@ -138,7 +163,8 @@ stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
 down() {
     local f name
     # Workers and the aggregator first, so nothing reconnects to a broker going away.
-    for f in "$PIDS"/inference.pid "$PIDS"/client-*.pid "$PIDS"/aggregator.pid \
+    for f in "$PIDS"/inference.pid "$PIDS"/client-*.pid "$PIDS"/virtual-*.pid \
+             "$PIDS"/aggregator.pid \
              "$PIDS"/mlflow.pid "$PIDS"/redis.pid; do
         [[ -f $f ]] || continue
         name=$(basename "$f" .pid)

@@ -96,13 +96,16 @@ def combine_evaluations(results: Mapping[str, EvaluateAnswer]
     return metrics, matrices
 
 
-def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None
-                     ) -> dict[str, float]:
-    """One hospital's scalars for a round: training numbers and its own val/test scores."""
+def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None,
+                     num_examples: int | None = None) -> dict[str, float]:
+    """One hospital's scalars for a round: training numbers and its own val/test scores.
+    ``num_examples``: what its update counted for (a report kept without its tensors, as
+    the streaming fit step keeps it, no longer carries the count)."""
     out: dict[str, float] = {}
     if fit is not None:
         out.update({f"train_{k}": float(v) for k, v in fit.metrics.items()})
-        out["num_examples"] = float(getattr(fit, "num_examples", 0))
+        out["num_examples"] = float(num_examples if num_examples is not None
+                                    else getattr(fit, "num_examples", 0))
         out["bytes_sent"] = float(fit.bytes)
         out.update({k: float(v) for k, v in fit.timings.items()})
     if evaluation is not None:
@@ -287,7 +290,7 @@ def round_summary(server_round: int, attempt: int, selected: list[str], answered
         "rejected": rejected, "failed": failures,
         "global": pooled.global_metrics, "confusion": pooled.confusion,
         "hospitals": {h: hospital_metrics(reports.get(h) if h in participants else None,
-                                          evaluations.get(h))
+                                          evaluations.get(h), participants.get(h))
                       for h in sorted(set(answered) | set(evaluations))},
         "bytes": {h: reports[h].bytes if h in reports else 0 for h in used},
         "sha256": {h: reports[h].sha256 if h in reports else "" for h in used},
