@@ -10,6 +10,7 @@ decoding per epoch), one tf.function train step and augmentation vectorised per 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -207,9 +208,19 @@ def make_dataset(
     ds = ds.batch(batch_size, drop_remainder=training and len(x) >= batch_size)
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
-        ds = ds.map(lambda a, b: (augment(a, augmentation), b),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        augment_batch = _augment_function(augmentation)
+        ds = ds.map(lambda a, b: (augment_batch(a), b), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@functools.cache
+def _augment_function(recipe: str) -> Any:
+    """The recipe as one tf.function, traced once per process. Inlined into each new
+    dataset's map it was traced again for every local fit: 0.4-0.5 s of a hospital's
+    round (measured, benchmarks/bench_scale.py), more than the training itself on a small
+    partition, and paid by every hospital every round."""
+    return tf.function(lambda x: augment(x, recipe),
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
 
 
 def class_weights(y: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:

@@ -50,7 +50,7 @@ class Gather:
         (a worker that reconnects after a broker restart shows up within seconds)."""
         d = self.deps
         while True:
-            live = d.dispatcher.live_hospitals()
+            live = self.live(cfg.hospitals)
             if poisson_sampling(cfg):
                 pool = sorted(cfg.hospitals or live or ())
                 if pool or d.clock() >= deadline:
@@ -66,6 +66,23 @@ class Gather:
                 return selected
             self.check()
             d.sleep(min(1.0, max(0.0, deadline - d.clock())))
+
+    def live(self, candidates: list[str] | None) -> set[str] | None:
+        """Hospitals whose worker is live: every named one with a fresh heartbeat answers
+        at once (one read of Redis keys); otherwise a remote-control broadcast, which waits
+        the full ping timeout and misses workers busy training, joined with the beating
+        ones. None: the broker is unreachable."""
+        beating: set[str] = set()
+        read = getattr(self.deps.dispatcher, "heartbeats", None)
+        if candidates and read is not None:
+            try:
+                beating = {h for h, t in read(sorted(candidates)).items() if t is not None}
+            except Exception as exc:  # the broker hiccuped: ask the workers instead
+                log.warning("reading heartbeats: %s", exc)
+            if beating == set(candidates):
+                return beating
+        live = self.deps.dispatcher.live_hospitals()
+        return beating | live if live is not None else (beating or None)
 
     # ------------------------------------------------------------ send and collect
 
