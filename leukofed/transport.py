@@ -35,6 +35,11 @@ TASK_SECAGG_KEYS = "leukofed.client.secagg_keys"
 TASK_SECAGG_SHARES = "leukofed.client.secagg_shares"
 TASK_SECAGG_REVEAL = "leukofed.client.secagg_reveal"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+# A task's global weights above this size travel by reference (shared mode only): stored
+# once per round under GLOBAL_BLOB_PREFIX + sha256, the task carrying only the digest, so
+# Redis holds one copy of the model instead of one per queued task (docs/scale.md).
+SHARED_BLOB_MIN_BYTES = 64 * 1024
+GLOBAL_BLOB_PREFIX = "leukofed.global."
 DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600  # longer than any local training we run
 ACCEPTED_CONTENT = ["msgpack", "json"]
 _HOSPITAL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -9,6 +9,7 @@ hospital X then only exist under X's prefix and must go through X's app.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -22,7 +23,13 @@ from celery.result import AsyncResult
 from leukofed import signing
 from leukofed.liveness import read_heartbeats
 from leukofed.protocol import WireAnswer, WireMap
-from leukofed.transport import TASK_DESCRIBE, hospital_of_queue, queue_name
+from leukofed.transport import (
+    GLOBAL_BLOB_PREFIX,
+    SHARED_BLOB_MIN_BYTES,
+    TASK_DESCRIBE,
+    hospital_of_queue,
+    queue_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +133,15 @@ class CeleryDispatcher:
         # expires: a message still queued after the round deadline (a worker that was down)
         # is dropped by Celery instead of training on a stale model.
         app = self.app_for(hospital)
+        # The signature is over the real arguments whatever way the weights travel.
+        kwargs, sent = self._auth(task, hospital, args), args
+        blob = args[0] if args else None
+        if (not self.isolated and isinstance(blob, bytes)
+                and len(blob) >= SHARED_BLOB_MIN_BYTES):
+            kwargs["global_ref"] = _share_blob(app, blob, expires)
+            sent = [b"", *args[1:]]
         handle = app.send_task(
-            task, args=args, kwargs=self._auth(task, hospital, args),
+            task, args=sent, kwargs=kwargs,
             queue=queue_name(hospital), expires=max(1.0, expires - time.time()) + 30.0)
         _unsubscribe(app, handle.id)
         return handle
@@ -170,6 +184,21 @@ class CeleryDispatcher:
                         self.describes[h] = {**result, "time": time.time()}
             time.sleep(0.1)
         return self.describes
+
+
+def _share_blob(app: Celery, blob: bytes, expires: float) -> str:
+    """Store ``blob`` once under its digest until after ``expires`` (workers fetch it,
+    services/client/worker.py); checked on every send, so a broker that restarted without
+    it gets it again. Isolated mode never shares: a hospital reads only its own keys."""
+    digest = hashlib.sha256(blob).hexdigest()
+    key = GLOBAL_BLOB_PREFIX + digest
+    ttl_ms = int((max(1.0, expires - time.time()) + 120.0) * 1000)
+    client = app.backend.client
+    if client.exists(key):
+        client.pexpire(key, ttl_ms)
+    else:
+        client.set(key, blob, px=ttl_ms)
+    return digest
 
 
 def _unsubscribe(app: Celery, task_id: str) -> None:

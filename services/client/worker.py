@@ -8,7 +8,9 @@ training at a time there is nothing to gain from forking, and TensorFlow dislike
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -21,6 +23,7 @@ from leukofed.liveness import Heartbeat
 from leukofed.logging import install_celery_logging
 from leukofed.protocol import RoundConfig, WireMap
 from leukofed.transport import (
+    GLOBAL_BLOB_PREFIX,
     TASK_CALIBRATE,
     TASK_DESCRIBE,
     TASK_EVALUATE,
@@ -67,21 +70,29 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
     hospital whose queue the task came from. Also starts the heartbeat of ``hospitals``
     (leukofed.liveness) once the worker is consuming."""
 
+    shared = SharedBlobs(lambda: app.backend.client)
+
     # bind=True: the answer's signature names the Celery task id it answers.
+    # global_ref: the global weights were stored once for every hospital (shared mode);
+    # the signature (auth) is over the real weights, so it is checked as for inline ones.
     @app.task(name=TASK_FIT, bind=True)
-    def fit(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
+    def fit(self: Any, blob: bytes, config: WireMap, auth: Any = None,
+            global_ref: str | None = None) -> WireMap:
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
-        return client_for(self.request).fit(blob, config, auth, task_id=self.request.id)
+        return client_for(self.request).fit(shared.resolve(blob, global_ref), config, auth,
+                                            task_id=self.request.id)
 
     @app.task(name=TASK_EVALUATE, bind=True)
-    def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None
-                 ) -> WireMap:
-        return client_for(self.request).evaluate(blob, config, auth, task_id=self.request.id)
+    def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
+                 global_ref: str | None = None) -> WireMap:
+        return client_for(self.request).evaluate(shared.resolve(blob, global_ref), config,
+                                                 auth, task_id=self.request.id)
 
     @app.task(name=TASK_CALIBRATE, bind=True)
-    def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None
-                  ) -> WireMap:
-        return client_for(self.request).calibrate(blob, config, auth, task_id=self.request.id)
+    def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
+                  global_ref: str | None = None) -> WireMap:
+        return client_for(self.request).calibrate(shared.resolve(blob, global_ref), config,
+                                                  auth, task_id=self.request.id)
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds
@@ -111,6 +122,33 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
         app.leukofed_heartbeat = beating  # type: ignore[attr-defined]
 
     worker_ready.connect(start_heartbeat, weak=False)
+
+
+class SharedBlobs:
+    """Global weights sent by reference: fetched from Redis once per digest and kept (the
+    last two), so the virtual hospitals of one process fetch a round's model once."""
+
+    def __init__(self, client: Callable[[], Any]) -> None:
+        self.client = client
+        self.cache: OrderedDict[str, bytes] = OrderedDict()
+
+    def resolve(self, blob: bytes, ref: str | None) -> bytes:
+        if not ref:
+            return blob
+        if ref not in self.cache:
+            fetched = self.client().get(GLOBAL_BLOB_PREFIX + str(ref))
+            if fetched is None:
+                raise LookupError(f"the global weights {str(ref)[:12]} are gone from the "
+                                  "broker (expired past the round deadline, or the broker "
+                                  "restarted without them)")
+            if hashlib.sha256(fetched).hexdigest() != ref:
+                raise ValueError(f"the global weights stored as {str(ref)[:12]} do not "
+                                 "match their digest")
+            self.cache[ref] = bytes(fetched)
+            while len(self.cache) > 2:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(ref)
+        return self.cache[ref]
 
 
 def worker_argv(settings: ClientSettings, loglevel: str = "INFO") -> list[str]:

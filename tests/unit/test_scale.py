@@ -170,3 +170,52 @@ def test_heartbeat_keys_live_under_each_hospitals_prefix() -> None:
     assert heartbeat_key("a").startswith("a:")  # within hospital a's ACL key pattern
     beats = read_heartbeats(redis, ["a", "c"])
     assert beats["a"] is not None and beats["c"] is None
+
+
+class FakeBlobRedis(FakeRedis):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expiries: dict[str, int] = {}
+        self.gets = 0
+
+    def exists(self, key):
+        return key in self.values
+
+    def pexpire(self, key, ms):
+        self.expiries[key] = ms
+
+    def set(self, key, value, px=None):
+        self.values[key] = value
+        self.expiries[key] = px
+
+    def get(self, key):
+        self.gets += 1
+        return self.values.get(key)
+
+
+def test_global_weights_by_reference_stored_once_fetched_once_and_checked() -> None:
+    import hashlib
+    import time
+    from types import SimpleNamespace
+
+    from services.aggregator.dispatch import _share_blob
+    from services.client.worker import SharedBlobs
+
+    redis = FakeBlobRedis()
+    app = SimpleNamespace(backend=SimpleNamespace(client=redis))
+    blob = bytes(range(256)) * 1000
+    refs = {_share_blob(app, blob, time.time() + 60) for _ in range(5)}  # five hospitals
+    assert refs == {hashlib.sha256(blob).hexdigest()} and len(redis.values) == 1
+    assert 60_000 < next(iter(redis.expiries.values())) <= 181_000  # past the deadline
+
+    shared = SharedBlobs(lambda: redis)
+    ref = refs.pop()
+    assert shared.resolve(b"", ref) == blob and shared.resolve(b"", ref) == blob
+    assert redis.gets == 1  # the virtual hospitals of one process fetch it once
+    assert shared.resolve(b"inline", None) == b"inline"
+    with pytest.raises(LookupError, match="gone from the broker"):
+        SharedBlobs(lambda: FakeBlobRedis()).resolve(b"", ref)
+    tampered = FakeBlobRedis()
+    tampered.values[next(iter(redis.values))] = blob[:-1] + b"x"
+    with pytest.raises(ValueError, match="do not match"):
+        SharedBlobs(lambda: tampered).resolve(b"", ref)
