@@ -79,6 +79,7 @@ class Gather:
                 beating = {h for h, t in read(sorted(candidates)).items() if t is not None}
             except Exception as exc:  # the broker hiccuped: ask the workers instead
                 log.warning("reading heartbeats: %s", exc)
+            self.beating |= beating
             if beating == set(candidates):
                 return beating
         live = self.deps.dispatcher.live_hospitals()
