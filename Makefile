@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -131,6 +131,19 @@ bench-secagg: setup
 	  --scenarios 3:dirichlet:fedavg:old,3:dirichlet:fedavg:old:secure \
 	  --central-from benchmarks/results/federated-64px.json \
 	  --out benchmarks/results/secagg-stack.json --doc docs/benchmarks-secagg-stack.md
+
+# 10 and 50 hospitals (Dirichlet 0.5, virtual hospitals) beside the 3- and 5-hospital rows
+# of the 64 px runs, same recipe and centralized reference.
+bench-federated-many: setup
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --rounds 15 --append \
+	  --scenarios 10:dirichlet:fedavg:old,50:dirichlet:fedavg:old \
+	  --central-from benchmarks/results/federated-64px.json \
+	  --out benchmarks/results/federated-64px.json --doc docs/benchmarks-federated-64px.md
+
+# Many hospitals on one machine: round time, orchestration overhead, aggregator and Redis
+# memory, bytes through Redis at 10, 50 and 200 virtual hospitals (docs/benchmarks-scale.md).
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py
 
 test-browser: setup
 	.venv/bin/pytest -q tests/browser

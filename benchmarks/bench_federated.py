@@ -34,6 +34,7 @@ from common import header, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
 CLASSES = ("Benign", "Early", "Pre", "Pro")
+VIRTUAL_ABOVE = 5  # more hospitals than this run as virtual hospitals in one process
 CALIBRATION_KEYS = ("calibration_temperature", "val_ece_before", "val_ece_after",
                     "test_conformal_coverage", "server_test_ece_before",
                     "server_test_ece_after", "server_test_conformal_coverage",
@@ -74,6 +75,10 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
     env = {"RUN_DIR": str(work / "run"), "REDIS_PORT": str(ports["redis"]),
            "MLFLOW_PORT": str(ports["mlflow"]), "AGGREGATOR_PORT": str(ports["aggregator"]),
            "HOSPITAL_DATA": str(work / "hospitals"), "SERVER_TEST_MANIFEST": str(split)}
+    if s["hospitals"] > VIRTUAL_ABOVE:
+        # One TensorFlow process per hospital would not fit in memory: virtual hospitals
+        # (services/client/virtual.py) train them one after another in one process.
+        env["VIRTUAL_WORKERS"] = "1"
     print(f"\n== {name}", flush=True)
     table = sh(str(VENV / "leukofed"), "data", "partition", args.data, str(work / "hospitals"),
                "--hospitals", str(s["hospitals"]), "--scheme", s["scheme"], "--alpha",

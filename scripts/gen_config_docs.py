@@ -85,10 +85,12 @@ STACK: list[tuple[str, str, str]] = [
 def _classes() -> list[tuple[str, str, type[BaseSettings]]]:
     from services.aggregator.settings import AggregatorSettings
     from services.client.settings import ClientSettings
+    from services.client.virtual import VirtualSettings
     from services.inference.settings import InferenceSettings
 
     return [
         ("Hospital client worker", "services/client/settings.py", ClientSettings),
+        ("Virtual hospitals (simulation)", "services/client/virtual.py", VirtualSettings),
         ("Aggregator", "services/aggregator/settings.py", AggregatorSettings),
         ("Inference service", "services/inference/settings.py", InferenceSettings),
     ]

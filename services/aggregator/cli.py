@@ -243,3 +243,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(aggregator_app, name="aggregator")
     app.add_typer(run_app, name="run")
     app.command("promote")(promote)
+    from services.aggregator.simulate import simulate
+
+    app.command("simulate")(simulate)

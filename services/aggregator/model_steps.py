@@ -12,6 +12,7 @@ from leukofed.wire import encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import Weights
 from services.aggregator.gather import Gather
+from services.aggregator.round_logic import CalibrationSums, without_calibration
 
 
 def task_config(cfg: RunConfig, run_id: str, server_round: int, deadline: float,
@@ -76,18 +77,31 @@ def calibrate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
 
 
 def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
-             hospitals: list[str]) -> dict[str, EvaluateAnswer]:
+             hospitals: list[str]) -> tuple[dict[str, EvaluateAnswer], CalibrationSums]:
     """Evaluation answers that hold together (leukofed.validation.validate_evaluation);
-    the others are logged with their reason and left out of every pooled number."""
+    the others are logged with their reason and left out of every pooled number. Each
+    answer's calibration sums are pooled as it arrives and dropped from what is kept (they
+    are the bulk of an answer: ~90 KB, against a few hundred bytes of counts)."""
+    sums = CalibrationSums()
     if not hospitals:
-        return {}
-    answers, _, blob = _send(g, cfg, server_round, TASK_EVALUATE, weights, hospitals,
-                             bn_mode=cfg.bn_mode)
-    valid, rejected = check_evaluations(
-        answers, lambda a, h: g.verify(a, h, server_round, "evaluation", TASK_EVALUATE, blob),
-        g.declared)
-    for hospital, exc in rejected.items():
-        g.event(f"round {server_round}: evaluation from {hospital} rejected "
-                f"({exc.reason}: {exc.message})", round=server_round,
-                hospital=hospital, rejected=exc.reason)
-    return valid
+        return {}, sums
+    deadline = g.deps.clock() + cfg.round_deadline_s
+    config_map = task_config(cfg, g.run_id, server_round, deadline, bn_mode=cfg.bn_mode)
+    blob = encode_weights(weights)
+    valid: dict[str, EvaluateAnswer] = {}
+
+    def take(hospital: str, answer: WireAnswer) -> WireAnswer:
+        ok, rejected = check_evaluations(
+            {hospital: answer}, lambda a, h: g.verify(a, h, server_round, "evaluation",
+                                                      TASK_EVALUATE, blob), g.declared)
+        for h, exc in rejected.items():
+            g.event(f"round {server_round}: evaluation from {h} rejected "
+                    f"({exc.reason}: {exc.message})", round=server_round,
+                    hospital=h, rejected=exc.reason)
+        if hospital in ok:
+            sums.add(hospital, ok[hospital])
+            valid[hospital] = without_calibration(ok[hospital])
+        return {"status": "ok", "hospital": hospital}
+
+    g.ask(server_round, TASK_EVALUATE, hospitals, blob, config_map, deadline, on_answer=take)
+    return valid, sums

@@ -149,6 +149,52 @@ def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
     return profile, (targets.tolist() if targets is not None else None), skipped
 
 
+class CalibrationSums:
+    """The hospitals' calibration sums pooled as their evaluations arrive: the memory of
+    one hospital's sums, whatever the number of hospitals (every sum is additive,
+    leukofed.calibration.pool_sums)."""
+
+    def __init__(self) -> None:
+        self.pooled: dict[str, JsonMap | None] = {"val": None, "test": None}
+        self.skipped: dict[str, str] = {}
+
+    def add(self, hospital: str, evaluation: EvaluateAnswer) -> None:
+        """A hospital with malformed sums keeps its accuracy numbers; only calibration
+        leaves it out (with the reason in ``skipped``)."""
+        from leukofed.calibration import pool_sums, validate_sums
+
+        checked = {}
+        try:
+            for split in self.pooled:
+                s = evaluation.splits.get(split)  # type: ignore[call-overload]
+                if s is not None and s.calibration is not None:
+                    checked[split] = validate_sums(s.calibration)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.skipped[hospital] = f"calibration sums unusable: {exc}"
+            return
+        for split, sums in checked.items():
+            have = self.pooled[split]
+            self.pooled[split] = sums if have is None else pool_sums([have, sums])
+
+    def report(self, coverage: float) -> JsonMap | None:
+        """Temperature and conformal quantiles fitted on the pooled validation sums,
+        measured on the pooled test sums; None without validation images."""
+        from leukofed.calibration import calibration_report
+
+        val, test = self.pooled["val"], self.pooled["test"]
+        if val is None or int(val["count"]) == 0:
+            return None
+        if test is not None and int(test["count"]) == 0:
+            test = None
+        return calibration_report(val, coverage, test)
+
+
+def without_calibration(evaluation: EvaluateAnswer) -> EvaluateAnswer:
+    """The answer as the round keeps it once its sums are pooled: counts and scalars."""
+    return evaluation.model_copy(update={"splits": {
+        k: v.model_copy(update={"calibration": None}) for k, v in evaluation.splits.items()}})
+
+
 def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
                      ) -> tuple[JsonMap | None, dict[str, str]]:
     """Fit the version's temperature and conformal quantiles from the hospitals' validation
@@ -157,32 +203,10 @@ def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
 
     Returns (calibration report or None, {hospital: why its sums were left out}). A hospital
     with malformed sums keeps its accuracy numbers; only calibration leaves it out."""
-    from leukofed.calibration import calibration_report, pool_sums, validate_sums
-
-    buckets: dict[str, list[JsonMap]] = {"val": [], "test": []}
-    skipped: dict[str, str] = {}
+    sums = CalibrationSums()
     for hospital in sorted(evaluations):
-        splits = evaluations[hospital].splits
-        checked = {}
-        try:
-            for split in buckets:
-                raw = splits[split].calibration if split in splits else None  # type: ignore[index]
-                if raw is not None:
-                    checked[split] = validate_sums(raw)
-        except (ValueError, TypeError, KeyError) as exc:
-            skipped[hospital] = f"calibration sums unusable: {exc}"
-            continue
-        for split, sums in checked.items():
-            buckets[split].append(sums)
-    if not buckets["val"]:
-        return None, skipped
-    val = pool_sums(buckets["val"])
-    if int(val["count"]) == 0:
-        return None, skipped
-    test = pool_sums(buckets["test"]) if buckets["test"] else None
-    if test is not None and int(test["count"]) == 0:
-        test = None
-    return calibration_report(val, coverage, test), skipped
+        sums.add(hospital, evaluations[hospital])
+    return sums.report(coverage), sums.skipped
 
 
 def calibration_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -258,15 +282,21 @@ class PooledRound:
 
 
 def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
-               evaluations: Mapping[str, EvaluateAnswer], coverage: float) -> PooledRound:
+               evaluations: Mapping[str, EvaluateAnswer], coverage: float,
+               sums: CalibrationSums | None = None) -> PooledRound:
     """Pooled evaluation metrics, acquisition profile, stain targets and calibration of a
-    round; ``used``: the hospitals whose update counted, ``reports`` their fit answers."""
+    round; ``used``: the hospitals whose update counted, ``reports`` their fit answers;
+    ``sums``: the calibration sums already pooled as the evaluations arrived (else pooled
+    here from ``evaluations``)."""
     pooled, matrices = combine_evaluations(evaluations)
     metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
     profile, stain_targets, skipped = pool_training_profiles(reports, used)
     left_out = [(h, f"left out of the acquisition profile ({reason})")
                 for h, reason in skipped.items()]
-    calibration, unusable = pool_calibration(evaluations, coverage)
+    if sums is not None:
+        calibration, unusable = sums.report(coverage), sums.skipped
+    else:
+        calibration, unusable = pool_calibration(evaluations, coverage)
     left_out += [(h, f"left out of calibration ({reason})") for h, reason in unusable.items()]
     if calibration is not None:
         metrics.update(calibration_metrics(calibration))

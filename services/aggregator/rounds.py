@@ -44,7 +44,12 @@ from services.aggregator.privacy_step import (
     poisson_sampling,
     privatize,
 )
-from services.aggregator.round_logic import pool_round, round_summary, server_test_report
+from services.aggregator.round_logic import (
+    CalibrationSums,
+    pool_round,
+    round_summary,
+    server_test_report,
+)
 from services.aggregator.secure_steps import SecureAborted, secure_fit
 from services.aggregator.update_fold import UpdateFold, held_updates_problem
 
@@ -222,9 +227,11 @@ class FederatedRun:
                 self.gather, cfg, server_round, new_weights, sorted(fit.participants),
                 strategy.bn_stat_names, robust=strategy.robust)
         eval_start = clock()
-        evaluations = evaluate(self.gather, cfg, server_round, new_weights, fit.answered)
+        evaluations, calibration_sums = evaluate(self.gather, cfg, server_round, new_weights,
+                                                 fit.answered)
         eval_wall = clock() - eval_start
-        summary = self._summary(cfg, server_round, fit, evaluations, new_weights)
+        summary = self._summary(cfg, server_round, fit, evaluations, new_weights,
+                                calibration_sums)
         slowest = max((fit.reports[h].timings.get("total_s", 0.0)
                        for h in fit.participants if h in fit.reports), default=0.0)
         if fit.secure is not None:
@@ -347,9 +354,11 @@ class FederatedRun:
                 rejected, failures)
 
     def _summary(self, cfg: RunConfig, server_round: int, fit: FitRound,
-                 evaluations: dict, weights: Weights) -> RoundSummary:
+                 evaluations: dict, weights: Weights,
+                 calibration_sums: CalibrationSums | None = None) -> RoundSummary:
         """Pool the round (round_logic) and read the new model on the server's test split."""
-        pooled = pool_round(fit.reports, fit.participants, evaluations, cfg.coverage)
+        pooled = pool_round(fit.reports, fit.participants, evaluations, cfg.coverage,
+                            calibration_sums)
         for hospital, message in pooled.left_out:
             self.event(f"round {server_round}: {hospital} {message}", round=server_round,
                        hospital=hospital)

@@ -53,15 +53,17 @@ class VirtualSettings(BaseSettings):
     hospitals_dir: Path = Field(description="one sub-folder (image archive) per hospital, as "
                                             "`leukofed data partition` writes them")
     hospitals: str = Field("", description="comma-separated ids; default: every sub-folder")
-    broker_url: str = DEFAULT_BROKER_URL
-    result_backend: str | None = None
+    broker_url: str = Field(DEFAULT_BROKER_URL, description="the shared broker (no ACL "
+                                                           "isolation for virtual hospitals)")
+    result_backend: str | None = Field(None, description="defaults to broker_url")
     state_dir: Path = Field(Path(".run/virtual"), description="<state_dir>/<id> per hospital")
-    cache_dir: Path = Path(".cache")
+    cache_dir: Path = Field(Path(".cache"), description="decoded-image cache")
     keys_dir: Path | None = Field(
         None, description="<id>.key per hospital and aggregator.pub (`leukofed simulate` "
                           "writes them); without it the hospitals run unsigned (dev mode)")
-    block_size: int = 16
-    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    block_size: int = Field(16, description="file numbers per group (the split's blocks)")
+    visibility_timeout_s: int = Field(DEFAULT_VISIBILITY_TIMEOUT_S,
+                                      description="longer than any local training")
 
     @field_validator("hospitals")
     @classmethod

@@ -37,6 +37,9 @@ class FakeManager:
     def stop(self) -> None:
         pass
 
+    def progress(self, run_id: str | None = None) -> dict[str, Any] | None:
+        return None
+
     def submit(self, cfg: RunConfig) -> dict[str, Any]:
         return self.store.create(cfg.model_dump())
 
