@@ -188,12 +188,8 @@ def _close_or_below(a: np.ndarray, bound: np.ndarray) -> bool:
     return bool(np.all(a <= bound * (1 + 1e-9) + 1e-9))
 
 
-def validate_sums(data: Any) -> dict[str, Any]:
-    """Check received sums and return them normalised: plain JSON-able lists, counts as ints.
-
-    Raises ValueError naming the first problem: format, grid, shapes, finiteness,
-    negativity, integer counts, or counts that disagree with each other.
-    """
+def validated_arrays(data: Any) -> dict[str, Any]:
+    """``validate_sums`` keeping the sums as numpy arrays (int64 counts, float64 sums)."""
     if not isinstance(data, dict):
         raise ValueError(f"calibration sums must be a dict, got {type(data).__name__}")
     if data.get("format") != FORMAT:
@@ -240,28 +236,55 @@ def validate_sums(data: Any) -> dict[str, Any]:
         "temperatures": TEMPERATURES.tolist(),
         "n_classes": int(c),
         "count": int(count),
-        "class_counts": class_counts.tolist(),
-        "nll": nll.tolist(),
-        "reliability": rel.tolist(),
-        "classwise": cw.tolist(),
-        "scores": scores.tolist(),
+        "class_counts": class_counts,
+        "nll": nll,
+        "reliability": rel,
+        "classwise": cw,
+        "scores": scores,
     }
+
+
+_SUMMED = ("class_counts", "nll", "reliability", "classwise", "scores")
+
+
+def as_json_sums(arrays: dict[str, Any]) -> dict[str, Any]:
+    """Sums held as arrays (``validated_arrays``, ``add_sums``) as plain JSON-able lists."""
+    return {k: (np.asarray(v).tolist() if k in _SUMMED else v) for k, v in arrays.items()}
+
+
+def validate_sums(data: Any) -> dict[str, Any]:
+    """Check received sums and return them normalised: plain JSON-able lists, counts as ints.
+
+    Raises ValueError naming the first problem: format, grid, shapes, finiteness,
+    negativity, integer counts, or counts that disagree with each other.
+    """
+    return as_json_sums(validated_arrays(data))
+
+
+def add_sums(pooled: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Two sets of validated sums as arrays (``validated_arrays``) added elementwise; the
+    running pool of many hospitals' sums costs one set of arrays, not one per hospital."""
+    if pooled is None:
+        return dict(part)
+    if pooled["n_classes"] != part["n_classes"]:
+        raise ValueError(f"calibration sums disagree on n_classes: "
+                         f"{sorted({pooled['n_classes'], part['n_classes']})}")
+    out = dict(pooled)
+    out["count"] = pooled["count"] + part["count"]
+    for key in _SUMMED:
+        out[key] = pooled[key] + part[key]
+    return out
 
 
 def pool_sums(sums: list[dict[str, Any]]) -> dict[str, Any]:
     """Elementwise sum of validated sums: what one hospital holding every image would send."""
     if not sums:
         raise ValueError("nothing to pool: no calibration sums")
-    parts = [validate_sums(s) for s in sums]
-    n_classes = {p["n_classes"] for p in parts}
-    if len(n_classes) != 1:
-        raise ValueError(f"calibration sums disagree on n_classes: {sorted(n_classes)}")
-    pooled = dict(parts[0])
-    pooled["count"] = sum(p["count"] for p in parts)
-    for key in ("class_counts", "nll", "reliability", "classwise", "scores"):
-        dtype = np.int64 if key in ("class_counts", "scores") else np.float64
-        pooled[key] = np.sum([np.asarray(p[key], dtype) for p in parts], axis=0).tolist()
-    return pooled
+    pooled = None
+    for part in sums:
+        pooled = add_sums(pooled, validated_arrays(part))
+    assert pooled is not None
+    return as_json_sums(pooled)
 
 
 def fit_temperature(pooled: dict[str, Any]) -> float:

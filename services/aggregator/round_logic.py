@@ -155,38 +155,40 @@ class CalibrationSums:
     leukofed.calibration.pool_sums)."""
 
     def __init__(self) -> None:
+        # Held as arrays (leukofed.calibration.validated_arrays), lists only in report().
         self.pooled: dict[str, JsonMap | None] = {"val": None, "test": None}
         self.skipped: dict[str, str] = {}
 
     def add(self, hospital: str, evaluation: EvaluateAnswer) -> None:
         """A hospital with malformed sums keeps its accuracy numbers; only calibration
         leaves it out (with the reason in ``skipped``)."""
-        from leukofed.calibration import pool_sums, validate_sums
+        from leukofed.calibration import add_sums, validated_arrays
 
         checked = {}
         try:
             for split in self.pooled:
                 s = evaluation.splits.get(split)  # type: ignore[call-overload]
                 if s is not None and s.calibration is not None:
-                    checked[split] = validate_sums(s.calibration)
+                    checked[split] = validated_arrays(s.calibration)
+            added = {split: add_sums(self.pooled[split], sums)
+                     for split, sums in checked.items()}
         except (ValueError, TypeError, KeyError) as exc:
             self.skipped[hospital] = f"calibration sums unusable: {exc}"
             return
-        for split, sums in checked.items():
-            have = self.pooled[split]
-            self.pooled[split] = sums if have is None else pool_sums([have, sums])
+        self.pooled.update(added)
 
     def report(self, coverage: float) -> JsonMap | None:
         """Temperature and conformal quantiles fitted on the pooled validation sums,
         measured on the pooled test sums; None without validation images."""
-        from leukofed.calibration import calibration_report
+        from leukofed.calibration import as_json_sums, calibration_report
 
         val, test = self.pooled["val"], self.pooled["test"]
         if val is None or int(val["count"]) == 0:
             return None
         if test is not None and int(test["count"]) == 0:
             test = None
-        return calibration_report(val, coverage, test)
+        return calibration_report(as_json_sums(val), coverage,
+                                  as_json_sums(test) if test is not None else None)
 
 
 def without_calibration(evaluation: EvaluateAnswer) -> EvaluateAnswer:
