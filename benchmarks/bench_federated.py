@@ -34,7 +34,6 @@ from common import header, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
 CLASSES = ("Benign", "Early", "Pre", "Pro")
-VIRTUAL_ABOVE = 5  # more hospitals than this run as virtual hospitals in one process
 CALIBRATION_KEYS = ("calibration_temperature", "val_ece_before", "val_ece_after",
                     "test_conformal_coverage", "server_test_ece_before",
                     "server_test_ece_after", "server_test_conformal_coverage",
@@ -75,7 +74,8 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
     env = {"RUN_DIR": str(work / "run"), "REDIS_PORT": str(ports["redis"]),
            "MLFLOW_PORT": str(ports["mlflow"]), "AGGREGATOR_PORT": str(ports["aggregator"]),
            "HOSPITAL_DATA": str(work / "hospitals"), "SERVER_TEST_MANIFEST": str(split)}
-    if s["hospitals"] > VIRTUAL_ABOVE:
+    virtual = s["hospitals"] > args.virtual_above
+    if virtual:
         # One TensorFlow process per hospital would not fit in memory: virtual hospitals
         # (services/client/virtual.py) train them one after another in one process.
         env["VIRTUAL_WORKERS"] = "1"
@@ -156,6 +156,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
     # Calibration fitted from the hospitals' validation sums, measured on the server test.
     final["calibration"] = {k: last["global"].get(k) for k in CALIBRATION_KEYS}
     return {"scenario": name, **s, "image_size": size, "partition_table": table,
+            "virtual_hospitals": virtual,
             "run_id": run_id, "wall_s": wall, "rounds": rounds, "final": final}
 
 
@@ -497,6 +498,9 @@ def main() -> None:
     p.add_argument("--append", action="store_true",
                    help="keep the scenarios already in --out and add (or rerun) these")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--virtual-above", type=int, default=5,
+                   help="more hospitals than this are virtual hospitals in one process "
+                        "(services/client/virtual.py); fewer get a worker process each")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
     args = p.parse_args()
