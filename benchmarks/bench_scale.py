@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -95,8 +96,11 @@ def env_for(extra: dict[str, str]) -> dict[str, str]:
 class Stack:
     """redis-server, the aggregator and the virtual workers of one measurement."""
 
-    def __init__(self, work: Path, ids: list[str], workers: int, max_in_flight: int) -> None:
+    def __init__(self, work: Path, ids: list[str], workers: int, max_in_flight: int,
+                 shares: list[list[str]] | None = None) -> None:
         self.work, self.ids = work, ids
+        self.shares = shares or [ids[i::workers] for i in range(workers)]
+        workers = len(self.shares)
         self.redis_port, self.api_port = free_port(), free_port()
         self.broker = f"redis://127.0.0.1:{self.redis_port}/0"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -123,8 +127,7 @@ class Stack:
                     "LEUKOFED_AGGREGATOR_TRACKING": "false",
                     "LEUKOFED_AGGREGATOR_MAX_IN_FLIGHT": str(self.max_in_flight),
                     "LEUKOFED_AGGREGATOR_PING_TIMEOUT_S": "2"})
-        for i in range(self.workers):
-            share = self.ids[i::self.workers]
+        for i, share in enumerate(self.shares):
             self.spawn(f"virtual-{i}", [str(VENV / "leukofed"), "client", "virtual"],
                        {"LEUKOFED_VIRTUAL_HOSPITALS_DIR": str(self.work / "hospitals"),
                         "LEUKOFED_VIRTUAL_HOSPITALS": ",".join(share),
@@ -287,6 +290,56 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def liveness(n: int, dead: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One round with ``n`` hospitals selected, of which ``dead`` are served by a second
+    virtual-worker process that is killed (SIGKILL) when it takes its first fit task. The
+    round must end with the others, long before its deadline."""
+    from leukofed.synthetic import write_synthetic_dataset
+
+    work = ROOT / ".run" / "bench-scale" / f"liveness-{n}-{dead}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ids = [f"h{i:03d}" for i in range(n)]
+    for i, h in enumerate(ids):
+        write_synthetic_dataset(work / "hospitals" / h, per_class=args.per_class,
+                                seed_offset=10_000 * (i + 1), size=32)
+    stack = Stack(work, ids, 2, args.max_in_flight, shares=[ids[:-dead], ids[-dead:]])
+    deadline_s = 900.0
+    print(f"\n== liveness: {n} hospitals, {dead} killed mid-round", flush=True)
+    try:
+        stack.up()
+        api = f"http://127.0.0.1:{stack.api_port}"
+        config = {"name": f"bench-scale liveness {n}/{dead}", "model": "compact_cnn",
+                  "image_size": 32, "local_epochs": 1, "batch_size": 16, "seed": 1,
+                  "jit_compile": False, "rounds": 1, "hospitals": ids,
+                  "min_fit_clients": n - dead, "round_deadline_s": deadline_s,
+                  "strategy": "fedavg", "register_models": False, "max_round_retries": 0}
+        response = httpx.post(f"{api}/v1/runs", json=config, timeout=60)
+        response.raise_for_status()
+        run_id = response.json()["id"]
+        wait_log(work / "virtual-1.log", "Task leukofed.client.fit[", deadline_s)
+        doomed = stack.procs["virtual-1"]
+        os.killpg(doomed.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            rec = httpx.get(f"{api}/v1/runs/{run_id}", timeout=60).json()
+            if rec["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(1)
+        after_kill = time.monotonic() - killed
+    finally:
+        stack.down()
+    if rec["status"] != "completed":
+        raise RuntimeError(f"liveness: run {rec['status']}: {rec.get('reason')}")
+    r = rec["history"][0]
+    lost = [h for h, why in r["failed"].items() if why.startswith("worker lost")]
+    row = {"hospitals": n, "killed": dead, "participants": len(r["participants"]),
+           "failed_worker_lost": len(lost), "round_s": r["timings"]["round_s"],
+           "deadline_s": deadline_s, "run_end_after_kill_s": after_kill}
+    print(f"  {row}", flush=True)
+    return row
+
+
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_n = {r["hospitals"]: r for r in rows}
     out: dict[str, Any] = {}
@@ -381,6 +434,14 @@ def markdown(doc: dict[str, Any]) -> str:
               f"(ratio {t.get('aggregator_peak_ratio_200_vs_10', float('nan')):.3f}); Redis "
               f"peak under 2x the in-flight cap: **{t.get('redis_peak_under_2x_cap')}**.", "",
               "![per hospital count](img/scale.png)", ""]
+    live = doc.get("liveness")
+    if live:
+        lines += [f"Liveness: one round of {live['hospitals']} hospitals with "
+                  f"{live['killed']} killed mid-round (their worker process, SIGKILL, when it "
+                  f"took its first task): completed with {live['participants']} "
+                  f"participants, {live['failed_worker_lost']} failed as \"worker lost\", in "
+                  f"{live['round_s']:.0f} s (deadline {live['deadline_s']:.0f} s); the run "
+                  f"ended {live['run_end_after_kill_s']:.0f} s after the kill.", ""]
     return "\n".join(lines)
 
 
@@ -391,14 +452,30 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-in-flight", type=int, default=64)
+    p.add_argument("--liveness", default="200:20",
+                   help="N:K: one round of N hospitals with K killed mid-round ('' to skip)")
+    p.add_argument("--merge", action="store_true",
+                   help="with --hospitals '': add only the liveness row to --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/benchmarks-scale.md"))
     p.add_argument("--plot", default=str(ROOT / "docs/img/scale.png"))
     args = p.parse_args()
-    rows = [measure(int(n), args) for n in args.hospitals.split(",")]
-    doc = {**header(), "args": vars(args), "rows": rows, "targets": targets(rows)}
+    rows = [measure(int(n), args) for n in args.hospitals.split(",") if n]
+    earlier = (json.loads(Path(args.out).read_text())
+               if args.merge and Path(args.out).exists() else None)
+    doc = {**header(), "args": vars(args), "rows": rows}
+    if earlier and not rows:  # keep the rows (and their method) measured before
+        doc.update(rows=earlier["rows"], args=earlier["args"],
+                   command=f"{earlier['command']}; {doc['command']}",
+                   date=f"{earlier['date']}; {doc['date']}")
+    doc["targets"] = targets(doc["rows"])
+    if args.liveness:
+        n, dead = (int(v) for v in args.liveness.split(":"))
+        doc["liveness"] = liveness(n, dead, args)
+    elif earlier and earlier.get("liveness"):
+        doc["liveness"] = earlier["liveness"]
     write_json(args.out, doc)
-    plot(rows, Path(args.plot))
+    plot(doc["rows"], Path(args.plot))
     Path(args.doc).write_text(markdown(doc))
     print(f"\nwrote {args.out}, {args.doc}, {args.plot}: {doc['targets']}")
 
