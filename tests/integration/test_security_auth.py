@@ -36,6 +36,9 @@ class FakeManager:
     def live_hospitals(self) -> set[str]:
         return set()
 
+    def progress(self, run_id: str | None = None) -> dict[str, Any] | None:
+        return None
+
     def submit(self, cfg: Any) -> dict[str, Any]:
         return self.store.create(cfg.model_dump())
 
