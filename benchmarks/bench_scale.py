@@ -200,16 +200,22 @@ def fit_spans(log: Path) -> dict[int, float]:
     return {r: last[r] - first[r] for r in first}
 
 
-def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
+def hospitals(name: str, n: int, per_class: int) -> tuple[Path, list[str]]:
+    """A fresh work folder with ``n`` hospitals of synthetic images (32 px)."""
     from leukofed.synthetic import write_synthetic_dataset
 
-    work = ROOT / ".run" / "bench-scale" / str(n)
+    work = ROOT / ".run" / "bench-scale" / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ids = [f"h{i:03d}" for i in range(n)]
     for i, h in enumerate(ids):
-        write_synthetic_dataset(work / "hospitals" / h, per_class=args.per_class,
+        write_synthetic_dataset(work / "hospitals" / h, per_class=per_class,
                                 seed_offset=10_000 * (i + 1), size=32)
+    return work, ids
+
+
+def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    work, ids = hospitals(str(n), n, args.per_class)
     stack = Stack(work, ids, args.workers, args.max_in_flight)
     print(f"\n== {n} hospitals ({args.workers} virtual worker process(es))", flush=True)
     try:
@@ -294,15 +300,7 @@ def liveness(n: int, dead: int, args: argparse.Namespace) -> dict[str, Any]:
     """One round with ``n`` hospitals selected, of which ``dead`` are served by a second
     virtual-worker process that is killed (SIGKILL) when it takes its first fit task. The
     round must end with the others, long before its deadline."""
-    from leukofed.synthetic import write_synthetic_dataset
-
-    work = ROOT / ".run" / "bench-scale" / f"liveness-{n}-{dead}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    ids = [f"h{i:03d}" for i in range(n)]
-    for i, h in enumerate(ids):
-        write_synthetic_dataset(work / "hospitals" / h, per_class=args.per_class,
-                                seed_offset=10_000 * (i + 1), size=32)
+    work, ids = hospitals(f"liveness-{n}-{dead}", n, args.per_class)
     stack = Stack(work, ids, 2, args.max_in_flight, shares=[ids[:-dead], ids[-dead:]])
     deadline_s = 900.0
     print(f"\n== liveness: {n} hospitals, {dead} killed mid-round", flush=True)
