@@ -130,9 +130,9 @@ def follow(api: str, run_id: str, every_s: float = 2.0) -> dict[str, Any]:
         if rec["status"] in ("completed", "failed", "cancelled"):
             return rec
         p = rec.get("progress") or {}
-        line = (f"  round {p.get('round')} {p.get('task')}: {p.get('answered')}/"
-                f"{p.get('selected')} answered, {p.get('seconds_left')} s left") if p else ""
-        if line and line != last:
-            typer.echo(line)
-            last = line
+        step = (f"  round {p.get('round')} {p.get('task')}: {p.get('answered')}/"
+                f"{p.get('selected')} answered") if p else ""
+        if step and step != last:  # a line when the step moves, not every poll
+            typer.echo(f"{step}, {p.get('seconds_left')} s left")
+            last = step
         time.sleep(every_s)
