@@ -34,6 +34,7 @@ from leukofed.logging import install_celery_logging
 from leukofed.transport import (
     DEFAULT_BROKER_URL,
     DEFAULT_VISIBILITY_TIMEOUT_S,
+    QUEUE_PREFIX,
     check_hospital_id,
     hospital_of_queue,
     make_celery,
@@ -41,7 +42,7 @@ from leukofed.transport import (
 )
 from services.client.hospital import HospitalClient, TrainerCache
 from services.client.settings import ClientSettings
-from services.client.worker import register_tasks
+from services.client.worker import register_tasks, solo_worker_argv
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,7 @@ class VirtualSettings(BaseSettings):
 
 
 def _is_id(name: str) -> bool:
-    try:
-        check_hospital_id(name)
-    except ValueError:
-        return False
-    return True
+    return hospital_of_queue(QUEUE_PREFIX + name) is not None  # the one id rule
 
 
 def create_virtual_app(
@@ -138,9 +135,7 @@ def create_virtual_app(
 
 def virtual_worker_argv(settings: VirtualSettings, loglevel: str = "INFO") -> list[str]:
     ids = settings.hospital_ids()
-    return ["worker", "--pool", "solo", "--concurrency", "1",
-            "-Q", ",".join(queue_name(h) for h in ids), "-n", f"virtual-{ids[0]}@%h",
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    return solo_worker_argv(ids, f"virtual-{ids[0]}", loglevel)
 
 
 def __getattr__(name: str) -> Any:

@@ -152,8 +152,13 @@ class SharedBlobs:
 
 
 def worker_argv(settings: ClientSettings, loglevel: str = "INFO") -> list[str]:
+    return solo_worker_argv([settings.hospital_id], settings.hospital_id, loglevel)
+
+
+def solo_worker_argv(hospitals: list[str], node: str, loglevel: str = "INFO") -> list[str]:
+    """`celery worker` arguments: one task at a time, the queues of ``hospitals`` only."""
     return ["worker", "--pool", "solo", "--concurrency", "1",
-            "-Q", queue_name(settings.hospital_id), "-n", f"{settings.hospital_id}@%h",
+            "-Q", ",".join(queue_name(h) for h in hospitals), "-n", f"{node}@%h",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
 
 
