@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,11 @@ from services.aggregator.config import RunConfig
 from services.aggregator.deps import RunDeps
 from services.aggregator.privacy_step import poisson_sampling
 from services.aggregator.round_logic import poisson_sample, quorum_possible, select_hospitals
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+Handles = dict[str, "AsyncResult"]  # hospital -> its task in flight (a fake in unit tests)
 
 log = logging.getLogger(__name__)
 Event = Callable[..., None]  # (message, **fields): the run's event log
@@ -88,7 +93,7 @@ class Gather:
     # ------------------------------------------------------------ send and collect
 
     def send(self, task: str, args_of: Mapping[str, list[Any]], deadline: float
-             ) -> dict[str, Any]:
+             ) -> Handles:
         return {h: self.deps.dispatcher.submit(h, task, args, deadline)
                 for h, args in args_of.items()}
 
@@ -101,7 +106,7 @@ class Gather:
         return self.collect(server_round, task, {}, deadline, need, waiting=list(hospitals),
                             args=[blob, config], on_answer=on_answer)
 
-    def collect(self, server_round: int, task: str, handles: dict[str, Any], deadline: float,
+    def collect(self, server_round: int, task: str, handles: Handles, deadline: float,
                 need: int, waiting: list[str] | None = None, args: list[Any] | None = None,
                 on_answer: OnAnswer | None = None
                 ) -> tuple[dict[str, WireAnswer], dict[str, str]]:

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
+from leukofed.protocol import DEFAULT_IMAGE_SIZE
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,7 +41,7 @@ def simulate(
     rounds: int = 5,
     strategy: str = "fedavg",
     model: str = "compact_cnn",
-    image_size: int = 64,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     local_epochs: int = 1,
     batch_size: int = 32,
     min_fit_clients: Annotated[int | None, typer.Option(

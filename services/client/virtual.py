@@ -79,7 +79,7 @@ class VirtualSettings(BaseSettings):
 
     def hospital(self, hospital_id: str) -> ClientSettings:
         """What a real worker of this hospital would be configured with."""
-        keys: dict[str, Any] = {}
+        keys: dict[str, Path] = {}
         if self.keys_dir is not None:
             keys = {"signing_key_file": self.keys_dir / f"{hospital_id}.key",
                     "aggregator_public_key_file": self.keys_dir / "aggregator.pub"}
