@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-secagg up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -122,6 +122,12 @@ bench-inference: setup
 bench-inference-rotation: setup
 	$(PY) benchmarks/bench_inference.py --configs compact_cnn:0:128:plain,compact_cnn:0:128 \
 	  --json benchmarks/results/inference-rotation.json --markdown docs/benchmarks-inference-rotation.md
+
+# The serving code of another commit (BASE, default: the last one before the service stopped
+# importing TensorFlow) and this tree, alternated on the same model: ratios and the drift.
+BASE ?= dc0d93d
+bench-inference-ab: setup
+	benchmarks/inference_ab.sh $(BASE)
 
 # Secure aggregation against plain FedAvg, side by side: protocol cost at 3, 10 and 30
 # hospitals, and accuracy on the real data from the same local updates.

@@ -251,7 +251,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc.get('load_average_after')}",
         f"- date: {doc['date']}",
         "- models: untrained weights (speed does not depend on them), ONNX on onnxruntime "
-        "CPU provider, threads = all cores",
+        "CPU provider, threads = all cores; built as the default builds them, with "
+        "`CellFocus` and the rotation ensemble (4x the compute per image), unless a heading "
+        "says otherwise",
+        "- this service against an older commit's on the same model, runs alternated: "
+        "[benchmarks-inference-ab.md](benchmarks-inference-ab.md) (`make bench-inference-ab`)",
         f"- each level runs {doc['seconds_per_level']} s of back-to-back requests, one image "
         "per request (real 224 px JPEGs from the data set when present), upload to JSON "
         "answer, measured by the client",
@@ -268,7 +272,8 @@ def markdown(doc: dict[str, Any]) -> str:
             + (f" alpha {c['alpha']}" if c["architecture"] == "mobilenetv2" else "")
             + f" at {c['image_size']} px"
             + {True: ", rotation ensemble", False: ", without the rotation ensemble",
-               None: ""}[c.get("rotation_ensemble")],
+               None: ""}[c.get("rotation_ensemble")]
+            + (", without CellFocus" if c.get("cell_focus") is False else ""),
             "",
             "### /v1/predict",
             "",
@@ -318,8 +323,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs",
                    default="compact_cnn:0:64,mobilenetv2:0.35:128,mobilenetv2:1.0:224",
-                   help="architecture:alpha:image_size[:plain], comma-separated; plain: "
-                        "without the rotation ensemble (4x less compute per image)")
+                   help="architecture:alpha:image_size[:plain|:bare], comma-separated; "
+                        "plain: without the rotation ensemble (4x less compute per image); "
+                        "bare: without the ensemble and CellFocus (the model before both)")
     p.add_argument("--seconds", type=float, default=6.0, help="per concurrency level")
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
@@ -350,16 +356,18 @@ def main() -> None:
             wait_for_port(port, 180, mlflow_proc)
             uri = f"http://127.0.0.1:{port}"
             for spec in args.configs.split(","):
-                arch, alpha, size, *plain = spec.split(":")
-                rotations = plain != ["plain"]
-                name = f"bench-{arch}-{alpha}-{size}" + ("" if rotations else "-plain")
-                register_bench_model(uri, name, arch, float(alpha), int(size), rotations)
+                arch, alpha, size, *variant = spec.split(":")
+                rotations, cell_focus = not variant, variant != ["bare"]
+                name = f"bench-{arch}-{alpha}-{size}" + "".join(f"-{v}" for v in variant)
+                register_bench_model(uri, name, arch, float(alpha), int(size), rotations,
+                                     cell_focus)
                 base = {"LEUKOFED_INFERENCE_TRACKING_URI": uri,
                         "LEUKOFED_INFERENCE_MODEL_NAME": name,
                         "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache" / name)}
                 run: dict[str, Any] = {"config": {"architecture": arch, "alpha": float(alpha),
                                                   "image_size": int(size),
-                                                  "rotation_ensemble": rotations},
+                                                  "rotation_ensemble": rotations,
+                                                  "cell_focus": cell_focus},
                                        "predict": []}
                 for mode, (batch, delay) in MODES.items():
                     env = {**base, "LEUKOFED_INFERENCE_MAX_BATCH_SIZE": str(batch),
@@ -383,23 +391,13 @@ def main() -> None:
 
 
 def register_bench_model(uri: str, name: str, architecture: str, alpha: float,
-                         size: int, rotation_ensemble: bool = True) -> str:
-    if architecture == "compact_cnn":
-        return register_tiny_model(uri, name, seed=0, image_size=size, champion=True,
-                                   rotation_ensemble=rotation_ensemble)
-    import mlflow
-
-    from leukofed.models import build_model, model_metadata
-    from registry.model_versions import log_and_register, set_alias
-
-    mlflow.set_tracking_uri(uri)
-    model = build_model(architecture, image_size=size, alpha=alpha, seed=0,
-                        rotation_ensemble=rotation_ensemble)
-    with mlflow.start_run():
-        version = log_and_register(model, model_metadata(model, architecture, size),
-                                   model_name=name)
-    set_alias(version, "champion", name)
-    return version
+                         size: int, rotation_ensemble: bool = True, cell_focus: bool = True
+                         ) -> str:
+    """Untrained weights (speed does not depend on them), registered and published as ONNX
+    the way the aggregator does: the service serves only published ONNX files."""
+    return register_tiny_model(uri, name, seed=0, image_size=size, champion=True,
+                               rotation_ensemble=rotation_ensemble, cell_focus=cell_focus,
+                               architecture=architecture, alpha=alpha)
 
 
 if __name__ == "__main__":

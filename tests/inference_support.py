@@ -184,10 +184,14 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes,
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,
                         champion: bool = False, profile: bool = False,
-                        rotation_ensemble: bool = True, signing_key: Any | None = None) -> str:
-    """Build a compact_cnn, log and register it in MLflow, and publish its ONNX file as the
-    aggregator does (signed with ``signing_key`` when given); returns the version.
-    ``profile``: its metadata carries smear_profile(image_size) as acquisition profile."""
+                        rotation_ensemble: bool = True, signing_key: Any | None = None,
+                        architecture: str = "compact_cnn", alpha: float = 0.35,
+                        cell_focus: bool | None = None) -> str:
+    """Build a model (a compact_cnn unless ``architecture`` says otherwise), log and register
+    it in MLflow, and publish its ONNX file as the aggregator does (signed with
+    ``signing_key`` when given): the inference service serves only published ONNX files.
+    Returns the version. ``profile``: its metadata carries smear_profile(image_size) as
+    acquisition profile."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -198,9 +202,10 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    model = build_model("compact_cnn", image_size=image_size, seed=seed, dropout=0.0,
-                        rotation_ensemble=rotation_ensemble)
-    meta = model_metadata(model, "compact_cnn", image_size)
+    extra = {} if cell_focus is None else {"cell_focus": cell_focus}  # None: the default
+    model = build_model(architecture, image_size=image_size, alpha=alpha, seed=seed,
+                        dropout=0.0, rotation_ensemble=rotation_ensemble, **extra)
+    meta = model_metadata(model, architecture, image_size)
     if profile:
         meta["acquisition_profile"] = smear_profile(image_size)
     mlflow.set_experiment(f"inference-tests-{model_name}")
