@@ -6,11 +6,15 @@
 # code does, and runs benchmarks/bench_inference.py against its own service.
 #
 #   benchmarks/inference_ab.sh [BASE] [PAIRS]    # writes benchmarks/results/inference-ab.json
+#   BENCH_ARGS="--seconds 1 --levels 1" benchmarks/inference_ab.sh   # a quick try of the script
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BASE=${1:-dc0d93d}
 PAIRS=${2:-2}
 CONFIG=compact_cnn:0:64:plain
+read -r -a EXTRA <<< "${BENCH_ARGS:-}"
+RESULTS=${AB_RESULTS:-$ROOT/benchmarks/results/inference-ab.json}
+DOC=${AB_DOC:-$ROOT/docs/benchmarks-inference-ab.md}
 TREE=$(mktemp -d /tmp/leukofed-base.XXXX)
 OUT=$(mktemp -d /tmp/leukofed-ab.XXXX)
 trap 'git -C "$ROOT" worktree remove --force "$TREE" >/dev/null 2>&1 || true' EXIT
@@ -18,13 +22,12 @@ git -C "$ROOT" worktree add --detach "$TREE" "$BASE" >/dev/null
 PY="$ROOT/.venv/bin/python"
 for i in $(seq 1 "$PAIRS"); do
   echo "pair $i: base $BASE"
-  (cd "$TREE" && PYTHONPATH="$TREE" "$PY" benchmarks/bench_inference.py --configs "$CONFIG" \
+  (cd "$TREE" && PYTHONPATH="$TREE" "$PY" benchmarks/bench_inference.py --configs "$CONFIG" "${EXTRA[@]}" \
      --json "$OUT/base-$i.json" --markdown "$OUT/base-$i.md" > "$OUT/base-$i.log" 2>&1)
   echo "pair $i: working tree"
-  (cd "$ROOT" && "$PY" benchmarks/bench_inference.py --configs "$CONFIG" \
+  (cd "$ROOT" && "$PY" benchmarks/bench_inference.py --configs "$CONFIG" "${EXTRA[@]}" \
      --json "$OUT/head-$i.json" --markdown "$OUT/head-$i.md" > "$OUT/head-$i.log" 2>&1)
 done
 "$PY" "$ROOT/benchmarks/compare_inference.py" --base-rev "$BASE" \
   --head-rev "$(git -C "$ROOT" rev-parse --short HEAD)" "$OUT" \
-  --json "$ROOT/benchmarks/results/inference-ab.json" \
-  --markdown "$ROOT/docs/benchmarks-inference-ab.md"
+  --json "$RESULTS" --markdown "$DOC"
