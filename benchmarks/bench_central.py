@@ -15,6 +15,7 @@ benchmarks/results/central.json and docs/benchmarks-central.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -119,7 +120,7 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
     arrays = {n: load_arrays(split[n], size) for n in ("train", "val", "test")}
     options = RECIPES[recipe]
     res: dict[str, Any] = {"model": name, "image_size": size, "batch_size": args.batch_size,
-                           "recipe": recipe, **options}
+                           "recipe": recipe, "date": header()["date"], **options}
     if args.throughput_steps:
         base = plain_fit_images_per_s(name, size, split.train, args.throughput_steps,
                                       args.batch_size)
@@ -217,7 +218,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
         f"TF {m['versions'].get('tensorflow')}, onnxruntime {m['versions'].get('onnxruntime')}  ",
         f"Date: {doc['date']}; split: {doc['counts']} images (train/val/test), block size 16, "
-        "deduplicated. Results: `benchmarks/results/central.json`.", "",
+        "deduplicated. Results: `benchmarks/results/central.json`.",
+        *[f"Kept from an earlier run (`--keep-from`): {r['model']} @{r['image_size']} px, "
+          f"{r.get('recipe', 'old')} recipe, measured {r['date']} on the same split."
+          for r in doc["results"] if r.get("kept")], "",
         "| model | px | recipe | epochs (best) | test acc | macro-F1 | recall B/E/Pre/Pro | ECE "
         "| s/epoch | train img/s | vs plain fit | peak RSS MiB "
         "| ORT b1 img/s | Keras b1 | ratio b1 | ORT b32 | Keras b32 | ratio b32 |",
@@ -296,7 +300,7 @@ def conformal_table(results: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "all-pbs"))
-    p.add_argument("--configs", default="compact_cnn:64:30:old,compact_cnn:128:60:new",
+    p.add_argument("--configs", default="compact_cnn:64:30:old,compact_cnn:128:90:new",
                    help="comma-separated model:size:max_epochs:recipe (recipe old or new)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -305,6 +309,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "central.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-central.md"))
+    p.add_argument("--keep-from", help="an earlier results file: its rows for models and "
+                   "recipes not run now are kept (marked, with their date)")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"data folder not found: {args.data}")
@@ -315,6 +321,16 @@ def main() -> None:
     doc["counts"] = [len(split.train), len(split.val), len(split.test)]
     doc["dataset_fingerprint"] = ds.fingerprint
     doc["results"] = []
+    specs = [spec.split(":") for spec in args.configs.split(",")]
+    if args.keep_from:
+        earlier = json.loads(Path(args.keep_from).read_text())
+        if earlier.get("dataset_fingerprint") != ds.fingerprint:
+            sys.exit(f"{args.keep_from} was measured on other data")
+        running = {(n, int(sz), (rest or ["new"])[0]) for n, sz, _, *rest in specs}
+        doc["results"] = [{**r, "kept": True, "date": r.get("date", earlier["date"])}
+                          for r in earlier["results"]
+                          if (r["model"], r["image_size"], r.get("recipe", "old"))
+                          not in running]
     for spec in args.configs.split(","):
         name, size, epochs, *recipe = spec.split(":")
         doc["results"].append(run_config(name, int(size), int(epochs),
