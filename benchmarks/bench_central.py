@@ -33,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 from common import (  # noqa: E402
     conformal_rows,
     header,
+    now_iso,
     peak_rss_mib,
     robustness,
     write_json,
@@ -120,7 +121,7 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
     arrays = {n: load_arrays(split[n], size) for n in ("train", "val", "test")}
     options = RECIPES[recipe]
     res: dict[str, Any] = {"model": name, "image_size": size, "batch_size": args.batch_size,
-                           "recipe": recipe, "date": header()["date"], **options}
+                           "recipe": recipe, "date": now_iso(), **options}
     if args.throughput_steps:
         base = plain_fit_images_per_s(name, size, split.train, args.throughput_steps,
                                       args.batch_size)
@@ -331,8 +332,7 @@ def main() -> None:
                           for r in earlier["results"]
                           if (r["model"], r["image_size"], r.get("recipe", "old"))
                           not in running]
-    for spec in args.configs.split(","):
-        name, size, epochs, *recipe = spec.split(":")
+    for name, size, epochs, *recipe in specs:
         doc["results"].append(run_config(name, int(size), int(epochs),
                                          recipe[0] if recipe else "new", data, args))
         write_json(args.out, doc)  # after every model, so a long run keeps what it measured

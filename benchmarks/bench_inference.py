@@ -272,8 +272,7 @@ def markdown(doc: dict[str, Any]) -> str:
             + (f" alpha {c['alpha']}" if c["architecture"] == "mobilenetv2" else "")
             + f" at {c['image_size']} px"
             + {True: ", rotation ensemble", False: ", without the rotation ensemble",
-               None: ""}[c.get("rotation_ensemble")]
-            + (", without CellFocus" if c.get("cell_focus") is False else ""),
+               None: ""}[c.get("rotation_ensemble")],
             "",
             "### /v1/predict",
             "",
@@ -323,9 +322,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs",
                    default="compact_cnn:0:64,mobilenetv2:0.35:128,mobilenetv2:1.0:224",
-                   help="architecture:alpha:image_size[:plain|:bare], comma-separated; "
-                        "plain: without the rotation ensemble (4x less compute per image); "
-                        "bare: without the ensemble and CellFocus (the model before both)")
+                   help="architecture:alpha:image_size[:plain], comma-separated; plain: "
+                        "without the rotation ensemble (4x less compute per image)")
     p.add_argument("--seconds", type=float, default=6.0, help="per concurrency level")
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
@@ -356,18 +354,16 @@ def main() -> None:
             wait_for_port(port, 180, mlflow_proc)
             uri = f"http://127.0.0.1:{port}"
             for spec in args.configs.split(","):
-                arch, alpha, size, *variant = spec.split(":")
-                rotations, cell_focus = not variant, variant != ["bare"]
-                name = f"bench-{arch}-{alpha}-{size}" + "".join(f"-{v}" for v in variant)
-                register_bench_model(uri, name, arch, float(alpha), int(size), rotations,
-                                     cell_focus)
+                arch, alpha, size, *plain = spec.split(":")
+                rotations = plain != ["plain"]
+                name = f"bench-{arch}-{alpha}-{size}" + ("" if rotations else "-plain")
+                register_bench_model(uri, name, arch, float(alpha), int(size), rotations)
                 base = {"LEUKOFED_INFERENCE_TRACKING_URI": uri,
                         "LEUKOFED_INFERENCE_MODEL_NAME": name,
                         "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp / "cache" / name)}
                 run: dict[str, Any] = {"config": {"architecture": arch, "alpha": float(alpha),
                                                   "image_size": int(size),
-                                                  "rotation_ensemble": rotations,
-                                                  "cell_focus": cell_focus},
+                                                  "rotation_ensemble": rotations},
                                        "predict": []}
                 for mode, (batch, delay) in MODES.items():
                     env = {**base, "LEUKOFED_INFERENCE_MAX_BATCH_SIZE": str(batch),
@@ -391,13 +387,12 @@ def main() -> None:
 
 
 def register_bench_model(uri: str, name: str, architecture: str, alpha: float,
-                         size: int, rotation_ensemble: bool = True, cell_focus: bool = True
-                         ) -> str:
+                         size: int, rotation_ensemble: bool = True) -> str:
     """Untrained weights (speed does not depend on them), registered and published as ONNX
     the way the aggregator does: the service serves only published ONNX files."""
     return register_tiny_model(uri, name, seed=0, image_size=size, champion=True,
-                               rotation_ensemble=rotation_ensemble, cell_focus=cell_focus,
-                               architecture=architecture, alpha=alpha)
+                               rotation_ensemble=rotation_ensemble, architecture=architecture,
+                               alpha=alpha)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 def header(command: str | None = None) -> dict[str, Any]:
-    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    return {"date": now_iso(),
             "command": command or " ".join(shlex.quote(a) for a in sys.argv),
             "machine": machine()}
 

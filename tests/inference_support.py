@@ -185,8 +185,7 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes,
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,
                         champion: bool = False, profile: bool = False,
                         rotation_ensemble: bool = True, signing_key: Any | None = None,
-                        architecture: str = "compact_cnn", alpha: float = 0.35,
-                        cell_focus: bool | None = None) -> str:
+                        architecture: str = "compact_cnn", alpha: float = 0.35) -> str:
     """Build a model (a compact_cnn unless ``architecture`` says otherwise), log and register
     it in MLflow, and publish its ONNX file as the aggregator does (signed with
     ``signing_key`` when given): the inference service serves only published ONNX files.
@@ -202,9 +201,8 @@ def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_siz
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    extra = {} if cell_focus is None else {"cell_focus": cell_focus}  # None: the default
     model = build_model(architecture, image_size=image_size, alpha=alpha, seed=seed,
-                        dropout=0.0, rotation_ensemble=rotation_ensemble, **extra)
+                        dropout=0.0, rotation_ensemble=rotation_ensemble)
     meta = model_metadata(model, architecture, image_size)
     if profile:
         meta["acquisition_profile"] = smear_profile(image_size)
