@@ -61,23 +61,35 @@ def robustness(predict: Any, audit_set: Any, profile: Any, test_x: Any, test_y: 
                ) -> dict[str, Any]:
     """What a model's numbers mean, for the benchmark tables: the shortcut audit
     (leukofed.audit), accuracy on an unseen simulated laboratory (leukofed.labs), and the
-    share of images referred (leukofed.ood): in-distribution test images, each kind of
-    out-of-distribution probe (leukofed.probes) and laboratories outside the training range."""
+    share of images referred (``referral_shares``)."""
     import numpy as np
 
     from leukofed.audit import run_audit
     from leukofed.labs import apply_batch, unseen_lab
     from leukofed.metrics import classification_metrics
-    from leukofed.probes import probe_sets
-
-    def referred(images: Any) -> float:
-        return float(np.mean([v.refer for v in profile.judge_images(images)]))
 
     out: dict[str, Any] = {"audit": run_audit(predict, audit_set)}
     lab = apply_batch(test_x, unseen_lab(seed, "inside"))
     m = classification_metrics(test_y, predict(lab))
     out["unseen_lab"] = {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
-                         "referred": referred(lab)}
+                         "referred": float(np.mean([v.refer for v in profile.judge_images(lab)]))}
+    out["referred"] = referral_shares(profile, test_x, seed, probe_images, outside_labs)
+    return out
+
+
+def referral_shares(profile: Any, test_x: Any, seed: int = 0, probe_images: int = 120,
+                    outside_labs: int = 5) -> dict[str, float]:
+    """Share of images the acquisition profile (leukofed.ood) refers: the in-distribution
+    test images, each kind of out-of-distribution probe (leukofed.probes) made from a subset
+    of them, and laboratories outside the training range. It needs no model."""
+    import numpy as np
+
+    from leukofed.labs import apply_batch, unseen_lab
+    from leukofed.probes import probe_sets
+
+    def referred(images: Any) -> float:
+        return float(np.mean([v.refer for v in profile.judge_images(images)]))
+
     step = max(1, len(test_x) // probe_images)
     subset = test_x[::step][:probe_images]
     shares = {"in_distribution_test": referred(test_x)}
@@ -87,8 +99,7 @@ def robustness(predict: Any, audit_set: Any, profile: Any, test_x: Any, test_y: 
         referred(apply_batch(subset[i * per_lab:(i + 1) * per_lab],
                              unseen_lab(seed + 100 + i, "outside")))
         for i in range(outside_labs)]))
-    out["referred"] = shares
-    return out
+    return shares
 
 
 def conformal_rows(val_probs: Any, val_y: Any, test_probs: Any, test_y: Any, test_refer: Any,

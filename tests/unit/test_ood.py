@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukofed.ood import DESCRIPTORS, AcquisitionProfile, ProfileStats, descriptors
+from leukofed.ood import (
+    DEFAULT_MAX_SCALE_SHIFT,
+    DESCRIPTORS,
+    AcquisitionProfile,
+    ProfileStats,
+    descriptors,
+)
 from leukofed.probes import blank_field, demagnified, grayscale, magnified, natural_photos
 
 
@@ -93,17 +99,44 @@ def test_the_reason_names_what_is_unusual(profile: AcquisitionProfile) -> None:
     assert any("stained white cell" in r for r in verdict.reasons)
 
 
+def test_magnification_moves_the_scale_shift_its_own_way(profile: AcquisitionProfile) -> None:
+    """Half the magnification scores positive and is called lower, twice scores negative and
+    is called higher; ordinary fields sit near zero, in training standard deviations."""
+    base = fields(12, 12)
+    ordinary = [profile.judge(d).scale_shift for d in descriptors(fields(60, 13))]
+    assert abs(np.mean(ordinary)) < 1.0 and 0.3 < np.std(ordinary) < 2.0
+    lower = profile.judge_images(np.stack([
+        demagnified([base[(i + k) % 12] for k in range(4)]) for i in range(12)]))
+    higher = profile.judge_images(np.stack([magnified(im) for im in base]))
+    assert all(v.scale_shift > DEFAULT_MAX_SCALE_SHIFT for v in lower)
+    # A central crop of a synthetic field can hold almost no cell: most, not all, move.
+    assert np.mean([v.scale_shift < -DEFAULT_MAX_SCALE_SHIFT for v in higher]) >= 0.75
+    assert all(any("lower magnification" in r for r in v.reasons) for v in lower)
+    assert all(any("higher magnification" in r for r in v.reasons)
+               for v in higher if v.scale_shift < -DEFAULT_MAX_SCALE_SHIFT)
+
+
+def test_a_profile_saved_before_the_scale_test_loads_with_its_default(
+        profile: AcquisitionProfile) -> None:
+    old = {k: v for k, v in profile.to_dict().items() if k != "max_scale_shift"}
+    assert AcquisitionProfile.from_dict(old).max_scale_shift == DEFAULT_MAX_SCALE_SHIFT
+    with pytest.raises(ValueError, match="max_scale_shift"):
+        AcquisitionProfile.from_dict({**old, "max_scale_shift": 0})
+
+
 @pytest.mark.realdata
-def test_refer_targets_on_the_real_data(real_data) -> None:
-    """The issue's targets on the block split at 128 px: at most 5% of held-out test images
-    referred; at least 95% of every out-of-distribution kind."""
+@pytest.mark.parametrize("split_seed", [0, 1])
+def test_refer_targets_on_the_real_data(real_data, split_seed: int) -> None:
+    """The issue's targets on two block splits at 128 px: at most 5% of held-out test images
+    referred; at least 95% of every out-of-distribution kind. Split 1 is the one where the
+    bound chosen on split 0 alone referred 9.3% of test images."""
     from leukofed.data import scan_dataset
     from leukofed.labs import apply_batch, unseen_lab
     from leukofed.probes import probe_sets
     from leukofed.splits import group_split
     from leukofed.train import load_arrays
 
-    split = group_split(scan_dataset(real_data, verify=False).records, seed=0)
+    split = group_split(scan_dataset(real_data, verify=False).records, seed=split_seed)
     train, _ = load_arrays(split.train, 128)
     test, _ = load_arrays(split.test, 128)
     profile = AcquisitionProfile.from_stats(ProfileStats.of_images(train))
@@ -113,7 +146,8 @@ def test_refer_targets_on_the_real_data(real_data) -> None:
 
     assert referred(test) <= 0.05
     subset = test[::4]
-    shares = {k: referred(v) for k, v in probe_sets(subset).items()}
+    shares = {k: referred(v) for k, v in probe_sets(subset, split_seed).items()}
     shares["outside_labs"] = float(np.mean([
-        referred(apply_batch(subset[i::4], unseen_lab(100 + i, "outside"))) for i in range(4)]))
+        referred(apply_batch(subset[i::4], unseen_lab(split_seed + 100 + i, "outside")))
+        for i in range(4)]))
     assert all(v >= 0.95 for v in shares.values()), shares
