@@ -56,9 +56,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- command: `{doc['command']}`",
         f"- machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores; "
         f"date: {doc['date']}",
-        f"- base: `{doc['base_rev']}`; head: `{doc['head_rev']}`; model: compact CNN @64 px, "
-        "untrained, without the rotation ensemble, each side registering and serving it "
-        "its own way; runs alternated base, head, base, head",
+        f"- base: `{doc['base_rev']}`; head: `{doc['head_rev']}`; model: "
+        f"{doc['model']}"
+        ", each side building, registering and serving it its own way; runs alternated "
+        "base, head, base, head",
         "- ratio > 1 for images/s and < 1 for p50 favour the head. *Base vs base* is the "
         "same code measured twice: the machine's drift, which a difference must clear.",
         "",
@@ -81,6 +82,10 @@ def main() -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--base-rev", required=True)
     p.add_argument("--head-rev", required=True)
+    p.add_argument("--model", default="compact CNN @64 px, untrained, without the rotation "
+                   "ensemble", help="what both sides served, for the table's header")
+    p.add_argument("--command", help="the command that made the runs (default: "
+                   "benchmarks/inference_ab.sh BASE)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--markdown", type=Path, required=True)
     args = p.parse_args()
@@ -91,8 +96,9 @@ def main() -> None:
     base = {i: cells(args.dir / f"base-{i}.json") for i in pairs}
     head = {i: cells(args.dir / f"head-{i}.json") for i in pairs}
     doc = header()
-    doc.update(command="benchmarks/inference_ab.sh " + args.base_rev,
-               base_rev=args.base_rev, head_rev=args.head_rev, comparisons={})
+    doc.update(command=args.command or "benchmarks/inference_ab.sh " + args.base_rev,
+               base_rev=args.base_rev, head_rev=args.head_rev, model=args.model,
+               comparisons={})
     for i in pairs:
         doc["comparisons"][f"pair {i}: head / base"] = ratios(head[i], base[i])
     if len(pairs) > 1:

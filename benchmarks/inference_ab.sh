@@ -7,11 +7,14 @@
 #
 #   benchmarks/inference_ab.sh [BASE] [PAIRS]    # writes benchmarks/results/inference-ab.json
 #   BENCH_ARGS="--seconds 1 --levels 1" benchmarks/inference_ab.sh   # a quick try of the script
+#   AB_CONFIG=compact_cnn:0:128 AB_MODEL="compact CNN @128 px, the default graph" ...
+#       # another model (bench_inference.py --configs syntax), e.g. when the model code changed
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BASE=${1:-dc0d93d}
 PAIRS=${2:-2}
-CONFIG=compact_cnn:0:64:plain
+CONFIG=${AB_CONFIG:-compact_cnn:0:64:plain}
+MODEL=${AB_MODEL:-compact CNN @64 px, untrained, without the rotation ensemble}
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
 RESULTS=${AB_RESULTS:-$ROOT/benchmarks/results/inference-ab.json}
 DOC=${AB_DOC:-$ROOT/docs/benchmarks-inference-ab.md}
@@ -28,6 +31,10 @@ for i in $(seq 1 "$PAIRS"); do
   (cd "$ROOT" && "$PY" benchmarks/bench_inference.py --configs "$CONFIG" "${EXTRA[@]}" \
      --json "$OUT/head-$i.json" --markdown "$OUT/head-$i.md" > "$OUT/head-$i.log" 2>&1)
 done
-"$PY" "$ROOT/benchmarks/compare_inference.py" --base-rev "$BASE" \
+COMMAND="benchmarks/inference_ab.sh $BASE $PAIRS"
+[[ -n "${AB_CONFIG:-}" ]] && COMMAND="AB_CONFIG=$AB_CONFIG $COMMAND"
+[[ -n "${BENCH_ARGS:-}" ]] && COMMAND="BENCH_ARGS=\"$BENCH_ARGS\" $COMMAND"
+"$PY" "$ROOT/benchmarks/compare_inference.py" --base-rev "$BASE" --model "$MODEL" \
+  --command "$COMMAND" \
   --head-rev "$(git -C "$ROOT" rev-parse --short HEAD)" "$OUT" \
   --json "$RESULTS" --markdown "$DOC"

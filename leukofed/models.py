@@ -73,7 +73,10 @@ class CellFocus(keras.layers.Layer):
         std = keras.ops.std(purple, axis=(1, 2, 3), keepdims=True)
         z = (purple - mean) / (std + 1.0)
         cells = keras.ops.sigmoid((z - self.threshold) / self.softness)
-        near = keras.ops.max_pool(cells, self.rim, strides=1, padding="same")
+        # A square window's maximum is the maximum along rows of the maximum along columns:
+        # the same numbers from 2 x rim comparisons per pixel instead of rim squared.
+        near = keras.ops.max_pool(cells, (self.rim, 1), strides=1, padding="same")
+        near = keras.ops.max_pool(near, (1, self.rim), strides=1, padding="same")
         return near * x + (1.0 - near) * self.fill
 
     def get_config(self) -> dict[str, Any]:
@@ -139,11 +142,9 @@ class RotationMean(keras.layers.Layer):
 
 def _backbone_output(
     name: str, inputs: keras.KerasTensor, image_size: int, alpha: float, weights: str | None,
-    norm: str = "batch", cell_focus: bool = False,
+    norm: str = "batch",
 ) -> keras.KerasTensor:
     shape = (image_size, image_size, 3)
-    if cell_focus:
-        inputs = CellFocus(name="cell_focus")(inputs)
     if name == "compact_cnn":
         if weights:
             raise ValueError("compact_cnn has no ImageNet weights")
@@ -207,8 +208,11 @@ def build_model(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
-    x = RotationStack(name="rotations")(inputs) if rotation_ensemble else inputs
-    x = _backbone_output(name, x, image_size, alpha, weights, norm, cell_focus)
+    # CellFocus commutes with right-angle turns (per-pixel maths, whole-image statistics, a
+    # centred square window), so it runs once, before the four rotations, not on each.
+    x = CellFocus(name="cell_focus")(inputs) if cell_focus else inputs
+    x = RotationStack(name="rotations")(x) if rotation_ensemble else x
+    x = _backbone_output(name, x, image_size, alpha, weights, norm)
     if dropout:
         x = keras.layers.Dropout(dropout)(x)
     # float32 output even under a mixed-precision policy: softmax and the loss stay exact.

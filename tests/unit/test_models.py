@@ -131,3 +131,28 @@ def test_rotation_ensemble_averages_the_four_rotations_at_inference_only() -> No
     assert not np.allclose(got, turns[0], atol=1e-4)  # it is not just the plain answer
     assert got.shape == (3, 4) and np.allclose(got.sum(1), 1.0, atol=1e-5)
     assert ensemble(x, training=True).shape == (3, 4)  # training: one pass per image
+
+
+def test_cell_focus_is_the_square_window_it_describes_and_commutes_with_turns() -> None:
+    """The two one-dimensional max-pools give the 7x7 window's maximum; the layer gives the
+    same answer on a turned image turned back, which lets it run before the rotations."""
+    from scipy.ndimage import maximum_filter
+
+    from leukofed.models import CellFocus
+
+    layer = CellFocus()
+    rng = np.random.default_rng(3)
+    x = np.stack([_field((235, 225, 240)), _field((200, 235, 215))]).astype("float32")
+    x += rng.normal(0, 4, x.shape).astype("float32")
+    r, g, b = x[..., 0:1], x[..., 1:2], x[..., 2:3]
+    purple = np.minimum((r + b) / 2, b) - g
+    z = (purple - purple.mean(axis=(1, 2, 3), keepdims=True)) / (
+        purple.std(axis=(1, 2, 3), keepdims=True) + 1.0)
+    cells = 1 / (1 + np.exp(-(z - layer.threshold) / layer.softness))
+    near = maximum_filter(cells, size=(1, layer.rim, layer.rim, 1), mode="nearest")
+    expected = near * x + (1 - near) * layer.fill
+    got = np.asarray(layer(x))
+    assert np.allclose(got, expected, atol=1e-3)
+    for k in (1, 2, 3):
+        turned = np.asarray(layer(np.ascontiguousarray(np.rot90(x, k, axes=(1, 2)))))
+        assert np.allclose(np.rot90(turned, -k, axes=(1, 2)), got, atol=1e-3)
