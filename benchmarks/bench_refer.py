@@ -58,7 +58,7 @@ def measure_split(records: list, seed: int, size: int) -> dict[str, Any]:
 
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    head = ["val", "test", *PROBES]
+    head = ["val", "in_distribution_test", *PROBES]
     lines = ["# The \"refer\" rule across block splits", "",
              f"Command: `{doc['command']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB  ",
@@ -72,14 +72,16 @@ def markdown(doc: dict[str, Any]) -> str:
              "*previous*: range with no margin, Mahalanobis bound 5 (chosen on seed 0's "
              "validation alone), no scale test. No model is involved: the rule sees only "
              "the images.", "",
-             "| seed | rule | " + " | ".join(head) + " |", "|---" * (2 + len(head)) + "|"]
+             "| seed | rule | val | test | " + " | ".join(PROBES) + " |",
+             "|---" * (2 + len(head)) + "|"]
     for r in doc["splits"]:
         for rule in ("current", "previous"):
             lines.append(f"| {r['seed']} | {rule} | "
                          + " | ".join(f"{r[rule][k]:.3f}" for k in head) + " |")
     for rule in ("current", "previous"):
         arr = np.array([[r[rule][k] for k in head] for r in doc["splits"]])
-        worst = np.where([k in ("val", "test") for k in head], arr.max(0), arr.min(0))
+        worst = np.where([k in ("val", "in_distribution_test") for k in head], arr.max(0),
+                         arr.min(0))
         lines.append(f"| mean | {rule} | " + " | ".join(f"{v:.3f}" for v in arr.mean(0)) + " |")
         lines.append(f"| worst | {rule} | " + " | ".join(f"{v:.3f}" for v in worst) + " |")
     return "\n".join(lines) + "\n"
