@@ -251,22 +251,24 @@ def spread_table(results: list[dict[str, Any]]) -> list[str]:
              "gap <= 6 points, referred test <= 0.05, every probe >= 0.95.", "",
              "| split seed | train/val/test | " + " | ".join(head) + " |",
              "|---" * (2 + len(head)) + "|"]
+    points = [h.endswith("(points)") for h in head]
+
+    def cells(values: Any) -> str:
+        return " | ".join(f"{v:.1f}" if pt else f"{v:.3f}" for v, pt in zip(values, points))
+
     table = []
     for r in sorted(rows, key=lambda r: r.get("seed", 0)):
         values = numbers(r)
         table.append(values)
         counts = "/".join(str(c) for c in r.get("counts", [])) or "n/a"
-        lines.append(f"| {r.get('seed', 0)} | {counts} | "
-                     + " | ".join(f"{v:.3f}" if abs(v) < 2 else f"{v:.1f}" for v in values)
-                     + " |")
+        lines.append(f"| {r.get('seed', 0)} | {counts} | {cells(values)} |")
     arr = np.array(table)
     for label, agg in (("mean", arr.mean(0)), ("sd", arr.std(0, ddof=1)),
                        ("worst", np.where([h in ("recoloured gap (points)", "follow-the-colour",
                                                  "spatial gap (points)", "colour forest",
                                                  "referred: test") for h in head],
                                           arr.max(0), arr.min(0)))):
-        lines.append(f"| {label} | | " + " | ".join(
-            f"{v:.3f}" if abs(v) < 2 else f"{v:.1f}" for v in agg) + " |")
+        lines.append(f"| {label} | | {cells(agg)} |")
     return lines
 
 
