@@ -440,8 +440,10 @@ def robustness_lines(doc: dict[str, Any]) -> list[str]:
              "hematologist (test: lower is better; probes: higher is better). In `labs` "
              "scenarios the server test split keeps the dataset's own acquisition, which "
              "after the simulation no hospital has: it is a second unseen laboratory, and "
-             "the refer check sends most of it to a hematologist, as it should for a "
-             "laboratory outside the federation's profile.", "",
+             "*referred: test* is the share of it the refer check sends to a hematologist "
+             "(66% with the refer rule of 2026-11-30; the rule since 2026-12-06 widens "
+             "each statistic's range and tests magnification on its own: "
+             "docs/benchmarks-refer.md).", "",
              "| scenario | px | test acc | recoloured | spatial | follow-colour "
              "| background-only | colour forest | hospitals mean / worst | training labs "
              "| unseen lab | gap (own tests) | referred: test | unseen lab | "
