@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import (  # noqa: E402
+    REFERRAL_KINDS,
     conformal_rows,
     header,
     now_iso,
@@ -197,8 +198,7 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
 def robustness_table(results: list[dict[str, Any]]) -> list[str]:
     """What the accuracy means: the same models under the shortcut audit, an unseen
     laboratory, and the "refer" decision on images unlike the training data."""
-    kinds = ("grayscale", "magnified_2x", "magnified_0.5x", "blank_field", "natural_photo",
-             "outside_labs")
+    kinds = REFERRAL_KINDS
     lines = [
         "| model | px | recipe | test acc | recoloured acc | spatial recolour acc "
         "| follow-the-colour | background-only acc | colour-histogram forest "
@@ -226,9 +226,6 @@ def spread_table(results: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in results if r.get("recipe") == "new" and "robustness" in r]
     if len(rows) < 2:
         return []
-    probes = ("grayscale", "magnified_2x", "magnified_0.5x", "blank_field", "natural_photo",
-              "outside_labs")
-
     def numbers(r: dict[str, Any]) -> list[float]:
         a, rob = r["robustness"]["audit"], r["robustness"]
         orig, rec = a["audit_original_accuracy"], a["audit_recoloured_accuracy"]
@@ -236,7 +233,7 @@ def spread_table(results: list[dict[str, Any]]) -> list[str]:
                 a["audit_follow_colour"], a["audit_spatial_accuracy"],
                 100 * (orig - a["audit_spatial_accuracy"]), a["audit_histogram_accuracy"],
                 rob["unseen_lab"]["accuracy"], rob["referred"]["in_distribution_test"],
-                min(rob["referred"][k] for k in probes), r["test"]["malignant_sensitivity"]]
+                min(rob["referred"][k] for k in REFERRAL_KINDS), r["test"]["malignant_sensitivity"]]
 
     head = ["test acc", "macro-F1", "recoloured acc", "recoloured gap (points)",
             "follow-the-colour", "spatial acc", "spatial gap (points)", "colour forest",

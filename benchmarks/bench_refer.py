@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import REFERRAL_KINDS as PROBES  # noqa: E402
 from common import header, referral_shares, write_json  # noqa: E402
 
 from leukofed.data import scan_dataset  # noqa: E402
@@ -33,8 +34,6 @@ from leukofed.splits import group_split  # noqa: E402
 from leukofed.train import load_arrays  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBES = ("grayscale", "magnified_2x", "magnified_0.5x", "blank_field", "natural_photo",
-          "outside_labs")
 # The rule before the scale test (session 9): bound 5 chosen on one split's validation.
 PREVIOUS_RULE = {"range_margin": 0.0, "max_distance": 5.0, "max_scale_shift": math.inf}
 

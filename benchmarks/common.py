@@ -77,6 +77,11 @@ def robustness(predict: Any, audit_set: Any, profile: Any, test_x: Any, test_y: 
     return out
 
 
+# The columns referral_shares fills besides the in-distribution test images, in table order.
+REFERRAL_KINDS = ("grayscale", "magnified_2x", "magnified_0.5x", "blank_field", "natural_photo",
+                  "outside_labs")
+
+
 def referral_shares(profile: Any, test_x: Any, seed: int = 0, probe_images: int = 120,
                     outside_labs: int = 5) -> dict[str, float]:
     """Share of images the acquisition profile (leukofed.ood) refers: the in-distribution
