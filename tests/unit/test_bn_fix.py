@@ -21,12 +21,17 @@ from leukofed.train import Trainer, fit, load_arrays
 pytestmark = pytest.mark.realdata
 
 
+# Six epochs, not four: four left run-to-run spread (0.45-0.64 validation accuracy on one
+# machine and CI) too close to the bar; six gave 0.62-0.72 over three subsets.
+EPOCHS = 6
+
+
 def _val_accuracy(bn_momentum: float | None, train, val) -> float:
     # The previous team's setting (whole field, flips and a small jitter), where it failed.
     trainer = Trainer(build_model("mobilenetv2", 64, bn_momentum=bn_momentum, seed=0,
                                   cell_focus=False))
     # No BN recalibration here: it would hide the momentum effect this test is about.
-    fit(trainer, train, None, epochs=4, batch_size=32, learning_rate=2e-3, progress=False,
+    fit(trainer, train, None, epochs=EPOCHS, batch_size=32, learning_rate=2e-3, progress=False,
         recalibrate_bn=False, augmentation="basic")
     return classification_metrics(val[1], trainer.predict(val[0]))["accuracy"]
 
