@@ -48,7 +48,7 @@ bench-central: setup
 	$(PY) benchmarks/bench_central.py --data $(DATA)
 
 # The "refer" rule on ten block splits, current bounds beside the previous ones (no model,
-# 5-7 minutes).
+# about 3 minutes).
 bench-refer: setup
 	$(PY) benchmarks/bench_refer.py --data $(DATA)
 

@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REFERRAL_KINDS as PROBES  # noqa: E402
-from common import header, referral_shares, write_json  # noqa: E402
+from common import header, referral_shares_by_rule, write_json  # noqa: E402
 
 from leukofed.data import scan_dataset  # noqa: E402
-from leukofed.ood import AcquisitionProfile, ProfileStats  # noqa: E402
+from leukofed.ood import AcquisitionProfile, ProfileStats, descriptors  # noqa: E402
 from leukofed.protocol import DEFAULT_IMAGE_SIZE  # noqa: E402
 from leukofed.splits import group_split  # noqa: E402
 from leukofed.train import load_arrays  # noqa: E402
@@ -43,11 +43,12 @@ def measure_split(records: list, seed: int, size: int) -> dict[str, Any]:
     train, val, test = (load_arrays(split[n], size)[0] for n in ("train", "val", "test"))
     stats = ProfileStats.of_images(train)
     out: dict[str, Any] = {"seed": seed, "counts": [len(train), len(val), len(test)]}
-    for rule, options in (("current", {}), ("previous", PREVIOUS_RULE)):
-        profile = AcquisitionProfile.from_stats(stats, **options)
-        shares = referral_shares(profile, test, seed)
-        shares["val"] = float(np.mean([v.refer for v in profile.judge_images(val)]))
-        out[rule] = shares
+    profiles = {"current": AcquisitionProfile.from_stats(stats),
+                "previous": AcquisitionProfile.from_stats(stats, **PREVIOUS_RULE)}
+    out.update(referral_shares_by_rule(profiles, test, seed))
+    val_descriptors = descriptors(val)
+    for rule, profile in profiles.items():
+        out[rule]["val"] = float(np.mean([profile.judge(d).refer for d in val_descriptors]))
     cur, prev = out["current"], out["previous"]
     print(f"seed {seed}: referred test {cur['in_distribution_test']:.3f} (previous rule "
           f"{prev['in_distribution_test']:.3f}), lowest probe "

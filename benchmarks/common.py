@@ -87,24 +87,34 @@ def referral_shares(profile: Any, test_x: Any, seed: int = 0, probe_images: int 
     """Share of images the acquisition profile (leukofed.ood) refers: the in-distribution
     test images, each kind of out-of-distribution probe (leukofed.probes) made from a subset
     of them, and laboratories outside the training range. It needs no model."""
+    return referral_shares_by_rule({"": profile}, test_x, seed, probe_images, outside_labs)[""]
+
+
+def referral_shares_by_rule(profiles: dict[str, Any], test_x: Any, seed: int = 0,
+                            probe_images: int = 120,
+                            outside_labs: int = 5) -> dict[str, dict[str, float]]:
+    """``referral_shares`` for several profiles (rules) over the same images: each image's
+    acquisition descriptor, the slow part, is computed once and judged by every rule."""
     import numpy as np
 
     from leukofed.labs import apply_batch, unseen_lab
+    from leukofed.ood import descriptors
     from leukofed.probes import probe_sets
-
-    def referred(images: Any) -> float:
-        return float(np.mean([v.refer for v in profile.judge_images(images)]))
 
     step = max(1, len(test_x) // probe_images)
     subset = test_x[::step][:probe_images]
-    shares = {"in_distribution_test": referred(test_x)}
-    shares.update({k: referred(v) for k, v in probe_sets(subset, seed).items()})
     per_lab = max(1, len(subset) // outside_labs)
-    shares["outside_labs"] = float(np.mean([
-        referred(apply_batch(subset[i * per_lab:(i + 1) * per_lab],
-                             unseen_lab(seed + 100 + i, "outside")))
-        for i in range(outside_labs)]))
-    return shares
+    groups = {"in_distribution_test": [test_x], **{k: [v] for k, v in
+                                                    probe_sets(subset, seed).items()},
+              "outside_labs": [apply_batch(subset[i * per_lab:(i + 1) * per_lab],
+                                           unseen_lab(seed + 100 + i, "outside"))
+                               for i in range(outside_labs)]}
+    described = {k: [descriptors(images) for images in sets] for k, sets in groups.items()}
+    # A group of several image sets (the outside laboratories) is the mean of their shares.
+    return {rule: {k: float(np.mean([np.mean([profile.judge(d).refer for d in desc])
+                                     for desc in sets]))
+                   for k, sets in described.items()}
+            for rule, profile in profiles.items()}
 
 
 def conformal_rows(val_probs: Any, val_y: Any, test_probs: Any, test_y: Any, test_refer: Any,
