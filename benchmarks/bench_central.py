@@ -198,12 +198,11 @@ def run_config(name: str, size: int, epochs: int, recipe: str, data: dict[str, A
 def robustness_table(results: list[dict[str, Any]]) -> list[str]:
     """What the accuracy means: the same models under the shortcut audit, an unseen
     laboratory, and the "refer" decision on images unlike the training data."""
-    kinds = REFERRAL_KINDS
     lines = [
         "| model | px | recipe | test acc | recoloured acc | spatial recolour acc "
         "| follow-the-colour | background-only acc | colour-histogram forest "
-        "| unseen lab acc | referred: test | " + " | ".join(kinds) + " |",
-        "|---" * (11 + len(kinds)) + "|"]
+        "| unseen lab acc | referred: test | " + " | ".join(REFERRAL_KINDS) + " |",
+        "|---" * (11 + len(REFERRAL_KINDS)) + "|"]
     for r in results:
         rob = r.get("robustness")
         if rob is None:
@@ -216,7 +215,7 @@ def robustness_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {a['audit_background_only_accuracy']:.3f} "
             f"| {a['audit_histogram_accuracy']:.3f} | {rob['unseen_lab']['accuracy']:.3f} "
             f"| {ref['in_distribution_test']:.3f} | "
-            + " | ".join(f"{ref[k]:.2f}" for k in kinds) + " |")
+            + " | ".join(f"{ref[k]:.2f}" for k in REFERRAL_KINDS) + " |")
     return lines
 
 

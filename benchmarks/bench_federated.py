@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, write_json  # noqa: E402
+from common import header, referred_share, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
@@ -187,7 +187,7 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     def referred(images: np.ndarray) -> float | None:
         if profile is None:
             return None
-        return float(np.mean([v.refer for v in profile.judge_images(images)]))
+        return referred_share(profile, images)
 
     out: dict[str, Any] = {"version": version,
                            "referred": {"in_distribution_test": referred(x)}}

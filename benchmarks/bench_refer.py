@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REFERRAL_KINDS as PROBES  # noqa: E402
-from common import header, referral_shares_by_rule, write_json  # noqa: E402
+from common import header, referral_shares_by_rule, referred_share, write_json  # noqa: E402
 
 from leukofed.data import scan_dataset  # noqa: E402
 from leukofed.ood import AcquisitionProfile, ProfileStats, descriptors  # noqa: E402
@@ -48,7 +48,7 @@ def measure_split(records: list, seed: int, size: int) -> dict[str, Any]:
     out.update(referral_shares_by_rule(profiles, test, seed))
     val_descriptors = descriptors(val)
     for rule, profile in profiles.items():
-        out[rule]["val"] = float(np.mean([profile.judge(d).refer for d in val_descriptors]))
+        out[rule]["val"] = referred_share(profile, described=val_descriptors)
     cur, prev = out["current"], out["previous"]
     print(f"seed {seed}: referred test {cur['in_distribution_test']:.3f} (previous rule "
           f"{prev['in_distribution_test']:.3f}), lowest probe "

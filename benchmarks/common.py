@@ -62,7 +62,6 @@ def robustness(predict: Any, audit_set: Any, profile: Any, test_x: Any, test_y: 
     """What a model's numbers mean, for the benchmark tables: the shortcut audit
     (leukofed.audit), accuracy on an unseen simulated laboratory (leukofed.labs), and the
     share of images referred (``referral_shares``)."""
-    import numpy as np
 
     from leukofed.audit import run_audit
     from leukofed.labs import apply_batch, unseen_lab
@@ -72,9 +71,20 @@ def robustness(predict: Any, audit_set: Any, profile: Any, test_x: Any, test_y: 
     lab = apply_batch(test_x, unseen_lab(seed, "inside"))
     m = classification_metrics(test_y, predict(lab))
     out["unseen_lab"] = {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
-                         "referred": float(np.mean([v.refer for v in profile.judge_images(lab)]))}
+                         "referred": referred_share(profile, lab)}
     out["referred"] = referral_shares(profile, test_x, seed, probe_images, outside_labs)
     return out
+
+
+def referred_share(profile: Any, images: Any = None, described: Any = None) -> float:
+    """Share of the images (or of their acquisition descriptors, when already computed)
+    that the acquisition profile (leukofed.ood) refers to a hematologist."""
+    import numpy as np
+
+    from leukofed.ood import descriptors
+
+    rows = descriptors(images) if described is None else described
+    return float(np.mean([profile.judge(d).refer for d in rows]))
 
 
 # The columns referral_shares fills besides the in-distribution test images, in table order.
@@ -111,8 +121,7 @@ def referral_shares_by_rule(profiles: dict[str, Any], test_x: Any, seed: int = 0
                                for i in range(outside_labs)]}
     described = {k: [descriptors(images) for images in sets] for k, sets in groups.items()}
     # A group of several image sets (the outside laboratories) is the mean of their shares.
-    return {rule: {k: float(np.mean([np.mean([profile.judge(d).refer for d in desc])
-                                     for desc in sets]))
+    return {rule: {k: float(np.mean([referred_share(profile, described=desc) for desc in sets]))
                    for k, sets in described.items()}
             for rule, profile in profiles.items()}
 
