@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 HISTORY_TAG = "leukofed.alias_history"  # on the registered model: the last moves, JSON
 HISTORY_LENGTH = 30
+# A registered model's tag is a VARCHAR(5000) in MLflow's SQL stores (PostgreSQL enforces it):
+# the oldest moves are dropped until the history fits.
+HISTORY_MAX_CHARS = 5000
+OVERRIDE_TAG = "leukofed.gate_override"  # on a version promoted past the release gate
+REASON_LENGTH = 500  # an override's reason, as recorded
 _FLUENT = threading.Lock()  # MLflow's fluent API is process-wide: one registration at a time
 
 
@@ -118,15 +123,22 @@ class Registry:
 
     def best_version(self, metric: str, run_id: str | None = None) -> tuple[str, float] | None:
         """The version with the highest numeric tag ``metric`` (optionally within one run)."""
-        best: tuple[str, float] | None = None
+        ranked = self.ranked_versions(metric, run_id)
+        return (ranked[0].version, float(ranked[0].tags[metric])) if ranked else None
+
+    def ranked_versions(self, metric: str, run_id: str | None = None) -> list[VersionInfo]:
+        """Every version with a numeric tag ``metric`` (optionally within one run), highest
+        first; ties keep the newer version first. Versions without it (or NaN) are left out."""
+        found: list[tuple[float, int, VersionInfo]] = []
         for mv in self._versions(run_id):
             try:
                 value = float(mv.tags[metric])
             except (KeyError, ValueError):
                 continue
-            if value == value and (best is None or value > best[1]):  # skip NaN
-                best = (str(mv.version), value)
-        return best
+            if value == value:  # skip NaN
+                found.append((value, int(mv.version), VersionInfo(
+                    self.model_name, str(mv.version), mv.run_id, dict(mv.tags or {}))))
+        return [info for _, _, info in sorted(found, key=lambda f: (-f[0], -f[1]))]
 
     # ------------------------------------------------------------ aliases (write)
 
@@ -135,7 +147,8 @@ class Registry:
             self.client.set_registered_model_alias(self.model_name, alias, str(version))
 
     def alias_history(self) -> list[dict[str, Any]]:
-        """The alias moves ``promote`` recorded, oldest first (who, when, from, to, digest)."""
+        """The alias moves ``promote`` recorded, oldest first (who, when, from, to, digest,
+        and what the release gate said)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -145,25 +158,40 @@ class Registry:
             return []
         return history if isinstance(history, list) else []
 
-    def promote(self, version: str | int, alias: str = CHAMPION_ALIAS) -> dict[str, str]:
+    def promote(self, version: str | int, alias: str = CHAMPION_ALIAS,
+                gate: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Point ``alias`` at ``version``; returns its tags. The move is appended to the
         registered model's ``leukofed.alias_history`` tag with the MLflow user and the
         version's signed ONNX digest (a move made elsewhere, e.g. the MLflow UI, is not:
-        compare the history's last entry with the alias)."""
+        compare the history's last entry with the alias).
+
+        ``gate`` is what the release gate said (``leukofed.gate``), recorded in the entry:
+        ``{"gate": "passed"}``, or for a forced move ``{"gate": "overridden", "reason": ...,
+        "failed": [...]}``; an override is also written on the version itself (tag
+        ``leukofed.gate_override``: who, when, alias, reason, floors failed), so it stays
+        readable after the history has rolled over."""
         from registry.publish import TAG_SHA
 
         info = self.version(version)  # raises if missing
         before = self.alias(alias)
         self.set_alias(version, alias)
-        entry = {"alias": alias, "version": str(version),
-                 "from": before.version if before else None,
-                 "by": os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser(),
-                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "onnx_sha256": info.tags.get(TAG_SHA)}
+        entry: dict[str, Any] = {
+            "alias": alias, "version": str(version),
+            "from": before.version if before else None,
+            "by": os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "onnx_sha256": info.tags.get(TAG_SHA), **dict(gate or {})}
+        if isinstance(entry.get("reason"), str):
+            entry["reason"] = entry["reason"][:REASON_LENGTH]
         history = [*self.alias_history(), entry][-HISTORY_LENGTH:]
+        while len(history) > 1 and len(json.dumps(history)) > HISTORY_MAX_CHARS:
+            history = history[1:]  # oldest first out: the tag must fit the store's column
         with _mlflow_errors("record the move"):
             self.client.set_registered_model_tag(self.model_name, HISTORY_TAG,
                                                  json.dumps(history))
+            if entry.get("gate") == "overridden":
+                self.client.set_model_version_tag(self.model_name, str(version),
+                                                  OVERRIDE_TAG, json.dumps(entry))
         return info.tags
 
     # ------------------------------------------------------------ runs (write)

@@ -18,6 +18,7 @@ HOSPITALS=${HOSPITALS:-2}
 ROUNDS=${ROUNDS:-2}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}
 MODEL=${MODEL:-compact_cnn}
+promote_opts=()  # `promote best` holds the champion to the release gate (leukofed.gate)
 started=$(date +%s)
 
 if [[ -z ${SKIP_IMAGES:-} ]]; then
@@ -36,9 +37,10 @@ if [[ -d $DATA && -z ${SYNTHETIC:-} ]]; then
     "$VENV/python" scripts/compose_data.py "$COMPOSE_WORK/data" --data "$DATA" --hospitals "$HOSPITALS"
 else
     IMAGE_SIZE=${IMAGE_SIZE:-32}
-    # Synthetic classes differ by colour alone: the shortcut audit refuses any model of them,
-    # as it should, so promotion is forced (and says so). Never do this with real smears.
-    PROMOTE_FORCE=--force
+    # Synthetic classes differ by colour alone: the release gate (its shortcut audit first)
+    # refuses any model of them, as it should, so promotion is forced with a reason that is
+    # recorded with the move. Never do this with real smears.
+    promote_opts=(--force --reason "compose-demo on synthetic images: a smoke test of the stack, not of a model")
     echo "no dataset at DATA=$DATA: synthetic images (a smoke test of the stack, not of a model)"
     "$VENV/python" scripts/compose_data.py "$COMPOSE_WORK/data" --synthetic --hospitals "$HOSPITALS"
 fi
@@ -59,8 +61,7 @@ echo "run $run_id; MLflow: http://127.0.0.1:$MLFLOW_PORT (user admin, password i
 "$VENV/leukofed" run status "$run_id" --url "$AGGREGATOR_URL" >"$COMPOSE_WORK/run-status.json"
 
 echo "== 5/5 promote (as the MLflow admin), then a prediction from the inference container"
-# shellcheck disable=SC2086 # empty or one option
-champion=$(promote_best "$run_id" ${PROMOTE_FORCE:-})
+champion=$(promote_best "$run_id" "${promote_opts[@]}")
 [[ -n $champion ]] || { echo "nothing was promoted" >&2; exit 1; }
 wait_serving "$champion" 120
 image=$(find "$COMPOSE_WORK/data/server/test" -type f | sort | head -1)

@@ -67,7 +67,7 @@ if ! "$VENV/leukofed" run watch "$run_id"; then
 fi
 "$VENV/leukofed" run status "$run_id"
 
-echo "== promote: the version with the best worse-of(original, recoloured) macro-F1 becomes champion, if it passes the shortcut audit"
+echo "== promote: the version with the best worse-of(original, recoloured) macro-F1 that passes the release gate becomes champion"
 "$VENV/leukofed" promote best --run-id "$run_id" | tee "$DEMO/promote.txt"
 champion=$(sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$DEMO/promote.txt")
 

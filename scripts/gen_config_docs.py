@@ -83,6 +83,7 @@ STACK: list[tuple[str, str, str]] = [
 
 
 def _classes() -> list[tuple[str, str, type[BaseSettings]]]:
+    from leukofed.gate import GateFloors
     from services.aggregator.settings import AggregatorSettings
     from services.client.settings import ClientSettings
     from services.client.virtual import VirtualSettings
@@ -93,6 +94,8 @@ def _classes() -> list[tuple[str, str, type[BaseSettings]]]:
         ("Virtual hospitals (simulation)", "services/client/virtual.py", VirtualSettings),
         ("Aggregator", "services/aggregator/settings.py", AggregatorSettings),
         ("Inference service", "services/inference/settings.py", InferenceSettings),
+        ("Release gate (`leukofed promote`; each also a command-line option)",
+         "leukofed/gate.py", GateFloors),
     ]
 
 

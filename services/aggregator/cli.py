@@ -160,41 +160,104 @@ def cancel(run_id: str, url: UrlOpt = DEFAULT_URL) -> None:
     typer.echo(f"cancel requested for {run_id}")
 
 
+GATE_HELP = "release gate floor (default {default:g}; env {env})"
+
+
+def _gate_option(name: str, words: str) -> Any:
+    from leukofed.gate import GateFloors
+
+    default = GateFloors.model_fields[name].default
+    return typer.Option(help=f"{words}: " + GATE_HELP.format(
+        default=default, env=f"LEUKOFED_GATE_{name.upper()}"))
+
+
 def promote(
-    version: Annotated[str, typer.Argument(help="model version, or 'best' (highest tag)")],
+    version: Annotated[str, typer.Argument(
+        help="model version, or 'best' (the highest-ranked version that passes the gate)")],
     alias: str = "champion",
     metric: Annotated[str, typer.Option(
         help="tag used by 'best'; the default ranks by the worse of original and recoloured "
              "macro-F1, so a colour reader cannot win")] = "audit_worst_macro_f1",
     run_id: Annotated[str | None, typer.Option(help="with 'best': only this run")] = None,
     model_name: Annotated[str | None, typer.Option()] = None,
-    max_follow_colour: Annotated[float, typer.Option(
-        help="refuse a version whose share of answers following a new stain is above this",
-        envvar="LEUKOFED_MAX_FOLLOW_COLOUR")] = DEFAULT_MAX_FOLLOW_COLOUR,
     force: Annotated[bool, typer.Option(
-        help="move the alias even when the shortcut audit fails or is missing")] = False,
+        help="move the alias although the version fails the release gate; needs --reason, "
+             "and the override is recorded with the move")] = False,
+    reason: Annotated[str | None, typer.Option(
+        help="why the version is promoted past the gate (with --force; recorded)")] = None,
+    min_macro_f1: Annotated[float | None, _gate_option(
+        "min_macro_f1", "lowest test macro-F1")] = None,
+    min_sensitivity: Annotated[float | None, _gate_option(
+        "min_sensitivity", "lowest malignant sensitivity")] = None,
+    min_specificity: Annotated[float | None, _gate_option(
+        "min_specificity", "lowest malignant specificity")] = None,
+    min_class_recall: Annotated[float | None, _gate_option(
+        "min_class_recall", "lowest recall of every class")] = None,
+    max_coverage_shortfall: Annotated[float | None, _gate_option(
+        "max_coverage_shortfall", "most the conformal coverage may fall under its target")
+    ] = None,
+    max_refer_share: Annotated[float | None, _gate_option(
+        "max_refer_share", "highest share of test images referred")] = None,
+    max_follow_colour: Annotated[float | None, typer.Option(
+        help="highest share of recoloured test images whose answer follows the new colour "
+             "(the shortcut audit): release gate floor (default "
+             f"{DEFAULT_MAX_FOLLOW_COLOUR:g}; env LEUKOFED_GATE_MAX_FOLLOW_COLOUR or "
+             "LEUKOFED_MAX_FOLLOW_COLOUR)")] = None,
 ) -> None:
     """Point an alias (champion by default) at a registered model version, after showing
-    its shortcut audit (leukofed.audit); a version that reads colour is refused."""
-    from leukofed.audit import audit_verdict, format_audit
-    from registry.client import Registry, RegistryError
+    its model card, its shortcut audit and the release gate (leukofed.gate). A version below
+    a floor is refused; --force --reason TEXT overrides, and the override is recorded."""
+    from pydantic import ValidationError
+
+    from leukofed.audit import format_audit
+    from leukofed.gate import GateFloors, check_gate, format_gate
+    from registry.client import HISTORY_TAG, OVERRIDE_TAG, Registry, RegistryError
     from registry.model_versions import DEFAULT_MODEL_NAME
     from registry.publish import TAG_SHA, TAG_SIGNATURE, TAG_UNSIGNED
 
+    if force and not (reason or "").strip():
+        typer.echo("refused: --force needs --reason TEXT (why this version is promoted past "
+                   "the release gate; it is recorded with the move)", err=True)
+        raise typer.Exit(2)
+    given = {"min_macro_f1": min_macro_f1, "min_sensitivity": min_sensitivity,
+             "min_specificity": min_specificity, "min_class_recall": min_class_recall,
+             "max_coverage_shortfall": max_coverage_shortfall,
+             "max_refer_share": max_refer_share, "max_follow_colour": max_follow_colour}
+    try:
+        floors = GateFloors(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(f"release gate floors: {exc}") from None
     uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)
     registry = Registry(uri, name)  # MLflow credentials: MLFLOW_TRACKING_USERNAME/PASSWORD
+    none_passes = False
     try:
         if version == "best":
-            found = registry.best_version(metric, run_id)
-            if found is None:
+            ranked = registry.ranked_versions(metric, run_id)
+            if not ranked:
                 typer.echo(f"no version of {name} has a {metric} tag"
                            + (" (versions registered without a server test split carry no "
                               "shortcut audit; rank them with --metric val_macro_f1)"
                               if metric.startswith("audit_") else ""), err=True)
                 raise typer.Exit(1)
-            version = found[0]
-            typer.echo(f"best by {metric}: version {version} ({found[1]:.4f})")
+            chosen = None
+            for info in ranked:  # highest first: the first that passes the gate wins
+                verdict = check_gate(_model_card(registry, info.tags), info.tags, floors)
+                if verdict.passed:
+                    chosen = info
+                    break
+                typer.echo(f"version {info.version} ({metric} "
+                           f"{float(info.tags[metric]):.4f}): {verdict.summary()}")
+            if chosen is None:
+                none_passes = True
+                chosen = ranked[0]
+                typer.echo(f"no version of {name}" + (f" in run {run_id}" if run_id else "")
+                           + f" passes the release gate ({len(ranked)} checked); the best by "
+                           f"{metric}, version {chosen.version}, is shown below")
+            else:
+                typer.echo(f"best by {metric} that passes the release gate: version "
+                           f"{chosen.version} ({float(chosen.tags[metric]):.4f})")
+            version = chosen.version
         tags = registry.version(version).tags
     except RegistryError as exc:
         typer.echo(f"cannot read version {version} of {name}: {exc}", err=True)
@@ -205,25 +268,45 @@ def promote(
 
         typer.echo(card_summary(card))
     else:
-        typer.echo(f"version {version} has no model card (registered before cards existed)")
+        typer.echo(f"version {version} has no model card (registered before cards existed): "
+                   "the release gate finds its metrics missing")
     typer.echo(format_audit(tags))
-    ok, reason = audit_verdict(tags, max_follow_colour)
-    if not ok and not force:
-        typer.echo(f"refused: version {version}: {reason}; pass --force to promote anyway",
-                   err=True)
+    verdict = check_gate(card, tags, floors)
+    typer.echo(format_gate(verdict))
+    failed = ", ".join(verdict.failed_names())
+    if not verdict.passed and not force:
+        if none_passes:
+            typer.echo(f"refused: nothing promoted: no version of {name} passes the release "
+                       f"gate (version {version}, the best by {metric}, fails {failed}); "
+                       "train further, or promote one anyway with `leukofed promote VERSION "
+                       "--force --reason TEXT` (recorded with the move)", err=True)
+        else:
+            typer.echo(f"refused: version {version} fails the release gate ({failed}); to "
+                       "promote it anyway: --force --reason TEXT (recorded with the move)",
+                       err=True)
         raise typer.Exit(2)
-    if not ok:
-        typer.echo(f"warning: {reason}; promoted because of --force", err=True)
+    gate: dict[str, Any] = {"gate": "passed"}
+    if not verdict.passed:
+        typer.echo(f"warning: version {version} fails the release gate ({failed}); promoted "
+                   f"because of --force, reason: {reason}", err=True)
+        gate = {"gate": "overridden", "reason": reason,
+                "failed": [c.describe() for c in verdict.failed]}
+    elif reason:
+        gate["reason"] = reason
     signed = tags.get(TAG_SIGNATURE) not in (None, "", TAG_UNSIGNED)
     typer.echo(f"ONNX file sha256: {tags.get(TAG_SHA) or 'none (not servable)'}; aggregator "
                f"signature: {'present (the inference service checks it)' if signed else 'none'}")
     try:
-        tags = registry.promote(version, alias)
+        tags = registry.promote(version, alias, gate)
     except RegistryError as exc:  # e.g. a read-only (hospital) user with MLflow auth on
         typer.echo(f"MLflow refused to move @{alias}: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")
+    if gate["gate"] == "overridden":
+        typer.echo(f"override recorded in the alias history (tag {HISTORY_TAG} of {name}) "
+                   f"and on version {version} (tag {OVERRIDE_TAG}): who, when, the reason "
+                   "and the floors failed")
 
 
 def _model_card(registry: Any, tags: dict[str, str]) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ def test_configuration_reference_is_up_to_date() -> None:
 
 
 def test_every_setting_is_listed() -> None:
+    from leukofed.gate import GateFloors
     from services.aggregator.settings import AggregatorSettings
     from services.client.settings import ClientSettings
     from services.inference.settings import InferenceSettings
@@ -22,6 +23,7 @@ def test_every_setting_is_listed() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
     for prefix, cls in (("LEUKOFED_CLIENT_", ClientSettings),
                         ("LEUKOFED_AGGREGATOR_", AggregatorSettings),
-                        ("LEUKOFED_INFERENCE_", InferenceSettings)):
+                        ("LEUKOFED_INFERENCE_", InferenceSettings),
+                        ("LEUKOFED_GATE_", GateFloors)):
         for name in cls.model_fields:
             assert f"`{prefix}{name.upper()}`" in text, name

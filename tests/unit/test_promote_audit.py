@@ -1,11 +1,13 @@
 """`leukofed promote` shows the shortcut audit and refuses a colour reader (real MLflow
-registry in a local SQLite store; no server needed for the registry calls)."""
+registry in a local SQLite store; no server needed for the registry calls). The audit is one
+floor of the release gate (leukofed.gate; its other floors: tests/unit/test_promote_gate.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from gate_support import sqlite_registry
 from typer.testing import CliRunner
 
 from leukofed.cli import app
@@ -21,24 +23,10 @@ CELL_READER = {"audit_original_macro_f1": "0.93", "audit_recoloured_macro_f1": "
 
 @pytest.fixture
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # restored after the test
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri, registry_uri=uri)
-    client.create_registered_model(NAME)
-
-    def add(tags: dict[str, str], run: str = "r1") -> str:
-        source = tmp_path / "model"
-        source.mkdir(exist_ok=True)
-        mv = client.create_model_version(NAME, str(source), tags={**tags, "run_id": run})
-        return str(mv.version)
-    yield client, add
-    mlflow.set_tracking_uri("")
-    mlflow.set_registry_uri("")
+    # Each version carries a model card that passes the release gate's other floors
+    # (tests/gate_support.py), so what these tests change is the audit.
+    with sqlite_registry(tmp_path, monkeypatch, NAME) as (client, add):
+        yield client, add
 
 
 def champion(client) -> str | None:
@@ -59,9 +47,11 @@ def test_promote_best_refuses_the_colour_reader(registry, tmp_path: Path) -> Non
     result = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
     assert result.exit_code == 2, result.output
     assert "refused" in result.output and "follow the new colour" in result.output
+    assert "no version of" in result.output and "passes the release gate" in result.output
     assert "recoloured" in result.output  # the audit table was shown first
     assert champion(client) is None
-    forced = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME, "--force"])
+    forced = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME, "--force",
+                                      "--reason", "test: a colour reader, knowingly"])
     assert forced.exit_code == 0, forced.output
     assert champion(client) == "1"
 
@@ -80,6 +70,7 @@ def test_promote_refuses_a_version_without_an_audit(registry) -> None:
     version = add({"val_macro_f1": "0.9"})
     result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME])
     assert result.exit_code == 2 and "no shortcut audit" in result.output
+    assert "fails the release gate (follow_colour)" in result.output
     assert champion(client) is None
     missing = CliRunner().invoke(app, ["promote", "best", "--model-name", NAME])
     assert missing.exit_code == 1 and "--metric val_macro_f1" in missing.output
@@ -100,13 +91,21 @@ def test_promote_prints_the_model_card_summary_first(registry, tmp_path: Path) -
                                  if k.startswith("audit_")}})
     (tmp_path / "card.json").write_text(json.dumps(card))
     client.log_artifact(run, str(tmp_path / "card.json"), "cards/version-1")
-    version = add({**CELL_READER, "model_card": f"{run}:cards/version-1/card.json"})
+    version = add({**CELL_READER, "model_card": f"{run}:cards/version-1/card.json"},
+                  card=None)
+    # This card's Early recall (0.88) is below the gate's 0.90, and it has no conformal
+    # coverage: refused after the summary, or promoted with a recorded reason.
     result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output
     summary = card_summary(card)
     assert summary.splitlines()[1] in result.output  # the accuracy line with its interval
+    assert result.output.index(summary.splitlines()[0]) < result.output.index("refused")
+    result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME, "--force",
+                                      "--reason", "test"])
+    assert result.exit_code == 0, result.output
     assert result.output.index(summary.splitlines()[0]) < result.output.index("is now @")
-    # A version registered before cards existed still promotes, and says so.
-    old = add(CELL_READER)
+    # A version registered before cards existed says so, and the gate finds it missing.
+    old = add(CELL_READER, card=None)
     result = CliRunner().invoke(app, ["promote", old, "--model-name", NAME])
-    assert result.exit_code == 0 and "has no model card" in result.output
+    assert result.exit_code == 2 and "has no model card" in result.output
+    assert "macro-F1 (test)" in result.output and "FAIL (missing)" in result.output
