@@ -78,8 +78,9 @@ bench-privacy: setup
 up: setup
 	@bash scripts/stack.sh up
 
+# Every local stack scripts/stack.sh started (the demo's, `leukofed simulate --keep`'s, ...).
 down:
-	@bash scripts/stack.sh down
+	@bash scripts/stack.sh down --all
 
 status:
 	@bash scripts/stack.sh status

@@ -74,6 +74,8 @@ STACK: list[tuple[str, str, str]] = [
     ("AGGREGATOR_PORT", "8001", "aggregator port"),
     ("INFERENCE_PORT", "8000", "inference service port"),
     ("RUN_DIR", ".run", "state, pid files and logs (RUN_DIR/logs/NAME.log)"),
+    ("STACKS_FILE", ".run/stacks", "where `up` lists the RUN_DIR of every stack it started; "
+     "`down --all` (`make down`) stops them all"),
     ("HOSPITAL_DATA", "(last value, else the demo's partition)", "folder with one sub-folder "
      "per hospital; one worker is started per sub-folder"),
     ("HOSPITAL_IDS", "(sub-folders of HOSPITAL_DATA)", "comma list of hospitals to start"),

@@ -3,7 +3,7 @@
 # aggregator under uvicorn, one Celery worker per hospital, and the inference service (it
 # serves the champion once one is promoted; until then /readyz says why it is not ready).
 #
-#   scripts/stack.sh up | down | status | logs [NAME]
+#   scripts/stack.sh up | down [--all] | status | logs [NAME]
 #
 # Environment (all optional):
 #   REDIS_PORT=6379  MLFLOW_PORT=5000  AGGREGATOR_PORT=8001  INFERENCE_PORT=8000  RUN_DIR=.run
@@ -14,8 +14,11 @@
 #   SERVER_TEST_MANIFEST=FILE  split manifest whose test split the aggregator evaluates
 #   VIRTUAL_WORKERS=N   simulation: N processes of virtual hospitals (services/client/
 #                       virtual.py) serve the hospitals instead of one worker each
+#   STACKS_FILE=.run/stacks  where `up` lists the RUN_DIR of every stack it started
 # Each process runs in its own session; its pid file is RUN_DIR/pids/NAME.pid and its log
-# RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started.
+# RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started
+# in RUN_DIR; `down --all` (what `make down` runs) stops every stack `up` started, whatever
+# its RUN_DIR (`leukofed simulate --keep` leaves one in .run/simulate/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,28 @@ BROKER_URL="redis://127.0.0.1:${REDIS_PORT}/0"
 # service refuses to start without them (leukofed.startup, docs/security.md).
 export LEUKOFED_DEV_MODE=${LEUKOFED_DEV_MODE:-1}
 MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
+STACKS_FILE=${STACKS_FILE:-.run/stacks}
+
+remember_stack() {  # list RUN_DIR among the stacks `down --all` stops
+    mkdir -p "$(dirname "$STACKS_FILE")"
+    grep -qxF "$RUN_DIR_ABS" "$STACKS_FILE" 2>/dev/null || echo "$RUN_DIR_ABS" >>"$STACKS_FILE"
+}
+
+forget_stack() {  # forget_stack DIR: its stack is down
+    [[ -f $STACKS_FILE ]] || return 0
+    grep -vxF "$1" "$STACKS_FILE" >"$STACKS_FILE.tmp" || true
+    mv "$STACKS_FILE.tmp" "$STACKS_FILE"
+}
+
+known_stacks() {  # this RUN_DIR, stacks inside it, every one `up` listed; once each
+    {
+        echo "$RUN_DIR_ABS"
+        # e.g. .run/simulate/run, also when started before the list existed
+        find "$RUN_DIR_ABS" -mindepth 2 -maxdepth 4 -type d -name pids -printf '%h\n' \
+            2>/dev/null | sort
+        [[ ! -f $STACKS_FILE ]] || cat "$STACKS_FILE"
+    } | awk 'NF && !seen[$0]++'
+}
 
 alive() {  # alive NAME: the recorded process still runs
     local f="$PIDS/$1.pid"
@@ -104,6 +129,7 @@ start_virtual() {  # VIRTUAL_WORKERS processes share the hospitals round-robin
 
 up() {
     echo "starting the stack (state in $RUN_DIR)"
+    remember_stack
     mkdir -p "$RUN_DIR/redis" "$RUN_DIR/mlflow/artifacts"
     start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN_DIR_ABS/redis" \
         --appendonly yes --save "" --protected-mode no
@@ -144,14 +170,36 @@ up() {
          "http://127.0.0.1:$INFERENCE_PORT/ | hospitals: $(hospital_ids)"
 }
 
+running() {  # running PID: alive, and not a zombie (exited, not yet reaped by its parent)
+    local stat state
+    kill -0 "$1" 2>/dev/null || return 1
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    read -r state _ <<<"${stat##*) }"
+    [[ $state != Z ]]
+}
+
+session_of() {  # session_of PID: its session id (fields after the command name in stat)
+    local stat sid
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r _ _ _ sid _ <<<"${stat##*) }"
+    echo "$sid"
+}
+
 stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
-    local name=$1 f="$PIDS/$1.pid" pid i
+    local name=$1 f="$PIDS/$1.pid" pid i sid
     [[ -f $f ]] || return 0
     pid=$(cat "$f")
+    # `start` made the process a session leader: a pid that leads no session of its own was
+    # reused by someone else's process since (a reboot, say), and is not ours to signal.
+    if sid=$(session_of "$pid") && [[ $sid != "$pid" ]]; then
+        echo "  $name: pid $pid is no longer the process this stack started; not signalled"
+        rm -f "$f"
+        return 0
+    fi
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
         for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
+            running "$pid" || break
             sleep 0.2
         done
         kill -KILL -- "-$pid" 2>/dev/null || true
@@ -160,21 +208,55 @@ stop_one() {  # stop_one NAME: TERM the session, then KILL what is left
     rm -f "$f"
 }
 
-down() {
-    local f name
+down_dir() {  # down_dir DIR: stop every process the stack in DIR started
+    local PIDS=$1/pids f name
     # Workers and the aggregator first, so nothing reconnects to a broker going away.
     for f in "$PIDS"/inference.pid "$PIDS"/client-*.pid "$PIDS"/virtual-*.pid \
              "$PIDS"/aggregator.pid \
-             "$PIDS"/mlflow.pid "$PIDS"/redis.pid; do
+             "$PIDS"/mlflow.pid "$PIDS"/redis.pid "$PIDS"/*.pid; do
         [[ -f $f ]] || continue
         name=$(basename "$f" .pid)
         stop_one "$name"
     done
+    forget_stack "$1"
+}
+
+down() {  # down [--all]
+    local dir
+    if [[ ${1:-} == --all ]]; then
+        while IFS= read -r dir; do
+            if compgen -G "$dir/pids/*.pid" >/dev/null; then
+                echo "stopping the stack in $dir"
+                down_dir "$dir"
+            else
+                forget_stack "$dir"
+            fi
+        done < <(known_stacks)
+    elif [[ -n ${1:-} ]]; then
+        echo "usage: $0 down [--all]" >&2
+        return 2
+    else
+        down_dir "$RUN_DIR_ABS"
+    fi
     echo "down"
+}
+
+other_stacks() {  # a line for each other stack `up` started that still has processes
+    local dir f
+    while IFS= read -r dir; do
+        [[ $dir != "$RUN_DIR_ABS" ]] || continue
+        for f in "$dir"/pids/*.pid; do
+            if [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null; then
+                echo "  another stack runs in $dir (RUN_DIR=$dir $0 status; make down stops it)"
+                break
+            fi
+        done
+    done < <(known_stacks)
 }
 
 status() {
     local f name state=0
+    other_stacks
     for f in "$PIDS"/*.pid; do
         [[ -f $f ]] || { echo "nothing started"; return 0; }
         name=$(basename "$f" .pid)
@@ -211,8 +293,8 @@ logs() {
 
 case ${1:-} in
     up) up ;;
-    down) down ;;
+    down) shift; down "${1:-}" ;;
     status) status ;;
     logs) shift; logs "${1:-}" ;;
-    *) echo "usage: $0 up|down|status|logs [NAME]" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down [--all]|status|logs [NAME]" >&2; exit 2 ;;
 esac

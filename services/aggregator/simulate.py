@@ -5,7 +5,8 @@ numbers, Dirichlet label skew by default), starts the local stack (scripts/stack
 redis-server, MLflow, the aggregator, the inference service) with the hospitals served by
 a few processes of virtual hospitals (services/client/virtual.py) instead of one worker
 each, starts the run through the REST API and follows it round by round. Every round's
-model is registered in MLflow as for a real federation.
+model is registered in MLflow as for a real federation. The stack is stopped at the end,
+unless --keep: then the command that stops it is printed (`make down` stops it too).
 
     leukofed simulate --data ../shared/data/all-pbs --hospitals 50 --alpha 0.5 --rounds 5
 """
@@ -13,6 +14,7 @@ model is registered in MLflow as for a real federation.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -51,7 +53,9 @@ def simulate(
         help="processes of virtual hospitals (each trains one hospital at a time)")] = 1,
     work_dir: Annotated[Path, typer.Option(help="partition, state and logs")] = Path(
         ".run/simulate"),
-    keep: Annotated[bool, typer.Option(help="leave the stack up after the run")] = False,
+    keep: Annotated[bool, typer.Option(
+        help="leave the stack up after the run (the command that stops it is printed; "
+             "`make down` stops it too)")] = False,
 ) -> None:
     """Partition DATA into virtual hospitals, start the stack and run a federation."""
     import httpx
@@ -96,6 +100,15 @@ def simulate(
     finally:
         if not keep:
             subprocess.run([stack, "down"], env=env, check=False)
+        else:
+            typer.echo(f"the stack is left running (--keep); stop it with: "
+                       f"{stop_command(work / 'run')}  (`make down` stops every local stack)")
+
+
+def stop_command(run_dir: Path) -> str:
+    """The one shell command that stops the stack whose state is in ``run_dir``."""
+    return (f"RUN_DIR={shlex.quote(str(run_dir))} "
+            f"{shlex.quote(str(ROOT / 'scripts' / 'stack.sh'))} down")
 
 
 def _wait_workers(logs: Path, workers: int, timeout: float = 300) -> None:

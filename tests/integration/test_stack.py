@@ -2,8 +2,8 @@
 MLflow server, the aggregator and the inference service under uvicorn, and one Celery
 worker per hospital of a tiny synthetic HOSPITAL_DATA, all on free ports.
 
-up -> every service healthy and the workers live -> a second up changes nothing ->
-down -> no process and no bound port left behind.
+up -> every service healthy and the workers live, the stack listed for `down --all` -> a
+second up changes nothing -> down -> no process and no bound port left behind.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
            if not k.startswith(("LEUKOFED_", "MLFLOW_"))}
     env.update({k: str(v) for k, v in ports.items()})
     env.update(RUN_DIR=str(tmp_path / "run"), HOSPITAL_DATA=str(data),
+               STACKS_FILE=str(tmp_path / "stacks"),  # not the repository's .run/stacks
                LEUKOFED_LOG_FORMAT="json", TF_CPP_MIN_LOG_LEVEL="2")
     yield env
     # Whatever the test's outcome, leave nothing running.
@@ -122,6 +123,8 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
                                      "INFERENCE_PORT")}
     out = _stack("up", env)
     assert "inference started" in out
+    # Listed for `make down` (stack.sh down --all), whatever its RUN_DIR.
+    assert Path(env["STACKS_FILE"]).read_text().split() == [str(run_dir.resolve())]
 
     pids = _pids(run_dir)
     assert set(pids) == {"redis", "mlflow", "aggregator", "inference",
@@ -170,6 +173,7 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
 
     _stack("down", env, timeout=180)
     assert not list((run_dir / "pids").glob("*.pid"))
+    assert Path(env["STACKS_FILE"]).read_text().split() == []
     leftovers = {name: _group_members(pid) for name, pid in pids.items()}
     assert not any(_alive(pid) for pid in pids.values()), leftovers
     assert not any(leftovers.values()), leftovers
