@@ -110,9 +110,10 @@ bench-images: setup
 	$(PY) benchmarks/bench_images.py
 
 # The federation in containers: images, 2 hospitals on their own networks, a run, promotion,
-# a prediction from the inference container (DATA when present, else synthetic images).
+# a prediction from the inference container: a smoke test on synthetic images, REAL_DATA=1 for
+# DATA's images.
 compose-demo: setup
-	@DATA=$(DATA) bash scripts/compose_demo.sh
+	@DATA=$(DATA) REAL_DATA=$(REAL_DATA) bash scripts/compose_demo.sh
 
 compose-down:
 	@bash scripts/compose.sh down

@@ -5,7 +5,11 @@
 # (MLflow admin), and a prediction from the inference container, which follows @champion.
 # The same contracts as `make demo`; everything it starts is removed by `make compose-down`.
 #
-# Environment (all optional): DATA=../shared/data/all-pbs (absent: synthetic images)
+# By default it is a smoke test of the stack on synthetic images, and says so first: a model
+# worth serving takes minutes of training that `make demo` does as local processes. REAL_DATA=1
+# trains on DATA instead (then ROUNDS and LOCAL_EPOCHS must be enough for the release gate).
+#
+# Environment (all optional): REAL_DATA=1 with DATA=../shared/data/all-pbs
 #   HOSPITALS=2 (2 or 3) ROUNDS=2 LOCAL_EPOCHS=1 IMAGE_SIZE (32 synthetic, 128 real)
 #   MODEL=compact_cnn COMPOSE_WORK=/var/tmp/leukofed-compose COMPOSE_PROJECT=leukofed-demo
 #   SKIP_IMAGES=1 (use the images already built) and the published ports below.
@@ -20,6 +24,13 @@ LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}
 MODEL=${MODEL:-compact_cnn}
 promote_opts=()  # `promote best` holds the champion to the release gate (leukofed.gate)
 started=$(date +%s)
+if [[ -n ${REAL_DATA:-} && -z ${SYNTHETIC:-} ]]; then
+    [[ -d $DATA ]] || { echo "REAL_DATA=1 but no dataset at DATA=$DATA" >&2; exit 2; }
+    echo "compose-demo on the real images of $DATA ($ROUNDS rounds x $LOCAL_EPOCHS local epochs): promotion only if the release gate passes"
+else
+    SYNTHETIC=1
+    echo "compose-demo: a smoke test of the container stack on synthetic images, not of a model (REAL_DATA=1 trains on $DATA; make demo trains the real model)"
+fi
 
 if [[ -z ${SKIP_IMAGES:-} ]]; then
     echo "== 1/5 images (scripts/images.sh)"
@@ -32,7 +43,7 @@ if [[ -f $COMPOSE_ENV ]]; then  # its containers would keep the old folders moun
 fi
 
 echo "== 2/5 each hospital's image folder, and the aggregator's test split, in $COMPOSE_WORK"
-if [[ -d $DATA && -z ${SYNTHETIC:-} ]]; then
+if [[ -z ${SYNTHETIC:-} ]]; then
     IMAGE_SIZE=${IMAGE_SIZE:-128}
     "$VENV/python" scripts/compose_data.py "$COMPOSE_WORK/data" --data "$DATA" --hospitals "$HOSPITALS"
 else
@@ -41,7 +52,7 @@ else
     # refuses any model of them, as it should, so promotion is forced with a reason that is
     # recorded with the move. Never do this with real smears.
     promote_opts=(--force --reason "compose-demo on synthetic images: a smoke test of the stack, not of a model")
-    echo "no dataset at DATA=$DATA: synthetic images (a smoke test of the stack, not of a model)"
+    echo "synthetic images (a smoke test of the stack, not of a model)"
     "$VENV/python" scripts/compose_data.py "$COMPOSE_WORK/data" --synthetic --hospitals "$HOSPITALS"
 fi
 
