@@ -46,6 +46,9 @@ class RoundConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0)
     proximal_mu: float = Field(0.0, ge=0)
     class_balanced: bool = True
+    # Train on log p + log(local class prior) (leukofed.train.logit_prior) instead of
+    # inverse-frequency class weights: the same class-balanced target at every hospital.
+    logit_adjustment: bool = False
     bn_mode: Literal["average", "local"] = "average"
     fp16: bool = False
     seed: int = 0

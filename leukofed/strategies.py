@@ -226,6 +226,30 @@ def adaptive_step(variant: str, x: np.ndarray, delta: np.ndarray, m: np.ndarray,
     return x + eta * m / (np.sqrt(v) + tau), m, v
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_learning_rate(base: float, schedule: str, server_round: int, rounds: int) -> float:
+    """The hospitals' local learning rate in round ``server_round`` (1-based) of ``rounds``.
+
+    "cosine" is the centralized recipe's schedule with rounds for epochs: one warm-up
+    round at half the rate, then a cosine decay to near zero by the last round. Without
+    it the last round's hospitals still take full-size steps in their own directions and
+    the served model is wherever the last average of those lands; with it the federation
+    ends, as centralized training does, with small steps that average to a settled model.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from "
+                         f"{LR_SCHEDULES}")
+    if schedule == "constant" or rounds <= 1:
+        return float(base)
+    epoch = min(max(server_round, 1), rounds) - 1
+    if epoch < 1:
+        return float(base) / 2
+    progress = (epoch - 1) / max(1, rounds - 1)
+    return float(base) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _number(name: str, value: Any, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False) -> float:
     """A real number within bounds, or a ValueError an API client can read."""

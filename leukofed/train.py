@@ -223,6 +223,22 @@ def _augment_function(recipe: str) -> Any:
                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
 
 
+def logit_prior(y: np.ndarray, n_classes: int = len(CLASSES), floor: float = 1e-4
+                ) -> np.ndarray:
+    """Log class frequencies of ``y`` (absent classes at ``log(floor)``), for a
+    logit-adjusted loss (balanced softmax; FedLC in federated learning).
+
+    Training on ``log p + log prior`` makes the model's own output the class-balanced
+    posterior whatever the local label mix, so every hospital's local optimum is the same
+    function: a hospital with few Benign images no longer teaches the global model that
+    Benign is rare, and a class it has none of gets almost no gradient (its adjusted
+    probability is ~``floor`` times smaller), instead of being pushed down at every step.
+    """
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    freq = counts / max(counts.sum(), 1.0)
+    return np.log(np.maximum(freq, floor)).astype(np.float32)
+
+
 def class_weights(y: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
     """Inverse-frequency weights (mean 1 over present classes): a class-balanced loss."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -233,6 +249,14 @@ def class_weights(y: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the step
+
+
+def adjusted_cross_entropy(probs: tf.Tensor, y: tf.Tensor, log_prior: tf.Tensor) -> tf.Tensor:
+    """Per-example cross-entropy of softmax(log p + log prior): with a zero prior, the plain
+    cross-entropy of ``probs`` (clipped at 1e-7 as Keras does); with a class prior, the
+    logit-adjusted loss whose minimiser makes ``probs`` the class-balanced posterior."""
+    log_p = tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0)) + log_prior
+    return -tf.gather(tf.nn.log_softmax(log_p), tf.cast(y, tf.int32), batch_dims=1)
 
 
 class Trainer:
@@ -257,6 +281,9 @@ class Trainer:
             tf.Variable(v.value, trainable=False) for v in model.trainable_variables
         ]
         self.class_weights = tf.Variable(tf.ones([len(CLASSES)]), trainable=False)
+        # Logit adjustment (zeros: off): log of the class prior added to the log-probabilities
+        # inside the loss, see ``logit_prior``.
+        self.log_prior = tf.Variable(tf.zeros([len(CLASSES)]), trainable=False)
         self._train_step = tf.function(self._step, jit_compile=jit_compile)
         self._predict_step = tf.function(
             lambda x: model(x, training=False), jit_compile=jit_compile
@@ -266,7 +293,7 @@ class Trainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             probs = self.model(x, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+            per_example = adjusted_cross_entropy(probs, y, self.log_prior)
             w = tf.gather(self.class_weights, y)
             loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
             # FedProx: mu/2 * ||w - w_global||^2 keeps local models near the global one.
@@ -292,6 +319,7 @@ class Trainer:
         learning_rate: float | None = None,
         proximal_mu: float | None = None,
         class_weights: np.ndarray | None = None,
+        log_prior: np.ndarray | None = None,
     ) -> None:
         """New round: zero optimizer state, anchor FedProx at the current weights."""
         lr = self.learning_rate
@@ -304,6 +332,8 @@ class Trainer:
             self.proximal_mu.assign(proximal_mu)
         if class_weights is not None:
             self.class_weights.assign(class_weights)
+        self.log_prior.assign(np.zeros(len(CLASSES), np.float32) if log_prior is None
+                              else np.asarray(log_prior, np.float32))
 
     def train_epoch(
         self, dataset: tf.data.Dataset, steps: int | None = None, progress: bool = False
@@ -453,13 +483,22 @@ def local_fit(
     seed: int = 0,
     recalibrate_bn: bool = True,
     augmentation: str = DEFAULT_AUGMENTATION,
+    logit_adjustment: bool = False,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
-    trainer.model. Returns aggregate numbers only (nothing per image)."""
+    trainer.model. Returns aggregate numbers only (nothing per image).
+
+    ``logit_adjustment`` trains on the local class prior (``logit_prior``) instead of
+    inverse-frequency weights: both aim at the class-balanced posterior, but weights
+    computed from each hospital's own counts give every hospital a different objective
+    (a hospital's two Benign images weigh 20 times one of its Pre-B images) and still push
+    classes it lacks down, which averaging does not undo."""
+    ones = np.ones(len(CLASSES), np.float32)
     trainer.reset(
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
-        class_weights=class_weights(y) if class_balanced else np.ones(len(CLASSES), np.float32),
+        class_weights=class_weights(y) if class_balanced and not logit_adjustment else ones,
+        log_prior=logit_prior(y) if logit_adjustment else None,
     )
     ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed,
                       augmentation=augmentation)

@@ -96,7 +96,17 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=10)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="hospitals' learning rate over the rounds: 'cosine' decays "
+        "it from learning_rate to near zero by the last round, as centralized training does "
+        "over its epochs (leukofed.strategies.round_learning_rate; docs/benchmarks-federated-"
+        "ablation.md); 'constant' keeps learning_rate in every round")
     class_balanced: bool = True
+    logit_adjustment: bool = Field(
+        True, description="hospitals train on their class prior added to the logits "
+        "(balanced softmax) instead of inverse-frequency weights of their own counts: every "
+        "hospital then aims at the same class-balanced model and classes it lacks are not "
+        "pushed down (leukofed.train.logit_prior); needs class_balanced")
     strategy: str = Field("fedavg", description="aggregation strategy: one of "
                           "fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fedmedian, "
                           "fedtrimmedavg, krum, multikrum")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leukofed.protocol import FitReport, RoundConfig, RoundSummary, RunRecord, WireMap
-from leukofed.strategies import ClientResult, Strategy, make_strategy
+from leukofed.strategies import ClientResult, Strategy, make_strategy, round_learning_rate
 from leukofed.transport import TASK_FIT
 from leukofed.validation import check_tensor_answers, validate_update
 from leukofed.wire import encode_weights
@@ -101,8 +101,12 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
         alpha=cfg.alpha, norm=cfg.norm, cell_focus=cfg.cell_focus,
         rotation_ensemble=cfg.rotation_ensemble, augmentation=cfg.augmentation,
         send_profile=cfg.privacy is None, local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        class_balanced=cfg.class_balanced, bn_mode=cfg.bn_mode, fp16=cfg.fp16, seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        learning_rate=round_learning_rate(cfg.learning_rate, cfg.lr_schedule, server_round,
+                                          cfg.rounds),
+        class_balanced=cfg.class_balanced,
+        logit_adjustment=cfg.class_balanced and cfg.logit_adjustment, bn_mode=cfg.bn_mode,
+        fp16=cfg.fp16, seed=cfg.seed,
         jit_compile=cfg.jit_compile, deadline=deadline, **_local_dp(cfg),
         **strategy.configure_fit(server_round))
 

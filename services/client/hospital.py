@@ -216,6 +216,7 @@ class HospitalClient:
                           learning_rate=cfg.learning_rate,
                           proximal_mu=cfg.proximal_mu,
                           class_balanced=cfg.class_balanced, seed=seed,
+                          logit_adjustment=cfg.logit_adjustment,
                           augmentation=cfg.augmentation)
         trained = time.perf_counter()
         own = weights_from_model(trainer.model)
@@ -244,7 +245,9 @@ class HospitalClient:
         done = time.perf_counter()
         self.participation.append(run=cfg.run_id, round=cfg.round, task="fit",
                                   status="ok", bytes=len(out), sha256=digest,
-                                  num_examples=int(len(x)), fp16=cfg.fp16)
+                                  num_examples=int(len(x)), fp16=cfg.fp16,
+                                  learning_rate=cfg.learning_rate,
+                                  logit_adjustment=cfg.logit_adjustment)
         answer = FitAnswer.model_validate(dict(
             hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),

@@ -147,6 +147,15 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
                  .read_text().splitlines()]
         fits = [e for e in lines if e["task"] == "fit" and e["status"] == "ok"]
         assert [e["round"] for e in fits] == [1, 2]
+        # The default recipe reached the hospital: the round's scheduled learning rate
+        # (cosine over 2 rounds: a warm-up round at half the rate, then the full rate) and
+        # the logit-adjusted loss.
+        from leukofed.strategies import round_learning_rate
+
+        assert [e["learning_rate"] for e in fits] == pytest.approx(
+            [round_learning_rate(1e-3, "cosine", r, 2) for r in (1, 2)])
+        assert [e["learning_rate"] for e in fits] == pytest.approx([5e-4, 1e-3])
+        assert all(e["logit_adjustment"] is True for e in fits)
         assert all(e["bytes"] > 1000 and len(e["sha256"]) == 64 for e in fits)
         assert fits[0]["sha256"] in {s for r in run["history"] for s in r["sha256"].values()}
 
