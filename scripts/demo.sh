@@ -68,8 +68,14 @@ fi
 "$VENV/leukofed" run status "$run_id"
 
 echo "== promote: the version with the best worse-of(original, recoloured) macro-F1 that passes the release gate becomes champion"
-"$VENV/leukofed" promote best --run-id "$run_id" | tee "$DEMO/promote.txt"
+"$VENV/leukofed" promote best --run-id "$run_id" | tee "$DEMO/promote.txt" || true
 champion=$(sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$DEMO/promote.txt")
+if [[ -z $champion ]]; then
+    echo "no version of this run passed the release gate, so nothing is served: the floors and" \
+         "each version's values are above. Train longer (ROUNDS=...) or see docs/ml-engineer.md." \
+         "demo stopped after $(( $(date +%s) - started )) s." >&2
+    exit 2
+fi
 
 echo "== predict: one held-out test image through the inference service ($INFERENCE_URL)"
 # The service polls the champion alias (every second by default), downloads the signed ONNX
