@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -57,6 +57,15 @@ bench-refer: setup
 FED_SCENARIOS ?= 3:dirichlet:fedavg:labs,3:dirichlet:fedavg:labs:old
 bench-federated: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(FED_SCENARIOS)
+
+# Where the federation loses points: federated recipes beside centralized training on the
+# same images for the same passes, in one process (docs/benchmarks-federated-ablation.md;
+# about 7 minutes a row at 10 hospitals, 5 at 3).
+ABLATION_SCENARIOS ?= 10,3
+ABLATION_VARIANTS ?= constant:schedule=constant:la=0,default
+bench-federated-ablation: setup
+	$(PY) benchmarks/bench_fed_ablation.py --data $(DATA) --scenarios $(ABLATION_SCENARIOS) \
+	  --variants "$(ABLATION_VARIANTS)"
 
 # Strategies and BatchNorm handling (3 non-IID hospitals); :nocal = without calibration.
 # These two were measured with the old recipe at 64 px (:old) against the 64 px centralized
