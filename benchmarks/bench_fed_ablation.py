@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "fedavg",
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
-                   "bncal": -1}
+                   "bncal": -1, "batch": 0, "norm": "batch"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -44,7 +44,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     epochs N, strategy NAME, server_lr X and momentum M for fedavgm, bn average|local,
     lr X: the hospitals' base learning rate, 0 for --learning-rate; bncal 1|0: BatchNorm
     statistics measured on the new global weights and pooled, -1: as the aggregator's
-    "auto" does, for every strategy but FedAvg/FedProx)."""
+    "auto" does, for every strategy but FedAvg/FedProx; batch N: the hospitals' batch size,
+    0 for --batch-size; norm batch|group: the compact CNN's normalisation)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -122,24 +123,23 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, A
     from leukofed.train import Trainer, evaluate, local_fit, recalibrate_batchnorm
     from leukofed.wire import batchnorm_stat_names, set_model_weights, weights_from_model
 
-    model = build_model("compact_cnn", args.image_size, seed=args.seed)
+    model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
     trainer = Trainer(model)
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
     strategy = make_strategy(v["strategy"], bn_mode=v["bn"],
                              bn_stat_names=batchnorm_stat_names(model), **params)
     global_w = weights_from_model(model)
-    curve, steps = [], 0
+    curve = []
     start = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         lr = round_lr(v["lr"] or args.learning_rate, v["schedule"], rnd, args.rounds)
         results = []
         for i, (h, (x, y)) in enumerate(data["hospitals"].items()):
             set_model_weights(model, global_w)
-            local_fit(trainer, x, y, epochs=v["epochs"], batch_size=args.batch_size,
+            local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]))
-            steps += v["epochs"] * max(1, -(-len(x) // args.batch_size))
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
         global_w = strategy.aggregate(global_w, results, rnd)
         set_model_weights(model, global_w)
@@ -155,9 +155,14 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, A
         print(f"  round {rnd:>2}/{args.rounds} lr {lr:.2e} test acc {m['accuracy']:.4f} "
               f"Benign recall {curve[-1]['benign_recall']:.3f}", flush=True)
     out = final_report(trainer, data, args.seed)
-    out.update(curve=curve, seconds=time.perf_counter() - start,
-               local_steps_per_hospital_round=steps / args.rounds / len(data["hospitals"]))
+    out.update(curve=curve, seconds=time.perf_counter() - start)
     return out
+
+
+def local_steps(train_images: dict[str, int], epochs: int, batch: int) -> float:
+    """Optimizer steps a hospital makes in a round, on average over hospitals (make_dataset
+    drops the last partial batch; a hospital smaller than a batch makes one step)."""
+    return float(np.mean([epochs * max(1, n // batch) for n in train_images.values()]))
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -182,13 +187,16 @@ def markdown(doc: dict[str, Any]) -> str:
         for name, r, fed in rows:
             a = r["audit"]
             gap = f"{100 * (c['accuracy'] - r['accuracy']):+.1f}" if fed else "-"
+            steps = local_steps(s["train_images"], r["epochs"], r.get("config", {}).get("batch")
+                                or doc.get("batch_size", 32)) if fed else 0.0
+            budget = f"{s['rounds']} x {r['epochs']}" if fed else f"{r['epochs']} epochs"
             lines.append(
-                f"| {s['hospitals']} | {s['partition']} | {name} | {s['rounds']} x "
-                f"{r.get('epochs', '-')} | {f(r['accuracy'])} | {gap} | {f(r['macro_f1'])} | "
+                f"| {s['hospitals']} | {s['partition']} | {name} | {budget} | "
+                f"{f(r['accuracy'])} | {gap} | {f(r['macro_f1'])} | "
                 f"{f(r['recall']['Benign'])} | {f(a['audit_recoloured_accuracy'])} "
                 f"({100 * a['audit_follow_colour']:.1f}%) | "
                 f"{f(a['audit_histogram_accuracy'])} | {f(r.get('unseen_lab_accuracy'))} | "
-                f"{r.get('local_steps_per_hospital_round', 0):.1f} | {r['seconds'] / 60:.1f} |")
+                f"{f'{steps:.1f}' if fed else '-'} | {r['seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +217,7 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT / "docs/benchmarks-federated-ablation.md"))
     args = p.parse_args()
     doc = header()
+    doc["batch_size"] = args.batch_size
     doc["scenarios"] = []
     if args.append and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
