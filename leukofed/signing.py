@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -71,6 +73,24 @@ class SignatureRejected(ValueError):
 # ---------------------------------------------------------------- keys
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only from the moment it exists.
+
+    A temporary file is created 0600 beside ``path`` (mkstemp), written, then renamed over
+    ``path``: a chmod after writing would leave a readable window, and the mode of
+    ``os.open`` does not apply to a file that already exists with a wider one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def generate_keypair(out_dir: Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<name>.key`` (private, 0600) and ``<name>.pub`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,10 +100,7 @@ def generate_keypair(out_dir: Path, name: str, overwrite: bool = False) -> tuple
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    # Created 0600 from the start: a chmod after writing would leave a readable window.
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    write_private(key_path, pem)
     pub_path.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_path, pub_path

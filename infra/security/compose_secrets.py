@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_acl  # noqa: E402
 import make_certs  # noqa: E402
 
-from leukofed.signing import generate_keypair  # noqa: E402
+from leukofed.signing import generate_keypair, write_private  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = "change-me"
@@ -75,9 +75,27 @@ def write_env(path: Path, values: dict[str, str]) -> None:
             lines[i] = f"{m.group(1)}={values[m.group(1)]}"
             done.add(m.group(1))
     lines += [f"{k}={v}" for k, v in values.items() if k not in done]
+    private_env(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def private_env(path: Path) -> None:
+    """Make the .env file 0600 before any secret goes into it: created 0600 when absent, and
+    narrowed when it already exists (the mode of ``os.open`` applies only to a new file, so a
+    .env copied by hand from the example would otherwise stay 0644, world-readable)."""
+    if path.exists():
+        os.chmod(path, 0o600)
+    else:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def private_dir(path: Path) -> Path:
+    """A folder only its owner can enter (0700), also when it already existed wider."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
 
 
 def unset(value: str | None) -> bool:
@@ -86,8 +104,13 @@ def unset(value: str | None) -> bool:
 
 def generate(hospitals: list[str], out: Path, env_path: Path) -> dict[str, str]:
     """Write the secrets and fill .env; returns the .env values it set."""
-    if not env_path.exists() and (ROOT / ".env.example").is_file():
-        shutil.copy(ROOT / ".env.example", env_path)
+    private_dir(out)  # first, so nothing below is ever reachable by others
+    for sub in ("redis", "tls", "keys", "keys/hospitals"):
+        private_dir(out / sub)
+    fresh = not env_path.exists()
+    private_env(env_path)  # 0600 before the example's text (or any secret) goes in
+    if fresh and (ROOT / ".env.example").is_file():
+        env_path.write_text((ROOT / ".env.example").read_text())
     env = read_env(env_path)
     users = [*hospitals, "aggregator", "healthcheck", "monitor"]
     keep = {u: env[redis_variable(u)] for u in users if not unset(env.get(redis_variable(u)))}
@@ -98,11 +121,17 @@ def generate(hospitals: list[str], out: Path, env_path: Path) -> dict[str, str]:
     for name in ["aggregator", *hospitals]:
         if not (keys / f"{name}.key").exists():
             generate_keypair(keys, name)
-    (keys / "hospitals").mkdir(parents=True, exist_ok=True)
     for h in hospitals:
         shutil.copy(keys / f"{h}.pub", keys / "hospitals" / f"{h}.pub")
     for h in hospitals:
         hospital_credentials(out, h)
+    # What an earlier run (or a restored backup) left wider is narrowed: every key and
+    # password file 0600, every folder 0700. New files were 0600 from the start.
+    for path in out.rglob("*"):
+        if path.is_dir():
+            private_dir(path)
+        elif path.suffix in (".key", ".password") or path.name == "users.acl":
+            os.chmod(path, 0o600)
     values = {redis_variable(u): p for u, p in passwords.items()}
     values |= {k: secrets.token_urlsafe(32) for k in GENERATED if unset(env.get(k))}
     if unset(env.get("FLOWER_BASIC_AUTH")):
@@ -113,7 +142,7 @@ def generate(hospitals: list[str], out: Path, env_path: Path) -> dict[str, str]:
 
 def hospital_credentials(out: Path, hospital: str) -> Path:
     """OUT/hospital-<id>/: the files one hospital's client needs, nobody else's secrets."""
-    bundle = out / f"hospital-{hospital}"
+    bundle = private_dir(out / f"hospital-{hospital}")
     files = {"tls/ca.crt": out / "tls" / "ca.crt",
              f"tls/{hospital}.crt": out / "tls" / f"{hospital}.crt",
              f"tls/{hospital}.key": out / "tls" / f"{hospital}.key",
@@ -122,10 +151,12 @@ def hospital_credentials(out: Path, hospital: str) -> Path:
     files |= {f"keys/hospitals/{p.name}": p for p in (out / "keys" / "hospitals").glob("*.pub")}
     for name, source in files.items():
         target = bundle / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-        if target.suffix == ".key":
-            target.chmod(0o600)
+        for folder in reversed(target.relative_to(bundle).parents[:-1]):
+            private_dir(bundle / folder)
+        if target.suffix == ".key":  # never copy then chmod: 0600 from the moment it exists
+            write_private(target, source.read_bytes())
+        else:
+            shutil.copy(source, target)
     return bundle
 
 

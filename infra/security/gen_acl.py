@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import secrets
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from leukofed.signing import write_private  # noqa: E402
 from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
 
 # Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
@@ -35,14 +35,17 @@ COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
 # does not filter SCAN, RANDOMKEY or KEYS by the user's key patterns (they list every key
 # name, other hospitals' queues and task ids included), PUBSUB CHANNELS lists every active
 # channel, and INFO gives the keyspace and the connected clients; none is granted. What
-# stays: EVAL/EVALSHA (in @scripting), which kombu's Redis transport uses to move messages
-# atomically; a script can touch only the keys it is passed, and Redis checks those against
-# the user's key patterns, so EVAL reaches no other hospital's keys.
+# stays: EVAL, EVALSHA and SCRIPT LOAD, which kombu's Redis transport and Celery's result
+# backend use through redis-py's register_script (EVALSHA, then SCRIPT LOAD on NOSCRIPT); a
+# script can touch only the keys it is passed, and Redis checks those against the user's key
+# patterns, so EVAL reaches no other hospital's keys. Never the whole @scripting family:
+# SCRIPT FLUSH / SCRIPT KILL and FUNCTION FLUSH / DELETE / RESTORE act server-wide, on
+# every hospital's and the aggregator's scripts.
 HOSPITAL_COMMANDS = ("-@all +@connection +@list +@hash +@set +@sortedset +@string +@pubsub "
-                     "+@scripting +@transaction +del +unlink +exists +expire +pexpire +ttl "
-                     "+pttl +type +time -@dangerous -@admin +client|setname +client|id -info -scan "
-                     "-randomkey -keys -pubsub|channels -pubsub|numpat -pubsub|numsub "
-                     "-pubsub|shardchannels -pubsub|shardnumsub")
+                     "+eval +evalsha +script|load +@transaction +del +unlink +exists +expire "
+                     "+pexpire +ttl +pttl +type +time -@dangerous -@admin +client|setname "
+                     "+client|id -info -scan -randomkey -keys -pubsub|channels -pubsub|numpat "
+                     "-pubsub|numsub -pubsub|shardchannels -pubsub|shardnumsub")
 # kombu subscribes to fanout exchanges (Celery's remote control, ``celery.pidbox``) with
 # PSUBSCRIBE, and Redis checks a PSUBSCRIBE pattern *literally* against the user's channel
 # patterns (it is not glob-matched like a channel name), so ``&a:*`` alone makes a worker's
@@ -66,9 +69,7 @@ def user_line(name: str, password: str, prefixes: list[str], db: int = 0,
 
 
 def _secret_file(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_private(path, (value + "\n").encode())  # 0600 from the start, even over a 0644
 
 
 # The compose stack's two service users: the health check may only PING; the monitor
@@ -98,7 +99,8 @@ def generate(hospitals: list[str], out: Path, db: int = 0,
         digest = hashlib.sha256(passwords["healthcheck"].encode()).hexdigest()
         lines.append(HEALTHCHECK_LINE.format(digest=digest))
         lines.append(user_line("monitor", passwords["monitor"], prefixes, db))
-    (out / "users.acl").write_text("\n".join(lines) + "\n")
+    # The ACL holds the passwords' digests: only its reader (Redis) may see it.
+    write_private(out / "users.acl", ("\n".join(lines) + "\n").encode())
     for user, password in passwords.items():
         _secret_file(out / f"{user}.password", password)
     return passwords

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from leukofed.signing import write_private  # noqa: E402
 from leukofed.transport import check_hospital_id  # noqa: E402
 
 DEFAULT_DAYS = 365
@@ -41,10 +41,7 @@ LOCAL_IPS = ("127.0.0.1", "::1")
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # also when the file already existed with a wider mode
+    write_private(path, data)  # 0600 from the moment it exists, even over a wider file
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:

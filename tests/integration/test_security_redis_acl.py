@@ -76,3 +76,35 @@ def test_isolated_celery_apps_follow_the_acl(acl_redis) -> None:
     with pytest.raises(Exception, match="NOPERM|permission"):
         other.send_task("leukofed.client.describe", queue="hospital.b", retry=False)
     assert agg.llen("b:hospital.b") == 0
+
+
+def test_attack_hospital_flushes_everyones_scripts(acl_redis) -> None:
+    """@scripting would let a hospital run SCRIPT FLUSH or FUNCTION FLUSH, which act
+    server-wide (every party's cached scripts and loaded functions). Only EVAL, EVALSHA and
+    SCRIPT LOAD are granted: what redis-py's register_script (kombu's transport, Celery's
+    result backend) needs, on the hospital's own keys."""
+    port, pw = acl_redis
+    a = redis.Redis(port=port, username="a", password=pw["a"])
+    agg = redis.Redis(port=port, username="aggregator", password=pw["aggregator"])
+    # register_script: EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA again, on a's own key
+    bump = a.register_script("return redis.call('INCR', KEYS[1])")
+    assert bump(keys=["a:counter"]) == 1 and bump(keys=["a:counter"]) == 2
+    assert a.eval("return redis.call('GET', KEYS[1])", 1, "a:counter") == b"2"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        a.eval("return redis.call('GET', KEYS[1])", 1, "b:celery-task-meta-1")
+    agg_script = agg.register_script("return 1")
+    assert agg_script(keys=["b:x"]) == 1
+    attempts = {
+        "flush every script": lambda: a.script_flush(),
+        "kill another's script": lambda: a.script_kill(),
+        "flush every function": lambda: a.function_flush(),
+        "load a function": lambda: a.function_load(
+            "#!lua name=evil\nredis.register_function('f', function() return 1 end)"),
+        "delete a function": lambda: a.function_delete("leukofed"),
+        "call a function": lambda: a.fcall("f", 0),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+            pytest.fail(what)
+    assert agg.script_exists(agg_script.sha) == [True]  # the aggregator's script survived
