@@ -227,6 +227,48 @@ class Status(_Answer):
         return self.model_dump(exclude_unset=True)  # only what was said
 
 
+# ---------------------------------------------------------------- secure aggregation
+
+# A Shamir share point as the hospital sends it: ASCII digits (str.isdigit() would also take
+# "²" or "٣", which int() then refuses), 1..65535 (two bytes in the encrypted share).
+SharePoint = Annotated[str, Field(strict=True, pattern=r"^[0-9]{1,5}$")]
+# A share value in the 521-bit Shamir field, lower-case hex (leukofed.secagg).
+ShareValue = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{1,132}$")]
+
+
+class SecAggReveal(BaseModel):
+    """Stage 4 of secure aggregation (leukofed.secagg.Party.reveal): for each hospital whose
+    share the sender holds, ``[kind, x, share]``: ``b``, a share of a survivor's self-mask
+    seed; ``s``, of a dropped hospital's mask key. Decoded by the aggregator after the
+    signature over the raw fields is checked (services/aggregator/secure.py)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    purpose: Annotated[str, Field(strict=True)]
+    reveals: Annotated[dict[Annotated[str, Field(strict=True, max_length=64)],
+                            tuple[Literal["b", "s"], SharePoint, ShareValue]],
+                       Field(max_length=10_000)]
+
+    @field_validator("reveals")
+    @classmethod
+    def _points(cls, value: dict[str, tuple[str, str, str]]
+                ) -> dict[str, tuple[str, str, str]]:
+        bad = sorted(peer for peer, (_, x, _) in value.items() if not 0 < int(x) < 2**16)
+        if bad:
+            raise ValueError(f"share points outside 1..65535 for {bad[:3]}")
+        return value
+
+    @classmethod
+    def decode(cls, wire: object) -> SecAggReveal:
+        """From the wire; AnswerInvalid naming each bad field when it does not hold."""
+        if not isinstance(wire, dict):
+            raise AnswerInvalid(f"reveal answer is a {type(wire).__name__}, not a map")
+        try:
+            return cls.model_validate(wire)
+        except ValidationError as exc:
+            raise AnswerInvalid(_fields(exc)) from None
+
+
 # ---------------------------------------------------------------- the run record
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from leukofed import secagg
+from leukofed.protocol import SecAggReveal
 from leukofed.signing import SignatureRejected
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from services.aggregator.gather import Gather
 
 STAGES = ("keys", "shares", "masked", "reveal")
+# The fields of each stage's answer that its signature covers (leukofed.signing.secagg_digest).
+SIGNED_FIELDS = {"keys": ("purpose", "c_pk", "s_pk", "cap"), "shares": ("purpose", "ciphertexts"),
+                 "masked": ("purpose", "masked", "coords"), "reveal": ("purpose", "reveals")}
 
 
 class SecureAborted(Exception):
@@ -101,25 +105,34 @@ class SecureGather:
 
     def _stage(self, stage: str, task: str, args_of: Mapping[str, list[Any]],
                deadline: float, body_of: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """Send, collect, check the shape (``body_of(hospital, answer)`` returns the signed
-        body or raises) and the signature. Returns (good answers, reasons for the rest)."""
+        """Send, collect, then for each answer: the signature over the raw signed fields
+        first (nothing of an unsigned or forged answer is interpreted), then the shape
+        (``body_of(hospital, body)`` returns the checked body or raises). Whatever one
+        answer raises leaves that hospital out of this secure sum with the reason in the
+        events; the others go on. Returns (good answers, reasons for the rest)."""
         start = time.monotonic()
         handles = self.traffic.send(task, args_of, deadline)
         answers, failures = self.traffic.collect(self.round, task, handles, deadline, 0)
         good = {}
         for h, answer in sorted(answers.items()):
             try:
-                body = body_of(h, answer)
+                if not isinstance(answer, Mapping):
+                    raise ValueError(f"the answer is a {type(answer).__name__}, not a map")
+                missing = [k for k in SIGNED_FIELDS[stage] if k not in answer]
+                if missing:
+                    raise ValueError(f"missing {missing}")
+                raw = {k: answer[k] for k in SIGNED_FIELDS[stage]}
                 check = getattr(self.traffic.deps.verifier, "secagg", None)
                 if check is not None:
-                    check(answer.get("signature"), h, self.run_id, self.round, stage, body)
+                    check(answer.get("signature"), h, self.run_id, self.round, stage, raw)
+                body = body_of(h, raw)
             except SignatureRejected as exc:
                 failures[h] = f"signature {exc.reason}: {exc.message}"
-            except (secagg.SecAggError, KeyError, TypeError, ValueError) as exc:
-                failures[h] = f"malformed {stage} answer: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one hospital's answer, never the run
+                failures[h] = f"malformed {stage} answer: {type(exc).__name__}: {exc}"
             else:
-                good[h] = answer
-                self.bytes[h] = self.bytes.get(h, 0) + _size(body)
+                good[h] = {**answer, **body}
+                self.bytes[h] = self.bytes.get(h, 0) + _size(raw)
         for h in sorted(set(answers) - set(good)):
             self.traffic.event(f"round {self.round} secure {self.purpose} {stage}: {h} rejected "
                            f"({failures[h]})", round=self.round, hospital=h)
@@ -191,7 +204,7 @@ class SecureGather:
             "reveal", TASK_SECAGG_REVEAL,
             {h: [b"", {**base, "deadline": d, "secure": {
                 **params, "survivors": u2, "dropped": dropped}}] for h in u2},
-            d, self._reveal_body)
+            d, lambda h, a: self._reveal_body(h, a, graph))
         failures.update(more)
         thresholds = secagg.holder_thresholds({h: graph[h] for h in u1},
                                               params["threshold_fraction"])
@@ -201,8 +214,11 @@ class SecureGather:
                 session, vectors, {h: adverts[h] for h in u1},
                 {h: sorted(received[h]) for h in u2},
                 {h: r["reveals"] for h, r in reveals.items()}, thresholds)
-        except secagg.SecAggError as exc:
-            raise abort(f"{exc.message} ({len(reveals)} of {len(u2)} survivors revealed)") \
+        except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as exc:
+            # SecAggError (too few shares, shares that disagree) or anything the checked
+            # answers still hold: this round's secure sum ends, the run goes on.
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            raise abort(f"{message} ({len(reveals)} of {len(u2)} survivors revealed)") \
                 from exc
         vector = secagg.dequantise(total, spec.coordinate_ranges(like), total_weight,
                                    params["bits"])
@@ -223,8 +239,7 @@ class SecureGather:
         return SecureSum(sums, extras, answers, failures, summary)
 
     # ---- answer shapes (the signed body of each stage)
-    def _keys_body(self, hospital: str, a: Mapping[str, Any]) -> dict[str, Any]:
-        body = {"purpose": a["purpose"], "c_pk": a["c_pk"], "s_pk": a["s_pk"], "cap": a["cap"]}
+    def _keys_body(self, hospital: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
         if body["purpose"] != self.purpose or not (_hex_key(body["c_pk"]) and
                                                    _hex_key(body["s_pk"])):
             raise ValueError("public keys are not 32-byte hex strings for this purpose")
@@ -236,17 +251,15 @@ class SecureGather:
             raise ValueError(f"cap {cap} exceeds the {declared} training images declared")
         return body
 
-    def _shares_body(self, hospital: str, a: Mapping[str, Any],
-                     graph: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
-        body = {"purpose": a["purpose"], "ciphertexts": a["ciphertexts"]}
+    def _shares_body(self, hospital: str, body: Mapping[str, Any],
+                     graph: Mapping[str, tuple[str, ...]]) -> Mapping[str, Any]:
         ct = body["ciphertexts"]
         if not isinstance(ct, Mapping) or set(ct) - set(graph[hospital]) or not all(
                 isinstance(v, bytes) and len(v) < 4096 for v in ct.values()):
             raise ValueError("ciphertexts must be bytes addressed to neighbours only")
         return body
 
-    def _masked_body(self, a: Mapping[str, Any], size: int) -> dict[str, Any]:
-        body = {"purpose": a["purpose"], "masked": a["masked"], "coords": a["coords"]}
+    def _masked_body(self, body: Mapping[str, Any], size: int) -> Mapping[str, Any]:
         if body["coords"] != size:
             raise ValueError(f"{body['coords']!r} coordinates, expected {size}")
         width = self.sa.bits // 8  # unpacked once, when unmasking
@@ -254,13 +267,18 @@ class SecureGather:
             raise ValueError(f"a masked vector of {size} coordinates is {size * width} bytes")
         return body
 
-    def _reveal_body(self, hospital: str, a: Mapping[str, Any]) -> dict[str, Any]:
-        body = {"purpose": a["purpose"], "reveals": a["reveals"]}
-        for peer, entry in body["reveals"].items():
-            kind, x, share = entry
-            if kind not in ("b", "s") or not str(x).isdigit() or int(share, 16) < 0:
-                raise ValueError(f"malformed share of {peer}")
-        return body
+    def _reveal_body(self, hospital: str, body: Mapping[str, Any],
+                     graph: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+        """The typed reveal (leukofed.protocol.SecAggReveal): shares only of this hospital
+        itself and of its neighbours, the only ones whose shares it can hold."""
+        reveal = SecAggReveal.decode(dict(body))
+        if reveal.purpose != self.purpose:
+            raise ValueError(f"a reveal for {reveal.purpose!r}, not {self.purpose!r}")
+        strangers = sorted(set(reveal.reveals) - {hospital, *graph.get(hospital, ())})
+        if strangers:
+            raise ValueError(f"shares of hospitals that are not its neighbours: {strangers[:3]}")
+        return {"purpose": reveal.purpose,
+                "reveals": {peer: list(entry) for peer, entry in reveal.reveals.items()}}
 
 
 def _size(body: Mapping[str, Any]) -> int:

@@ -4,15 +4,18 @@ weighted mean from the sum, drop-outs, an aborted round, and what secure aggrega
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 from test_round_loop import Clock, FakeDispatcher, FakeTracker, make_run
 
 from leukofed.protocol import RoundConfig
 from leukofed.secagg import bn_moments
+from leukofed.signing import UpdateVerifier, sign_secagg
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 from leukofed.wire import decode_weights
 from services.aggregator.config import RunConfig
@@ -241,3 +244,132 @@ def test_each_hospital_bounds_its_update_norm_before_masking(tmp_path) -> None:
     np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), expected), atol=1e-5)
     fits = [args for _, task, args in d.sent if task.endswith(".fit")]
     assert all(a["secure"]["update_clip_norm"] == 0.6 for a in fits)
+
+
+# ---- issue 26, finding 5: one malformed reveal answer may not end the run
+
+class SecureAnswersVerifier(UpdateVerifier):
+    """The aggregator's real verifier for every secure-aggregation message (keys, shares,
+    masked vector, reveal); the fakes' plain evaluation answers are not signed here."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def signing_hospital(delta: float, n: int, key: Ed25519PrivateKey,
+                     tamper: Callable[[dict[str, Any]], Any] | None = None,
+                     sign_tampered: bool = True):
+    """A hospital that signs every secure-aggregation message with ``key``. ``tamper``
+    replaces its reveal's ``reveals`` (from the genuine ones); signed again with its own key
+    unless ``sign_tampered`` is off (then the genuine signature rides along)."""
+    sessions: dict[str, SecureSessions] = {}
+    honest = secure_hospital(delta, n)
+
+    def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any] | None:
+        s = sessions.setdefault(hospital, SecureSessions(hospital, signing_key=key))
+        cfg = RoundConfig.decode(args[1])
+        if task == TASK_SECAGG_KEYS:
+            return s.keys(cfg, n)
+        if task == TASK_SECAGG_SHARES:
+            return s.shares(cfg)
+        if task == TASK_SECAGG_REVEAL:
+            out = s.reveal(cfg)
+            if tamper is not None:
+                out["reveals"] = tamper(out["reveals"])
+                if sign_tampered:
+                    out["signature"] = sign_secagg(key, hospital, cfg.run_id, cfg.round,
+                                                   "reveal", {"purpose": out["purpose"],
+                                                              "reveals": out["reveals"]})
+            return out
+        if task.endswith(".fit"):
+            weights = decode_weights(args[0])
+            local = {k: v + delta for k, v in weights.items()}
+            delta_t, weight, extras = update_to_sum(cfg.secure, weights, local, n)
+            out = s.masked(cfg, weights, delta_t, weight, extras)
+            out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
+            return out
+        return honest(task, args, hospital)
+    return answer
+
+
+def _superscript_two(reveals: dict[str, list[str]]) -> dict[str, list[str]]:
+    # "²".isdigit() is True, int("²") raises ValueError: the old check let it through
+    return {peer: [kind, "²", share] for peer, (kind, _, share) in reveals.items()}
+
+
+# Each of these failed the whole run, or was taken into the sum, before the fix.
+MALFORMED_REVEALS = {
+    "list": lambda reveals: [[peer, *entry] for peer, entry in reveals.items()],
+    "string": lambda reveals: "everything",
+    "superscript_x": _superscript_two,
+    # a share "at x = 0" is a claim of the secret itself: it would steer the reconstruction
+    "zero_x": lambda reveals: {p: [k, "0", s] for p, (k, x, s) in reveals.items()},
+    # shares of a hospital it is not a neighbour of, so holds no share of
+    "stranger": lambda reveals: {**reveals, "zz": ["b", "1", "ff"]},
+}
+# Refused before the fix too (but by a check that could raise past it): still contained.
+OTHER_MALFORMED_REVEALS = {
+    "short_entry": lambda reveals: {peer: entry[:2] for peer, entry in reveals.items()},
+    "int_x": lambda reveals: {p: [k, int(x), s] for p, (k, x, s) in reveals.items()},
+    "not_hex": lambda reveals: {p: [k, x, "zz" + s] for p, (k, x, s) in reveals.items()},
+}
+
+
+def _run_with_malformed_reveal(tmp_path, tamper, sign_tampered: bool = True):
+    keys = {h: Ed25519PrivateKey.generate() for h in "abcd"}
+    deltas = {"a": (0.1, 10), "b": (0.3, 30), "c": (-0.2, 20), "d": (0.05, 40)}
+    behaviours = {h: signing_hospital(*deltas[h], keys[h],
+                                      tamper if h == "c" else None, sign_tampered)
+                  for h in deltas}
+    clock, tracker = Clock(), FakeTracker()
+    d = FakeDispatcher(clock, behaviours, live=set(behaviours))
+    run = make_run(tmp_path, d, clock, tracker, hospitals=sorted(behaviours),
+                   min_fit_clients=2, secure_aggregation="on", rounds=2)
+    run.deps.verifier = SecureAnswersVerifier({h: k.public_key() for h, k in keys.items()})
+    rec = run.execute()
+    return run, rec, tracker, deltas
+
+
+@pytest.mark.parametrize("how", sorted(MALFORMED_REVEALS))
+def test_attack_malformed_reveal_is_contained_to_its_hospital(tmp_path, how) -> None:
+    """Hospital c answers the reveal stage with a genuinely signed but malformed message
+    (was: AttributeError on a list, ValueError on x="²" in unmask_sum; run "failed:
+    internal error"). c's reveal is left out with the reason in the events; both rounds
+    complete and are registered. c's masked vector was already in the sum and stays (its
+    self-mask is rebuilt from the others' shares; taking it out would need both of its
+    secrets), so the mean is over all four."""
+    _check_contained(tmp_path, MALFORMED_REVEALS[how])
+
+
+@pytest.mark.parametrize("how", sorted(OTHER_MALFORMED_REVEALS))
+def test_other_malformed_reveals_are_contained_too(tmp_path, how) -> None:
+    _check_contained(tmp_path, OTHER_MALFORMED_REVEALS[how])
+
+
+def _check_contained(tmp_path, tamper) -> None:
+    run, rec, tracker, deltas = _run_with_malformed_reveal(tmp_path, tamper)
+    assert rec["status"] == "completed", rec["reason"]
+    assert len(rec["rounds"]) == 2 and not rec.get("aborted_rounds")
+    assert len(tracker.registry) == 2, "both rounds' versions are registered"
+    for summary in rec["rounds"]:
+        assert summary["secure_aggregation"]["answered"]["reveal"] == ["a", "b", "d"]
+    rejected = [e for e in rec["events"] if "reveal: c rejected (malformed reveal answer" in
+                e["message"]]
+    assert len(rejected) == 2 and all(e.get("hospital") == "c" for e in rejected), [
+        e["message"] for e in rec["events"]]
+    weights, _ = run.store.read_checkpoint(rec)
+    mean = sum(dv * n for dv, n in deltas.values()) / sum(n for _, n in deltas.values())
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), 2 * mean), atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["list", "string"])
+def test_attack_malformed_reveal_unsigned_is_not_interpreted(tmp_path, how) -> None:
+    """The same malformed reveals without a valid signature over them (the genuine
+    signature of c's honest reveal rides along): refused for the signature, before any of
+    it is read (was: read first, so the run failed before the signature was checked)."""
+    _, rec, tracker, _ = _run_with_malformed_reveal(tmp_path, MALFORMED_REVEALS[how],
+                                                    sign_tampered=False)
+    assert rec["status"] == "completed", rec["reason"]
+    assert len(tracker.registry) == 2
+    rejected = [e["message"] for e in rec["events"] if "reveal: c rejected" in e["message"]]
+    assert len(rejected) == 2 and all("(signature forged" in m for m in rejected), rejected
