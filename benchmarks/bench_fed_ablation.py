@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "fedavg",
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
-                   "bncal": -1, "batch": 0, "norm": "batch"}
+                   "bncal": -1, "batch": 0, "norm": "batch",
+                   "gw": 0, "rounds": 0, "mode": "federated"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -45,7 +46,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     lr X: the hospitals' base learning rate, 0 for --learning-rate; bncal 1|0: BatchNorm
     statistics measured on the new global weights and pooled, -1: as the aggregator's
     "auto" does, for every strategy but FedAvg/FedProx; batch N: the hospitals' batch size,
-    0 for --batch-size; norm batch|group: the compact CNN's normalisation)."""
+    0 for --batch-size; norm batch|group: the compact CNN's normalisation; gw 1: class
+    weights from the pooled counts at every hospital instead of its own; rounds N: this
+    variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
+    mode hospital_batches: no federation, centralized training whose every batch comes from
+    one hospital, which separates label-skewed batches from model averaging)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -75,6 +80,21 @@ def load_scenario(args: Any, n: int, scheme: str) -> dict[str, Any]:
     unseen = load_arrays(split.test, args.image_size, acquisition=unseen_lab(args.seed)) \
         if args.labs else None
     return {"hospitals": hospitals, "test": test, "unseen": unseen}
+
+
+def referred_test_share(data: dict[str, Any]) -> float:
+    """Share of the test images that a model trained on these hospitals refers: the
+    acquisition profile pooled from their training images (leukofed.ood), as the
+    aggregator pools it. It depends on the images, not on the model or the recipe."""
+    from common import referred_share
+
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+
+    stats = [ProfileStats.of_images(x) for x, _ in data["hospitals"].values()]
+    pooled = stats[0]
+    for st in stats[1:]:
+        pooled = pooled.merge(st)
+    return referred_share(AcquisitionProfile.from_stats(pooled), data["test"][0])
 
 
 def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -111,16 +131,65 @@ def central(args: Any, data: dict[str, Any], epochs: int) -> dict[str, Any]:
     return out
 
 
+def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
+                             ) -> dict[str, Any]:
+    """One model, one optimizer, the centralized schedule and class weights, but each batch
+    drawn from a single hospital (hospitals in random order, in proportion to their
+    batches): the label-skewed batches of federated training without the averaging."""
+    from leukofed.models import build_model
+    from leukofed.train import (
+        Trainer,
+        class_weights,
+        cosine_lr,
+        evaluate,
+        make_dataset,
+        recalibrate_batchnorm,
+    )
+
+    trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed))
+    x_all = np.concatenate([x for x, _ in data["hospitals"].values()])
+    trainer.reset(class_weights=class_weights(np.concatenate(
+        [y for _, y in data["hospitals"].values()])))
+    sets = {h: make_dataset(x, y, args.batch_size, training=True, seed=args.seed)
+            for h, (x, y) in data["hospitals"].items()}
+    batches = {h: max(1, len(y) // args.batch_size) for h, (_, y) in data["hospitals"].items()}
+    rng = np.random.default_rng(args.seed)
+    epochs = v["epochs"] * (v["rounds"] or args.rounds)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        trainer.learning_rate = cosine_lr(args.learning_rate, epoch, epochs)
+        streams = {h: iter(ds) for h, ds in sets.items()}
+        order = [h for h, n in batches.items() for _ in range(n)]
+        for h in rng.permutation(order):
+            trainer._train_step(*next(streams[h]))
+        recalibrate_batchnorm(trainer.model, x_all)
+        print(f"  epoch {epoch + 1}/{epochs} test acc "
+              f"{evaluate(trainer, *data['test'])['accuracy']:.4f}", flush=True)
+    out = final_report(trainer, data, args.seed)
+    out.update(curve=[], seconds=time.perf_counter() - start)
+    return out
+
+
 def round_lr(base: float, schedule: str, server_round: int, rounds: int) -> float:
     from leukofed.strategies import round_learning_rate
 
     return round_learning_rate(base, schedule, server_round, rounds)
 
 
-def federated(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
+def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
+              joins: dict[str, int] | None = None,
+              after_round: Any = None) -> dict[str, Any]:
+    """FedAvg-family rounds over ``data["hospitals"]``; a hospital in ``joins`` takes part
+    from that round on; ``after_round(round, trainer)`` sees each new global model."""
     from leukofed.models import build_model
     from leukofed.strategies import ClientResult, make_strategy
-    from leukofed.train import Trainer, evaluate, local_fit, recalibrate_batchnorm
+    from leukofed.train import (
+        Trainer,
+        class_weights,
+        evaluate,
+        local_fit,
+        recalibrate_batchnorm,
+    )
     from leukofed.wire import batchnorm_stat_names, set_model_weights, weights_from_model
 
     model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
@@ -131,15 +200,20 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, A
                              bn_stat_names=batchnorm_stat_names(model), **params)
     global_w = weights_from_model(model)
     curve = []
+    pooled = class_weights(np.concatenate([y for _, y in data["hospitals"].values()])) \
+        if v["gw"] else None
     start = time.perf_counter()
-    for rnd in range(1, args.rounds + 1):
-        lr = round_lr(v["lr"] or args.learning_rate, v["schedule"], rnd, args.rounds)
+    rounds = v["rounds"] or args.rounds
+    for rnd in range(1, rounds + 1):
+        lr = round_lr(v["lr"] or args.learning_rate, v["schedule"], rnd, rounds)
         results = []
         for i, (h, (x, y)) in enumerate(data["hospitals"].items()):
+            if rnd < (joins or {}).get(h, 1):
+                continue
             set_model_weights(model, global_w)
             local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
-                      logit_adjustment=bool(v["la"]))
+                      logit_adjustment=bool(v["la"]), pooled_class_weights=pooled)
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
         global_w = strategy.aggregate(global_w, results, rnd)
         set_model_weights(model, global_w)
@@ -152,10 +226,14 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, A
         m = evaluate(trainer, *data["test"])
         curve.append({"round": rnd, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                       "benign_recall": m["per_class"]["Benign"]["recall"], "lr": lr})
-        print(f"  round {rnd:>2}/{args.rounds} lr {lr:.2e} test acc {m['accuracy']:.4f} "
+        print(f"  round {rnd:>2}/{rounds} lr {lr:.2e} test acc {m['accuracy']:.4f} "
               f"Benign recall {curve[-1]['benign_recall']:.3f}", flush=True)
+        if after_round is not None:
+            after_round(rnd, trainer)
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start)
+    if joins:
+        out["trainer"] = trainer
     return out
 
 
@@ -163,6 +241,76 @@ def local_steps(train_images: dict[str, int], epochs: int, batch: int) -> float:
     """Optimizer steps a hospital makes in a round, on average over hospitals (make_dataset
     drops the last partial batch; a hospital smaller than a batch makes one step)."""
     return float(np.mean([epochs * max(1, n // batch) for n in train_images.values()]))
+
+
+def join_scenario(args: Any) -> dict[str, Any]:
+    """``--join N``: N hospitals, each its own laboratory, train from round 1; hospital N+1,
+    from a laboratory outside the training range (leukofed.labs "outside"), joins at round
+    ``--join-round``. Its test images (the server test split under its laboratory) are
+    judged before it joins and at the end: the share the model refers (the acquisition
+    profile pooled from the participating hospitals' training images, leukofed.ood) and the
+    accuracy, beside the same test images under each training laboratory."""
+    from common import referred_share
+
+    from leukofed.labs import draw_acquisition, draw_labs
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+    from leukofed.partition import hospital_ids
+    from leukofed.train import evaluate, load_arrays
+
+    n = args.join
+    args.labs = True
+    data = load_scenario(args, n + 1, "dirichlet")
+    joiner = hospital_ids(n + 1)[-1]
+    lab = draw_acquisition(np.random.default_rng([args.seed, 3]), "outside", name="joining")
+    from leukofed.data import scan_dataset
+    from leukofed.partition import partition_records
+    from leukofed.splits import group_split
+
+    split = group_split(scan_dataset(args.data).records, seed=args.seed)
+    parts = partition_records(split.train + split.val, n + 1, "dirichlet", args.alpha,
+                              seed=args.seed)
+    local = group_split(parts[joiner], 0.15, 0.15, 0)
+    data["hospitals"][joiner] = load_arrays(local.train, args.image_size, acquisition=lab)
+    joining_test = load_arrays(split.test, args.image_size, acquisition=lab)
+    labs = draw_labs(n + 1, args.seed)
+    lab_tests = {h: load_arrays(split.test, args.image_size, acquisition=labs[h])
+                 for h in hospital_ids(n)}
+
+    def profile(hospitals: list[str]) -> Any:
+        stats = [ProfileStats.of_images(data["hospitals"][h][0]) for h in hospitals]
+        pooled = stats[0]
+        for st in stats[1:]:
+            pooled = pooled.merge(st)
+        return AcquisitionProfile.from_stats(pooled)
+
+    before_ids, all_ids = hospital_ids(n), hospital_ids(n + 1)
+    out: dict[str, Any] = {"hospitals": n, "joining_hospital": joiner,
+                           "joining_lab": lab.to_dict(), "join_round": args.join_round,
+                           "rounds": args.rounds,
+                           "rounds_after_join": args.rounds - args.join_round + 1}
+
+    def after_round(rnd: int, trainer: Any) -> None:
+        if rnd == args.join_round - 1:
+            out["joining_lab_referred_before"] = referred_share(profile(before_ids),
+                                                                joining_test[0])
+            out["joining_lab_accuracy_before"] = evaluate(trainer, *joining_test)["accuracy"]
+            print(f"  before joining: referred {out['joining_lab_referred_before']:.3f}, "
+                  f"accuracy {out['joining_lab_accuracy_before']:.4f}", flush=True)
+
+    fed = federated(args, data, dict(DEFAULT_VARIANT), {joiner: args.join_round}, after_round)
+    trainer = fed.pop("trainer")
+    out["joining_lab_referred_after"] = referred_share(profile(all_ids), joining_test[0])
+    out["joining_lab_accuracy_after"] = evaluate(trainer, *joining_test)["accuracy"]
+    others = {h: evaluate(trainer, *t)["accuracy"] for h, t in lab_tests.items()}
+    out["other_labs_accuracy"] = float(np.mean(list(others.values())))
+    out["other_labs"] = others
+    out["other_labs_referred"] = float(np.mean([referred_share(profile(all_ids), t[0])
+                                                for t in lab_tests.values()]))
+    out["test_accuracy"] = fed["accuracy"]
+    print(f"  after joining: referred {out['joining_lab_referred_after']:.3f}, accuracy "
+          f"{out['joining_lab_accuracy_after']:.4f}; other labs {out['other_labs_accuracy']:.4f}",
+          flush=True)
+    return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -176,11 +324,13 @@ def markdown(doc: dict[str, Any]) -> str:
         "passes. *colour forest*: a random forest on colour histograms, same split; "
         "*recoloured*: test images recoloured to another class's stain (share of answers "
         "following the colour); *unseen lab*: the test images under a laboratory no "
-        "hospital has.", "",
+        "hospital has; *test referred*: the share of test images the served model would refer "
+        "(the acquisition profile pooled from the hospitals' training images: the same for "
+        "every row of a scenario).", "",
         "| hospitals | partition | variant | rounds x epochs | test acc | gap to central "
         "(points) | macro-F1 | Benign recall | recoloured (follow colour) | colour forest | "
-        "unseen lab | local steps / hospital / round | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "unseen lab | test referred | local steps / hospital / round | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in doc["scenarios"]:
         c = s["central"]
         rows = [("centralized", c, None)] + [(k, r, r) for k, r in s["variants"].items()]
@@ -189,14 +339,30 @@ def markdown(doc: dict[str, Any]) -> str:
             gap = f"{100 * (c['accuracy'] - r['accuracy']):+.1f}" if fed else "-"
             steps = local_steps(s["train_images"], r["epochs"], r.get("config", {}).get("batch")
                                 or doc.get("batch_size", 32)) if fed else 0.0
-            budget = f"{s['rounds']} x {r['epochs']}" if fed else f"{r['epochs']} epochs"
+            budget = (f"{r.get('config', {}).get('rounds') or s['rounds']} x {r['epochs']}"
+                      if fed else f"{r['epochs']} epochs")
             lines.append(
-                f"| {s['hospitals']} | {s['partition']} | {name} | {budget} | "
+                f"| {s['hospitals']} | {s['partition']}{'' if s['labs'] else ', no labs'} | "
+                f"{name} | {budget} | "
                 f"{f(r['accuracy'])} | {gap} | {f(r['macro_f1'])} | "
                 f"{f(r['recall']['Benign'])} | {f(a['audit_recoloured_accuracy'])} "
                 f"({100 * a['audit_follow_colour']:.1f}%) | "
                 f"{f(a['audit_histogram_accuracy'])} | {f(r.get('unseen_lab_accuracy'))} | "
+                f"{f(s.get('referred_test'))} | "
                 f"{f'{steps:.1f}' if fed else '-'} | {r['seconds'] / 60:.1f} |")
+    j = doc.get("join")
+    if j:
+        lines += [
+            "", f"## A laboratory joins ({j['hospitals']} hospitals from round 1, hospital "
+            f"{j['joining_hospital']} from a laboratory outside the training range from round "
+            f"{j['join_round']} of {j['rounds']})", "",
+            "| | referred | accuracy |", "|---|---|---|",
+            f"| joining laboratory, before it joins | {f(j['joining_lab_referred_before'])} | "
+            f"{f(j['joining_lab_accuracy_before'])} |",
+            f"| joining laboratory, after {j['rounds_after_join']} rounds with it | "
+            f"{f(j['joining_lab_referred_after'])} | {f(j['joining_lab_accuracy_after'])} |",
+            f"| the training laboratories (mean) | {f(j['other_labs_referred'])} | "
+            f"{f(j['other_labs_accuracy'])} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +379,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-labs", dest="labs", action="store_false")
     p.add_argument("--append", action="store_true")
+    p.add_argument("--join", type=int, default=0, help="the joining-laboratory scenario with "
+                   "this many hospitals before the new one (instead of --scenarios)")
+    p.add_argument("--join-round", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/federated-ablation.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/benchmarks-federated-ablation.md"))
     args = p.parse_args()
@@ -224,6 +393,11 @@ def main() -> None:
         doc["scenarios"] = earlier["scenarios"]
         doc["command"] = f"{earlier['command']}; {doc['command']}"
         doc["date"] = f"{earlier['date']}; {doc['date']}"
+    if args.join:
+        doc["join"] = join_scenario(args)
+        write_json(args.out, doc)
+        Path(args.doc).write_text(markdown(doc))
+        return
     variants = dict(parse_variant(t) for t in args.variants.split(","))
     for text in args.scenarios.split(","):
         n, scheme = (text.split(":") + ["dirichlet"])[:2]
@@ -236,10 +410,12 @@ def main() -> None:
             "labs": args.labs, "rounds": args.rounds, "train_images": sizes,
             "class_counts": {h: np.bincount(v[1], minlength=4).tolist()
                              for h, v in data["hospitals"].items()},
-            "variants": {}}
-        epochs_ref = max(v["epochs"] for v in variants.values())
-        before = next((e for e in doc["scenarios"] if (e["hospitals"], e["partition"], e["rounds"])
-                       == (int(n), scenario["partition"], args.rounds)), None)
+            "variants": {}, "referred_test": referred_test_share(data)}
+        epochs_ref = max(v["epochs"] * (v["rounds"] or args.rounds) for v in variants.values()
+                         ) // args.rounds
+        key = (int(n), scenario["partition"], args.labs)
+        before = next((e for e in doc["scenarios"] if (e["hospitals"], e["partition"], e["labs"])
+                       == key and e["rounds"] == args.rounds), None)
         if before and before["central"]["epochs"] == args.rounds * epochs_ref:
             scenario["central"] = before["central"]  # --append: the same reference, kept
             scenario["variants"] = before["variants"]
@@ -248,14 +424,15 @@ def main() -> None:
             scenario["central"]["epochs"] = args.rounds * epochs_ref
         for name, v in variants.items():
             print(f"-- variant {name}: {v}", flush=True)
-            r = federated(args, data, v)
+            r = (central_hospital_batches(args, data, v) if v["mode"] == "hospital_batches"
+                 else federated(args, data, v))
             r.update(epochs=v["epochs"], config=v)
             scenario["variants"][name] = r
             print(f"  {name}: {r['accuracy']:.4f} (central {scenario['central']['accuracy']:.4f})",
                   flush=True)
-            key = (int(n), scenario["partition"])
             doc["scenarios"] = [s for s in doc["scenarios"]
-                                if (s["hospitals"], s["partition"]) != key] + [scenario]
+                                if (s["hospitals"], s["partition"], s["labs"]) != key
+                                ] + [scenario]
             write_json(args.out, doc)
             Path(args.doc).write_text(markdown(doc))
 

@@ -484,6 +484,7 @@ def local_fit(
     recalibrate_bn: bool = True,
     augmentation: str = DEFAULT_AUGMENTATION,
     logit_adjustment: bool = False,
+    pooled_class_weights: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
     trainer.model. Returns aggregate numbers only (nothing per image).
@@ -492,12 +493,15 @@ def local_fit(
     inverse-frequency weights: both aim at the class-balanced posterior, but weights
     computed from each hospital's own counts give every hospital a different objective
     (a hospital's two Benign images weigh 20 times one of its Pre-B images) and still push
-    classes it lacks down, which averaging does not undo."""
+    classes it lacks down, which averaging does not undo. ``pooled_class_weights`` (the
+    inverse frequencies of the federation's pooled counts) replace the local ones: every
+    hospital's loss is then its share of the centralized class-balanced loss."""
     ones = np.ones(len(CLASSES), np.float32)
+    local_weights = class_weights(y) if pooled_class_weights is None else pooled_class_weights
     trainer.reset(
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
-        class_weights=class_weights(y) if class_balanced and not logit_adjustment else ones,
+        class_weights=local_weights if class_balanced and not logit_adjustment else ones,
         log_prior=logit_prior(y) if logit_adjustment else None,
     )
     ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed,
