@@ -37,7 +37,8 @@ CLASSES = ("Benign", "Early", "Pre", "Pro")
 DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "fedavg",
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
-                   "gw": 0, "rounds": 0, "mode": "federated"}
+                   "gw": 0, "rounds": 0, "mode": "federated",
+                   "bnfix": 0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -50,7 +51,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     weights from the pooled counts at every hospital instead of its own; rounds N: this
     variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
     mode hospital_batches: no federation, centralized training whose every batch comes from
-    one hospital, which separates label-skewed batches from model averaging)."""
+    one hospital, which separates label-skewed batches from model averaging; bnfix 1:
+    hospitals train with BatchNorm in inference mode, normalising by the statistics pooled
+    over every hospital on the round's global weights instead of by their batch's own, which
+    depend on its label mix)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -193,6 +197,19 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     from leukofed.wire import batchnorm_stat_names, set_model_weights, weights_from_model
 
     model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
+    bn_layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
+                 if la.__class__.__name__ == "BatchNormalization"]
+    x_pool = np.concatenate([x for x, _ in data["hospitals"].values()])
+
+    def pooled_bn() -> None:
+        for la in bn_layers:  # measured in training mode, then frozen again
+            la.trainable = True
+        recalibrate_batchnorm(model, x_pool)
+        for la in bn_layers:
+            la.trainable = not v["bnfix"]
+
+    if v["bnfix"]:
+        pooled_bn()  # Keras runs a non-trainable BatchNormalization in inference mode
     trainer = Trainer(model)
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
@@ -217,11 +234,11 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
         global_w = strategy.aggregate(global_w, results, rnd)
         set_model_weights(model, global_w)
-        if v["bncal"] == 1 or (v["bncal"] == -1 and not strategy.weights_are_client_average):
+        if v["bncal"] == 1 or v["bnfix"] or (v["bncal"] == -1
+                                             and not strategy.weights_are_client_average):
             # The aggregator's BatchNorm calibration ("bn_calibration" auto): statistics
             # measured on the new weights, pooled over the hospitals' training images.
-            recalibrate_batchnorm(model, np.concatenate([x for x, _ in
-                                                         data["hospitals"].values()]))
+            pooled_bn()
             global_w = weights_from_model(model)
         m = evaluate(trainer, *data["test"])
         curve.append({"round": rnd, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
