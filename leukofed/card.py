@@ -197,8 +197,8 @@ def bootstrap_intervals(confusion: np.ndarray | list, n_boot: int = 1000, seed: 
 # --------------------------------------------------------------------------- building
 
 
-def _num(value: Any) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN; the release gate reads cards with it too)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -209,7 +209,7 @@ def _num(value: Any) -> float | None:
 
 
 def _int(value: Any) -> int | None:
-    x = _num(value)
+    x = finite_number(value)
     return None if x is None else int(round(x))
 
 
@@ -255,8 +255,8 @@ def _federation(federation: Mapping[str, Any] | None) -> dict[str, Any]:
         return _not_measured()
     privacy = federation.get("privacy")
     if isinstance(privacy, Mapping):
-        privacy_out: dict[str, Any] | None = {"epsilon": _num(privacy.get("epsilon")),
-                                              "delta": _num(privacy.get("delta"))}
+        privacy_out: dict[str, Any] | None = {"epsilon": finite_number(privacy.get("epsilon")),
+                                              "delta": finite_number(privacy.get("delta"))}
     else:
         privacy_out = None
     return {
@@ -288,7 +288,8 @@ def _metrics(test: Mapping[str, Any] | None, n_boot: int, seed: int, level: floa
         "level": float(level),
         "n_boot": int(n_boot),
         "seed": int(seed),
-        "values": {k: {kk: _num(vv) for kk, vv in v.items()} for k, v in intervals.items()},
+        "values": {k: {kk: finite_number(vv) for kk, vv in v.items()}
+                   for k, v in intervals.items()},
     }
 
 
@@ -298,30 +299,30 @@ def _calibration(report: Mapping[str, Any] | None) -> dict[str, Any]:
     keys = ("temperature", "ece_before", "ece_after", "classwise_ece_before",
             "classwise_ece_after", "nll_before", "nll_after", "test_ece_before",
             "test_ece_after")
-    return {"measured": True, **{k: _num(report.get(k)) for k in keys}}
+    return {"measured": True, **{k: finite_number(report.get(k)) for k in keys}}
 
 
 def _class_coverage(values: Any) -> dict[str, float | None] | None:
     if values is None:
         return None
     if isinstance(values, Mapping):
-        return {str(k): _num(v) for k, v in values.items()}
+        return {str(k): finite_number(v) for k, v in values.items()}
     values = list(values)
     names = CLASSES if len(values) == len(CLASSES) else [str(i) for i in range(len(values))]
-    return {name: _num(v) for name, v in zip(names, values)}
+    return {name: finite_number(v) for name, v in zip(names, values)}
 
 
 def _conformal(report: Mapping[str, Any] | None, test: Mapping[str, Any] | None
                ) -> dict[str, Any]:
     fitted = (report or {}).get("calibration") or {}
-    target = _num(fitted.get("coverage")) if isinstance(fitted, Mapping) else None
+    target = finite_number(fitted.get("coverage")) if isinstance(fitted, Mapping) else None
     if test:
-        achieved = _num(test.get("coverage"))
+        achieved = finite_number(test.get("coverage"))
         class_cov = _class_coverage(test.get("class_coverage"))
-        refer = _num(test.get("refer_share"))
-        answered = _num(test.get("accuracy_answered"))
+        refer = finite_number(test.get("refer_share"))
+        answered = finite_number(test.get("accuracy_answered"))
     else:
-        achieved = _num((report or {}).get("test_coverage"))
+        achieved = finite_number((report or {}).get("test_coverage"))
         class_cov = _class_coverage((report or {}).get("test_class_coverage"))
         refer = answered = None
     if target is None and achieved is None:
@@ -374,7 +375,8 @@ def _audit_reading(a: Mapping[str, float | None], bound: float) -> list[str]:
 
 
 def _audit(audit: Mapping[str, Any] | None, bound: float) -> dict[str, Any]:
-    metrics = {str(k): _num(v) for k, v in (audit or {}).items() if str(k).startswith("audit_")}
+    metrics = {str(k): finite_number(v) for k, v in (audit or {}).items()
+               if str(k).startswith("audit_")}
     if not metrics:
         return _not_measured(max_follow_colour=bound)
     follow = metrics.get("audit_follow_colour")
@@ -384,7 +386,7 @@ def _audit(audit: Mapping[str, Any] | None, bound: float) -> dict[str, Any]:
 
 
 def _referral(info: Mapping[str, Any]) -> dict[str, Any]:
-    share = _num(info.get("referred_share"))
+    share = finite_number(info.get("referred_share"))
     profile_images = _int(info.get("acquisition_profile_images"))
     if share is None and profile_images is None:
         return _not_measured()
@@ -452,12 +454,12 @@ _METRIC_LABELS = {
 
 
 def _f(value: Any, digits: int = 3) -> str:
-    x = _num(value)
+    x = finite_number(value)
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _g(value: Any) -> str:
-    x = _num(value)
+    x = finite_number(value)
     return "n/a" if x is None else f"{x:g}"
 
 

@@ -13,7 +13,6 @@ The floors are ``GateFloors`` (``LEUKOFED_GATE_*`` environment variables, or the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +21,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leukofed.audit import DEFAULT_MAX_FOLLOW_COLOUR, audit_verdict
+from leukofed.card import finite_number
 from leukofed.labels import CLASSES
 
 # How the classes read in the gate's table (leukofed.card shows them the same way).
@@ -103,16 +103,6 @@ class GateVerdict:
                           *([f"missing {', '.join(missing)}"] if missing else [])])
 
 
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _at_least(name: str, label: str, value: float | None, floor: float) -> GateCheck:
     return GateCheck(name, label, f">= {floor:.3f}", value,
                      value is not None and value >= floor)
@@ -139,7 +129,7 @@ def check_gate(card: Mapping[str, Any] | None, tags: Mapping[str, Any],
 
     def point(key: str) -> float | None:
         entry = values.get(key)
-        return _num(entry.get("value")) if isinstance(entry, Mapping) else None
+        return finite_number(entry.get("value")) if isinstance(entry, Mapping) else None
 
     checks = [
         _at_least("macro_f1", "macro-F1 (test)", point("macro_f1"), floors.min_macro_f1),
@@ -154,8 +144,8 @@ def check_gate(card: Mapping[str, Any] | None, tags: Mapping[str, Any],
 
     conformal = card.get("conformal") or {}
     measured = bool(conformal.get("measured"))
-    target = _num(conformal.get("target")) if measured else None
-    achieved = _num(conformal.get("achieved")) if measured else None
+    target = finite_number(conformal.get("target")) if measured else None
+    achieved = finite_number(conformal.get("achieved")) if measured else None
     if target is None:
         checks.append(GateCheck(
             "coverage", "conformal coverage (no target recorded)",
@@ -166,13 +156,13 @@ def check_gate(card: Mapping[str, Any] | None, tags: Mapping[str, Any],
         checks.append(_at_least("coverage", f"conformal coverage (target {target:.3f})",
                                 achieved, floor))
     checks.append(_at_most("refer_share", "refer share (referred as uncertain)",
-                           _num(conformal.get("refer_share")) if measured else None,
+                           finite_number(conformal.get("refer_share")) if measured else None,
                            floors.max_refer_share))
 
-    follow = _num(tags.get("audit_follow_colour"))
+    follow = finite_number(tags.get("audit_follow_colour"))
     if follow is None:
         audit = card.get("audit") or {}
-        follow = _num((audit.get("metrics") or {}).get("audit_follow_colour"))
+        follow = finite_number((audit.get("metrics") or {}).get("audit_follow_colour"))
     colour = _at_most("follow_colour", "shortcut audit: answers following the colour",
                       follow, floors.max_follow_colour)
     if not colour.passed:
