@@ -24,13 +24,12 @@ Writes benchmarks/results/federated-ablation.json and docs/benchmarks-federated-
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import header, write_json
+from common import carry_earlier, header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Benign", "Early", "Pre", "Pro")
@@ -65,7 +64,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, out
 
 
-def load_scenario(args: Any, n: int, scheme: str) -> dict[str, Any]:
+def load_scenario(args: Any, n: int, scheme: str, labs: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The block split, its train+val partitioned into ``n`` hospitals and each hospital's
+    training images (under its laboratory: ``labs``, default one drawn per hospital with
+    ``--labs``), the pooled training images, the test images and, with laboratories, the test
+    images under a laboratory no hospital has."""
     from leukofed.data import scan_dataset
     from leukofed.labs import draw_labs, unseen_lab
     from leukofed.partition import partition_records
@@ -75,7 +79,8 @@ def load_scenario(args: Any, n: int, scheme: str) -> dict[str, Any]:
     dataset = scan_dataset(args.data)
     split = group_split(dataset.records, seed=args.seed)
     parts = partition_records(split.train + split.val, n, scheme, args.alpha, seed=args.seed)
-    labs = draw_labs(n, args.seed) if args.labs else {}
+    if labs is None:
+        labs = draw_labs(n, args.seed) if args.labs else {}
     hospitals = {}
     for h, records in parts.items():
         local = group_split(records, 0.15, 0.15, 0)  # the client's own split (split_seed 0)
@@ -83,22 +88,31 @@ def load_scenario(args: Any, n: int, scheme: str) -> dict[str, Any]:
     test = load_arrays(split.test, args.image_size)
     unseen = load_arrays(split.test, args.image_size, acquisition=unseen_lab(args.seed)) \
         if args.labs else None
-    return {"hospitals": hospitals, "test": test, "unseen": unseen}
+    pooled = (np.concatenate([x for x, _ in hospitals.values()]),
+              np.concatenate([y for _, y in hospitals.values()]))
+    return {"split": split, "hospitals": hospitals, "pooled": pooled, "test": test,
+            "unseen": unseen}
 
 
-def referred_test_share(data: dict[str, Any]) -> float:
-    """Share of the test images that a model trained on these hospitals refers: the
-    acquisition profile pooled from their training images (leukofed.ood), as the
-    aggregator pools it. It depends on the images, not on the model or the recipe."""
-    from common import referred_share
-
+def pooled_profile(images: list[np.ndarray]) -> Any:
+    """The acquisition profile (leukofed.ood) of these hospitals' training images, pooled
+    from each hospital's sufficient statistics as the aggregator pools them."""
     from leukofed.ood import AcquisitionProfile, ProfileStats
 
-    stats = [ProfileStats.of_images(x) for x, _ in data["hospitals"].values()]
+    stats = [ProfileStats.of_images(x) for x in images]
     pooled = stats[0]
     for st in stats[1:]:
         pooled = pooled.merge(st)
-    return referred_share(AcquisitionProfile.from_stats(pooled), data["test"][0])
+    return AcquisitionProfile.from_stats(pooled)
+
+
+def referred_test_share(data: dict[str, Any]) -> float:
+    """Share of the test images that a model trained on these hospitals refers. It depends
+    on the images, not on the model or the recipe."""
+    from common import referred_share
+
+    return referred_share(pooled_profile([x for x, _ in data["hospitals"].values()]),
+                          data["test"][0])
 
 
 def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -108,9 +122,7 @@ def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any
     m = evaluate(trainer, *data["test"])
     out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
            "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
-    x = np.concatenate([v[0] for v in data["hospitals"].values()])
-    y = np.concatenate([v[1] for v in data["hospitals"].values()])
-    out["audit"] = run_audit(trainer.predict, audit_set_from_train(x, y, *data["test"],
+    out["audit"] = run_audit(trainer.predict, audit_set_from_train(*data["pooled"], *data["test"],
                                                                    len(CLASSES), seed))
     if data["unseen"] is not None:
         out["unseen_lab_accuracy"] = evaluate(trainer, *data["unseen"])["accuracy"]
@@ -121,8 +133,7 @@ def central(args: Any, data: dict[str, Any], epochs: int) -> dict[str, Any]:
     from leukofed.models import build_model
     from leukofed.train import Trainer, evaluate, fit
 
-    x = np.concatenate([v[0] for v in data["hospitals"].values()])
-    y = np.concatenate([v[1] for v in data["hospitals"].values()])
+    x, y = data["pooled"]
     trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed))
     curve: list[float] = []
     start = time.perf_counter()
@@ -151,9 +162,8 @@ def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
     )
 
     trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed))
-    x_all = np.concatenate([x for x, _ in data["hospitals"].values()])
-    trainer.reset(class_weights=class_weights(np.concatenate(
-        [y for _, y in data["hospitals"].values()])))
+    x_all, y_all = data["pooled"]
+    trainer.reset(class_weights=class_weights(y_all))
     sets = {h: make_dataset(x, y, args.batch_size, training=True, seed=args.seed)
             for h, (x, y) in data["hospitals"].items()}
     batches = {h: max(1, len(y) // args.batch_size) for h, (_, y) in data["hospitals"].items()}
@@ -174,19 +184,13 @@ def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
     return out
 
 
-def round_lr(base: float, schedule: str, server_round: int, rounds: int) -> float:
-    from leukofed.strategies import round_learning_rate
-
-    return round_learning_rate(base, schedule, server_round, rounds)
-
-
 def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
               joins: dict[str, int] | None = None,
               after_round: Any = None) -> dict[str, Any]:
     """FedAvg-family rounds over ``data["hospitals"]``; a hospital in ``joins`` takes part
     from that round on; ``after_round(round, trainer)`` sees each new global model."""
     from leukofed.models import build_model
-    from leukofed.strategies import ClientResult, make_strategy
+    from leukofed.strategies import ClientResult, make_strategy, round_learning_rate
     from leukofed.train import (
         Trainer,
         class_weights,
@@ -199,7 +203,7 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
     bn_layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
                  if la.__class__.__name__ == "BatchNormalization"]
-    x_pool = np.concatenate([x for x, _ in data["hospitals"].values()])
+    x_pool, y_pool = data["pooled"]
 
     def pooled_bn() -> None:
         for la in bn_layers:  # measured in training mode, then frozen again
@@ -217,12 +221,11 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
                              bn_stat_names=batchnorm_stat_names(model), **params)
     global_w = weights_from_model(model)
     curve = []
-    pooled = class_weights(np.concatenate([y for _, y in data["hospitals"].values()])) \
-        if v["gw"] else None
+    pooled = class_weights(y_pool) if v["gw"] else None
     start = time.perf_counter()
     rounds = v["rounds"] or args.rounds
     for rnd in range(1, rounds + 1):
-        lr = round_lr(v["lr"] or args.learning_rate, v["schedule"], rnd, rounds)
+        lr = round_learning_rate(v["lr"] or args.learning_rate, v["schedule"], rnd, rounds)
         results = []
         for i, (h, (x, y)) in enumerate(data["hospitals"].items()):
             if rnd < (joins or {}).get(h, 1):
@@ -249,8 +252,6 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             after_round(rnd, trainer)
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start)
-    if joins:
-        out["trainer"] = trainer
     return out
 
 
@@ -270,63 +271,45 @@ def join_scenario(args: Any) -> dict[str, Any]:
     from common import referred_share
 
     from leukofed.labs import draw_acquisition, draw_labs
-    from leukofed.ood import AcquisitionProfile, ProfileStats
     from leukofed.partition import hospital_ids
     from leukofed.train import evaluate, load_arrays
 
     n = args.join
     args.labs = True
-    data = load_scenario(args, n + 1, "dirichlet")
-    joiner = hospital_ids(n + 1)[-1]
+    ids = hospital_ids(n + 1)
+    joiner = ids[-1]
     lab = draw_acquisition(np.random.default_rng([args.seed, 3]), "outside", name="joining")
-    from leukofed.data import scan_dataset
-    from leukofed.partition import partition_records
-    from leukofed.splits import group_split
-
-    split = group_split(scan_dataset(args.data).records, seed=args.seed)
-    parts = partition_records(split.train + split.val, n + 1, "dirichlet", args.alpha,
-                              seed=args.seed)
-    local = group_split(parts[joiner], 0.15, 0.15, 0)
-    data["hospitals"][joiner] = load_arrays(local.train, args.image_size, acquisition=lab)
-    joining_test = load_arrays(split.test, args.image_size, acquisition=lab)
-    labs = draw_labs(n + 1, args.seed)
-    lab_tests = {h: load_arrays(split.test, args.image_size, acquisition=labs[h])
-                 for h in hospital_ids(n)}
-
-    def profile(hospitals: list[str]) -> Any:
-        stats = [ProfileStats.of_images(data["hospitals"][h][0]) for h in hospitals]
-        pooled = stats[0]
-        for st in stats[1:]:
-            pooled = pooled.merge(st)
-        return AcquisitionProfile.from_stats(pooled)
-
-    before_ids, all_ids = hospital_ids(n), hospital_ids(n + 1)
+    labs = {**draw_labs(n + 1, args.seed), joiner: lab}
+    data = load_scenario(args, n + 1, "dirichlet", labs)
+    test = data["split"].test
+    joining_test = load_arrays(test, args.image_size, acquisition=lab)
+    lab_tests = {h: load_arrays(test, args.image_size, acquisition=labs[h]) for h in ids[:-1]}
     out: dict[str, Any] = {"hospitals": n, "joining_hospital": joiner,
                            "joining_lab": lab.to_dict(), "join_round": args.join_round,
                            "rounds": args.rounds,
                            "rounds_after_join": args.rounds - args.join_round + 1}
 
+    def judge(when: str, hospitals: list[str], trainer: Any) -> None:
+        profile = pooled_profile([data["hospitals"][h][0] for h in hospitals])
+        out[f"joining_lab_referred_{when}"] = referred_share(profile, joining_test[0])
+        out[f"joining_lab_accuracy_{when}"] = evaluate(trainer, *joining_test)["accuracy"]
+        print(f"  {when} joining: referred {out[f'joining_lab_referred_{when}']:.3f}, "
+              f"accuracy {out[f'joining_lab_accuracy_{when}']:.4f}", flush=True)
+        if when == "after":
+            others = {h: evaluate(trainer, *t)["accuracy"] for h, t in lab_tests.items()}
+            out["other_labs"] = others
+            out["other_labs_accuracy"] = float(np.mean(list(others.values())))
+            out["other_labs_referred"] = float(np.mean([referred_share(profile, t[0])
+                                                        for t in lab_tests.values()]))
+
     def after_round(rnd: int, trainer: Any) -> None:
         if rnd == args.join_round - 1:
-            out["joining_lab_referred_before"] = referred_share(profile(before_ids),
-                                                                joining_test[0])
-            out["joining_lab_accuracy_before"] = evaluate(trainer, *joining_test)["accuracy"]
-            print(f"  before joining: referred {out['joining_lab_referred_before']:.3f}, "
-                  f"accuracy {out['joining_lab_accuracy_before']:.4f}", flush=True)
+            judge("before", ids[:-1], trainer)
+        if rnd == args.rounds:
+            judge("after", ids, trainer)
 
     fed = federated(args, data, dict(DEFAULT_VARIANT), {joiner: args.join_round}, after_round)
-    trainer = fed.pop("trainer")
-    out["joining_lab_referred_after"] = referred_share(profile(all_ids), joining_test[0])
-    out["joining_lab_accuracy_after"] = evaluate(trainer, *joining_test)["accuracy"]
-    others = {h: evaluate(trainer, *t)["accuracy"] for h, t in lab_tests.items()}
-    out["other_labs_accuracy"] = float(np.mean(list(others.values())))
-    out["other_labs"] = others
-    out["other_labs_referred"] = float(np.mean([referred_share(profile(all_ids), t[0])
-                                                for t in lab_tests.values()]))
     out["test_accuracy"] = fed["accuracy"]
-    print(f"  after joining: referred {out['joining_lab_referred_after']:.3f}, accuracy "
-          f"{out['joining_lab_accuracy_after']:.4f}; other labs {out['other_labs_accuracy']:.4f}",
-          flush=True)
     return out
 
 
@@ -354,10 +337,14 @@ def markdown(doc: dict[str, Any]) -> str:
         for name, r, fed in rows:
             a = r["audit"]
             gap = f"{100 * (c['accuracy'] - r['accuracy']):+.1f}" if fed else "-"
-            steps = local_steps(s["train_images"], r["epochs"], r.get("config", {}).get("batch")
-                                or doc.get("batch_size", 32)) if fed else 0.0
-            budget = (f"{r.get('config', {}).get('rounds') or s['rounds']} x {r['epochs']}"
-                      if fed else f"{r['epochs']} epochs")
+            config = r.get("config", {})
+            rounds = config.get("rounds") or s["rounds"]
+            # "hospital_batches" is centralized training whose batches come from one hospital
+            federation = fed and config.get("mode") != "hospital_batches"
+            steps = local_steps(s["train_images"], r["epochs"], config.get("batch")
+                                or doc.get("batch_size", 32)) if federation else 0.0
+            budget = (f"{rounds} x {r['epochs']}" if federation
+                      else f"{rounds * r['epochs'] if fed else r['epochs']} epochs")
             lines.append(
                 f"| {s['hospitals']} | {s['partition']}{'' if s['labs'] else ', no labs'} | "
                 f"{name} | {budget} | "
@@ -366,7 +353,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"({100 * a['audit_follow_colour']:.1f}%) | "
                 f"{f(a['audit_histogram_accuracy'])} | {f(r.get('unseen_lab_accuracy'))} | "
                 f"{f(s.get('referred_test'))} | "
-                f"{f'{steps:.1f}' if fed else '-'} | {r['seconds'] / 60:.1f} |")
+                f"{f'{steps:.1f}' if federation else '-'} | {r['seconds'] / 60:.1f} |")
     j = doc.get("join")
     if j:
         lines += [
@@ -405,11 +392,8 @@ def main() -> None:
     doc = header()
     doc["batch_size"] = args.batch_size
     doc["scenarios"] = []
-    if args.append and Path(args.out).exists():
-        earlier = json.loads(Path(args.out).read_text())
-        doc["scenarios"] = earlier["scenarios"]
-        doc["command"] = f"{earlier['command']}; {doc['command']}"
-        doc["date"] = f"{earlier['date']}; {doc['date']}"
+    if args.append:
+        carry_earlier(doc, args.out)
     if args.join:
         doc["join"] = join_scenario(args)
         write_json(args.out, doc)

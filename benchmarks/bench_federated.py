@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, referred_share, write_json  # noqa: E402
+from common import carry_earlier, header, referred_share, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
@@ -523,11 +523,8 @@ def main() -> None:
     doc["results_json"] = str(Path(args.out).resolve().relative_to(ROOT))
     doc["curves_png"] = f"docs/img/{Path(args.out).stem}-curves.png"
     doc["scenarios"] = []
-    if args.append and Path(args.out).exists():
-        earlier = json.loads(Path(args.out).read_text())
-        doc["scenarios"] = earlier["scenarios"]
-        doc["command"] = f"{earlier['command']}; {doc['command']}"
-        doc["date"] = f"{earlier['date']}; {doc['date']}"
+    if args.append:
+        carry_earlier(doc, args.out)
     for spec in args.scenarios.split(","):
         parts = spec.split(":")
         s = {"hospitals": int(parts[0]), "scheme": parts[1], "strategy": parts[2],

@@ -51,6 +51,17 @@ def header(command: str | None = None) -> dict[str, Any]:
             "machine": machine()}
 
 
+def carry_earlier(doc: dict[str, Any], path: str | Path) -> None:
+    """``--append``: keep an earlier run's scenarios in ``doc`` and chain its command and
+    date with this run's, so the file says how every row it holds was made."""
+    if not Path(path).exists():
+        return
+    earlier = json.loads(Path(path).read_text())
+    doc["scenarios"] = earlier["scenarios"]
+    doc["command"] = f"{earlier['command']}; {doc['command']}"
+    doc["date"] = f"{earlier['date']}; {doc['date']}"
+
+
 def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=float))

@@ -229,6 +229,16 @@ def adaptive_step(variant: str, x: np.ndarray, delta: np.ndarray, m: np.ndarray,
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
+    """The learning rate of 0-based ``epoch`` of ``epochs``: ``warmup`` epochs rising to
+    ``base``, then a cosine decay to near zero. Centralized training steps it per epoch
+    (leukofed.train.fit), a federation per round (``round_learning_rate``)."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def round_learning_rate(base: float, schedule: str, server_round: int, rounds: int) -> float:
     """The hospitals' local learning rate in round ``server_round`` (1-based) of ``rounds``.
 
@@ -243,11 +253,7 @@ def round_learning_rate(base: float, schedule: str, server_round: int, rounds: i
                          f"{LR_SCHEDULES}")
     if schedule == "constant" or rounds <= 1:
         return float(base)
-    epoch = min(max(server_round, 1), rounds) - 1
-    if epoch < 1:
-        return float(base) / 2
-    progress = (epoch - 1) / max(1, rounds - 1)
-    return float(base) * 0.5 * (1 + math.cos(math.pi * progress))
+    return float(cosine_lr(base, min(max(server_round, 1), rounds) - 1, rounds))
 
 
 def _number(name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -41,6 +41,7 @@ from leukofed.models import (  # noqa: E402
     DEFAULT_ROTATION_ENSEMBLE,
 )
 from leukofed.preprocessing import load_image  # noqa: E402
+from leukofed.strategies import cosine_lr  # noqa: E402  (one schedule for epochs and rounds)
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("LEUKOFED_CACHE", ".cache"))
@@ -405,13 +406,6 @@ class FitResult:
     best_epoch: int = 0
     best_val_macro_f1: float = -1.0
     seconds: float = 0.0
-
-
-def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
-    if epoch < warmup:
-        return base * (epoch + 1) / (warmup + 1)
-    progress = (epoch - warmup) / max(1, epochs - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def fit(
