@@ -121,11 +121,6 @@ class Registry:
         return {int(mv.tags["round"]): str(mv.version) for mv in self._versions(run_id)
                 if mv.tags.get("run_id") == run_id and str(mv.tags.get("round", "")).isdigit()}
 
-    def best_version(self, metric: str, run_id: str | None = None) -> tuple[str, float] | None:
-        """The version with the highest numeric tag ``metric`` (optionally within one run)."""
-        ranked = self.ranked_versions(metric, run_id)
-        return (ranked[0].version, float(ranked[0].tags[metric])) if ranked else None
-
     def ranked_versions(self, metric: str, run_id: str | None = None) -> list[VersionInfo]:
         """Every version with a numeric tag ``metric`` (optionally within one run), highest
         first; ties keep the newer version first. Versions without it (or NaN) are left out."""

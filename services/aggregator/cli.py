@@ -231,6 +231,7 @@ def promote(
     name = model_name or os.environ.get("LEUKOFED_AGGREGATOR_MODEL_NAME", DEFAULT_MODEL_NAME)
     registry = Registry(uri, name)  # MLflow credentials: MLFLOW_TRACKING_USERNAME/PASSWORD
     none_passes = False
+    cards: dict[str, Any] = {}  # version -> card, each downloaded once
     try:
         if version == "best":
             ranked = registry.ranked_versions(metric, run_id)
@@ -242,7 +243,8 @@ def promote(
                 raise typer.Exit(1)
             chosen = None
             for info in ranked:  # highest first: the first that passes the gate wins
-                verdict = check_gate(_model_card(registry, info.tags), info.tags, floors)
+                cards[info.version] = _model_card(registry, info.tags)
+                verdict = check_gate(cards[info.version], info.tags, floors)
                 if verdict.passed:
                     chosen = info
                     break
@@ -262,7 +264,7 @@ def promote(
     except RegistryError as exc:
         typer.echo(f"cannot read version {version} of {name}: {exc}", err=True)
         raise typer.Exit(1) from None
-    card = _model_card(registry, tags)
+    card = cards[version] if version in cards else _model_card(registry, tags)
     if card is not None:
         from leukofed.card import card_summary
 
