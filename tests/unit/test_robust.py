@@ -146,7 +146,12 @@ def poisoning_accuracies(strategies: list[str], scale: float = 100.0) -> dict[st
             if not strategy.weights_are_client_average:
                 g = calibrated(model, g, data, bn, strategy.robust)
         set_model_weights(model, g)
-        out[name] = float((trainer.predict(x_test).argmax(axis=1) == y_test).mean())
+        probs = trainer.predict(x_test)
+        out[name] = float((probs.argmax(axis=1) == y_test).mean())
+        # Cross-entropy on the true class: a broken model is confidently wrong, whatever
+        # share of the 32 test images its arbitrary argmax happens to land on.
+        true = probs[np.arange(len(y_test)), y_test]
+        out[f"{name}_loss"] = float(-np.log(np.clip(true, 1e-12, 1.0)).mean())
         out[f"{name}_kept_attacker"] = float(kept_attacker)
     return out
 
@@ -157,13 +162,15 @@ def test_one_poisoning_hospital_breaks_fedavg_not_the_robust_strategies() -> Non
     acc = poisoning_accuracies(["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
     print(f"accuracy, no attacker: fedavg {clean}; with 1 of 5 hospitals poisoning: {acc}")
     assert clean >= 0.7
-    # chance is 0.25; at scale 10 and again at 30 FedAvg once kept 0.5, so the attack is 100x
-    assert acc["fedavg"] <= 0.4
-    # Margins leave room for thread-order noise in TF on 2 cores; FedAvg falls to 0.25 or
-    # below at 100x.
+    # At 100x FedAvg's model is broken, but which of 4 classes its argmax lands on is luck:
+    # accuracy measured 0.25 and, once in CI, 0.5. Its cross-entropy says it is broken
+    # whatever the argmax: 20.7 measured (chance is ln 4 = 1.4), the robust ones under 0.01.
+    assert acc["fedavg"] <= 0.5, acc
+    assert acc["fedavg_loss"] >= 5.0, acc
+    # Margins leave room for thread-order noise in TF on 2 cores.
     for name in ("fedmedian", "fedtrimmedavg", "multikrum"):
         assert acc[name] >= 0.6, acc
-        assert acc[name] >= acc["fedavg"] + 0.3, acc
+        assert acc[f"{name}_loss"] <= 0.5, acc
     # Krum serves one honest hospital's model trained on 16 images: measured 0.5-1.0, so its
     # accuracy says little; what Krum promises is that the attacker is never the one kept.
     assert acc["krum"] > acc["fedavg"], acc
