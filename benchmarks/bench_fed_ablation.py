@@ -37,7 +37,7 @@ DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "feda
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
                    "gw": 0, "rounds": 0, "mode": "federated",
-                   "bnfix": 0}
+                   "bnfix": 0, "head": 0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -53,7 +53,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     one hospital, which separates label-skewed batches from model averaging; bnfix 1:
     hospitals train with BatchNorm in inference mode, normalising by the statistics pooled
     over every hospital on the round's global weights instead of by their batch's own, which
-    depend on its label mix)."""
+    depend on its label mix; head 1: after each round the classifier head is refitted on
+    virtual features drawn from the hospitals' pooled per-class feature statistics
+    (leukofed.head_rebalance) and sent on in the global weights, head 2: refitted for the
+    evaluated model only, the next round starts from the averaged head)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -243,6 +246,11 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             # measured on the new weights, pooled over the hospitals' training images.
             pooled_bn()
             global_w = weights_from_model(model)
+        if v["head"]:
+            head = rebalanced_head(model, data["hospitals"], args.seed * 7919 + rnd)
+            set_model_weights(model, {**global_w, **head})
+            if v["head"] == 1:
+                global_w = {**global_w, **head}
         m = evaluate(trainer, *data["test"])
         curve.append({"round": rnd, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                       "benign_recall": m["per_class"]["Benign"]["recall"], "lr": lr})
@@ -253,6 +261,21 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start)
     return out
+
+
+def rebalanced_head(model: Any, hospitals: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The head refitted on the pooled per-class feature statistics of every hospital's
+    training images under the current model (what each hospital would send)."""
+    from leukofed.head_rebalance import class_feature_stats, pool_feature_stats, refit_head
+    from leukofed.train import HEAD_LAYER, head_features
+
+    stats = [class_feature_stats(*head_features(model, x, y), len(CLASSES))
+             for x, y in hospitals.values()]
+    means, covs, counts = pool_feature_stats(stats)
+    layer = model.get_layer(HEAD_LAYER)
+    w, b = refit_head(*(np.asarray(t) for t in layer.get_weights()), means, covs, counts,
+                      seed=seed)
+    return {f"{HEAD_LAYER}/kernel": w, f"{HEAD_LAYER}/bias": b}
 
 
 def local_steps(train_images: dict[str, int], epochs: int, batch: int) -> float:

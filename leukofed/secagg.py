@@ -127,6 +127,13 @@ def neighbour_graph(hospitals: Iterable[str], neighbours: int, seed: bytes
     return {h: tuple(sorted(v)) for h, v in graph.items()}
 
 
+def graph_seed(session: Session) -> bytes:
+    """The seed of a session's neighbour graph: public, and made only of what the
+    aggregator's signed task names (run, round, purpose), so every hospital can recompute the
+    graph and check the neighbourhood it is relayed instead of taking it on trust."""
+    return hashlib.sha256(f"{session.run}|{session.round}|{session.purpose}".encode()).digest()
+
+
 def threshold_for(degree: int, fraction: float) -> int:
     """Shares needed to reconstruct a secret held by ``degree`` neighbours: ``fraction`` of
     them, and always more than half (else two disjoint groups of neighbours, each told a
@@ -295,9 +302,12 @@ class SecAggHospital:
         return X25519PrivateKey.from_private_bytes(bytes.fromhex(self.state[name]))
 
     # ---- stage 2: share b and s_sk with the neighbours, encrypted to each
-    def share(self, adverts: Mapping[str, Mapping[str, str]]) -> dict[str, bytes]:
+    def share(self, adverts: Mapping[str, Mapping[str, str]], threshold: int | None = None
+              ) -> dict[str, bytes]:
         """``adverts``: the public keys of this hospital's neighbours (and its own). Returns
-        one ciphertext per neighbour, only that neighbour can open it."""
+        one ciphertext per neighbour, only that neighbour can open it. ``threshold``: the
+        Shamir threshold the caller chose (services.client.secure: from the neighbourhood it
+        recomputed and its own floor); by default the session's fraction of the holders."""
         if "c_sk" not in self.state:
             raise SecAggError("out_of_order", "share before advertise")
         if "adverts" in self.state:
@@ -320,9 +330,14 @@ class SecAggHospital:
                           b"check")
                 except ValueError as exc:  # bad hex; a degenerate key is a SecAggError
                     raise SecAggError("bad_key", f"{peer}'s {key}: {exc}") from exc
-        self.state["adverts"] = {h: dict(adverts[h]) for h in peers}
         holders = sorted([*peers, self.hospital])  # a hospital keeps one share itself
         t = threshold_for(len(holders), self.session.threshold_fraction)
+        if threshold is not None:
+            if not t <= threshold <= len(holders):
+                raise SecAggError("schema", f"threshold {threshold} outside {t}..{len(holders)}"
+                                  f" for {len(holders)} holders")
+            t = threshold
+        self.state["adverts"] = {h: dict(adverts[h]) for h in peers}
         self.state["threshold"] = t
         xs = [i + 1 for i in range(len(holders))]  # x of a share: 1 + the holder's rank
         b_shares = shamir_split(bytes.fromhex(self.state["b"]), t, xs)

@@ -397,6 +397,28 @@ def recalibrate_batchnorm(
             la.momentum = m
 
 
+# ---------------------------------------------------------------- classifier head
+
+HEAD_LAYER = "probabilities"
+
+
+def head_features(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs of the classifier head (``HEAD_LAYER``) for un-augmented images, in
+    inference mode, with their labels. With the rotation ensemble each image gives four rows
+    (its four turns, each of which the head scores before the mean), labels repeated."""
+    extract = keras.Model(model.inputs, model.get_layer(HEAD_LAYER).input)
+    out = [np.asarray(extract(tf.constant(x[i : i + batch_size], tf.float32), training=False))
+           for i in range(0, len(x), batch_size)]
+    if not out:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    turns = [len(f) // min(batch_size, len(x) - i)
+             for f, i in zip(out, range(0, len(x), batch_size))]
+    labels = np.concatenate([np.tile(y[i : i + batch_size], t)
+                             for t, i in zip(turns, range(0, len(x), batch_size))])
+    return np.concatenate(out), labels
+
+
 # ---------------------------------------------------------------- loops
 
 

@@ -19,7 +19,6 @@ the reason); the round loop then skips the round without registering a model.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Mapping
@@ -39,7 +38,10 @@ if TYPE_CHECKING:
 
 STAGES = ("keys", "shares", "masked", "reveal")
 # The fields of each stage's answer that its signature covers (leukofed.signing.secagg_digest).
-SIGNED_FIELDS = {"keys": ("purpose", "c_pk", "s_pk", "cap"), "shares": ("purpose", "ciphertexts"),
+# A shares answer carries the Shamir threshold its hospital chose (services.client.secure):
+# hospitals no longer take one from the aggregator, so the aggregator unmasks with theirs.
+SIGNED_FIELDS = {"keys": ("purpose", "c_pk", "s_pk", "cap"),
+                 "shares": ("purpose", "ciphertexts", "threshold"),
                  "masked": ("purpose", "masked", "coords"), "reveal": ("purpose", "reveals")}
 
 
@@ -166,8 +168,9 @@ class SecureGather:
         u0 = sorted(keys)
         if len(u0) < need:
             raise abort(f"{len(u0)} hospitals sent keys, {need} needed ({failures or 'none'})")
-        graph = secagg.neighbour_graph(u0, params["neighbours"], hashlib.sha256(
-            f"{self.run_id}|{self.round}|{self.purpose}".encode()).digest())
+        # The graph every hospital recomputes from the members and the public seed: a
+        # hospital relayed any other neighbourhood refuses to share.
+        graph = secagg.neighbour_graph(u0, params["neighbours"], secagg.graph_seed(session))
         adverts = {h: {"c_pk": keys[h]["c_pk"], "s_pk": keys[h]["s_pk"], "cap": keys[h]["cap"],
                        "signature": keys[h].get("signature")} for h in u0}
         # 2. encrypted shares
@@ -175,7 +178,8 @@ class SecureGather:
         shares, more = self._stage(
             "shares", TASK_SECAGG_SHARES,
             {h: [b"", {**base, "deadline": d, "secure": {
-                **params, "adverts": {p: adverts[p] for p in (h, *graph[h])}}}] for h in u0},
+                **params, "members": u0, "adverts": {p: adverts[p] for p in (h, *graph[h])}}}]
+             for h in u0},
             d, lambda h, a: self._shares_body(h, a, graph))
         failures.update(more)
         u1 = sorted(shares)
@@ -206,8 +210,7 @@ class SecureGather:
                 **params, "survivors": u2, "dropped": dropped}}] for h in u2},
             d, lambda h, a: self._reveal_body(h, a, graph))
         failures.update(more)
-        thresholds = secagg.holder_thresholds({h: graph[h] for h in u1},
-                                              params["threshold_fraction"])
+        thresholds = {h: int(shares[h]["threshold"]) for h in u1}
         vectors = {h: secagg.unpack(masked[h]["masked"], size, params["bits"]) for h in u2}
         try:
             total = secagg.unmask_sum(
@@ -257,6 +260,13 @@ class SecureGather:
         if not isinstance(ct, Mapping) or set(ct) - set(graph[hospital]) or not all(
                 isinstance(v, bytes) and len(v) < 4096 for v in ct.values()):
             raise ValueError("ciphertexts must be bytes addressed to neighbours only")
+        # At least what the run asks (a hospital may ask more of its own), at most every
+        # holder: anything else would not reconstruct, and is left out here instead.
+        holders = len(graph[hospital]) + 1
+        least = secagg.threshold_for(holders, self.sa.threshold)
+        t = body["threshold"]
+        if isinstance(t, bool) or not isinstance(t, int) or not least <= t <= holders:
+            raise ValueError(f"threshold {t!r} outside {least}..{holders}")
         return body
 
     def _masked_body(self, body: Mapping[str, Any], size: int) -> Mapping[str, Any]:

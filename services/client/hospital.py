@@ -42,7 +42,7 @@ from leukofed.transport import (
 )
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
-from services.client.secure import SecureSessions
+from services.client.secure import SecureSessions, spent_keys
 from services.client.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,11 @@ class HospitalClient:
         self._task_nonces = signing.NonceCache()
         peers = (signing.load_public_keys(settings.peer_public_keys_dir)
                  if settings.peer_public_keys_dir else {})
-        self.secure = SecureSessions(self.hospital, self._signing_key, peers)
+        # The masked vectors already sent (participation log): a restart does not reopen them.
+        self.secure = SecureSessions(self.hospital, self._signing_key, peers,
+                                     min_neighbours=settings.secagg_min_neighbours,
+                                     min_threshold=settings.secagg_min_threshold,
+                                     spent=spent_keys(self.participation.entries()))
         # A simulated laboratory (leukofed.labs): read now, so a bad file fails at start.
         self.acquisition = settings.acquisition()
         if self.acquisition is not None:
@@ -201,6 +205,9 @@ class HospitalClient:
         cfg, trainer, refusal = self._prepare(TASK_FIT, blob, config, auth)
         if refusal:
             return refusal
+        refusal = self._second_vector("fit", cfg, blob)
+        if refusal:  # before training: the same weights and seed would give the same update
+            return refusal
         self._before_training(cfg)
         from leukofed.train import local_fit
         from leukofed.wire import weights_from_model
@@ -237,7 +244,7 @@ class HospitalClient:
             **(self.training_profile(cfg.image_size) if cfg.send_profile else {}),
         }
         if cfg.secure is not None:
-            return self._secure_fit(cfg, decode_weights(blob), weights, len(x), extra,
+            return self._secure_fit(cfg, blob, weights, len(x), extra,
                                     {"load_s": loaded - start,
                                      "train_s": float(stats["train_seconds"])}, start)
         out = encode_weights(weights, fp16=cfg.fp16)
@@ -255,32 +262,49 @@ class HospitalClient:
                      "encode_s": done - trained, "total_s": done - start}, **extra)).encode()
         return self._sign_answer(answer, cfg, blob=blob, task_id=task_id)
 
-    def _secure_fit(self, cfg: RoundConfig, global_weights: dict[str, np.ndarray],
-                    weights: dict[str, np.ndarray], n: int, extra: WireMap,
-                    timings: dict[str, float], start: float) -> WireMap:
+    def _second_vector(self, task: str, cfg: RoundConfig, blob: bytes) -> WireMap | None:
+        """An error answer when a masked vector for this run, round, purpose and global
+        weights already left (services.client.secure), else None; plain tasks pass."""
+        if cfg.secure is None:
+            return None
+        try:
+            self.secure.refuse_second_vector(cfg, hashlib.sha256(blob).hexdigest())
+        except secagg.SecAggError as exc:
+            return self._error(task, cfg, f"secure aggregation: {exc.reason}: {exc.message}")
+        return None
+
+    def _secure_fit(self, cfg: RoundConfig, blob: bytes, weights: dict[str, np.ndarray],
+                    n: int, extra: WireMap, timings: dict[str, float], start: float
+                    ) -> WireMap:
         """The update as a masked vector (leukofed.secagg, services.client.secure)."""
         from services.client.secure import update_to_sum
 
+        global_weights = decode_weights(blob)
         delta, weight, extras = update_to_sum(cfg.secure, global_weights, weights, n)
-        answer = self._masked_answer("fit", cfg, global_weights, delta, weight, extras, n)
+        answer = self._masked_answer("fit", cfg, blob, global_weights, delta, weight, extras,
+                                     n)
         if answer["status"] == "ok":
             done = time.perf_counter()
             answer.update(extra, timings={**timings, "total_s": done - start,
                                           "encode_s": done - start - sum(timings.values())})
         return answer
 
-    def _masked_answer(self, task: str, cfg: RoundConfig, like: dict[str, np.ndarray],
-                       tensors: dict[str, np.ndarray], weight: float,
-                       extras: dict[str, float], n: int) -> WireMap:
+    def _masked_answer(self, task: str, cfg: RoundConfig, blob: bytes,
+                       like: dict[str, np.ndarray], tensors: dict[str, np.ndarray],
+                       weight: float, extras: dict[str, float], n: int) -> WireMap:
         """A fit or calibrate answer under secure aggregation: the masked vector, logged in
         the participation log; a protocol error is an error answer with its reason."""
+        digest = hashlib.sha256(blob).hexdigest()
         try:
-            answer = self.secure.masked(cfg, like, tensors, weight, extras)
+            answer = self.secure.masked(cfg, like, tensors, weight, extras,
+                                        global_sha256=digest)
         except secagg.SecAggError as exc:
             return self._error(task, cfg, f"secure aggregation: {exc.reason}: {exc.message}")
+        # Written (and fsynced) before the vector leaves: the key a restarted worker reloads.
         self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="ok", bytes=len(answer["masked"]), secure=True,
-                                  num_examples=int(n))
+                                  num_examples=int(n), global_sha256=digest,
+                                  purpose=str((cfg.secure or {}).get("purpose")))
         answer["bytes"] = len(answer["masked"])
         return answer
 
@@ -336,6 +360,9 @@ class HospitalClient:
         cfg, trainer, refusal = self._prepare(TASK_CALIBRATE, blob, config, auth)
         if refusal:
             return refusal
+        refusal = self._second_vector("calibrate", cfg, blob)
+        if refusal:
+            return refusal
         from leukofed.train import recalibrate_batchnorm
         from leukofed.wire import weights_from_model
 
@@ -348,8 +375,9 @@ class HospitalClient:
         if cfg.secure is not None:
             stats = {n: weights[n] for n in sorted(self.trainers.bn_names)}
             # First and second moments, weighted by the images used: they sum exactly.
-            answer = self._masked_answer("calibrate", cfg, stats, secagg.bn_moments(stats),
-                                         float(used), {"count": 1.0}, used)
+            answer = self._masked_answer("calibrate", cfg, blob, stats,
+                                         secagg.bn_moments(stats), float(used),
+                                         {"count": 1.0}, used)
             answer["seconds"] = time.perf_counter() - start
             return answer
         out = encode_weights({n: weights[n] for n in sorted(self.trainers.bn_names)})

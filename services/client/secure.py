@@ -9,13 +9,26 @@ Each answer is signed (kind ``secagg``, bound to run, round and stage). With
 keys carry that neighbour's signature, so an aggregator cannot slip in keys of its own
 (without it, secure aggregation holds against an aggregator that follows the protocol but
 reads everything it sees: docs/security.md).
+
+What a hospital does not take from the aggregator (issue 26, finding 3):
+
+* its neighbourhood: recomputed from the session's public graph seed and the members list,
+  and refused when the relayed one differs or has fewer than ``min_neighbours`` (an
+  aggregator relaying {victim, colluder} made the threshold 2 and unmasked the victim);
+* its Shamir threshold: computed here over that neighbourhood with at least
+  ``min_threshold`` of it, and reported (signed) to the aggregator, which must use it;
+* a second masked vector for one (run, round, purpose, global weights): refused, because
+  the same weights and seed give the same update, so two sums over different groups
+  would give it away by difference. Remembered for the worker's life, and across restarts
+  through the participation log (``spent_keys``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +38,11 @@ from leukofed.protocol import RoundConfig
 
 log = logging.getLogger(__name__)
 KEEP_SESSIONS = 8  # the fit and calibrate sessions of a few rounds; older ones are forgotten
+# Below two neighbours, one colluding hospital holds every share but the hospital's own.
+MIN_NEIGHBOURS = 2
+MIN_THRESHOLD = 0.6  # the run config's default fraction: an honest default run is unchanged
+# (run, round, purpose, SHA-256 of the global weights): one masked vector each.
+VectorKey = tuple[str, int, str, str]
 
 
 def session_of(cfg: RoundConfig) -> secagg.Session:
@@ -73,13 +91,44 @@ def update_to_sum(secure: Mapping[str, Any], global_weights: Mapping[str, np.nda
     return delta, float(num_examples), {"count": 1.0}
 
 
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over named tensors, for callers that hold arrays rather than the task's
+    blob (the worker uses the blob's own SHA-256)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        value = np.ascontiguousarray(weights[name])
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def spent_keys(entries: Iterable[Mapping[str, Any]]) -> set[VectorKey]:
+    """The vector keys of the masked vectors a participation log records as sent, so a
+    restarted worker still refuses a second vector for them."""
+    out = set()
+    for e in entries:
+        if e.get("secure") and e.get("status") == "ok" and e.get("global_sha256"):
+            out.add((str(e.get("run")), int(e.get("round") or 0),
+                     str(e.get("purpose") or e.get("task")), str(e["global_sha256"])))
+    return out
+
+
 class SecureSessions:
     def __init__(self, hospital: str, signing_key: Any = None,
-                 peer_keys: Mapping[str, Any] | None = None) -> None:
+                 peer_keys: Mapping[str, Any] | None = None,
+                 min_neighbours: int = MIN_NEIGHBOURS, min_threshold: float = MIN_THRESHOLD,
+                 spent: Iterable[VectorKey] = ()) -> None:
+        secagg.threshold_for(2, min_threshold)  # (0.5, 1]: a majority, as for the sessions
+        if min_neighbours < 1:
+            raise ValueError("min_neighbours must be at least 1")
         self.hospital = hospital
         self.signing_key = signing_key
         self.peer_keys = dict(peer_keys or {})
+        self.min_neighbours = int(min_neighbours)
+        self.min_threshold = float(min_threshold)
         self._parties: OrderedDict[secagg.Session, secagg.SecAggHospital] = OrderedDict()
+        # Never evicted with the sessions: forgetting a key would allow a second vector.
+        self._spent: set[VectorKey] = set(spent)
 
     def _party(self, session: secagg.Session, create: bool = False) -> secagg.SecAggHospital:
         party = self._parties.get(session)
@@ -108,11 +157,34 @@ class SecureSessions:
         return self._signed(session, "keys", {"purpose": session.purpose, **adverts,
                                               "cap": int(cap)})
 
+    def neighbourhood(self, session: secagg.Session, members: Any) -> tuple[str, ...]:
+        """This hospital's neighbours as the session's public seed places them among
+        ``members`` (the hospitals that sent keys), refused below ``min_neighbours``."""
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members) \
+                or len(set(members)) != len(members) or self.hospital not in members:
+            raise secagg.SecAggError("schema", "members must list distinct hospital ids, "
+                                     "this one among them")
+        mine = secagg.neighbour_graph(members, session.neighbours,
+                                      secagg.graph_seed(session))[self.hospital]
+        if len(mine) < self.min_neighbours:
+            raise secagg.SecAggError("below_minimum", f"{len(mine)} neighbours, this hospital "
+                                     f"shares its secrets with at least {self.min_neighbours}")
+        return mine
+
     def shares(self, cfg: RoundConfig) -> dict[str, Any]:
         session = session_of(cfg)
         adverts = cfg.secure.get("adverts")
         if not isinstance(adverts, Mapping):
             raise secagg.SecAggError("schema", "no neighbour keys in the task")
+        expected = self.neighbourhood(session, cfg.secure.get("members"))
+        relayed = sorted(str(p) for p in adverts if p != self.hospital)
+        if relayed != sorted(expected):
+            # The aggregator chose whom this hospital shares with: refused before anything
+            # is checked or stored, so the genuine neighbourhood still works afterwards.
+            raise secagg.SecAggError("neighbourhood", f"relayed neighbours {relayed[:5]} are "
+                                     f"not the seed's {sorted(expected)[:5]}")
+        threshold = secagg.threshold_for(len(expected) + 1, max(session.threshold_fraction,
+                                                                self.min_threshold))
         plain = {}
         for peer, advert in adverts.items():
             if not isinstance(advert, Mapping):
@@ -127,9 +199,11 @@ class SecureSessions:
                     raise secagg.SecAggError("forged", f"the keys relayed for {peer} are not "
                                              f"signed by {peer}: {exc.message}") from exc
             plain[str(peer)] = {"c_pk": body["c_pk"], "s_pk": body["s_pk"]}
-        ciphertexts = self._party(session).share(plain)
+        ciphertexts = self._party(session).share(plain, threshold)
+        # The threshold is signed with the shares: the aggregator unmasks with this one.
         return self._signed(session, "shares", {"purpose": session.purpose,
-                                                "ciphertexts": ciphertexts})
+                                                "ciphertexts": ciphertexts,
+                                                "threshold": threshold})
 
     def reveal(self, cfg: RoundConfig) -> dict[str, Any]:
         session = session_of(cfg)
@@ -147,12 +221,28 @@ class SecureSessions:
                                                 "reveals": reveals})
 
     # ---- the masked vector, made inside the fit or calibrate task
-    def masked(self, cfg: RoundConfig, like: Mapping[str, np.ndarray],
-               tensors: Mapping[str, np.ndarray], weight: float, extras: Mapping[str, float]
-               ) -> dict[str, Any]:
-        """The signed answer fields of a masked vector: ``weight * tensors`` (clipped to the
-        spec's ranges) plus the extras, quantised and masked."""
+    def vector_key(self, cfg: RoundConfig, global_sha256: str) -> VectorKey:
         session = session_of(cfg)
+        return (session.run, session.round, session.purpose, global_sha256)
+
+    def refuse_second_vector(self, cfg: RoundConfig, global_sha256: str) -> None:
+        """SecAggError ``replay`` when a masked vector already left for this run, round,
+        purpose and global weights, whatever other session parameters the task names (a
+        new threshold or degree would otherwise open a new session): the worker calls it
+        before training, so a refused task costs nothing."""
+        if self.vector_key(cfg, global_sha256) in self._spent:
+            raise secagg.SecAggError("replay", "a masked vector for this run, round, purpose "
+                                     "and global weights was already sent")
+
+    def masked(self, cfg: RoundConfig, like: Mapping[str, np.ndarray],
+               tensors: Mapping[str, np.ndarray], weight: float, extras: Mapping[str, float],
+               global_sha256: str | None = None) -> dict[str, Any]:
+        """The signed answer fields of a masked vector: ``weight * tensors`` (clipped to the
+        spec's ranges) plus the extras, quantised and masked. ``global_sha256``: the global
+        weights the task carried (default: a digest of ``like``); one vector per key."""
+        session = session_of(cfg)
+        key = self.vector_key(cfg, global_sha256 or weights_digest(like))
+        self.refuse_second_vector(cfg, key[3])
         secure = cfg.secure
         spec = secagg.VectorSpec.from_dict(secure.get("spec"))
         cap, total = secure.get("cap"), secure.get("total_weight")
@@ -168,6 +258,7 @@ class SecureSessions:
         q, clipped = secagg.quantise(vector, spec.coordinate_ranges(like), w, float(total),
                                      session.bits)
         masked = self._party(session).masked_input(q, received)
+        self._spent.add(key)  # only now: a vector that could not be masked never left
         body = {"purpose": session.purpose, "masked": secagg.pack(masked, session.bits),
                 "coords": int(len(q))}
         signed = self._signed(session, "masked", body)

@@ -67,6 +67,15 @@ class ClientSettings(BaseSettings):
         "that each neighbour's relayed keys are signed by that neighbour")
     task_max_age_s: float = Field(
         7 * 24 * 3600.0, description="a signed task older than this is refused as expired")
+    # Secure aggregation: what this hospital does not take from the aggregator (the
+    # neighbourhood is recomputed from the session's seed, docs/security.md section 8).
+    secagg_min_neighbours: int = Field(
+        2, ge=1, description="secure aggregation: refuse to share secrets with fewer "
+        "neighbours than this")
+    secagg_min_threshold: float = Field(
+        0.6, gt=0.5, le=1.0, description="secure aggregation: share of the neighbours (and "
+        "itself) needed to rebuild this hospital's secrets, at least; a run asking less "
+        "gets this")
 
     @field_validator("hospital_id")
     @classmethod

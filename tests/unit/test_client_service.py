@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from leukofed.protocol import RoundConfig
 from leukofed.wire import decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
 from services.client.cli import register
@@ -202,3 +204,77 @@ def test_credentials_dir_fills_every_unset_key_setting_and_turns_isolation_on(
     with pytest.raises(ValueError, match="not a folder"):
         ClientSettings(hospital_id="a", data_dir=tmp_path, credentials_dir=tmp_path / "none",
                        _env_file=None)
+
+
+def test_attack_second_secure_sum_on_the_same_weights_is_refused(
+        tmp_path: Path, synthetic_dataset, global_blob: bytes, monkeypatch) -> None:
+    """Issue 26, finding 3: an aggregator that changes threshold_fraction opens a new secure
+    session in the same round, and the hospital trained again on the same weights with the
+    same seed: the same update, so two sums over different groups of hospitals give it by
+    difference. Now a hospital sends one masked vector per (run, round, purpose, global
+    weights): the second request is refused before training, also by a restarted worker
+    (the participation log). Real keys: tasks signed by the aggregator, keys and shares by
+    each hospital; b and c run their secure side in-process."""
+    from leukofed import signing, train
+    from leukofed.secagg import VectorSpec
+    from leukofed.transport import TASK_FIT, TASK_SECAGG_KEYS, TASK_SECAGG_SHARES
+    from services.client.secure import SecureSessions
+
+    keys_dir, peers_dir = tmp_path / "keys", tmp_path / "peers"
+    for name in ("aggregator", "a", "b", "c"):
+        signing.generate_keypair(keys_dir, name)
+    for h in ("a", "b", "c"):
+        (peers_dir / f"{h}.pub").parent.mkdir(exist_ok=True)
+        (peers_dir / f"{h}.pub").write_bytes((keys_dir / f"{h}.pub").read_bytes())
+    settings = ClientSettings(
+        hospital_id="a", data_dir=synthetic_dataset(per_class=8), state_dir=tmp_path / "state",
+        cache_dir=tmp_path / "cache", block_size=2,
+        signing_key_file=keys_dir / "a.key", peer_public_keys_dir=peers_dir,
+        aggregator_public_key_file=keys_dir / "aggregator.pub")
+    victim = HospitalClient(settings)
+    aggregator = signing.load_private_key(keys_dir / "aggregator.key")
+    peer_keys = signing.load_public_keys(peers_dir)
+    others = {h: SecureSessions(h, signing.load_private_key(keys_dir / f"{h}.key"), peer_keys)
+              for h in ("b", "c")}
+    fits: list[int] = []
+    real_fit = train.local_fit
+    monkeypatch.setattr(train, "local_fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    names = sorted(decode_weights(global_blob))
+    spec = VectorSpec(tuple(names), (1.0,) * len(names))
+
+    def task(client: HospitalClient, name: str, blob: bytes, secure: dict) -> dict:
+        config = {**CFG, "secure": secure}
+        auth = signing.sign_task(aggregator, name, "a", [blob, config])
+        if name == TASK_FIT:
+            return client.fit(blob, config, auth)
+        return client.secure_stage(name, blob, config, auth)
+
+    def secure_sum(fraction: float, client: HospitalClient) -> dict:
+        """One secure sum of round 1 as far as a's masked vector."""
+        params = {"purpose": "fit", "bits": 24, "neighbours": 2, "threshold_fraction": fraction}
+        cfg = RoundConfig.decode({**CFG, "secure": params})
+        answers = {"a": task(client, TASK_SECAGG_KEYS, b"", params),
+                   **{h: s.keys(cfg, cap=10) for h, s in others.items()}}
+        assert answers["a"]["status"] == "ok", answers["a"]
+        adverts = {h: {k: v[k] for k in ("c_pk", "s_pk", "cap", "signature")}
+                   for h, v in answers.items()}
+        shares_params = {**params, "members": ["a", "b", "c"], "adverts": adverts}
+        assert task(client, TASK_SECAGG_SHARES, b"", shares_params)["status"] == "ok"
+        shares_cfg = RoundConfig.decode({**CFG, "secure": shares_params})
+        received = {h: s.shares(shares_cfg)["ciphertexts"]["a"] for h, s in others.items()}
+        cap = int(adverts["a"]["cap"])
+        return task(client, TASK_FIT, global_blob, {
+            **params, "received": received, "spec": spec.to_dict(), "cap": cap,
+            "total_weight": float(cap + 20)})
+
+    first = secure_sum(0.6, victim)
+    assert first["status"] == "ok" and first["masked"], first.get("reason")
+    again = secure_sum(0.7, victim)  # a new session: another threshold, same weights
+    assert again["status"] == "error" and "replay" in again["reason"], again
+    assert "masked" not in again and len(fits) == 1  # refused before training
+    restarted = HospitalClient(settings)  # same state folder: the log remembers the key
+    assert "replay" in secure_sum(0.8, restarted)["reason"]
+    assert len(fits) == 1
+    sent = [e for e in ParticipationLog(settings.state_path).entries()
+            if e["task"] == "fit" and e["status"] == "ok"]
+    assert len(sent) == 1 and sent[0]["global_sha256"] == hashlib.sha256(global_blob).hexdigest()

@@ -839,8 +839,10 @@ def test_verify_secagg_nonce_replay() -> None:
 # ---------------------------------------------------------------- 13. SecureSessions
 
 
-PARAMS = {"purpose": "fit", "bits": 24, "neighbours": 3, "threshold_fraction": 0.6}
 HOSPITALS = ("h0", "h1", "h2", "h3")  # 4 hospitals, 3 neighbours: the complete graph
+# "members": the hospitals that sent keys, from which each recomputes its neighbourhood.
+PARAMS = {"purpose": "fit", "bits": 24, "neighbours": 3, "threshold_fraction": 0.6,
+          "members": list(HOSPITALS)}
 
 
 def _cfg(round_: int, **secure: Any) -> RoundConfig:
@@ -864,7 +866,8 @@ def test_secure_sessions_accept_signed_adverts() -> None:
     answer = sessions["h0"].shares(_cfg(1, adverts=adverts))
     assert set(answer["ciphertexts"]) == {"h1", "h2", "h3"}
     verify_secagg({"h0": keys["h0"].public_key()}, answer["signature"], "h0", RUN, 1, "shares",
-                  {"purpose": "fit", "ciphertexts": answer["ciphertexts"]})
+                  {"purpose": "fit", "ciphertexts": answer["ciphertexts"],
+                   "threshold": answer["threshold"]})
 
 
 @pytest.mark.parametrize("attack", ["other_key", "swapped_key", "unsigned", "other_round",
@@ -955,3 +958,76 @@ def test_secure_sessions_full_round_caps_the_weight() -> None:
     assert abs(extras["count"] - sum(used.values())) <= len(HOSPITALS) * step[-1]
     expected = sum(used[h] * values[h] for h in HOSPITALS)
     assert np.all(np.abs(sums["w"] - expected) <= len(HOSPITALS) * step[0])
+
+
+def _unmask_the_victim(sessions: dict[str, SecureSessions], adverts: dict[str, dict[str, Any]],
+                       members: list[str], victim: str, colluder: str,
+                       values: np.ndarray) -> np.ndarray:
+    """Issue 26, finding 3, as an aggregator that colludes with one hospital plays it: it
+    relays to the victim the (genuine, signed) keys of the victim and the colluder only, so
+    that the victim shares its secrets with the colluder alone. The colluder, running the
+    protocol by hand, shares with the victim, masks a vector of zeros and reveals; the victim
+    masks its update and reveals. Returns what the aggregator then unmasks: the victim's
+    weighted update, exactly."""
+    pair = {h: adverts[h] for h in (victim, colluder)}
+    cfg = _cfg(1, adverts=pair, members=members)
+    mine = sessions[victim].shares(cfg)  # where the attack must stop
+    session = secagg.Session(RUN, 1, "fit", 24, 3, 0.6)
+    bad = sessions[colluder]._party(session)
+    theirs = bad.share({h: {"c_pk": pair[h]["c_pk"], "s_pk": pair[h]["s_pk"]} for h in pair})
+    like = {"w": np.zeros(values.shape)}
+    spec = VectorSpec(("w",), (1.0,))
+    total_weight = float(adverts[victim]["cap"] + adverts[colluder]["cap"])
+    answer = sessions[victim].masked(
+        _cfg(1, spec=spec.to_dict(), cap=adverts[victim]["cap"], total_weight=total_weight,
+             received={colluder: theirs[victim]}), like, {"w": values},
+        adverts[victim]["cap"], {"count": 1.0})
+    size = spec.size(like)
+    masked = {victim: unpack(answer["masked"], size, 24),
+              colluder: bad.masked_input(np.zeros(size, np.uint32),
+                                         {victim: mine["ciphertexts"][colluder]})}
+    survivors = [victim, colluder]
+    reveals = {victim: sessions[victim].reveal(_cfg(1, survivors=survivors,
+                                                    dropped=[]))["reveals"],
+               colluder: bad.reveal(survivors, [])}
+    total = unmask_sum(session, masked, pair, {victim: [colluder], colluder: [victim]}, reveals,
+                       {victim: sessions[victim]._party(session).state["threshold"],
+                        colluder: bad.state["threshold"]})
+    weighted, _ = spec.split(dequantise(total, spec.coordinate_ranges(like), total_weight, 24),
+                             like)
+    return weighted["w"] / adverts[victim]["cap"]
+
+
+@pytest.mark.parametrize("lie", ["relay_the_colluder_only", "members_victim_and_colluder"])
+def test_attack_relay_of_victim_and_colluder_is_refused(lie: str) -> None:
+    """The relay {victim, colluder} made the victim's threshold 2 (its own share of its
+    self-mask seed plus the colluder's) and gave its exact update (the test's unmasking
+    recovers it to within quantisation on the old code). A hospital now recomputes its
+    neighbourhood from the members and the session's public seed, and shares with no fewer
+    than 2 neighbours: relaying fewer neighbours than the seed gives is refused
+    (``neighbourhood``), and naming only the two as members is refused (``below_minimum``).
+    Nothing is shared, so the genuine neighbourhood still works afterwards."""
+    _, sessions, adverts = _sessions()
+    values = np.random.default_rng(26).uniform(-1.0, 1.0, (2, 3))
+    members = list(HOSPITALS) if lie == "relay_the_colluder_only" else ["h0", "h1"]
+    with pytest.raises(SecAggError) as exc:
+        recovered = _unmask_the_victim(sessions, adverts, members, "h0", "h1", values)
+        pytest.fail(f"the victim's update came out: {recovered.ravel()} (it was "
+                    f"{values.ravel()})")
+    expected = "neighbourhood" if lie == "relay_the_colluder_only" else "below_minimum"
+    assert reason_of(exc) == expected, exc.value.message
+    honest = sessions["h0"].shares(_cfg(1, adverts=adverts))
+    assert set(honest["ciphertexts"]) == {"h1", "h2", "h3"}
+    # the threshold is the hospital's, over the neighbourhood it computed itself
+    assert honest["threshold"] == threshold_for(4, 0.6) == 3
+
+
+def test_a_hospital_takes_no_threshold_below_its_own_floor() -> None:
+    """A run asking for a bare majority (3 of 4 here) gets the hospital's own floor instead
+    when that is higher (configured 1.0: all 4), signed into its shares answer."""
+    _, _, adverts = _sessions()
+    strict = SecureSessions("h0", min_threshold=1.0)
+    mine = strict.keys(_cfg(1, threshold_fraction=0.51), cap=10)
+    relayed = {**adverts, "h0": {k: mine[k] for k in ("c_pk", "s_pk", "cap")}}
+    answer = strict.shares(_cfg(1, threshold_fraction=0.51, adverts=relayed))
+    assert threshold_for(4, 0.51) == 3 and answer["threshold"] == 4

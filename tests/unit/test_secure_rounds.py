@@ -24,11 +24,13 @@ from services.client.secure import SecureSessions, update_to_sum
 
 def secure_hospital(delta: float, n: int, die_at: str | None = None):
     """A hospital adding ``delta`` to every weight, with ``n`` examples, that stops answering
-    at stage ``die_at`` ("keys", "shares", "fit", "reveal")."""
+    at stage ``die_at`` ("keys", "shares", "fit", "reveal"). One neighbour is enough for it,
+    so that the aggregator's side runs with two hospitals too (a hospital's own minimum
+    degree, 2 by default, is tested in test_secagg.py)."""
     sessions: dict[str, SecureSessions] = {}
 
     def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any] | None:
-        s = sessions.setdefault(hospital, SecureSessions(hospital))
+        s = sessions.setdefault(hospital, SecureSessions(hospital, min_neighbours=1))
         cfg = RoundConfig.decode(args[1])
         stage = {TASK_SECAGG_KEYS: "keys", TASK_SECAGG_SHARES: "shares",
                  TASK_SECAGG_REVEAL: "reveal"}.get(task, task.rsplit(".", 1)[-1])

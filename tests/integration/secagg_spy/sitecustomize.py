@@ -24,7 +24,7 @@ if os.environ.get("LEUKOFED_TEST_SPY_DIR") or os.environ.get("LEUKOFED_TEST_EXIT
 
     _masked = secure.SecureSessions.masked
 
-    def masked(self, cfg, like, tensors, weight, extras):  # type: ignore[no-untyped-def]
+    def masked(self, cfg, like, tensors, weight, extras, **kw):  # type: ignore[no-untyped-def]
         purpose = cfg.secure["purpose"]
         spy = os.environ.get("LEUKOFED_TEST_SPY_DIR")
         if spy and purpose == "fit":
@@ -40,6 +40,6 @@ if os.environ.get("LEUKOFED_TEST_SPY_DIR") or os.environ.get("LEUKOFED_TEST_EXIT
 
                 raise SecAggError("test", f"told to fail in round {at}")
             threading.Timer(1.0, os._exit, args=(1,)).start()
-        return _masked(self, cfg, like, tensors, weight, extras)
+        return _masked(self, cfg, like, tensors, weight, extras, **kw)
 
     secure.SecureSessions.masked = masked
