@@ -131,3 +131,46 @@ def test_attack_third_party_services_start_with_placeholder_passwords(
         assert done.returncode == 0, (name, done.stderr)
         assert marker.read_text().startswith("docker-entrypoint.sh "), name
         assert filled[name]["command"][0] in marker.read_text(), name
+
+
+# Services that check their own secrets with leukofed.startup (tests/unit/test_startup.py).
+STARTUP_CHECKED = {"aggregator", "inference", "inference-gpu", "client-a", "client-b",
+                   "client-c"}
+
+
+def test_attack_placeholder_in_any_service_that_gets_a_secret(
+        tmp_path: Path, example_env: dict[str, str]) -> None:
+    """Issue 26, finding 10: every service that gets a secret refuses a change-me left from
+    .env.example, not only Redis, PostgreSQL and the MLflow server. Flower (profile
+    monitoring) started with the login admin:change-me and the monitor's broker password,
+    and the MLflow account maker with the admin's and the services' placeholders. Every
+    service of the file is covered, so a new one that gets a secret without a guard fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in ("redis-server", "postgres", "mlflow", "python", "celery"):
+        stand_in = bin_dir / program
+        stand_in.write_text(f'#!/bin/sh\necho "{program} $*" >> "$MARKER"\n')
+        stand_in.chmod(0o755)
+    placeholder = load_compose(example_env)["services"]
+    guarded = {name for name, service in placeholder.items()
+               if "change-me" in str(service.get("environment"))} - STARTUP_CHECKED
+    assert {"flower", "mlflow-users", *THIRD_PARTY} <= guarded
+    for name in sorted(guarded):
+        leftover = sorted(k for k, v in placeholder[name]["environment"].items()
+                          if "change-me" in str(v))
+        assert placeholder[name].get("entrypoint"), f"nothing in {name} refuses {leftover}"
+        marker = tmp_path / f"{name}.started"
+        done = _start(placeholder[name], bin_dir, marker)
+        assert done.returncode == 78, (name, done.stdout, done.stderr)
+        assert all(k in done.stderr for k in leftover), (name, leftover, done.stderr)
+        assert not marker.exists(), f"{name} started with a placeholder: {leftover}"
+    # Filled in as `make secrets` does, each starts its own program.
+    real = dict(example_env)
+    real |= {k: v.replace("change-me", f"s3cret-{k.lower()}") for k, v in example_env.items()
+             if "change-me" in v}
+    filled = load_compose(real)["services"]
+    for name in sorted(guarded):
+        marker = tmp_path / f"{name}.ok"
+        done = _start(filled[name], bin_dir, marker)
+        assert done.returncode == 0, (name, done.stderr)
+        assert filled[name]["command"][0] in marker.read_text(), name
