@@ -43,7 +43,10 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         str(settings.admin_token_file) if settings.admin_token_file else None)
     startup.enforce("aggregator", settings.startup_problems(admin_token),
                     settings.startup_secrets(admin_token))
-    metrics = AggregatorMetrics(settings.state_dir)
+    # Hospital liveness on /metrics (open to probes) is cached: a scrape storm is no ping
+    # storm (issue 26, finding 11).
+    metrics = AggregatorMetrics(settings.state_dir,
+                                liveness_max_age_s=settings.metrics_liveness_max_age_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,7 +106,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
-        # A scrape pings the workers (up to ping_timeout_s): keep it off the event loop.
+        # A scrape may ping the workers (up to ping_timeout_s, at most once per
+        # metrics_liveness_max_age_s): keep it off the event loop.
         body, content_type = await run_in_threadpool(metrics.render)
         return Response(body, media_type=content_type)
 

@@ -4,7 +4,9 @@ Metrics are derived at scrape time from the run records the round loop already p
 (``<state_dir>/runs/*/run.json``): rounds completed and their durations (the summaries),
 updates accepted (the participants) and rejected by reason (the rejection events). So they
 survive an aggregator restart, as the runs themselves do, and cannot drift from what the API
-reports. Hospitals alive is a live ping of the workers at scrape time.
+reports. Hospitals alive is a ping of the workers, at most one per
+``metrics_liveness_max_age_s`` (``CachedLiveness``): /metrics is open to anyone who can reach
+the port, and pinging every hospital on each scrape let a scrape storm become a ping storm.
 
 Log context: the runs execute one at a time on the manager's thread, so a logging filter can
 tag every line of that thread with the current run id and round number.
@@ -13,6 +15,8 @@ tag every line of that thread with the current run id and round number.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,18 +40,63 @@ def _reason_code(reason: Any) -> str:
     return str(reason).split(":")[0].strip()[:32] or "unknown"
 
 
+class CachedLiveness:
+    """The hospitals alive as /metrics reports them: at most one ping of the workers per
+    ``max_age_s``, however many scrapes arrive. Scrapes in between get the last answer;
+    while one scrape pings, the others get the last answer at once rather than queue (only
+    the very first scrape waits, having nothing to show)."""
+
+    def __init__(self, ping: Callable[[], set[str] | None], max_age_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ping, self.max_age_s, self.clock = ping, float(max_age_s), clock
+        self.pings = 0
+        self._lock = threading.Lock()
+        self._answer: set[str] | None = None
+        self._at: float | None = None
+
+    def _fresh(self) -> bool:
+        return self._at is not None and self.clock() - self._at < self.max_age_s
+
+    def __call__(self) -> set[str] | None:
+        if not self._fresh() and self._lock.acquire(blocking=self._at is None):
+            try:
+                if not self._fresh():  # another scrape may have refreshed it meanwhile
+                    self.pings += 1
+                    try:
+                        self._answer = self.ping()
+                    except Exception:  # noqa: BLE001 - reported as unreachable, not a 500
+                        logging.getLogger(__name__).exception("liveness ping failed")
+                        self._answer = None
+                    self._at = self.clock()
+            finally:
+                self._lock.release()
+        return None if self._answer is None else set(self._answer)
+
+
 class RunRecordCollector:
     """Reads the run records on each scrape (cached by file modification time)."""
 
     def __init__(self, state_dir: Path,
-                 live_hospitals: Callable[[], set[str] | None] | None = None) -> None:
+                 live_hospitals: Callable[[], set[str] | None] | None = None,
+                 liveness_max_age_s: float = 15.0) -> None:
         self.runs_dir = Path(state_dir) / "runs"
+        self.liveness_max_age_s = liveness_max_age_s
         self.live_hospitals = live_hospitals
         # Set by the app: the running step's progress (RunManager.progress) and each
         # hospital's last sign of life (answer or heartbeat, CeleryDispatcher.last_seen).
         self.progress: Callable[[], dict[str, Any] | None] | None = None
         self.last_seen: Callable[[], dict[str, float]] | None = None
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+
+    @property
+    def live_hospitals(self) -> CachedLiveness | None:
+        return self._liveness
+
+    @live_hospitals.setter
+    def live_hospitals(self, ping: Callable[[], set[str] | None] | None) -> None:
+        # Whatever pings the workers is wrapped here, so no caller can forget the cache.
+        self._liveness = None if ping is None else CachedLiveness(ping,
+                                                                  self.liveness_max_age_s)
 
     def _records(self) -> list[dict[str, Any]]:
         import json
@@ -133,8 +182,9 @@ class RunRecordCollector:
         if self.live_hospitals is not None:
             live = self.live_hospitals()
             alive = GaugeMetricFamily("leukofed_hospitals_alive",
-                                      "Hospitals whose worker answered a ping at scrape time "
-                                      "(0 when the broker is unreachable)")
+                                      "Hospitals whose worker answered the last ping (at most "
+                                      "metrics_liveness_max_age_s old; 0 when the broker is "
+                                      "unreachable)")
             alive.add_metric([], len(live) if live is not None else 0)
             yield alive
 
@@ -162,9 +212,10 @@ class AggregatorMetrics:
     """One registry per app (tests build many apps in one process)."""
 
     def __init__(self, state_dir: Path,
-                 live_hospitals: Callable[[], set[str] | None] | None = None) -> None:
+                 live_hospitals: Callable[[], set[str] | None] | None = None,
+                 liveness_max_age_s: float = 15.0) -> None:
         self.registry = CollectorRegistry()
-        self.collector = RunRecordCollector(state_dir, live_hospitals)
+        self.collector = RunRecordCollector(state_dir, live_hospitals, liveness_max_age_s)
         self.registry.register(self.collector)  # type: ignore[arg-type]
 
     def render(self) -> tuple[bytes, str]:

@@ -58,6 +58,10 @@ class AggregatorSettings(BaseSettings):
     allowed_hosts: str = Field(
         "", description="Host headers answered (comma list); empty: any in development "
         "mode, else localhost and 127.0.0.1")
+    # /metrics is open to probes; each liveness ping reaches every hospital's worker.
+    metrics_liveness_max_age_s: float = Field(
+        15.0, ge=0, description="/metrics pings the hospitals at most this often (seconds); "
+        "scrapes in between report the last answer")
     # HTTPS for the API (`serve`), e.g. server.crt/.key from infra/security/make_certs.py.
     https_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate")
     https_key_file: Path | None = Field(None, description="the HTTPS certificate's key")

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from test_aggregator_api import FakeManager  # same folder: pytest puts it on sy
 from leukofed.logging import JsonFormatter, configure, log_context
 from services.aggregator.app import create_app
 from services.aggregator.config import RunConfig
-from services.aggregator.observability import RunContextFilter
+from services.aggregator.observability import CachedLiveness, RunContextFilter
 from services.aggregator.run_records import MAX_EVENTS, RunStore
 from services.aggregator.settings import AggregatorSettings
 
@@ -100,3 +101,68 @@ def test_metrics_from_run_records(tmp_path: Path) -> None:
     assert 'leukofed_round_duration_seconds_count 2.0' in text
     assert 'leukofed_runs{status="completed"} 1.0' in text
     assert "leukofed_hospitals_alive 1.0" in text  # FakeDispatcher: hospital a is live
+
+
+class CountingDispatcher:
+    """A dispatcher whose liveness ping reaches every hospital's worker: counted."""
+
+    last_seen: dict[str, float] = {}
+
+    def __init__(self) -> None:
+        self.pings = 0
+
+    def live_hospitals(self) -> set[str]:
+        self.pings += 1
+        return {"a", "b"}
+
+
+def test_attack_metrics_scrape_amplification(tmp_path: Path) -> None:
+    """Issue 26, finding 11: /metrics is open (for probes) and every scrape pinged every
+    hospital, so anyone reaching the port turned a scrape storm into a ping storm on the
+    broker and the workers. Liveness is now cached: 200 scrapes inside the window send one
+    ping, and each still reports the hospitals alive."""
+    manager = FakeManager(RunStore(tmp_path))
+    manager.dispatcher = CountingDispatcher()  # type: ignore[assignment]
+    settings = AggregatorSettings(state_dir=tmp_path, tracking=False,
+                                  metrics_liveness_max_age_s=600.0)
+    with TestClient(create_app(settings, manager)) as client:
+        for _ in range(200):
+            response = client.get("/metrics")
+            assert response.status_code == 200
+            assert "leukofed_hospitals_alive 2.0" in response.text
+    assert manager.dispatcher.pings == 1
+
+
+def test_cached_liveness_refreshes_after_its_age_and_pings_once_for_concurrent_scrapes(
+) -> None:
+    now = [0.0]
+    release = threading.Event()
+    calls: list[float] = []
+
+    def ping() -> set[str]:
+        calls.append(now[0])
+        release.wait(5)  # a slow ping: the workers take ping_timeout_s to answer
+        return {"a"}
+
+    live = CachedLiveness(ping, 15.0, clock=lambda: now[0])
+    release.set()
+    assert live() == {"a"} and len(calls) == 1
+    now[0] = 14.9
+    assert live() == {"a"} and len(calls) == 1
+    now[0] = 15.0  # stale: the next scrape pings again ...
+    release.clear()
+    first = threading.Thread(target=live)
+    first.start()
+    while len(calls) < 2:
+        time.sleep(0.01)
+    # ... and scrapes that arrive meanwhile get the last answer at once, without a ping.
+    answers = [live() for _ in range(50)]
+    release.set()
+    first.join(5)
+    assert answers == [{"a"}] * 50 and len(calls) == 2 and live.pings == 2
+
+    def broken() -> set[str]:
+        raise ConnectionError("broker gone")
+
+    failing = CachedLiveness(broken, 15.0, clock=lambda: now[0])
+    assert failing() is None and failing() is None and failing.pings == 1
