@@ -351,3 +351,27 @@ def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
 
 def test_interpolated_file_loads_like_the_raw_one(example_env: dict[str, str]) -> None:
     assert set(load_compose(example_env)["services"]) == set(load_compose()["services"])
+
+
+def test_server_containers_drop_capabilities_and_run_read_only(
+        compose: dict[str, Any]) -> None:
+    """Issue 26, finding 11: the aggregator, inference (CPU and GPU), MLflow and Flower run
+    with no Linux capability, no-new-privileges and a read-only root filesystem, writing only
+    to their volumes and an in-memory /tmp. (Checked here statically: the containers issue
+    runs the stack for real.)"""
+    services = compose["services"]
+    for name in ("aggregator", "inference", "inference-gpu", "mlflow", "flower"):
+        svc = services[name]
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("read_only") is True, name
+        assert "/tmp" in svc.get("tmpfs", []), name
+        assert not svc.get("cap_add") and not svc.get("privileged"), name
+        # Every folder its settings write to is a volume, since the rest is read-only.
+        env = {**_image_env(svc["build"]["target"]), **_env(svc)}
+        mounts = {v.split(":")[1] for v in svc.get("volumes", [])}
+        for variable in ("LEUKOFED_AGGREGATOR_STATE_DIR", "LEUKOFED_AGGREGATOR_CACHE_DIR",
+                         "LEUKOFED_INFERENCE_ONNX_CACHE_DIR", "MLFLOW_ARTIFACTS_DESTINATION"):
+            if variable in env:
+                assert env[variable] in mounts, (name, variable)
+    assert "/var/lib/mlflow/auth" in {v.split(":")[1] for v in services["mlflow"]["volumes"]}
