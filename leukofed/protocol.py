@@ -62,6 +62,9 @@ class RoundConfig(BaseModel):
     dp_noise_multiplier: float = Field(0.0, ge=0)
     # Secure aggregation (leukofed.secagg): session and stage inputs; None: plain answers.
     secure: dict[str, object] | None = None
+    # describe: the aggregator's fresh challenge, signed back in the declaration, so a
+    # declaration made for another run or task is never taken for this one.
+    nonce: str = ""
 
     @classmethod
     def decode(cls, config: Any) -> RoundConfig:
@@ -203,6 +206,7 @@ class DescribeAnswer(_Answer):
     dataset_fingerprint: str = ""
     bad_files: Count = 0
     paused: bool = False
+    nonce: str = ""  # the challenge of the describe task it answers (RoundConfig.nonce)
 
     @classmethod
     def declared_splits(cls, wire: object) -> DeclaredSplits | None:

@@ -246,7 +246,7 @@ def blob_digest(blob: bytes) -> str:
 
 
 DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
-                   "dataset_fingerprint", "bad_files", "paused")
+                   "dataset_fingerprint", "bad_files", "paused", "nonce")
 
 
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
@@ -320,9 +320,10 @@ class UpdateVerifier:
     def __call__(self, answer: Mapping[str, Any], hospital: str, run: str, round: int,
                  kind: str = "update", global_digest: str | None = None,
                  task_id: str | None = None) -> None:
-        # A describe answer is cached and read again by later runs: no nonce check for it.
+        # Every kind once: a describe too is asked afresh by each run (services/aggregator/
+        # gather.py), so a declaration seen before is a replay.
         verify_answer(self.keys, answer, kind, hospital, run, round, global_digest, task_id,
-                      None if kind == "describe" else self.nonces)
+                      self.nonces)
 
     def secagg(self, envelope: Any, hospital: str, run: str, round: int, stage: str,
                body: Mapping[str, Any]) -> None:

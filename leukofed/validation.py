@@ -37,7 +37,7 @@ from leukofed.signing import SignatureRejected
 from leukofed.wire import WireFormatError, decode_weights
 
 REASONS = ("schema", "names", "shape", "dtype", "non_finite", "norm", "range", "inflated",
-           "evaluation")
+           "evaluation", "undeclared")
 
 
 class UpdateRejected(ValueError):
@@ -154,12 +154,24 @@ def validate_answer_scalars(answer: Mapping[str, Any]) -> None:
         raise UpdateRejected("schema", "class_counts must map class names to counts")
 
 
-def check_declared(num_examples: int, declared: int | None, what: str = "training") -> None:
+def check_declared(num_examples: int, declared: int, what: str = "training") -> None:
     """A hospital's claimed example count may not exceed the count it declared when it
     enrolled (``describe``): FedAvg weights by it, so 10**9 would replace the global model."""
-    if declared is not None and num_examples > declared:
+    if num_examples > declared:
         raise UpdateRejected("inflated", f"claims {num_examples} {what} examples, declared "
                              f"{declared}")
+
+
+def declaration(declared: Mapping[str, DeclaredSplits], hospital: str) -> DeclaredSplits:
+    """What ``hospital`` declared for this run, verified (services/aggregator/gather.py);
+    UpdateRejected("undeclared") when there is none. Without it no count it claims has a
+    bound, so nothing of it is counted: fail closed (issue 26, finding 1: a hospital whose
+    describe was late got a signed 10**9-example update in as the global model)."""
+    splits = declared.get(hospital)
+    if splits is None:
+        raise UpdateRejected("undeclared", "no verified declaration (describe) for this run, "
+                             "so no bound on what it claims")
+    return splits
 
 
 _T = TypeVar("_T", FitAnswer, CalibrateAnswer, EvaluateAnswer)
@@ -225,10 +237,10 @@ def check_tensor_answers(answers: Mapping[str, WireAnswer], verify: Verify,
                          ) -> tuple[dict[str, tuple[FitAnswer | CalibrateAnswer, Tensors]],
                                     dict[str, str]]:
     """Fit (``kind`` "update") or calibrate ("calibration") answers: signature first (nothing
-    unsigned is even decoded), then a positive example count within what the hospital
-    declared, the answer's other numbers, its typed structure, the wire format and ``check``
-    on the decoded tensors. Returns {hospital: (answer, tensors)} and {hospital: reason};
-    a bad answer is a reason, never an exception."""
+    unsigned is even decoded), then a verified declaration for this run and a positive
+    example count within it, the answer's other numbers, its typed structure, the wire
+    format and ``check`` on the decoded tensors. Returns {hospital: (answer, tensors)} and
+    {hospital: reason}; a bad answer is a reason, never an exception."""
     cls = FitAnswer if kind == "update" else CalibrateAnswer
     usable: dict[str, tuple[FitAnswer | CalibrateAnswer, Tensors]] = {}
     rejected: dict[str, str] = {}
@@ -239,7 +251,7 @@ def check_tensor_answers(answers: Mapping[str, WireAnswer], verify: Verify,
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise UpdateRejected("schema", f"num_examples must be a positive int, "
                                                f"got {n!r}")
-            check_declared(n, declared.get(hospital, {}).get("train"))
+            check_declared(n, declaration(declared, hospital)["train"])
             validate_answer_scalars(answer)
             typed = decoded(cls, answer, "schema")
             tensors = decode_weights(typed.weights)
@@ -257,14 +269,15 @@ def check_evaluations(answers: Mapping[str, WireAnswer], verify: Verify,
                       declared: Mapping[str, DeclaredSplits]
                       ) -> tuple[dict[str, EvaluateAnswer], dict[str, SignatureRejected |
                                                                     UpdateRejected]]:
-    """Evaluation answers whose signature holds and whose numbers hold together
-    (``validate_evaluation``); the others with the exception that says why."""
+    """Evaluation answers whose signature holds, from a hospital with a verified declaration,
+    whose numbers hold together within it (``validate_evaluation``); the others with the
+    exception that says why."""
     valid: dict[str, EvaluateAnswer] = {}
     rejected: dict[str, SignatureRejected | UpdateRejected] = {}
     for hospital, answer in sorted(answers.items()):
         try:
             verify(answer, hospital)
-            valid[hospital] = validate_evaluation(answer, declared.get(hospital))
+            valid[hospital] = validate_evaluation(answer, declaration(declared, hospital))
         except (SignatureRejected, UpdateRejected) as exc:
             rejected[hospital] = exc
     return valid, rejected

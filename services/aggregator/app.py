@@ -75,7 +75,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         mgr = manager or RunManager(RunDeps(
             store, dispatcher, model_ops, tracker, verifier, settings.poll_interval_s,
             max_in_flight=settings.max_in_flight,
-            max_held_updates_mb=settings.max_held_updates_mb))
+            max_held_updates_mb=settings.max_held_updates_mb,
+            describe_deadline_s=settings.describe_deadline_s))
         app.state.store = mgr.store
         app.state.dispatcher = mgr.dispatcher
         app.state.manager = mgr

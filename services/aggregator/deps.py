@@ -67,5 +67,8 @@ class RunDeps:
     # round whose updates would need more than this (MB).
     max_held_updates_mb: float = 2048.0
     liveness_check_s: float = 2.0  # how often pending hospitals' heartbeats are read
+    # How long a hospital has to answer describe (its declaration, gather.py) before the
+    # round goes on without counting it. Its first answer scans and hashes every image.
+    describe_deadline_s: float = 120.0
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep

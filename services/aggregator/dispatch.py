@@ -22,7 +22,7 @@ from celery.result import AsyncResult
 
 from leukofed import signing
 from leukofed.liveness import read_heartbeats
-from leukofed.protocol import WireAnswer, WireMap
+from leukofed.protocol import RoundConfig, WireAnswer, WireMap
 from leukofed.transport import (
     GLOBAL_BLOB_PREFIX,
     SHARED_BLOB_MIN_BYTES,
@@ -169,12 +169,13 @@ class CeleryDispatcher:
             log.debug("forget %s: %s", handle.id, exc)
 
     def describe(self, hospitals: list[str], timeout_s: float = 3.0) -> dict[str, WireAnswer]:
-        """Ask live hospitals for their class counts and fingerprint (cached)."""
-        handles = {h: self.app_for(h).send_task(
-                       TASK_DESCRIBE, kwargs=self._auth(TASK_DESCRIBE, h, []),
-                       queue=queue_name(h), expires=timeout_s + 30) for h in hospitals}
-        deadline = time.time() + timeout_s
-        while handles and time.time() < deadline:
+        """Ask live hospitals for their class counts and fingerprint, for the hospital list
+        (cached). Display only: a run asks afresh and verifies (gather.Gather.declare)."""
+        expires = time.time() + timeout_s
+        config = RoundConfig.build(deadline=expires)
+        handles = {h: self.submit(h, TASK_DESCRIBE, [b"", config], expires)
+                   for h in hospitals}
+        while handles and time.time() < expires:
             for h, handle in list(handles.items()):
                 done, result, _ = self.poll(handle)
                 if done:

@@ -9,14 +9,16 @@ is over those bytes, and nothing is decoded before it is checked (leukofed.valid
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from leukofed.liveness import HEARTBEAT_TTL_S
-from leukofed.protocol import DeclaredSplits, DescribeAnswer, WireAnswer
+from leukofed.protocol import DeclaredSplits, DescribeAnswer, RoundConfig, WireAnswer
 from leukofed.signing import SignatureRejected, blob_digest
+from leukofed.transport import TASK_DESCRIBE
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import RunDeps
 from services.aggregator.privacy_step import poisson_sampling
@@ -229,28 +231,38 @@ class Gather:
                  global_digest=blob_digest(blob) if blob is not None else None,
                  task_id=self.task_ids.get((task, hospital)))
 
-    def declare(self, hospitals: list[str]) -> None:
-        """Ask hospitals not yet known for their declared split sizes (once per run). Without
-        a describe channel (or an answer) a hospital's claims are bounded only by the
-        other checks."""
+    def declare(self, server_round: int, hospitals: list[str]) -> None:
+        """Ask each of ``hospitals`` without a verified declaration for this run to describe
+        itself, and keep the split sizes of the answers that hold: signed by the hospital
+        for this run, round and task, carrying the fresh nonce sent with it. A describe
+        signature was once bound to nothing, so any old one could be replayed.
+
+        A hospital left without one (no answer by ``deps.describe_deadline_s``, declined,
+        unsigned, forged, replayed, malformed) is asked again next time; until then nothing
+        it sends is counted (leukofed.validation.declaration), and the round goes on with
+        the others."""
         missing = [h for h in hospitals if h not in self.declared]
-        describe = getattr(self.deps.dispatcher, "describe", None)
-        if not missing or describe is None:
+        if not missing:
             return
-        try:
-            answers = describe(missing)
-        except Exception as exc:  # the broker hiccuped: try again next round
-            log.warning("describe %s: %s", missing, exc)
-            return
-        for h in missing:
-            answer = answers.get(h) or {}
-            if self.deps.verifier is not None:
-                try:
-                    self.deps.verifier(answer, h, "", 0, kind="describe")
-                except SignatureRejected as exc:
-                    self.event(f"describe answer of {h} refused ({exc.reason}: {exc.message})",
-                               hospital=h, rejected=exc.reason)
-                    continue
-            splits = DescribeAnswer.declared_splits(answer)
-            if splits is not None:
-                self.declared[h] = splits
+        nonce = secrets.token_hex(16)
+        deadline = self.deps.clock() + self.deps.describe_deadline_s
+        config = RoundConfig.build(run_id=self.run_id, round=server_round, nonce=nonce,
+                                   deadline=deadline)
+        answers, _ = self.collect(server_round, TASK_DESCRIBE, {}, deadline, 0,
+                                  waiting=missing, args=[b"", config])
+        for h, answer in sorted(answers.items()):
+            splits = None
+            try:
+                self.verify(answer, h, server_round, "describe", TASK_DESCRIBE, None)
+                if answer.get("nonce") != nonce:  # also checked unsigned (development mode)
+                    raise SignatureRejected("replay", "not an answer to this run's challenge")
+                splits = DescribeAnswer.declared_splits(answer)
+                reason = "malformed: no train, val and test sizes"
+            except SignatureRejected as exc:
+                reason = f"{exc.reason}: {exc.message}"
+            if splits is None:
+                self.event(f"round {server_round}: describe answer of {h} refused ({reason}); "
+                           "nothing it sends counts until it declares", round=server_round,
+                           hospital=h, rejected=reason.split(":")[0])
+                continue
+            self.declared[h] = splits

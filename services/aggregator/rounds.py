@@ -283,7 +283,8 @@ class FederatedRun:
                 self.event(f"round {server_round} attempt {attempt} failed: {last_reason}",
                            round=server_round)
                 continue
-            g.declare(selected)
+            g.declare(server_round, selected)
+            deadline = clock() + cfg.round_deadline_s  # the fit's own, whatever declaring took
             config = fit_config(cfg, self.record["id"], server_round, strategy, deadline)
             named = selected if len(selected) <= 12 else f"{len(selected)} hospitals"
             self.event(f"round {server_round} attempt {attempt}: fit on {named}",

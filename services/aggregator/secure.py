@@ -31,6 +31,7 @@ from leukofed import secagg
 from leukofed.protocol import SecAggReveal
 from leukofed.signing import SignatureRejected
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
+from leukofed.validation import UpdateRejected, declaration
 
 if TYPE_CHECKING:
     from services.aggregator.config import RunConfig
@@ -130,6 +131,8 @@ class SecureGather:
                 body = body_of(h, raw)
             except SignatureRejected as exc:
                 failures[h] = f"signature {exc.reason}: {exc.message}"
+            except UpdateRejected as exc:  # undeclared
+                failures[h] = f"{exc.reason}: {exc.message}"
             except Exception as exc:  # noqa: BLE001 - one hospital's answer, never the run
                 failures[h] = f"malformed {stage} answer: {type(exc).__name__}: {exc}"
             else:
@@ -249,8 +252,9 @@ class SecureGather:
         cap = body["cap"]
         if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= 10_000_000:
             raise ValueError(f"cap must be a positive int, got {cap!r}")
-        declared = self.traffic.declared.get(hospital, {}).get("train")
-        if declared is not None and cap > declared:  # the weight cap is its declared size
+        # Without a verified declaration for this run its cap has no bound: left out.
+        declared = declaration(self.traffic.declared, hospital)["train"]
+        if cap > declared:  # the weight cap is its declared size
             raise ValueError(f"cap {cap} exceeds the {declared} training images declared")
         return body
 

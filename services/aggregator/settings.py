@@ -46,6 +46,14 @@ class AggregatorSettings(BaseSettings):
         None, description="default split manifest whose test split is evaluated server-side")
     poll_interval_s: float = 0.25
     ping_timeout_s: float = 1.0
+    # Each run asks every hospital to describe itself (its declared split sizes) before
+    # counting anything it sends. A worker's first describe scans its archive and hashes
+    # every image, and a worker still busy with an earlier task answers after it: the
+    # default leaves minutes, not the 3 s that once left hospitals undeclared.
+    describe_deadline_s: float = Field(
+        120.0, gt=0, description="seconds a hospital has to declare its data (describe) "
+        "before a run's round goes on without counting it; its first answer hashes every "
+        "image")
     # Many hospitals (docs/scale.md): tasks out at once per round step (0: all), which
     # bounds the weights waiting in Redis; and the memory a round that holds every update
     # (median, Krum, central DP) may use before it is refused.

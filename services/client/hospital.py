@@ -392,20 +392,31 @@ class HospitalClient:
         return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
                                  task_id=task_id)
 
-    def describe(self, auth: Any = None, verified: bool = False) -> WireMap:
-        declined = None if verified else self.check_task(TASK_DESCRIBE, [], auth, RoundConfig())
-        if declined:
+    def describe(self, auth: Any = None, config: WireMap | None = None, blob: bytes = b"",
+                 task_id: str = "") -> WireMap:
+        """This hospital's declaration: split sizes, class counts, fingerprint. Signed for
+        the run, round, task and nonce the aggregator's signed task names, so it is never
+        valid for another run or task (issue 26, finding 1)."""
+        cfg, invalid = _decode(config)
+        declined = self.check_task(TASK_DESCRIBE, [blob, config], auth, cfg)
+        if declined:  # checked first: an unsigned caller learns not even the pause state
             return declined
+        if self.pause_switch.paused:
+            return _status("declined", self.hospital, reason="paused",
+                           message="declined: paused", round=cfg.round, run_id=cfg.run_id)
+        if invalid:
+            return self._error("describe", cfg, invalid)
         ds, sp = self.dataset()
         answer = DescribeAnswer.model_validate(dict(
-            hospital=self.hospital, class_counts=ds.class_counts(), num_images=len(ds.records),
+            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round,
+            class_counts=ds.class_counts(), num_images=len(ds.records),
             splits={n: len(sp[n]) for n in ("train", "val", "test")},
             split_counts={n: _counts(np.array([r.label for r in sp[n]], np.int64))
                           for n in ("train", "val", "test")},
             dataset_fingerprint=ds.fingerprint, bad_files=len(ds.bad_files),
-            paused=self.pause_switch.paused)).encode()
+            paused=self.pause_switch.paused, nonce=cfg.nonce)).encode()
         # Signed: the split sizes it declares bound every count it claims later.
-        return self._sign_answer(answer, RoundConfig(), kind="describe")
+        return self._sign_answer(answer, cfg, kind="describe", task_id=task_id)
 
     def secure_stage(self, task: str, blob: bytes, config: WireMap | None, auth: Any
                      ) -> WireMap:

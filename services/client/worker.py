@@ -21,7 +21,7 @@ from celery.signals import worker_ready
 from leukofed import startup
 from leukofed.liveness import Heartbeat
 from leukofed.logging import install_celery_logging
-from leukofed.protocol import RoundConfig, WireMap
+from leukofed.protocol import WireMap
 from leukofed.transport import (
     GLOBAL_BLOB_PREFIX,
     TASK_CALIBRATE,
@@ -103,16 +103,13 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
     for task in (TASK_SECAGG_KEYS, TASK_SECAGG_SHARES, TASK_SECAGG_REVEAL):
         secure_stage(task)
 
+    # config: the run and the nonce the declaration is signed for (services/aggregator/
+    # gather.py); blob: empty, kept so the task signature binds (blob, config) like others.
     @app.task(name=TASK_DESCRIBE, bind=True)
-    def describe(self: Any, auth: Any = None) -> WireMap:
-        client = client_for(self.request)
-        declined = client.check_task(TASK_DESCRIBE, [], auth, RoundConfig())
-        if declined:  # checked first: an unsigned caller learns not even the pause state
-            return declined
-        if client.pause_switch.paused:
-            return {"status": "declined", "hospital": client.hospital, "reason": "paused",
-                    "message": "declined: paused"}
-        return client.describe(verified=True)
+    def describe(self: Any, blob: bytes = b"", config: WireMap | None = None,
+                 auth: Any = None) -> WireMap:
+        return client_for(self.request).describe(auth, config=config, blob=blob,
+                                                 task_id=self.request.id)
 
     def start_heartbeat(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:  # another app's worker in this process

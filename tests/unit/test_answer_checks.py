@@ -21,14 +21,14 @@ PERFECT = [[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0], [0, 0, 0, 5]]
 
 
 class DescribingDispatcher(FakeDispatcher):
-    """The fake broker plus the describe channel: each hospital's declared split sizes."""
+    """The fake broker whose hospitals declare the given split sizes."""
 
     def __init__(self, *args: Any, declared: dict[str, dict[str, int]], **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.declared = declared
 
-    def describe(self, hospitals: list[str]) -> dict[str, dict[str, Any]]:
-        return {h: {"status": "ok", "splits": self.declared[h]} for h in hospitals}
+    def describe(self, hospital: str, config: dict[str, Any]) -> dict[str, Any] | None:
+        return {**super().describe(hospital, config), "splits": self.declared[hospital]}
 
 
 def twisted(change):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from leukofed.transport import TASK_DESCRIBE
 from leukofed.wire import decode_weights, encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import RunDeps
@@ -42,6 +43,10 @@ def honest(delta: float, n: int):
 
 
 class FakeDispatcher:
+    # What every hospital with a behaviour declares when the run asks (gather.declare):
+    # answers are only counted from a hospital with a declaration.
+    DECLARED = {"train": 10_000, "val": 10_000, "test": 10_000}
+
     def __init__(self, clock: Clock, behaviours: dict[str, Any], live: set[str] | None = None,
                  slow: dict[str, float] | None = None) -> None:
         self.clock, self.behaviours, self.live = clock, behaviours, live
@@ -59,9 +64,18 @@ class FakeDispatcher:
     def poll(self, handle: Any) -> tuple[bool, dict[str, Any] | None, str | None]:
         h = handle["hospital"]
         behaviour = self.behaviours.get(h)
+        if behaviour is not None and handle["task"] == TASK_DESCRIBE:
+            declared = self.describe(h, handle["args"][1])
+            return declared is not None, declared, None
         if behaviour is None or self.clock() < handle["at"] + self.slow.get(h, 0.0):
             return False, None, None
         return True, behaviour(handle["task"], handle["args"], h), None
+
+    def describe(self, hospital: str, config: dict[str, Any]) -> dict[str, Any] | None:
+        """The hospital's declaration, answering the run's challenge (unsigned here); None:
+        not ready yet."""
+        return {"status": "ok", "hospital": hospital, "splits": dict(self.DECLARED),
+                "nonce": config["nonce"]}
 
     def discard(self, handle: Any) -> None:
         self.discarded += 1

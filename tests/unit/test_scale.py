@@ -95,7 +95,8 @@ def test_fold_keeps_no_tensors(tmp_path) -> None:
     answer = honest(2.0, 5)("fit", [__import__("leukofed.wire").wire.encode_weights(weights),
                                     {}], "a")
     fold = UpdateFold(lambda answers: check_tensor_answers(
-        answers, lambda a, h: None, {}, lambda update: None))
+        answers, lambda a, h: None, {"a": {"train": 5, "val": 0, "test": 0}},
+        lambda update: None))
     kept = fold.take("a", answer)
     assert "weights" not in kept and fold.participants == {"a": 5}
     assert not hasattr(fold.reports["a"], "weights")

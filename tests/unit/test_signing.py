@@ -171,10 +171,16 @@ def test_every_answer_is_signed_for_its_kind_its_task_and_its_global_weights(key
     assert check(calibration, "update", glob, "task-43") == "forged"
     describe = {"class_counts": {"Benign": 3}, "num_images": 3, "splits": {"train": 3},
                 "split_counts": {}, "dataset_fingerprint": "fp", "bad_files": 0,
-                "paused": False}
-    describe["signature"] = signing.sign_answer(key, "describe", "a", "", 0, describe)
+                "paused": False, "nonce": "n1"}
+    describe["signature"] = signing.sign_answer(key, "describe", "a", "r1", 3, describe, "",
+                                                "task-44")
     verifier = signing.UpdateVerifier(pubs)
-    for _ in range(2):  # cached describe answers are checked again by later runs
-        verifier(describe, "a", "", 0, kind="describe")
-    with pytest.raises(signing.SignatureRejected):
-        verifier({**describe, "splits": {"train": 10**9}}, "a", "", 0, kind="describe")
+    with pytest.raises(signing.SignatureRejected, match="signed digest"):
+        verifier({**describe, "splits": {"train": 10**9}}, "a", "r1", 3, kind="describe")
+    # Bound to its run, round, task and challenge, and taken once (issue 26, finding 1).
+    assert check(describe, "describe", None, "task-44") == "ok"
+    assert check({**describe, "nonce": "n2"}, "describe", None, "task-44") == "forged"
+    assert check(describe, "describe", None, "task-45") == "replay"
+    verifier(describe, "a", "r1", 3, kind="describe", task_id="task-44")
+    with pytest.raises(signing.SignatureRejected, match="seen before"):
+        verifier(describe, "a", "r1", 3, kind="describe", task_id="task-44")
