@@ -17,6 +17,7 @@ from services.aggregator.deps import Weights
 from services.aggregator.gather import Gather
 from services.aggregator.privacy_step import dp_denominator, dp_summary
 from services.aggregator.secure import SecureAborted, SecureGather
+from services.aggregator.secure_checks import checked_count
 
 __all__ = ["SecureAborted", "SecureFit", "secure_calibrate", "secure_fit"]
 
@@ -52,10 +53,11 @@ def secure_fit(g: Gather, cfg: RunConfig, server_round: int, selected: list[str]
              {"update_clip_norm": cfg.secure_aggregation.update_clip_norm})
     result = SecureGather(g, cfg, server_round, "fit").gather(
         selected, TASK_FIT, blob, config, floats, spec, cfg.min_fit_clients, extra_secure=extra)
+    # Nothing divides by the count before it is the survivors' declared weight.
+    total = checked_count(result, spec, unit_weights=dp)
     info = result.summary
     # Per hospital only its declared count is known (its cap), never what it weighed.
     info["participants"] = dict(info["caps"])
-    total = result.extras["count"]
     privacy = None
     if dp:
         from leukofed.privacy import noised_mean
@@ -108,11 +110,11 @@ def secure_calibrate(g: Gather, cfg: RunConfig, server_round: int, weights: Weig
     try:
         result = SecureGather(g, cfg, server_round, "calibrate").gather(
             hospitals, TASK_CALIBRATE, encode_weights(weights), config, current, spec, 2)
+        count = checked_count(result, spec)
     except SecureAborted as exc:
         g.event(f"round {server_round}: {exc}; the averaged BatchNorm statistics stay",
                 round=server_round)
         return weights, {"pooling": "secure", "aborted": str(exc), "seconds": clock() - start}
-    count = result.extras["count"]
     pooled = bn_from_moments({n: v / count for n, v in result.sums.items()})
     out = dict(weights)
     out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
