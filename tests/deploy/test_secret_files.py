@@ -87,6 +87,17 @@ THIRD_PARTY = {"redis": "REDIS_HEALTHCHECK_PASSWORD", "postgres": "POSTGRES_PASS
                "mlflow": "MLFLOW_AUTH_ADMIN_PASSWORD"}
 
 
+def _stand_ins(tmp_path: Path, *programs: str) -> Path:
+    """A folder of programs that only record that they were started (in $MARKER)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in programs:
+        stand_in = bin_dir / program
+        stand_in.write_text(f'#!/bin/sh\necho "{program} $*" >> "$MARKER"\n')
+        stand_in.chmod(0o755)
+    return bin_dir
+
+
 def _start(service: dict, bin_dir: Path, marker: Path) -> subprocess.CompletedProcess:
     """Run the service's entrypoint and command as the container would, with its (already
     interpolated) environment, and stand-ins for the real programs that record a start."""
@@ -102,12 +113,7 @@ def test_attack_third_party_services_start_with_placeholder_passwords(
     """A .env copied from .env.example and never filled: leukofed's services refuse the
     change-me passwords (leukofed.startup); Redis (whose health check logs in with one),
     PostgreSQL and the MLflow server (the admin account) must refuse them too."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for program in ("redis-server", "postgres", "mlflow", "docker-entrypoint.sh"):
-        stand_in = bin_dir / program
-        stand_in.write_text(f'#!/bin/sh\necho "{program} $*" >> "$MARKER"\n')
-        stand_in.chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, "redis-server", "postgres", "mlflow", "docker-entrypoint.sh")
     placeholder = load_compose(example_env)["services"]
     for name, variable in THIRD_PARTY.items():
         assert "change-me" in str(placeholder[name].get("environment")), (name, variable)
@@ -145,12 +151,7 @@ def test_attack_placeholder_in_any_service_that_gets_a_secret(
     monitoring) started with the login admin:change-me and the monitor's broker password,
     and the MLflow account maker with the admin's and the services' placeholders. Every
     service of the file is covered, so a new one that gets a secret without a guard fails."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for program in ("redis-server", "postgres", "mlflow", "python", "celery"):
-        stand_in = bin_dir / program
-        stand_in.write_text(f'#!/bin/sh\necho "{program} $*" >> "$MARKER"\n')
-        stand_in.chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, "redis-server", "postgres", "mlflow", "python", "celery")
     placeholder = load_compose(example_env)["services"]
     guarded = {name for name, service in placeholder.items()
                if "change-me" in str(service.get("environment"))} - STARTUP_CHECKED
