@@ -234,6 +234,15 @@ def finished(run: dict[str, Any]) -> bool:
     return run.get("status") in ("completed", "failed", "cancelled")
 
 
+def run_to_end(client: Any, config: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Start a run (TINY plus ``config``) through an in-process aggregator's TestClient and
+    return its record once it has finished."""
+    response = client.post("/v1/runs", json={**TINY, **config})
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    return wait_run(lambda: client.get(f"/v1/runs/{run_id}").json(), finished, timeout)
+
+
 def gen_acl_module() -> Any:
     """infra/security/gen_acl.py, a script rather than a package module."""
     import importlib.util

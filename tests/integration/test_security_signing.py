@@ -8,20 +8,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, finished, signing_env, wait_run
+from fedstack import Worker, run_to_end, signing_env
 
 from leukofed import signing
 from leukofed.transport import TASK_DESCRIBE, TASK_FIT, make_celery
 
 pytestmark = pytest.mark.integration
+# Rounds that go on with any one hospital whose answer holds, one attempt each.
+ANY_ONE = {"min_fit_clients": 1, "round_deadline_s": 90, "max_round_retries": 0}
 
 
 @contextmanager
 def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path,
-                      tracking_uri: str | None = None) -> Iterator[TestClient]:
+                      tracking_uri: str | None = None, **settings: Any
+                      ) -> Iterator[TestClient]:
     from services.aggregator.app import create_app
     from services.aggregator.settings import AggregatorSettings
 
@@ -29,14 +33,14 @@ def signed_aggregator(tmp_path: Path, broker_url: str, keys: Path,
     pubs.mkdir()
     for h in ("a", "b", "c"):
         (pubs / f"{h}.pub").write_bytes((keys / f"{h}.pub").read_bytes())
-    settings = AggregatorSettings(broker_url=broker_url, state_dir=tmp_path / "agg",
-                                  cache_dir=tmp_path / "cache", tracking=bool(tracking_uri),
-                                  mlflow_tracking_uri=tracking_uri,
-                                  model_name="leukofed-it-signed",
-                                  poll_interval_s=0.1, ping_timeout_s=0.5,
-                                  signing_key_file=keys / "aggregator.key",
-                                  hospital_keys_dir=pubs)
-    with TestClient(create_app(settings)) as client:
+    config = AggregatorSettings(broker_url=broker_url, state_dir=tmp_path / "agg",
+                                cache_dir=tmp_path / "cache", tracking=bool(tracking_uri),
+                                mlflow_tracking_uri=tracking_uri,
+                                model_name="leukofed-it-signed",
+                                poll_interval_s=0.1, ping_timeout_s=0.5,
+                                signing_key_file=keys / "aggregator.key",
+                                hospital_keys_dir=pubs, **settings)
+    with TestClient(create_app(config)) as client:
         yield client
 
 
@@ -69,12 +73,8 @@ def test_unsigned_task_refused_and_bad_updates_rejected(tmp_path: Path, redis_se
         assert "class_counts" not in described
 
         with signed_aggregator(tmp_path, redis_server.url, keys) as client:
-            response = client.post("/v1/runs", json={
-                **TINY, "rounds": 2, "hospitals": ["a", "b", "c"], "min_fit_clients": 1,
-                "round_deadline_s": 90, "max_round_retries": 0})
-            assert response.status_code == 201, response.text
-            run_id = response.json()["id"]
-            run = wait_run(lambda: client.get(f"/v1/runs/{run_id}").json(), finished, 300)
+            run = run_to_end(client, {**ANY_ONE, "rounds": 2, "hospitals": ["a", "b", "c"]},
+                             300)
     finally:
         for w in workers:
             w.stop()
