@@ -266,16 +266,13 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
 def rebalanced_head(model: Any, hospitals: dict[str, Any], seed: int) -> dict[str, Any]:
     """The head refitted on the pooled per-class feature statistics of every hospital's
     training images under the current model (what each hospital would send)."""
-    from leukofed.head_rebalance import class_feature_stats, pool_feature_stats, refit_head
-    from leukofed.train import HEAD_LAYER, head_features
+    from leukofed import head_rebalance
+    from leukofed.train import head_features
+    from leukofed.wire import weights_from_model
 
-    stats = [class_feature_stats(*head_features(model, x, y), len(CLASSES))
+    stats = [head_rebalance.class_feature_stats(*head_features(model, x, y), len(CLASSES))
              for x, y in hospitals.values()]
-    means, covs, counts = pool_feature_stats(stats)
-    layer = model.get_layer(HEAD_LAYER)
-    w, b = refit_head(*(np.asarray(t) for t in layer.get_weights()), means, covs, counts,
-                      seed=seed)
-    return {f"{HEAD_LAYER}/kernel": w, f"{HEAD_LAYER}/bias": b}
+    return head_rebalance.rebalanced_head(weights_from_model(model), stats, seed)
 
 
 def local_steps(train_images: dict[str, int], epochs: int, batch: int) -> float:

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+HEAD_LAYER = "probabilities"  # leukofed.models: the softmax Dense layer
+HEAD_WEIGHTS = (f"{HEAD_LAYER}/kernel", f"{HEAD_LAYER}/bias")  # their wire names
+
 
 @dataclass(frozen=True)
 class FeatureStats:
@@ -139,3 +142,12 @@ def refit_head(weight: np.ndarray, bias: np.ndarray, means: np.ndarray, covs: np
     new_w[:, present] = wz / sd[:, None]
     new_b[present] = bz - (mu / sd) @ wz
     return new_w.astype(weight.dtype), new_b.astype(bias.dtype)
+
+
+def rebalanced_head(weights: dict[str, np.ndarray], stats: list[FeatureStats], seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """The head tensors of ``weights`` (by wire name, ``HEAD_WEIGHTS``) refitted on the
+    hospitals' pooled statistics."""
+    kernel, bias = (weights[n] for n in HEAD_WEIGHTS)
+    new = refit_head(kernel, bias, *pool_feature_stats(stats), seed=seed)
+    return dict(zip(HEAD_WEIGHTS, new, strict=True))

@@ -55,6 +55,9 @@ class RoundConfig(BaseModel):
     jit_compile: bool = False  # XLA measured slower on CPU for most models
     deadline: float = 0.0  # epoch seconds; a task received after it is declined as expired
     calibration_images: int = Field(512, ge=1)  # calibrate: un-augmented training images
+    # calibrate: what to measure on the global weights: BatchNorm statistics, or the
+    # per-class feature statistics under the classifier head (leukofed.head_rebalance)
+    measure: Literal["batchnorm", "head"] = "batchnorm"
     # Local differential privacy (leukofed.privacy): the hospital clips its update delta to
     # dp_clip_norm and adds N(0, (dp_noise_multiplier * dp_clip_norm)^2) before sending.
     dp_mode: Literal["", "local"] = ""
@@ -288,7 +291,7 @@ RoundSummary = TypedDict("RoundSummary", {
     "calibration": "dict[str, object] | None", "server_conformal": "dict[str, object] | None",
     "class_counts": dict[str, dict[str, int]], "timings": dict[str, float],
     "privacy": dict[str, object], "bn_calibration": dict[str, object],
-    "secure_aggregation": dict[str, object],
+    "head_rebalance": dict[str, object], "secure_aggregation": dict[str, object],
 }, total=False)
 
 

@@ -251,9 +251,9 @@ DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
 
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
     """What an answer's signature covers, besides run, round and hospital: the weights and
-    count of an update or calibration, the splits of an evaluation, the declaration of a
-    describe."""
-    if kind in ("update", "calibration"):
+    count of an update, a calibration or head statistics, the splits of an evaluation, the
+    declaration of a describe."""
+    if kind in ("update", "calibration", "head statistics"):
         blob, n = answer.get("weights"), answer.get("num_examples")
         if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
             raise SignatureRejected("forged", "answer has no weight bytes or example count")

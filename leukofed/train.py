@@ -399,14 +399,13 @@ def recalibrate_batchnorm(
 
 # ---------------------------------------------------------------- classifier head
 
-HEAD_LAYER = "probabilities"
-
-
 def head_features(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 64
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The inputs of the classifier head (``HEAD_LAYER``) for un-augmented images, in
     inference mode, with their labels. With the rotation ensemble each image gives four rows
     (its four turns, each of which the head scores before the mean), labels repeated."""
+    from leukofed.head_rebalance import HEAD_LAYER
+
     extract = keras.Model(model.inputs, model.get_layer(HEAD_LAYER).input)
     out = [np.asarray(extract(tf.constant(x[i : i + batch_size], tf.float32), training=False))
            for i in range(0, len(x), batch_size)]

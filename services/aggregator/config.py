@@ -120,7 +120,14 @@ class RunConfig(BaseModel):
         "strategy whose global weights are not the clients' average (all but fedavg, "
         "fedprox), off with bn_mode 'local' or differential privacy")
     calibration_images: int = Field(512, ge=1, le=100_000,
-                                    description="training images per hospital for it")
+                                    description="training images per hospital for it (and "
+                                    "for head_rebalance)")
+    head_rebalance: bool = Field(
+        True, description="after each round, hospitals send per-class sums of the "
+        "classifier head's input features on their training images and the aggregator "
+        "refits a class-balanced head on them (leukofed.head_rebalance; under label skew the "
+        "averaged head neglects classes few hospitals hold); off under secure aggregation, "
+        "differential privacy, bn_mode 'local' and robust strategies")
     hospitals: list[str] | None = Field(None, description="default: every live hospital")
     fraction: float = Field(1.0, gt=0, le=1, description="share of hospitals sampled per round")
     min_fit_clients: int = Field(1, ge=1)
@@ -244,6 +251,15 @@ class RunConfig(BaseModel):
     def strategy_kwargs(self) -> dict[str, Any]:
         """The strategy's parameters as leukofed.strategies.make_strategy takes them."""
         return as_kwargs(self.strategy_params)
+
+    def rebalances_head(self) -> bool:
+        """Whether rounds refit the classifier head (see head_rebalance). Not under secure
+        aggregation or differential privacy (per-hospital sums outside both), FedBN (the
+        features depend on each hospital's statistics) or a robust strategy (one
+        hospital's sums would move the pooled ones: nothing bounds them as a median does)."""
+        return (self.head_rebalance and self.secure_aggregation is None
+                and self.privacy is None and self.bn_mode != "local"
+                and not STRATEGIES[self.strategy.strip().lower()].robust)
 
     def calibrates_batchnorm(self) -> bool:
         """Whether rounds end with the BatchNorm calibration step (see bn_calibration)."""

@@ -1,13 +1,22 @@
 """The steps that send the new global model back to the hospitals within a round: BatchNorm
-calibration (their measured statistics replace the averaged ones) and federated evaluation.
+calibration (their measured statistics replace the averaged ones), head rebalancing (their
+per-class feature sums refit the classifier head) and federated evaluation.
 Whoever answers by the deadline counts; no quorum."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from leukofed.head_rebalance import HEAD_WEIGHTS, FeatureStats, rebalanced_head
 from leukofed.protocol import EvaluateAnswer, RoundConfig, WireAnswer, WireMap
 from leukofed.strategies import pool_batchnorm_stats
 from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE
-from leukofed.validation import check_evaluations, check_tensor_answers, validate_batchnorm_stats
+from leukofed.validation import (
+    UpdateRejected,
+    check_evaluations,
+    check_tensor_answers,
+    validate_batchnorm_stats,
+)
 from leukofed.wire import encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import Weights
@@ -73,6 +82,56 @@ def calibrate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
     pooled = pool_batchnorm_stats(stats, [float(n) for n in used.values()], robust=robust)
     out = dict(weights)
     out.update({n: pooled[n].astype(weights[n].dtype) for n in pooled})
+    return out, summary
+
+
+def rebalance_head(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
+                   hospitals: list[str]) -> tuple[Weights, dict[str, object]]:
+    """Refit the new global model's classifier head on the per-class feature sums the
+    round's hospitals measure on it (leukofed.head_rebalance). Sums that fail a check are
+    rejected with a logged reason; with none usable the averaged head stays."""
+    start = g.deps.clock()
+    kernel = weights[HEAD_WEIGHTS[0]]
+    classes, dim = int(kernel.shape[1]), int(kernel.shape[0])
+    turns = 4 if cfg.rotation_ensemble else 1  # head_features: a row per rotation
+    answers, failures, blob = _send(g, cfg, server_round, TASK_CALIBRATE, weights, hospitals,
+                                    measure="head", calibration_images=cfg.calibration_images)
+
+    def check(tensors: dict[str, object]) -> None:
+        try:
+            FeatureStats.from_arrays({k.removeprefix("head/"): v for k, v in tensors.items()},
+                                     classes, dim)
+        except (KeyError, ValueError) as exc:
+            raise UpdateRejected("schema", f"head statistics: {exc}") from None
+
+    usable, rejected = check_tensor_answers(
+        answers, lambda a, h: g.verify(a, h, server_round, "head statistics", TASK_CALIBRATE,
+                                       blob),
+        g.declared, check, kind="calibration")
+    stats: list[FeatureStats] = []
+    for hospital, (answer, tensors) in usable.items():
+        s = FeatureStats.from_arrays({k.removeprefix("head/"): v for k, v in tensors.items()},
+                                     classes, dim)
+        if s.count.sum() != answer.num_examples * turns:  # what it says it measured
+            rejected[hospital] = (f"count: {s.count.sum():.0f} feature rows for "
+                                  f"{answer.num_examples} images")
+            continue
+        stats.append(s)
+    for hospital, reason in rejected.items():
+        g.event(f"round {server_round}: head statistics from {hospital} rejected ({reason})",
+                round=server_round, hospital=hospital, rejected=reason.split(":")[0])
+    pooled = sum((s.count for s in stats), np.zeros(classes)) / turns
+    summary: dict[str, object] = {
+        "hospitals": sorted(h for h in usable if h not in rejected), "rejected": rejected,
+        "failed": failures, "pooled_class_images": [int(c) for c in pooled],
+        "seconds": 0.0}
+    if not stats:
+        g.event(f"round {server_round}: no usable head statistics; the averaged head stays",
+                round=server_round)
+        summary["seconds"] = g.deps.clock() - start
+        return weights, summary
+    out = {**weights, **rebalanced_head(weights, stats, seed=cfg.seed * 7919 + server_round)}
+    summary["seconds"] = g.deps.clock() - start
     return out, summary
 
 

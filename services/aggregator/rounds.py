@@ -4,7 +4,8 @@ A round is a recipe of steps, each in its own module:
 
   gather (gather.py: select, send fit, collect, drain late) -> answer checks
   (leukofed.validation) -> privacy (privacy_step.py) -> aggregate (leukofed.strategies) ->
-  [BatchNorm calibration] -> federated evaluation (model_steps.py) -> summary
+  [BatchNorm calibration] -> [head rebalancing] -> federated evaluation (model_steps.py) ->
+  summary
   (round_logic.py) -> checkpoint (run_records.py) -> track (MLflow, registry).
 
 Secure aggregation replaces gather, checks and privacy with one secure sum
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leukofed.head_rebalance import HEAD_WEIGHTS
 from leukofed.protocol import FitReport, RoundConfig, RoundSummary, RunRecord, WireMap
 from leukofed.strategies import ClientResult, Strategy, make_strategy, round_learning_rate
 from leukofed.transport import TASK_FIT
@@ -35,7 +37,7 @@ from services.aggregator.deps import (
     Weights,
 )
 from services.aggregator.gather import Gather
-from services.aggregator.model_steps import calibrate, evaluate
+from services.aggregator.model_steps import calibrate, evaluate, rebalance_head
 from services.aggregator.privacy_step import (
     BudgetReached,
     check_budget,
@@ -230,6 +232,11 @@ class FederatedRun:
             new_weights, bn_calibration = calibrate(
                 self.gather, cfg, server_round, new_weights, sorted(fit.participants),
                 strategy.bn_stat_names, robust=strategy.robust)
+        head = None
+        # After calibration: the features under the statistics the version will serve with.
+        if cfg.rebalances_head() and HEAD_WEIGHTS[0] in new_weights:
+            new_weights, head = rebalance_head(self.gather, cfg, server_round, new_weights,
+                                               sorted(fit.participants))
         eval_start = clock()
         evaluations, calibration_sums = evaluate(self.gather, cfg, server_round, new_weights,
                                                  fit.answered)
@@ -242,6 +249,8 @@ class FederatedRun:
             summary["secure_aggregation"] = fit.secure
         if bn_calibration is not None:
             summary["bn_calibration"] = bn_calibration
+        if head is not None:
+            summary["head_rebalance"] = head
         if privacy is not None:
             privacy["epsilon"] = epsilon = dp_epsilon(cfg, server_round)
             summary["privacy"] = privacy

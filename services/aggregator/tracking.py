@@ -187,6 +187,10 @@ class MlflowTracker:
         calibration = summary.get("bn_calibration")
         tags["bn_calibration"] = (json.dumps(calibration["hospitals"], sort_keys=True)
                                   if calibration else "none (averaged statistics)")
+        # Whose feature sums refitted the classifier head (leukofed.head_rebalance).
+        head = summary.get("head_rebalance")
+        tags["head_rebalance"] = (",".join(head["hospitals"]) or "none usable"
+                                  if head else "off (averaged head)")
         if summary.get("privacy"):
             tags["dp_epsilon"] = f"{float(summary['privacy']['epsilon']):.6g}"
             tags["dp_delta"] = f"{float(summary['privacy']['delta']):g}"

@@ -360,6 +360,8 @@ class HospitalClient:
         cfg, trainer, refusal = self._prepare(TASK_CALIBRATE, blob, config, auth)
         if refusal:
             return refusal
+        if cfg.measure == "head":
+            return self._head_statistics(cfg, trainer, blob, task_id, start)
         refusal = self._second_vector("calibrate", cfg, blob)
         if refusal:
             return refusal
@@ -390,6 +392,38 @@ class HospitalClient:
             bytes=len(out), sha256=digest, num_examples=used,
             seconds=time.perf_counter() - start).encode()
         return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
+                                 task_id=task_id)
+
+    def _head_statistics(self, cfg: RoundConfig, trainer: Any, blob: bytes, task_id: str,
+                         start: float) -> WireMap:
+        """Per-class count, sum and sum of outer products of the classifier head's input
+        features of the global weights, over up to ``calibration_images`` un-augmented
+        training images (leukofed.head_rebalance). Leaves the hospital: those sums, the
+        same kind of aggregate as BatchNorm statistics (per class, not per channel), for
+        the aggregator to refit a class-balanced head. Not offered under secure aggregation
+        or differential privacy: the aggregator does not ask then."""
+        from leukofed.head_rebalance import class_feature_stats
+        from leukofed.train import head_features
+
+        if cfg.secure is not None:
+            return self._error("calibrate", cfg, "head statistics are not secure-aggregated")
+        x, y = self.arrays("train", cfg.image_size)
+        used = min(len(x), cfg.calibration_images)
+        if used == 0:
+            return self._error("calibrate", cfg, "no training images")
+        idx = np.random.default_rng(0).permutation(len(x))[:used]
+        features, labels = head_features(trainer.model, x[idx], y[idx])
+        stats = class_feature_stats(features, labels, len(CLASSES))
+        out = encode_weights({f"head/{k}": v for k, v in stats.to_arrays().items()})
+        digest = hashlib.sha256(out).hexdigest()
+        self.participation.append(run=cfg.run_id, round=cfg.round, task="head_statistics",
+                                  status="ok", bytes=len(out), sha256=digest,
+                                  num_examples=used)
+        answer = CalibrateAnswer(
+            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
+            bytes=len(out), sha256=digest, num_examples=used,
+            seconds=time.perf_counter() - start).encode()
+        return self._sign_answer(answer, cfg, kind="head statistics", blob=blob,
                                  task_id=task_id)
 
     def describe(self, auth: Any = None, config: WireMap | None = None, blob: bytes = b"",

@@ -102,6 +102,11 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     assert set(json.loads(tags["dataset_fingerprints"])) == {"a", "b"}
     assert tags["strategy"] == "fedavg" and "val_macro_f1" in tags
     assert tags["bn_calibration"] == "none (averaged statistics)"  # FedAvg: the average fits
+    # The head refitted on both hospitals' per-class feature sums (leukofed.head_rebalance).
+    assert tags["head_rebalance"] == "a,b"
+    for r in run["history"]:
+        assert r["head_rebalance"]["hospitals"] == ["a", "b"], r["head_rebalance"]
+        assert sum(r["head_rebalance"]["pooled_class_images"]) > 0
     # The shortcut audit on every version, and what the training data looked like.
     for key in ("audit_original_accuracy", "audit_recoloured_accuracy", "audit_follow_colour",
                 "audit_spatial_accuracy", "audit_background_only_accuracy",
@@ -156,6 +161,8 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
             [round_learning_rate(1e-3, "cosine", r, 2) for r in (1, 2)])
         assert [e["learning_rate"] for e in fits] == pytest.approx([5e-4, 1e-3])
         assert all(e["logit_adjustment"] is True for e in fits)
+        heads = [e for e in lines if e["task"] == "head_statistics" and e["status"] == "ok"]
+        assert [e["round"] for e in heads] == [1, 2]
         assert all(e["bytes"] > 1000 and len(e["sha256"]) == 64 for e in fits)
         assert fits[0]["sha256"] in {s for r in run["history"] for s in r["sha256"].values()}
 

@@ -113,12 +113,12 @@ class FakeTracker:
         pass
 
 
-def make_run(tmp_path, dispatcher, clock, tracker=None, **config) -> FederatedRun:
+def make_run(tmp_path, dispatcher, clock, tracker=None, ops=None, **config) -> FederatedRun:
     store = RunStore(tmp_path)
     cfg = RunConfig(**{"rounds": 2, "hospitals": ["a", "b"], "round_deadline_s": 10,
                        "max_round_retries": 0, **config})
     record = store.create(cfg.model_dump())
-    return FederatedRun(record, RunDeps(store, dispatcher, FakeOps(), tracker,
+    return FederatedRun(record, RunDeps(store, dispatcher, ops or FakeOps(), tracker,
                                         poll_interval_s=0.5, clock=clock, sleep=clock.sleep))
 
 
@@ -343,3 +343,100 @@ def test_fedavg_sends_no_calibration_task(tmp_path) -> None:
     assert rec["status"] == "completed"
     assert not any(task.endswith("calibrate") for _, task, _ in d.sent)
     assert "bn_calibration" not in rec["rounds"][0]
+
+
+# --- classifier-head rebalancing ------------------------------------------------------------
+
+HEAD_DIM, HEAD_CLASSES = 3, 4
+CLASS_MEANS = np.eye(HEAD_CLASSES, HEAD_DIM) * 4.0  # class 3 sits at the origin
+
+
+class HeadOps(FakeOps):
+    """A model whose only float tensors are the softmax head, biased against class 0."""
+
+    def initial(self, cfg: RunConfig) -> tuple[dict[str, np.ndarray], set[str]]:
+        bias = np.zeros(HEAD_CLASSES, np.float32)
+        bias[0] = -20.0
+        return {"probabilities/kernel": np.zeros((HEAD_DIM, HEAD_CLASSES), np.float32),
+                "probabilities/bias": bias}, set()
+
+
+def head_statistics(counts: list[int], bad: str = ""):
+    """Fits without moving the weights; answers calibrate (measure "head") with per-class
+    sums of features drawn around CLASS_MEANS, as leukofed.head_rebalance makes them."""
+    from leukofed.head_rebalance import class_feature_stats
+
+    fit = honest(0.0, sum(counts))
+
+    def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        if not task.endswith("calibrate"):
+            return fit(task, args, hospital)
+        assert args[1]["measure"] == "head"
+        rng = np.random.default_rng(len(hospital))
+        y = np.repeat(np.arange(HEAD_CLASSES), counts)
+        x = CLASS_MEANS[y] + rng.normal(0, 0.5, (len(y), HEAD_DIM))
+        arrays = class_feature_stats(np.tile(x, (4, 1)), np.tile(y, 4), HEAD_CLASSES).to_arrays()
+        if bad == "shape":
+            arrays["outer"] = arrays["outer"][:, :2]
+        images = len(y) + (1 if bad == "count" else 0)
+        return {"status": "ok", "hospital": hospital, "num_examples": images, "bytes": 10,
+                "weights": encode_weights({f"head/{k}": v for k, v in arrays.items()})}
+    return answer
+
+
+def head_run(tmp_path, behaviours: dict[str, Any], **config: Any) -> tuple[Any, FakeDispatcher]:
+    clock = Clock()
+    d = FakeDispatcher(clock, behaviours, live=set(behaviours))
+    run = make_run(tmp_path, d, clock, ops=HeadOps(), min_fit_clients=1, rounds=1,
+                   hospitals=sorted(behaviours), **config)
+    return run, d
+
+
+def test_rounds_refit_the_head_from_the_hospitals_feature_sums(tmp_path) -> None:
+    # Class 0 lives at one hospital only; the averaged head never predicts it (bias -20).
+    run, d = head_run(tmp_path, {"a": head_statistics([30, 0, 40, 0]),
+                                 "b": head_statistics([0, 50, 10, 60])})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    sent = [c for _, task, c in d.sent if task.endswith("calibrate")]
+    assert len(sent) == 2 and all(c["measure"] == "head" for c in sent)
+    head = rec["rounds"][0]["head_rebalance"]
+    assert head["hospitals"] == ["a", "b"] and head["rejected"] == {}
+    assert head["pooled_class_images"] == [30, 50, 50, 60]
+    weights, _ = run.store.read_checkpoint(rec)
+    scores = CLASS_MEANS @ weights["probabilities/kernel"] + weights["probabilities/bias"]
+    assert list(scores.argmax(axis=1)) == [0, 1, 2, 3]  # class 0 is predicted again
+
+
+@pytest.mark.parametrize("bad, reason", [("shape", "schema"), ("count", "count")])
+def test_bad_head_statistics_are_rejected_and_the_round_goes_on(tmp_path, bad: str,
+                                                                reason: str) -> None:
+    run, _ = head_run(tmp_path, {"a": head_statistics([30, 20, 40, 10]),
+                                 "b": head_statistics([0, 50, 10, 60], bad=bad)})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    head = rec["rounds"][0]["head_rebalance"]
+    assert head["hospitals"] == ["a"] and head["rejected"]["b"].startswith(reason)
+    assert any(f"head statistics from b rejected ({reason}" in e["message"]
+               for e in rec["events"])
+
+
+def test_without_usable_head_statistics_the_averaged_head_stays(tmp_path) -> None:
+    run, _ = head_run(tmp_path, {"a": head_statistics([30, 20, 40, 10], bad="count")})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    assert any("no usable head statistics" in e["message"] for e in rec["events"])
+    weights, _ = run.store.read_checkpoint(rec)
+    assert weights["probabilities/bias"][0] == -20.0
+
+
+@pytest.mark.parametrize(("config", "rebalances"), [
+    ({}, True),
+    ({"strategy": "fedadam"}, True),
+    ({"head_rebalance": False}, False),
+    ({"strategy": "fedmedian"}, False),
+    ({"bn_mode": "local"}, False),
+    ({"privacy": {"noise_multiplier": 0.0}}, False),
+])
+def test_when_rounds_rebalance_the_head(config: dict[str, Any], rebalances: bool) -> None:
+    assert RunConfig(**config).rebalances_head() is rebalances
