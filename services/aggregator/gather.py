@@ -242,6 +242,15 @@ class Gather:
         it sends is counted (leukofed.validation.declaration), and the round goes on with
         the others."""
         missing = [h for h in hospitals if h not in self.declared]
+        live = self.live(missing) if missing else None
+        if live is not None:  # None: no answer from the broker, so ask every one of them
+            # A busy worker still beats; one that neither beats nor answers a ping is gone,
+            # and waiting the describe deadline for it would hold up the round.
+            for h in sorted(set(missing) - live):
+                self.event(f"round {server_round}: {h} is not live, not asked to declare; "
+                           "nothing it sends counts until it does", round=server_round,
+                           hospital=h)
+            missing = [h for h in missing if h in live]
         if not missing:
             return
         nonce = secrets.token_hex(16)

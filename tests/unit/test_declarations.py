@@ -158,3 +158,20 @@ def test_a_slow_first_describe_is_waited_for(tmp_path) -> None:
     rec, weights, _ = run_with(tmp_path, "honest", ready_after={"a": 25.0, "b": 25.0})
     assert rec["rounds"][0]["participants"] == {"a": 16}
     assert rec["rounds"][0]["rejected"]["b"].startswith("inflated: claims 1000000000")
+
+
+def test_a_hospital_that_is_not_live_is_not_waited_for(tmp_path) -> None:
+    """A worker that neither beats nor answers a ping is not asked to declare: the round
+    does not wait the describe deadline for it (a quorum of two with b dead fails at the
+    fit deadline, 10 s, not after 120 s more)."""
+    keys = {h: Ed25519PrivateKey.generate() for h in "ab"}
+    clock = Clock()
+    d = Declaring(clock, {"a": signed_hospital(keys["a"], 1.0, 16, HALF)}, keys, {})
+    d.live = {"a"}
+    run = make_run(tmp_path, d, clock, rounds=1, min_fit_clients=2)
+    started = clock()
+    rec = run.execute()
+    assert rec["status"] == "failed" and "no answer by the deadline" in rec["reason"]
+    assert any("b is not live, not asked to declare" in e["message"] for e in rec["events"])
+    assert [h for h, task, _ in d.sent if task.endswith("describe")] == ["a"]
+    assert clock() - started < 60
