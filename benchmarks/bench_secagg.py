@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from common import header, write_json  # noqa: E402
 
 from leukofed import secagg  # noqa: E402
+from leukofed.protocol import RoundConfig  # noqa: E402
 from leukofed.wire import encode_weights  # noqa: E402
 from services.aggregator.secure import auto_neighbours, update_ranges  # noqa: E402
 from services.client.secure import SecureSessions  # noqa: E402
@@ -58,17 +59,25 @@ def secure_round(glob: dict[str, np.ndarray], deltas: dict[str, dict[str, np.nda
     sent = {h: 0 for h in hospitals}
     t = {"keys": 0.0, "shares": 0.0, "masked": 0.0, "reveal": 0.0, "unmask": 0.0}
     start = time.perf_counter()
-    keys = {h: sessions[h].keys({**base, "secure": params}, int(weights[h])) for h in hospitals}
+    # Each task's configuration as a hospital decodes it from the wire (RoundConfig).
+    task = RoundConfig.decode
+    keys = {h: sessions[h].keys(task({**base, "secure": params}), int(weights[h]))
+            for h in hospitals}
     t["keys"] = time.perf_counter() - start
     for h in hospitals:
         sent[h] += _size({x: keys[h][x] for x in ("purpose", "c_pk", "s_pk", "cap")})
-    graph = secagg.neighbour_graph(hospitals, k, b"bench")
+    # As services.aggregator.secure does: the graph of the session's public seed over the
+    # members (the hospitals that sent keys), which every hospital recomputes and checks.
+    session = secagg.Session(base["run_id"], server_round, params["purpose"], bits, k,
+                             params["threshold_fraction"])
+    graph = secagg.neighbour_graph(hospitals, k, secagg.graph_seed(session))
     start = time.perf_counter()
-    shares = {h: sessions[h].shares({**base, "secure": {**params, "adverts": {
-        p: keys[p] for p in (h, *graph[h])}}}) for h in hospitals}
+    shares = {h: sessions[h].shares(task({**base, "secure": {
+        **params, "members": hospitals, "adverts": {p: keys[p] for p in (h, *graph[h])}}}))
+        for h in hospitals}
     t["shares"] = time.perf_counter() - start
     for h in hospitals:
-        sent[h] += _size({"purpose": "fit", "ciphertexts": shares[h]["ciphertexts"]})
+        sent[h] += _size({x: shares[h][x] for x in ("purpose", "ciphertexts", "threshold")})
     ranges = update_ranges(glob, bn, update_range)
     spec = secagg.VectorSpec(tuple(ranges), tuple(ranges.values()))
     total_weight = float(sum(int(weights[h]) for h in hospitals))
@@ -76,25 +85,25 @@ def secure_round(glob: dict[str, np.ndarray], deltas: dict[str, dict[str, np.nda
     start = time.perf_counter()
     masked = {}
     for h in hospitals:
-        cfg = {**base, "secure": {**params, "received": received[h], "spec": spec.to_dict(),
-                                  "cap": int(weights[h]), "total_weight": total_weight}}
+        cfg = task({**base, "secure": {**params, "received": received[h],
+                                       "spec": spec.to_dict(), "cap": int(weights[h]),
+                                       "total_weight": total_weight}})
         masked[h] = sessions[h].masked(cfg, glob, deltas[h], weights[h], {"count": 1.0})
         sent[h] += _size({x: masked[h][x] for x in ("purpose", "masked", "coords")})
     t["masked"] = time.perf_counter() - start
     start = time.perf_counter()
-    reveals = {h: sessions[h].reveal({**base, "secure": {**params, "survivors": hospitals,
-                                                          "dropped": []}}) for h in hospitals}
+    reveals = {h: sessions[h].reveal(task({**base, "secure": {
+        **params, "survivors": hospitals, "dropped": []}})) for h in hospitals}
     t["reveal"] = time.perf_counter() - start
     for h in hospitals:
         sent[h] += _size({"purpose": "fit", "reveals": reveals[h]["reveals"]})
     start = time.perf_counter()
-    session = secagg.Session("bench", server_round, "fit", bits, k, 0.6)
     size = spec.size(glob)
     total = secagg.unmask_sum(
         session, {h: secagg.unpack(masked[h]["masked"], size, bits) for h in hospitals},
         {h: keys[h] for h in hospitals}, {h: sorted(received[h]) for h in hospitals},
         {h: reveals[h]["reveals"] for h in hospitals},
-        secagg.holder_thresholds(graph, 0.6))
+        {h: int(shares[h]["threshold"]) for h in hospitals})  # each hospital's own
     sums, extras = spec.split(secagg.dequantise(total, spec.coordinate_ranges(glob),
                                                 total_weight, bits), glob)
     t["unmask"] = time.perf_counter() - start
