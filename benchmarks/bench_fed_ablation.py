@@ -50,11 +50,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     weights from the pooled counts at every hospital instead of its own; rounds N: this
     variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
     mode hospital_batches: no federation, centralized training whose every batch comes from
-    one hospital, which separates label-skewed batches from model averaging; bnfix 1:
-    hospitals train with BatchNorm in inference mode, normalising by the statistics pooled
-    over every hospital on the round's global weights instead of by their batch's own, which
-    depend on its label mix; head 1: after each round the classifier head is refitted on
-    virtual features drawn from the hospitals' pooled per-class feature statistics
+    one hospital, which separates label-skewed batches from model averaging; bnfix R:
+    from round R on, hospitals train with BatchNorm in inference mode, normalising by the
+    statistics pooled over every hospital on the round's global weights instead of by their
+    batch's own, which depend on its label mix (FixBN, Zhong et al. 2023: R past the early
+    rounds, when the statistics have settled); head 1: after each round the classifier head
+    is refitted on virtual features drawn from the hospitals' pooled per-class feature statistics
     (leukofed.head_rebalance) and sent on in the global weights, head 2: refitted for the
     evaluated model only, the next round starts from the averaged head)."""
     name, *pairs = text.split(":")
@@ -208,15 +209,13 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
                  if la.__class__.__name__ == "BatchNormalization"]
     x_pool, y_pool = data["pooled"]
 
-    def pooled_bn() -> None:
+    def pooled_bn(frozen: bool = False) -> None:
         for la in bn_layers:  # measured in training mode, then frozen again
             la.trainable = True
         recalibrate_batchnorm(model, x_pool)
         for la in bn_layers:
-            la.trainable = not v["bnfix"]
+            la.trainable = not frozen
 
-    if v["bnfix"]:
-        pooled_bn()  # Keras runs a non-trainable BatchNormalization in inference mode
     trainer = Trainer(model)
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
@@ -229,6 +228,14 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     rounds = v["rounds"] or args.rounds
     for rnd in range(1, rounds + 1):
         lr = round_learning_rate(v["lr"] or args.learning_rate, v["schedule"], rnd, rounds)
+        frozen = bool(v["bnfix"]) and rnd >= v["bnfix"]
+        if frozen and rnd == v["bnfix"]:
+            # Keras runs a non-trainable BatchNormalization in inference mode; the train
+            # step is traced anew for it.
+            set_model_weights(model, global_w)
+            pooled_bn(frozen=True)
+            global_w = weights_from_model(model)
+            trainer = Trainer(model)
         results = []
         for i, (h, (x, y)) in enumerate(data["hospitals"].items()):
             if rnd < (joins or {}).get(h, 1):
@@ -240,11 +247,11 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
         global_w = strategy.aggregate(global_w, results, rnd)
         set_model_weights(model, global_w)
-        if v["bncal"] == 1 or v["bnfix"] or (v["bncal"] == -1
-                                             and not strategy.weights_are_client_average):
+        if v["bncal"] == 1 or frozen or (v["bncal"] == -1
+                                         and not strategy.weights_are_client_average):
             # The aggregator's BatchNorm calibration ("bn_calibration" auto): statistics
             # measured on the new weights, pooled over the hospitals' training images.
-            pooled_bn()
+            pooled_bn(frozen)
             global_w = weights_from_model(model)
         if v["head"]:
             head = rebalanced_head(model, data["hospitals"], args.seed * 7919 + rnd)

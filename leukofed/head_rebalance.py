@@ -59,15 +59,19 @@ class FeatureStats:
         return out
 
 
-def class_feature_stats(features: np.ndarray, labels: np.ndarray,
-                        num_classes: int) -> FeatureStats:
-    """A hospital's per-class count, sum and sum of outer products (float64)."""
+def class_feature_stats(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                        min_rows: int = 0) -> FeatureStats:
+    """A hospital's per-class count, sum and sum of outer products (float64). A class with
+    fewer than ``min_rows`` rows is sent as zeros: the mean of two or three images' features
+    says too much about those images."""
     f = np.asarray(features, np.float64)
     count = np.zeros(num_classes)
     total = np.zeros((num_classes, f.shape[1]))
     outer = np.zeros((num_classes, f.shape[1], f.shape[1]))
     for c in range(num_classes):
         fc = f[labels == c]
+        if len(fc) < max(min_rows, 1):
+            continue
         count[c], total[c], outer[c] = len(fc), fc.sum(axis=0), fc.T @ fc
     return FeatureStats(count, total, outer)
 

@@ -48,6 +48,10 @@ from services.client.settings import ClientSettings
 log = logging.getLogger(__name__)
 
 
+# Head statistics: a class with fewer training images than this is not described at all.
+HEAD_MIN_CLASS_IMAGES = 5
+
+
 def _status(status: str, hospital: str, **extra: Any) -> WireMap:
     """A declined or error answer (leukofed.protocol.Status)."""
     return Status(status=status, hospital=hospital, **extra).encode()  # type: ignore[arg-type]
@@ -413,7 +417,9 @@ class HospitalClient:
             return self._error("calibrate", cfg, "no training images")
         idx = np.random.default_rng(0).permutation(len(x))[:used]
         features, labels = head_features(trainer.model, x[idx], y[idx])
-        stats = class_feature_stats(features, labels, len(CLASSES))
+        turns = len(features) // used  # rows per image: 4 with the rotation ensemble
+        stats = class_feature_stats(features, labels, len(CLASSES),
+                                    min_rows=turns * HEAD_MIN_CLASS_IMAGES)
         out = encode_weights({f"head/{k}": v for k, v in stats.to_arrays().items()})
         digest = hashlib.sha256(out).hexdigest()
         self.participation.append(run=cfg.run_id, round=cfg.round, task="head_statistics",

@@ -168,6 +168,39 @@ def test_calibrate_returns_batchnorm_statistics_of_the_given_weights(
     assert client.calibrate(global_blob, CFG)["status"] == "declined"
 
 
+def test_head_statistics_are_per_class_feature_sums_of_the_given_weights(
+        tmp_path: Path, synthetic_dataset, global_blob: bytes) -> None:
+    import numpy as np
+
+    from leukofed.head_rebalance import class_feature_stats
+    from leukofed.models import build_model
+    from leukofed.train import head_features
+    from leukofed.wire import set_model_weights
+
+    # Enough images that every class has the five a hospital needs to describe it.
+    client = HospitalClient(ClientSettings(
+        hospital_id="a", data_dir=synthetic_dataset(per_class=12), block_size=2,
+        state_dir=tmp_path / "state", cache_dir=tmp_path / "cache"))
+    answer = client.calibrate(global_blob, {**CFG, "measure": "head",
+                                            "calibration_images": 1000})
+    assert answer["status"] == "ok"
+    sums = decode_weights(answer["weights"])
+    assert sorted(sums) == ["head/count", "head/outer", "head/total"]  # nothing else
+    x, y = client.arrays("train", 32)
+    assert answer["num_examples"] == len(x)
+    # Four rows per image (the rotation ensemble), and the same sums a central pass of
+    # these weights over these images gives.
+    model = build_model("compact_cnn", 32, seed=0)
+    set_model_weights(model, decode_weights(global_blob))
+    expected = class_feature_stats(*head_features(model, x, y), 4, min_rows=4 * 5)
+    np.testing.assert_array_equal(sums["head/count"], expected.count)
+    np.testing.assert_allclose(sums["head/total"], expected.total, rtol=1e-4, atol=1e-4)
+    assert sums["head/count"].sum() == 4 * len(x)
+    wire = msgpack.packb(answer, use_bin_type=True)
+    assert b"img-" not in wire and str(client.settings.data_dir).encode() not in wire
+    assert list(client.participation.entries())[-1]["task"] == "head_statistics"
+
+
 def test_credentials_dir_fills_every_unset_key_setting_and_turns_isolation_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys

@@ -88,3 +88,11 @@ def test_statistics_from_a_hospital_are_checked(change: dict, message: str) -> N
     FeatureStats.from_arrays(good, C, D)
     with pytest.raises(ValueError, match=message):
         FeatureStats.from_arrays({**good, **change}, C, D)
+
+
+def test_a_class_with_too_few_images_is_not_described() -> None:
+    rng = np.random.default_rng(3)
+    x, y = draw([2, 30, 30, 30], rng.normal(0, 2, (C, D)), rng)
+    stats = class_feature_stats(x, y, C, min_rows=5)
+    assert list(stats.count) == [0, 30, 30, 30]
+    assert not stats.total[0].any() and not stats.outer[0].any()

@@ -378,7 +378,7 @@ def head_statistics(counts: list[int], bad: str = ""):
         arrays = class_feature_stats(np.tile(x, (4, 1)), np.tile(y, 4), HEAD_CLASSES).to_arrays()
         if bad == "shape":
             arrays["outer"] = arrays["outer"][:, :2]
-        images = len(y) + (1 if bad == "count" else 0)
+        images = len(y) - (1 if bad == "count" else 0)
         return {"status": "ok", "hospital": hospital, "num_examples": images, "bytes": 10,
                 "weights": encode_weights({f"head/{k}": v for k, v in arrays.items()})}
     return answer
