@@ -91,6 +91,14 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
+def private_dir(path: Path) -> Path:
+    """A folder only its owner can enter (0700), also when it already existed wider."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def generate_keypair(out_dir: Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<name>.key`` (private, 0600) and ``<name>.pub`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_acl  # noqa: E402
 import make_certs  # noqa: E402
 
-from leukofed.signing import generate_keypair, write_private  # noqa: E402
+from leukofed.signing import generate_keypair, private_dir, write_private  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = "change-me"
@@ -89,13 +89,6 @@ def private_env(path: Path) -> None:
         os.chmod(path, 0o600)
     else:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
-def private_dir(path: Path) -> Path:
-    """A folder only its owner can enter (0700), also when it already existed wider."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
 
 
 def unset(value: str | None) -> bool:
