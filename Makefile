@@ -84,6 +84,9 @@ bench-privacy: setup
 	  --central-from benchmarks/results/federated-64px.json \
 	  --out benchmarks/results/federated-privacy.json --doc docs/benchmarks-federated-privacy.md
 
+# The local stack runs signed: its keys, admin token and API key are made once in .run/keys
+# (scripts/stack.sh, leukofed/local_keys.py). LEUKOFED_DEV_MODE=1 make up (or make demo)
+# starts it without any, nothing signed or checked.
 up: setup
 	@bash scripts/stack.sh up
 

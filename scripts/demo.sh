@@ -7,6 +7,9 @@
 # Environment (all optional): DATA=../shared/data/all-pbs HOSPITALS=3 ALPHA=0.5 SCHEME=dirichlet
 #   ROUNDS=12 LOCAL_EPOCHS=2 MODEL=compact_cnn IMAGE_SIZE=128 STRATEGY=fedavg BATCH_SIZE=32
 #   LEARNING_RATE=0.001 SEED=0 FP16=false, and the ports of scripts/stack.sh.
+# The stack runs signed (scripts/stack.sh makes its keys and secrets in KEYS_DIR, default
+# RUN_DIR/keys): the champion is served only once its signature is verified, and the demo
+# prints what the inference service checked. LEUKOFED_DEV_MODE=1 runs it unsigned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +32,8 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 INFERENCE_PORT=${INFERENCE_PORT:-8000}
 VENV=${VENV:-.venv/bin}
 DEMO=$RUN_DIR/demo
-export RUN_DIR AGGREGATOR_PORT MLFLOW_PORT INFERENCE_PORT
+KEYS_DIR=${KEYS_DIR:-$RUN_DIR/keys}
+export RUN_DIR AGGREGATOR_PORT MLFLOW_PORT INFERENCE_PORT KEYS_DIR
 INFERENCE_URL="http://127.0.0.1:${INFERENCE_PORT}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export LEUKOFED_AGGREGATOR_URL="http://127.0.0.1:${AGGREGATOR_PORT}"
@@ -40,6 +44,7 @@ if [[ ! -d $DATA ]]; then
     exit 2
 fi
 mkdir -p "$DEMO"
+DEMO_ABS=$(cd "$DEMO" && pwd)  # what the aggregator is told: RUN_DIR may be relative or not
 echo "== 1/4 split $DATA by blocks of file numbers; the test split stays at the aggregator"
 "$VENV/leukofed" data split "$DATA" "$DEMO/split.json" --seed "$SEED"
 echo "== 2/4 partition train+val into $HOSPITALS hospitals ($SCHEME, alpha $ALPHA)"
@@ -48,7 +53,15 @@ echo "== 2/4 partition train+val into $HOSPITALS hospitals ($SCHEME, alpha $ALPH
 ids=$(find "$DEMO/hospitals" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | paste -sd, -)
 
 echo "== 3/4 start redis, MLflow, the aggregator and hospitals $ids"
-HOSPITAL_DATA="$DEMO/hospitals" SERVER_TEST_MANIFEST="$PWD/$DEMO/split.json" scripts/stack.sh up
+HOSPITAL_DATA="$DEMO/hospitals" SERVER_TEST_MANIFEST="$DEMO_ABS/split.json" scripts/stack.sh up
+# The stack's secrets (none in development mode): the CLI's bearer token, the API key.
+if [[ -s $KEYS_DIR/admin-token ]]; then
+    export LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE=$KEYS_DIR/admin-token
+fi
+if [[ -s $KEYS_DIR/inference-api-key ]]; then
+    LEUKOFED_INFERENCE_API_KEY=$(<"$KEYS_DIR/inference-api-key")
+    export LEUKOFED_INFERENCE_API_KEY
+fi
 
 echo "== 4/4 federated run: $MODEL @${IMAGE_SIZE}px, $ROUNDS rounds x $LOCAL_EPOCHS local epochs, $STRATEGY"
 n=$(tr ',' '\n' <<<"$ids" | wc -l)
@@ -57,7 +70,7 @@ cat >"$DEMO/run.json" <<JSON
  "local_epochs": $LOCAL_EPOCHS, "batch_size": $BATCH_SIZE, "learning_rate": $LEARNING_RATE,
  "strategy": "$STRATEGY", "hospitals": $("$VENV/python" -c "import json,sys; print(json.dumps(sys.argv[1].split(',')))" "$ids"),
  "min_fit_clients": $(( n > 1 ? n - 1 : 1 )), "round_deadline_s": 600, "seed": $SEED,
- "fp16": $FP16, "server_test_manifest": "$PWD/$DEMO/split.json"}
+ "fp16": $FP16, "server_test_manifest": "$DEMO_ABS/split.json"}
 JSON
 run_id=$("$VENV/leukofed" run start --config "$DEMO/run.json")
 echo "run $run_id; follow it in the MLflow UI: $MLFLOW_TRACKING_URI (experiment leukofed-federated)"
@@ -82,8 +95,12 @@ echo "== predict: one held-out test image through the inference service ($INFERE
 # file the aggregator published and swaps it in: wait until /readyz reports it ready.
 # A service that was already serving an earlier champion is ready at once: wait until it
 # serves the version just promoted.
+model_info() {  # the served model's description (the API key through a descriptor)
+    curl -fsS -H @<(printf 'X-API-Key: %s\n' "${LEUKOFED_INFERENCE_API_KEY:-}") \
+        "$INFERENCE_URL/v1/model" 2>/dev/null
+}
 serving() {
-    curl -fsS "$INFERENCE_URL/v1/model" 2>/dev/null | "$VENV/python" -c \
+    model_info | "$VENV/python" -c \
         'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null
 }
 for ((i = 0; i < 480; i++)); do
@@ -95,6 +112,13 @@ if [[ "$(serving)" != "$champion" ]]; then
     echo "see scripts/stack.sh logs inference" >&2
     exit 1
 fi
+# What the service checked before serving it: "signature: verified: signed by the aggregator
+# ..." (in development mode "unchecked: ...").
+model_info | "$VENV/python" -c '
+import json, sys
+m = json.load(sys.stdin)
+print("champion served: %s version %s, signature: %s" % (m["name"], m["version"],
+                                                        m["signature"]))'
 image=$("$VENV/python" -c '
 import json, sys
 doc = json.load(open(sys.argv[1]))
@@ -102,5 +126,5 @@ print(doc["root"] + "/" + doc["splits"]["test"][0]["path"])' "$DEMO/split.json")
 echo "image: $image"
 "$VENV/leukofed" predict "$image" --url "$INFERENCE_URL"
 echo "demo done in $(( $(date +%s) - started )) s. MLflow UI: $MLFLOW_TRACKING_URI ; aggregator API:" \
-     "$LEUKOFED_AGGREGATOR_URL/docs ; web page: $INFERENCE_URL/ ;" \
+     "$LEUKOFED_AGGREGATOR_URL/docs ; web page: $INFERENCE_URL/${LEUKOFED_INFERENCE_API_KEY:+ (API key in $KEYS_DIR/inference-api-key)} ;" \
      "stop everything with: scripts/stack.sh down"

@@ -15,6 +15,15 @@
 #   VIRTUAL_WORKERS=N   simulation: N processes of virtual hospitals (services/client/
 #                       virtual.py) serve the hospitals instead of one worker each
 #   STACKS_FILE=.run/stacks  where `up` lists the RUN_DIR of every stack it started
+#   KEYS_DIR=RUN_DIR/keys    the stack's keys and secrets (below)
+#   LEUKOFED_DEV_MODE=1      development mode: no keys, no tokens, nothing signed or checked
+# Signed by default, as compose runs: `up` makes once (leukofed/local_keys.py; folder 0700,
+# private files 0600) the aggregator's signing key, each hospital's key, the public keys
+# each service reads, the aggregator's admin token and the inference API key, and starts
+# every service with them, so tasks, answers and models are signed and the inference
+# service serves only a champion whose signature it verified. The CLI and the web page
+# need the secrets: LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE=KEYS_DIR/admin-token,
+# LEUKOFED_INFERENCE_API_KEY=$(cat KEYS_DIR/inference-api-key) (scripts/demo.sh sets both).
 # Each process runs in its own session; its pid file is RUN_DIR/pids/NAME.pid and its log
 # RUN_DIR/logs/NAME.log. `up` skips what already runs; `down` stops every process it started
 # in RUN_DIR; `down --all` (what `make down` runs) stops every stack `up` started, whatever
@@ -33,11 +42,14 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$PIDS" "$LOGS"
 RUN_DIR_ABS=$(cd "$RUN_DIR" && pwd)
 BROKER_URL="redis://127.0.0.1:${REDIS_PORT}/0"
-# Local process mode is a developer's stack: no keys, no tokens. Outside this mode every
-# service refuses to start without them (leukofed.startup, docs/security.md).
-export LEUKOFED_DEV_MODE=${LEUKOFED_DEV_MODE:-1}
+KEYS_DIR=${KEYS_DIR:-$RUN_DIR_ABS/keys}
 MLFLOW_URL="http://127.0.0.1:${MLFLOW_PORT}"
 STACKS_FILE=${STACKS_FILE:-.run/stacks}
+
+dev_mode() {  # LEUKOFED_DEV_MODE on, read as leukofed.startup.dev_mode reads it
+    local value=${LEUKOFED_DEV_MODE:-}
+    [[ ${value,,} =~ ^[[:space:]]*(1|true|yes|on)[[:space:]]*$ ]]
+}
 
 remember_stack() {  # list RUN_DIR among the stacks `down --all` stops
     mkdir -p "$(dirname "$STACKS_FILE")"
@@ -110,7 +122,8 @@ hospital_ids() {
 
 start_virtual() {  # VIRTUAL_WORKERS processes share the hospitals round-robin
     local n=$VIRTUAL_WORKERS i h
-    local -a share=()
+    local -a share=() virtual_keys=()
+    dev_mode || virtual_keys=(LEUKOFED_VIRTUAL_KEYS_DIR="$KEYS_DIR")
     for ((i = 0; i < n; i++)); do share[i]=""; done
     i=0
     for h in $(hospital_ids); do
@@ -122,14 +135,46 @@ start_virtual() {  # VIRTUAL_WORKERS processes share the hospitals round-robin
         start "virtual-$i" env LEUKOFED_VIRTUAL_HOSPITALS_DIR="${HOSPITAL_DATA:-data}" \
             LEUKOFED_VIRTUAL_HOSPITALS="${share[i]}" \
             LEUKOFED_VIRTUAL_BROKER_URL="$BROKER_URL" \
-            LEUKOFED_VIRTUAL_STATE_DIR="$RUN_DIR_ABS/virtual" \
+            LEUKOFED_VIRTUAL_STATE_DIR="$RUN_DIR_ABS/virtual" "${virtual_keys[@]}" \
             "$VENV/leukofed" client virtual
     done
 }
 
+stack_mode() {  # what `up` starts now: signed, or development (no keys)
+    if dev_mode; then echo development; else echo signed; fi
+}
+
+check_mode() {  # record the mode when nothing runs; say so when what runs has another
+    local f was
+    for f in "$PIDS"/*.pid; do
+        [[ -f $f ]] && alive "$(basename "$f" .pid)" || continue
+        # A stack started before the mode was recorded ran in development mode.
+        was=$(cat "$RUN_DIR/stack.mode" 2>/dev/null || echo development)
+        if [[ $was != "$(stack_mode)" ]]; then
+            echo "  the stack in $RUN_DIR already runs in $was mode and stays so: stop it" \
+                 "(scripts/stack.sh down) and start it again for $(stack_mode) mode" >&2
+        fi
+        return 0
+    done
+    stack_mode >"$RUN_DIR/stack.mode"
+}
+
 up() {
-    echo "starting the stack (state in $RUN_DIR)"
+    echo "starting the stack (state in $RUN_DIR, $(stack_mode) mode)"
     remember_stack
+    local -a agg_keys=() inference_keys=()
+    if dev_mode; then
+        echo "  development mode (LEUKOFED_DEV_MODE=$LEUKOFED_DEV_MODE): nothing signed or" \
+             "checked, no admin token, no API key; the inference service serves unchecked models"
+    else
+        # shellcheck disable=SC2046  # one argument per hospital id
+        "$VENV/python" -m leukofed.local_keys "$KEYS_DIR" $(hospital_ids)
+        agg_keys=(LEUKOFED_AGGREGATOR_SIGNING_KEY_FILE="$KEYS_DIR/aggregator.key"
+                  LEUKOFED_AGGREGATOR_HOSPITAL_KEYS_DIR="$KEYS_DIR/hospitals"
+                  LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE="$KEYS_DIR/admin-token")
+        inference_keys=(LEUKOFED_INFERENCE_MODEL_PUBLIC_KEY_FILE="$KEYS_DIR/aggregator.pub")
+    fi
+    check_mode
     mkdir -p "$RUN_DIR/redis" "$RUN_DIR/mlflow/artifacts"
     start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN_DIR_ABS/redis" \
         --appendonly yes --save "" --protected-mode no
@@ -139,7 +184,7 @@ up() {
         --artifacts-destination "$RUN_DIR_ABS/mlflow/artifacts"
     local agg_env=(LEUKOFED_AGGREGATOR_BROKER_URL="$BROKER_URL"
                    LEUKOFED_AGGREGATOR_MLFLOW_TRACKING_URI="$MLFLOW_URL"
-                   LEUKOFED_AGGREGATOR_STATE_DIR="$RUN_DIR_ABS/aggregator")
+                   LEUKOFED_AGGREGATOR_STATE_DIR="$RUN_DIR_ABS/aggregator" "${agg_keys[@]}")
     if [[ -n ${SERVER_TEST_MANIFEST:-} ]]; then
         agg_env+=(LEUKOFED_AGGREGATOR_SERVER_TEST_MANIFEST="$SERVER_TEST_MANIFEST")
     fi
@@ -150,7 +195,12 @@ up() {
         start_virtual
     else
         for h in $(hospital_ids); do
-            start "client-$h" env LEUKOFED_CLIENT_HOSPITAL_ID="$h" \
+            local -a client_keys=()
+            dev_mode || client_keys=(
+                LEUKOFED_CLIENT_SIGNING_KEY_FILE="$KEYS_DIR/$h.key"
+                LEUKOFED_CLIENT_AGGREGATOR_PUBLIC_KEY_FILE="$KEYS_DIR/aggregator.pub"
+                LEUKOFED_CLIENT_PEER_PUBLIC_KEYS_DIR="$KEYS_DIR/hospitals")
+            start "client-$h" env LEUKOFED_CLIENT_HOSPITAL_ID="$h" "${client_keys[@]}" \
                 LEUKOFED_CLIENT_DATA_DIR="${HOSPITAL_DATA:-data}/$h" \
                 LEUKOFED_CLIENT_BROKER_URL="$BROKER_URL" \
                 LEUKOFED_CLIENT_STATE_DIR="$RUN_DIR_ABS/client-$h" \
@@ -159,8 +209,12 @@ up() {
         done
     fi
     mkdir -p "$RUN_DIR_ABS/inference/onnx"
-    start inference env LEUKOFED_INFERENCE_TRACKING_URI="$MLFLOW_URL" \
-        LEUKOFED_INFERENCE_ONNX_CACHE_DIR="$RUN_DIR_ABS/inference/onnx" \
+    # The API key goes through the environment, not a command line another user could read.
+    local api_key=${LEUKOFED_INFERENCE_API_KEY:-}
+    dev_mode || api_key=$(<"$KEYS_DIR/inference-api-key")
+    LEUKOFED_INFERENCE_API_KEY=$api_key start inference \
+        env LEUKOFED_INFERENCE_TRACKING_URI="$MLFLOW_URL" \
+        LEUKOFED_INFERENCE_ONNX_CACHE_DIR="$RUN_DIR_ABS/inference/onnx" "${inference_keys[@]}" \
         "$VENV/leukofed" serve --host 127.0.0.1 --port "$INFERENCE_PORT"
     wait_port "$MLFLOW_PORT" mlflow 180
     wait_port "$AGGREGATOR_PORT" aggregator 180
@@ -168,6 +222,10 @@ up() {
     echo "up: redis $BROKER_URL | MLflow UI $MLFLOW_URL | aggregator" \
          "http://127.0.0.1:$AGGREGATOR_PORT/docs | inference page" \
          "http://127.0.0.1:$INFERENCE_PORT/ | hospitals: $(hospital_ids)"
+    if ! dev_mode; then
+        echo "signed: the CLI needs LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE=$KEYS_DIR/admin-token;" \
+             "the web page and leukofed predict the API key in $KEYS_DIR/inference-api-key"
+    fi
 }
 
 running() {  # running PID: alive, and not a zombie (exited, not yet reaped by its parent)
@@ -254,6 +312,11 @@ other_stacks() {  # a line for each other stack `up` started that still has proc
     done < <(known_stacks)
 }
 
+admin_header() {  # the aggregator's bearer token as a header line (none in development mode)
+    [[ ! -s $KEYS_DIR/admin-token ]] || printf 'Authorization: Bearer %s\n' \
+        "$(<"$KEYS_DIR/admin-token")"
+}
+
 status() {
     local f name state=0
     other_stacks
@@ -268,7 +331,9 @@ status() {
         fi
     done
     if (echo >"/dev/tcp/127.0.0.1/$AGGREGATOR_PORT") 2>/dev/null; then
-        curl -fsS "http://127.0.0.1:$AGGREGATOR_PORT/v1/hospitals" 2>/dev/null \
+        # The token from its file through a descriptor, never on a command line.
+        curl -fsS -H @<(admin_header) "http://127.0.0.1:$AGGREGATOR_PORT/v1/hospitals" \
+            2>/dev/null \
             | "$VENV/python" -c '
 import json, sys
 for h in json.load(sys.stdin):

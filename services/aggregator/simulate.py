@@ -5,8 +5,10 @@ numbers, Dirichlet label skew by default), starts the local stack (scripts/stack
 redis-server, MLflow, the aggregator, the inference service) with the hospitals served by
 a few processes of virtual hospitals (services/client/virtual.py) instead of one worker
 each, starts the run through the REST API and follows it round by round. Every round's
-model is registered in MLflow as for a real federation. The stack is stopped at the end,
-unless --keep: then the command that stops it is printed (`make down` stops it too).
+model is registered in MLflow as for a real federation, signed: the stack makes its keys
+and the aggregator's admin token (in <work-dir>/run/keys; LEUKOFED_DEV_MODE=1 runs it
+unsigned). The stack is stopped at the end, unless --keep: then the command that stops it is
+printed (`make down` stops it too).
 
     leukofed simulate --data ../shared/data/all-pbs --hospitals 50 --alpha 0.5 --rounds 5
 """
@@ -79,6 +81,7 @@ def simulate(
     stack = str(ROOT / "scripts" / "stack.sh")
     subprocess.run([stack, "up"], env=env, check=True)
     api = f"http://127.0.0.1:{env.get('AGGREGATOR_PORT', '8001')}"
+    headers = admin_headers(Path(env.get("KEYS_DIR") or work / "run" / "keys"))
     try:
         _wait_workers(work / "run" / "logs", workers)
         config: dict[str, Any] = {
@@ -89,12 +92,12 @@ def simulate(
             "round_deadline_s": round_deadline_s, "register_models": True}
         if split_manifest:
             config["server_test_manifest"] = str(split_manifest.resolve())
-        response = httpx.post(f"{api}/v1/runs", json=config, timeout=60)
+        response = httpx.post(f"{api}/v1/runs", json=config, headers=headers, timeout=60)
         if response.status_code != 201:
             raise typer.BadParameter(f"the aggregator refused the run: {response.text}")
         run_id = response.json()["id"]
         typer.echo(f"run {run_id}: {len(ids)} virtual hospitals in {workers} process(es)")
-        rec = follow(api, run_id)
+        rec = follow(api, run_id, headers=headers)
         typer.echo(f"run {rec['status']}" + (f": {rec['reason']}" if rec.get("reason") else "")
                    + f"; versions {rec.get('versions')}")
     finally:
@@ -109,6 +112,13 @@ def stop_command(run_dir: Path) -> str:
     """The one shell command that stops the stack whose state is in ``run_dir``."""
     return (f"RUN_DIR={shlex.quote(str(run_dir))} "
             f"{shlex.quote(str(ROOT / 'scripts' / 'stack.sh'))} down")
+
+
+def admin_headers(keys_dir: Path) -> dict[str, str]:
+    """The bearer token scripts/stack.sh made for its signed stack; none in development
+    mode, where it makes no keys (leukofed/local_keys.py)."""
+    token = keys_dir / "admin-token"
+    return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.is_file() else {}
 
 
 def _wait_workers(logs: Path, workers: int, timeout: float = 300) -> None:
@@ -128,13 +138,14 @@ def _read(path: Path) -> str:
         return ""
 
 
-def follow(api: str, run_id: str, every_s: float = 2.0) -> dict[str, Any]:
+def follow(api: str, run_id: str, every_s: float = 2.0,
+           headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Print each round as it completes and the step in progress; return the final run."""
     import httpx
 
     seen, last = 0, ""
     while True:
-        rec = httpx.get(f"{api}/v1/runs/{run_id}", timeout=60).json()
+        rec = httpx.get(f"{api}/v1/runs/{run_id}", headers=headers, timeout=60).json()
         for r in rec["history"][seen:]:
             g = r["global"]
             acc = g.get("server_test_accuracy", g.get("test_accuracy"))
