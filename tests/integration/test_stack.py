@@ -4,6 +4,10 @@ worker per hospital of a tiny synthetic HOSPITAL_DATA, all on free ports.
 
 up -> every service healthy and the workers live, the stack listed for `down --all` -> a
 second up changes nothing -> down -> no process and no bound port left behind.
+
+Both run the stack in its default, signed mode (no LEUKOFED_DEV_MODE), as `make up` and
+`make demo` do: keys and secrets made once in RUN_DIR/keys (0700, private files 0600), the
+APIs closed without them, and the demo's champion served only with its signature verified.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, write_synthetic_image
+from conftest import ROOT, free_port, write_synthetic_dataset, write_synthetic_image
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +95,41 @@ def _wait(check, timeout: float, what: str):  # noqa: ANN001, ANN202 (test helpe
     raise AssertionError(f"{what} not reached after {timeout}s (last error: {last})")
 
 
+def _bare_env(tmp_path: Path) -> dict[str, str]:
+    """Free ports, a RUN_DIR of its own and no LEUKOFED_ setting: the default, signed mode
+    (the suite's conftest turns development mode on for everything else)."""
+    ports = {name: free_port() for name in
+             ("REDIS_PORT", "MLFLOW_PORT", "AGGREGATOR_PORT", "INFERENCE_PORT")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LEUKOFED_", "MLFLOW_"))}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update(RUN_DIR=str(tmp_path / "run"),
+               STACKS_FILE=str(tmp_path / "stacks"),  # not the repository's .run/stacks
+               LEUKOFED_LOG_FORMAT="json", TF_CPP_MIN_LOG_LEVEL="2")
+    return env
+
+
+def _stop(env: dict[str, str]) -> None:
+    """Whatever the test's outcome, leave nothing running."""
+    subprocess.run(["bash", "scripts/stack.sh", "down"], cwd=ROOT, env=env,
+                   capture_output=True, timeout=120)
+    for pid in _pids(Path(env["RUN_DIR"])).values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _assert_private_keys(keys: Path, hospitals: tuple[str, ...]) -> None:
+    """The stack's keys and secrets: the folders 0700, every private file 0600."""
+    private = {"aggregator.key", *(f"{h}.key" for h in hospitals), "admin-token",
+               "inference-api-key"}
+    assert private <= {p.name for p in keys.iterdir()}
+    assert {p.name for p in (keys / "hospitals").iterdir()} == {f"{h}.pub" for h in hospitals}
+    for folder in (keys, keys / "hospitals"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for name in private:
+        assert (keys / name).stat().st_mode & 0o777 == 0o600, name
+
+
 @pytest.fixture
 def stack_env(tmp_path: Path) -> dict[str, str]:
     data = tmp_path / "hospitals"
@@ -99,21 +138,10 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
             for i in range(3):
                 write_synthetic_image(data / hospital / cls / f"img-{cls}-{i + 1:03d}.png",
                                       label, seed=h_index * 100 + label * 10 + i, size=32)
-    ports = {name: free_port() for name in
-             ("REDIS_PORT", "MLFLOW_PORT", "AGGREGATOR_PORT", "INFERENCE_PORT")}
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LEUKOFED_", "MLFLOW_"))}
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update(RUN_DIR=str(tmp_path / "run"), HOSPITAL_DATA=str(data),
-               STACKS_FILE=str(tmp_path / "stacks"),  # not the repository's .run/stacks
-               LEUKOFED_LOG_FORMAT="json", TF_CPP_MIN_LOG_LEVEL="2")
+    env = _bare_env(tmp_path)
+    env.update(HOSPITAL_DATA=str(data))
     yield env
-    # Whatever the test's outcome, leave nothing running.
-    subprocess.run(["bash", "scripts/stack.sh", "down"], cwd=ROOT, env=env,
-                   capture_output=True, timeout=120)
-    for pid in _pids(Path(env["RUN_DIR"])).values():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+    _stop(env)
 
 
 def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
@@ -122,7 +150,10 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
     port = {k: int(env[k]) for k in ("REDIS_PORT", "MLFLOW_PORT", "AGGREGATOR_PORT",
                                      "INFERENCE_PORT")}
     out = _stack("up", env)
-    assert "inference started" in out
+    assert "inference started" in out and "signed mode" in out
+    keys = run_dir / "keys"
+    _assert_private_keys(keys, HOSPITALS)
+    token = {"Authorization": f"Bearer {(keys / 'admin-token').read_text().strip()}"}
     # Listed for `make down` (stack.sh down --all), whatever its RUN_DIR.
     assert Path(env["STACKS_FILE"]).read_text().split() == [str(run_dir.resolve())]
 
@@ -141,9 +172,13 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
     ready = httpx.get(f"{inf}/readyz", timeout=10)
     assert ready.status_code == 503 and ready.json()["ready"] is False
 
+    # Closed without the stack's secrets.
+    assert httpx.get(f"{agg}/v1/hospitals", timeout=30).status_code == 401
+    assert httpx.get(f"{inf}/v1/model", timeout=10).status_code == 401
+
     # Workers alive: the aggregator pings them over Celery (inspect active_queues).
     def live() -> bool:
-        body = httpx.get(f"{agg}/v1/hospitals", timeout=30).json()
+        body = httpx.get(f"{agg}/v1/hospitals", headers=token, timeout=30).json()
         return {h["hospital"] for h in body if h["live"]} == set(HOSPITALS)
 
     _wait(live, 180, "both hospital workers live")
@@ -165,11 +200,14 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "inference: running" in status.stdout
+    assert "hospital a: live" in status.stdout  # status sends the token from its file
 
-    # A second up is idempotent: nothing restarted, same processes.
+    # A second up is idempotent: nothing restarted, same processes, the same keys.
+    secrets = {p.name: p.read_bytes() for p in keys.iterdir() if p.is_file()}
     again = _stack("up", env)
     assert "started" not in again.replace("already running", "")
     assert _pids(run_dir) == pids
+    assert {p.name: p.read_bytes() for p in keys.iterdir() if p.is_file()} == secrets
 
     _stack("down", env, timeout=180)
     assert not list((run_dir / "pids").glob("*.pid"))
@@ -179,3 +217,34 @@ def test_up_healthy_idempotent_down_clean(stack_env: dict[str, str]) -> None:
     assert not any(leftovers.values()), leftovers
     for name, p in port.items():
         assert _port_free(p), f"{name} {p} still bound after down"
+
+
+def test_demo_serves_its_champion_with_the_signature_verified(tmp_path: Path) -> None:
+    """`make demo` (scripts/demo.sh) in its default mode, at the smallest size: 2 hospitals
+    of synthetic 32 px images, 1 round of 1 local epoch, the release gate's floors opened
+    (a 1-round model passes none). What it prints for its champion: signature verified."""
+    env = _bare_env(tmp_path)
+    data = write_synthetic_dataset(tmp_path / "data", per_class=48, size=32)
+    env.update(DATA=str(data), HOSPITALS="2", ROUNDS="1", LOCAL_EPOCHS="1", IMAGE_SIZE="32",
+               BATCH_SIZE="16", LEUKOFED_LOG_FORMAT="text",
+               LEUKOFED_GATE_MIN_MACRO_F1="0", LEUKOFED_GATE_MIN_SENSITIVITY="0",
+               LEUKOFED_GATE_MIN_SPECIFICITY="0", LEUKOFED_GATE_MIN_CLASS_RECALL="0",
+               LEUKOFED_GATE_MAX_COVERAGE_SHORTFALL="1", LEUKOFED_GATE_MAX_REFER_SHARE="1",
+               LEUKOFED_GATE_MAX_FOLLOW_COLOUR="1")
+    try:
+        proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert "signed mode" in out and "development mode" not in out, out[-4000:]
+        served = [line for line in out.splitlines() if line.startswith("champion served:")]
+        assert len(served) == 1 and "signature: verified: signed by the aggregator" in \
+            served[0], out[-4000:]
+        keys = Path(env["RUN_DIR"]) / "keys"
+        _assert_private_keys(keys, ("a", "b"))
+        # The service says the same to a client with the API key.
+        model = httpx.get(f"http://127.0.0.1:{env['INFERENCE_PORT']}/v1/model", timeout=10,
+                          headers={"X-API-Key": (keys / "inference-api-key").read_text()})
+        assert model.json()["signature"].startswith("verified:"), model.text
+    finally:
+        _stop(env)
