@@ -81,6 +81,11 @@ STACK: list[tuple[str, str, str]] = [
     ("HOSPITAL_IDS", "(sub-folders of HOSPITAL_DATA)", "comma list of hospitals to start"),
     ("SERVER_TEST_MANIFEST", "(none)", "split manifest whose test split the aggregator "
      "evaluates"),
+    ("KEYS_DIR", "RUN_DIR/keys", "the signed stack's keys and secrets, made once by `up` "
+     "(folder 0700, private files 0600): `aggregator.key`/`.pub`, `<id>.key`/`.pub`, "
+     "`hospitals/`, `admin-token`, `inference-api-key`"),
+    ("LEUKOFED_DEV_MODE", "(off: signed)", "1: development mode, no keys, no tokens, "
+     "nothing signed or checked (the inference service reports `signature: unchecked`)"),
 ]
 
 
