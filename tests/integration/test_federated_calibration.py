@@ -52,7 +52,7 @@ def test_fedadam_round_pools_signed_batchnorm_statistics(tmp_path: Path, redis_s
         entries = [json.loads(x) for x in (tmp_path / f"state-{h}" / "participation.jsonl")
                    .read_text().splitlines()]
         assert [e["task"] for e in entries if e["status"] == "ok"] == \
-            ["fit", "calibrate", "head_statistics", "evaluate"]
+            ["fit", "calibrate", "evaluate"]
         sent[h] = next(e for e in entries if e["task"] == "calibrate")
         assert sent[h]["num_examples"] == calibration["hospitals"][h]
     variances = [v for n, v in weights.items() if n.endswith("moving_variance")]

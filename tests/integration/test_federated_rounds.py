@@ -72,9 +72,11 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
         for w in workers:
             w.wait_ready()
         # Hospital a's archive doubles as the server's test split: the shortcut audit runs.
+        # head_rebalance (off by default): its round trip through the real stack too.
         run_id = start_run(agg.url, {"rounds": 2, "hospitals": ["a", "b"],
                                      "min_fit_clients": 2, "round_deadline_s": 120,
-                                     "server_test_dir": str(data / "a")})
+                                     "server_test_dir": str(data / "a"),
+                                     "head_rebalance": True})
         run = wait_run(lambda: get_run(agg.url, run_id), finished, 240)
         assert run["status"] == "completed", run["reason"]
     finally:

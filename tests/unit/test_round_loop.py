@@ -388,7 +388,7 @@ def head_run(tmp_path, behaviours: dict[str, Any], **config: Any) -> tuple[Any, 
     clock = Clock()
     d = FakeDispatcher(clock, behaviours, live=set(behaviours))
     run = make_run(tmp_path, d, clock, ops=HeadOps(), min_fit_clients=1, rounds=1,
-                   hospitals=sorted(behaviours), **config)
+                   hospitals=sorted(behaviours), **{"head_rebalance": True, **config})
     return run, d
 
 
@@ -433,10 +433,18 @@ def test_without_usable_head_statistics_the_averaged_head_stays(tmp_path) -> Non
 @pytest.mark.parametrize(("config", "rebalances"), [
     ({}, True),
     ({"strategy": "fedadam"}, True),
-    ({"head_rebalance": False}, False),
     ({"strategy": "fedmedian"}, False),
     ({"bn_mode": "local"}, False),
     ({"privacy": {"noise_multiplier": 0.0}}, False),
 ])
 def test_when_rounds_rebalance_the_head(config: dict[str, Any], rebalances: bool) -> None:
-    assert RunConfig(**config).rebalances_head() is rebalances
+    assert RunConfig(head_rebalance=True, **config).rebalances_head() is rebalances
+    assert RunConfig(**config).rebalances_head() is False  # off unless asked for
+
+
+def test_the_default_run_sends_no_head_statistics_task(tmp_path) -> None:
+    run, d = head_run(tmp_path, {"a": head_statistics([30, 0, 40, 0])}, head_rebalance=False)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    assert not any(task.endswith("calibrate") for _, task, _ in d.sent)
+    assert "head_rebalance" not in rec["rounds"][0]
