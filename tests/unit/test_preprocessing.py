@@ -70,3 +70,61 @@ def test_formats_beyond_the_accepted_ones_are_refused() -> None:
         Image.new("RGB", (8, 8), (200, 100, 50)).save(buf, format=fmt)
         with pytest.raises(ImageDecodeError, match="JPEG, PNG, BMP or TIFF"):
             decode_image(buf.getvalue())
+
+
+def _worst_case(mode: str, fmt: str, size: tuple[int, int], **save: object) -> bytes:
+    """A blank image of ``mode`` (one bright pixel, so scaling has a maximum): tens of KB
+    that claim ``size``; TIFFs in one strip, libtiff's largest read buffer."""
+    img = Image.new(mode, size)
+    img.putpixel((0, 0), {"I;16": 4000, "I": 70000, "F": 3.5}.get(mode, 200))
+    if fmt == "TIFF":
+        save = {"compression": "tiff_adobe_deflate", "strip_size": 1 << 30, **save}
+    return _encode(img, fmt, **save)
+
+
+_MEASURE = """
+import sys
+from leukofed.preprocessing import decode_image
+data = open(sys.argv[1], "rb").read()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+before = status("VmHWM:")
+img = decode_image(data)
+print(status("VmHWM:") - before)
+"""
+
+
+def _rotated_jpeg(size: tuple[int, int]) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.new("RGB", size, (200, 180, 190)), "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [
+    ("I;16", "TIFF"), ("I", "TIFF"), ("F", "TIFF"), ("RGB", "TIFF"), ("CMYK", "TIFF"),
+    ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("L", "PNG"), ("1", "PNG"),
+    ("RGB", "rotated JPEG")])
+def test_attack_decoding_takes_no_more_than_its_counted_bytes(
+        tmp_path, mode: str, fmt: str) -> None:
+    """Each mode's worst case, decoded in a fresh process: its peak memory stays within
+    decode_bytes, which the service reserves from the header before decoding. A 12 MP
+    16-bit TIFF of 40 KB took 300 MB (float64 copies), now at most 8 bytes a pixel."""
+    import subprocess
+    import sys
+
+    from leukofed.preprocessing import decode_bytes
+
+    size = (4000, 3000)
+    data = _rotated_jpeg(size) if fmt == "rotated JPEG" else _worst_case(
+        mode, fmt, size, **({"transparency": 0} if mode == "P" else {}))
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    with Image.open(path) as img:
+        counted = decode_bytes(img)
+    peak = int(subprocess.run([sys.executable, "-c", _MEASURE, str(path)], check=True,
+                              capture_output=True, text=True).stdout)
+    assert peak <= counted, f"{mode} {fmt}: {peak:,} bytes > counted {counted:,}"
+    if mode == "I;16":
+        assert len(data) < 100_000 and peak < 8 * 12_000_000
