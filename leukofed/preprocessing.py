@@ -87,7 +87,7 @@ def decode_bytes(img: Image.Image) -> int:
         converting = raster + 4 + 4 + 4  # source, RGBA, white background, composite/RGB
     else:
         converting = raster + 4  # source and RGB result
-    strips = min(pixels, STRIP_PIXELS) * STRIP_BYTES_PER_PIXEL
+    strips = min(pixels, STRIP_PIXELS) * STRIP_BYTES_PER_PIXEL if img.mode in HIGH_BIT_DEPTH else 0
     # + 1 a pixel: the codecs' own buffers (zlib, libjpeg rows, libtiff) and allocator slack
     return pixels * (max(loading, transposing, converting) + 1) + strips
 

@@ -22,6 +22,7 @@ from leukofed import http_errors, startup
 
 from . import runtime
 from .batcher import MicroBatcher
+from .decode_budget import DecodeBudget
 from .http_guards import RateLimitMiddleware, SecurityHeadersMiddleware
 from .imaging import InputError
 from .limits import BodyLimitMiddleware
@@ -49,7 +50,8 @@ def create_app(settings: InferenceSettings | None = None,
         src.on_swap.append(metrics.model_swapped)
         batcher = MicroBatcher(lambda: src.current, settings.max_batch_size,
                                settings.max_queue_delay_ms, on_batch=metrics.observe_batch)
-        app.state.service = ServiceState(settings, src, batcher, metrics)
+        decode = DecodeBudget(settings.decode_memory_bytes, settings.decode_wait_s)
+        app.state.service = ServiceState(settings, src, batcher, metrics, decode)
         batcher.start()
         watcher = asyncio.create_task(src.watch(), name="model-watcher")
         try:

@@ -19,6 +19,7 @@ from leukofed.preprocessing import (
     ImageDecodeError,
     ImageTooLarge,
     UnsupportedImage,
+    decode_bytes,
     decode_image,
     to_model_input,
 )
@@ -64,36 +65,36 @@ def decode_upload(filename: str, data: bytes, max_bytes: int, max_pixels: int) -
     return DecodedImage(filename, image)
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height from the image header alone (nothing decoded); None if unreadable."""
+def header_cost(data: bytes) -> tuple[int, int] | None:
+    """(pixels, bytes its decoding takes) from the image header alone (nothing decoded);
+    None if unreadable or of a mode that is refused (decode_upload words the error)."""
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
             width, height = img.size
-    except Exception:  # decode_upload words the error for this file
+            return width * height, decode_bytes(img)
+    except Exception:
         return None
-    return width * height
 
 
-def check_request_pixels(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
-                         max_request_pixels: int) -> None:
-    """413 before anything is decoded when the request's images, each within the per-file
-    limits, add up to more pixels than one request may make the service hold."""
-    counts = [header_pixels(data) for _, data in files if len(data) <= max_bytes]
-    total = sum(n for n in counts if n is not None and n <= max_pixels)
-    if total > max_request_pixels:
+def request_cost(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
+                 max_request_pixels: int | None = None) -> int:
+    """The bytes decoding the request's files takes (those within the per-file limits;
+    the others are refused without decoding). 413 before anything is decoded when they add
+    up to more pixels than one request may make the service hold."""
+    costs = [header_cost(data) for _, data in files if len(data) <= max_bytes]
+    counted = [c for c in costs if c is not None and c[0] <= max_pixels]
+    total = sum(pixels for pixels, _ in counted)
+    if max_request_pixels is not None and total > max_request_pixels:
         raise InputError(413, f"{len(files)} images of {total:,} pixels in all, over the "
                               f"budget of {max_request_pixels:,} pixels per request: send "
                               "fewer or smaller images per request")
+    return sum(nbytes for _, nbytes in counted)
 
 
 def decode_all(files: list[tuple[str, bytes]], max_bytes: int, max_pixels: int,
-               size: int | None, max_request_pixels: int | None = None
-               ) -> tuple[list[DecodedImage], np.ndarray | None]:
-    """Check the request's pixel budget from the headers, then decode the files one at a
-    time and, when the model's size is known, build its input batch: one worker-thread hop
-    per request instead of one per step."""
-    if max_request_pixels is not None:
-        check_request_pixels(files, max_bytes, max_pixels, max_request_pixels)
+               size: int | None) -> tuple[list[DecodedImage], np.ndarray | None]:
+    """Decode the files one at a time and, when the model's size is known, build its input
+    batch: one worker-thread hop per request instead of one per step."""
     decoded = [decode_upload(name, data, max_bytes, max_pixels) for name, data in files]
     return decoded, (model_batch(decoded, size) if size else None)
 

@@ -38,10 +38,20 @@ class InferenceSettings(BaseSettings):
     # A 24-megapixel camera frame per image; a compressed PNG of 187 KB can claim 64 MP.
     max_pixels: int = Field(24_000_000, gt=0, le=DEFAULT_MAX_PIXELS)
     # All images of one request together, checked from their headers before any is
-    # decoded: decoded RGB is 3 bytes a pixel, so this bounds a request at ~300 MB.
+    # decoded. Memory is bounded by decode_memory_bytes, in each mode's real bytes.
     max_request_pixels: int = Field(96_000_000, gt=0, description="all images of one "
                                     "request together, from their headers, before any "
                                     "decoding (413 above it)")
+    # What decoding may hold at once, all requests together (services/inference/
+    # decode_budget.py): each request reserves its images' real decode bytes from their
+    # headers (a 24 MP JPEG 120 MB, a 24 MP 16-bit TIFF 222 MB, a 24 MP RGBA PNG 408 MB)
+    # and keeps them until its answer; uvicorn itself accepts any number of requests.
+    decode_memory_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="decoding memory of all requests in flight "
+        "together, in the real bytes of each image's mode (a request needing more: 413; "
+        "one finding it taken waits decode_wait_s, then 429)")
+    decode_wait_s: float = Field(10.0, ge=0, description="how long a request waits for "
+                                 "decode memory before it is answered 429 (Retry-After)")
     max_files: int = Field(32, gt=0)
     # Proxies whose X-Forwarded-For uvicorn believes (the client IP the rate limit keys
     # on); "" believes none, "*" every sender (only behind a proxy that overwrites it).

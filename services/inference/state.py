@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from .batcher import MicroBatcher
+from .decode_budget import DecodeBudget
 from .metrics import Metrics
 from .model_source import ModelSource, ServedModel
 from .settings import InferenceSettings
@@ -18,6 +19,7 @@ class ServiceState:
     source: ModelSource
     batcher: MicroBatcher
     metrics: Metrics
+    decode: DecodeBudget
 
     def model_ref(self, model: ServedModel) -> dict[str, str | None]:
         return {"name": model.name, "version": model.version,

@@ -1,16 +1,25 @@
 """Inference hygiene in-process: per-client rate limiting (429 + Retry-After, health probes
-exempt, off by default) and the security headers on the page, static files, API and errors.
+exempt, off by default) and the security headers on the page, static files, API and errors;
+the decode memory budget against a burst of worst-case images under real uvicorn.
 
 The real-browser check that the Content-Security-Policy does not break the page is
 tests/browser/test_page.py (it fails on any CSP violation reported in the console)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import ROOT, free_port
 from fastapi.testclient import TestClient
+from PIL import Image
 from test_inference_app import FakeRegistry, make_client, png, wait_version
 
 from services.inference.http_guards import PAGE_CSP, TokenBuckets
@@ -126,3 +135,110 @@ def test_docs_page_gets_a_policy_that_lets_swagger_load(client_default: TestClie
     csp = r.headers["content-security-policy"]
     assert "https://cdn.jsdelivr.net" in csp and "frame-ancestors 'none'" in csp
     assert r.headers["x-frame-options"] == "DENY"
+
+
+# The service with its default limits under real uvicorn, its model (tiny_onnx) from a
+# stand-in registry: everything from the socket to the answer is the real code path.
+SERVE_TINY_MODEL = """
+import sys
+import uvicorn
+sys.path.insert(0, "tests")
+from inference_support import tiny_onnx
+from services.inference.app import create_app
+from services.inference.model_source import ModelSource
+from services.inference.onnx_files import OnnxArtifact, VersionInfo, sha256
+from services.inference.settings import InferenceSettings
+settings = InferenceSettings()
+data = tiny_onnx(image_size=16)
+source = ModelSource(settings, resolver=lambda: VersionInfo("tiny", "1", "run-1", {}),
+                     fetch_onnx=lambda info: OnnxArtifact(data, sha256(data), "exported", 0.0))
+uvicorn.run(create_app(settings, source), host="127.0.0.1", port=settings.port,
+            log_level="warning")
+"""
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _blank_tiff(mode: str, size: tuple[int, int]) -> bytes:
+    """A blank 16-bit or float TIFF, one strip, deflated: tens of KB claiming ``size``."""
+    img = Image.new(mode, size)
+    img.putpixel((0, 0), 4000 if mode == "I;16" else 3.5)
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF", compression="tiff_adobe_deflate", strip_size=1 << 30)
+    return buf.getvalue()
+
+
+def test_attack_concurrent_worst_case_tiffs_keep_the_service_under_1_gb(tmp_path: Path) -> None:
+    """20 concurrent requests, each one 12-megapixel 16-bit or float TIFF of ~25 KB: each
+    took 230-300 MB to decode through float64 copies (600 MB at the 24 MP limit), all at
+    once since uvicorn takes every request. Now each reserves its real decode bytes from
+    the header and the default budget (512 MiB) lets four or so decode at a time: every
+    answer is a prediction or a 429 with a message, and the server's peak RSS, start-up
+    and model included, stays under 1 GB. (12 MP, not 24: the same memory bound in half
+    the seconds, and more decodes side by side.)"""
+    port = free_port()
+    env = {"LEUKOFED_DEV_MODE": "1", "LEUKOFED_INFERENCE_PORT": str(port),
+           "LEUKOFED_INFERENCE_TRACKING_URI": "http://unused",
+           "LEUKOFED_INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "cache"),
+           "LEUKOFED_INFERENCE_THREADS": "1", "PATH": "/usr/bin:/bin",
+           # Default memory budget; a short wait so that the test takes seconds: those not
+           # decoded within 2 s are answered 429 (10 s by default).
+           "LEUKOFED_INFERENCE_DECODE_WAIT_S": "2"}
+    log = (tmp_path / "service.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_TINY_MODEL], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "service.log").read_text()
+            time.sleep(0.1)
+        tiffs = {mode: _blank_tiff(mode, (4000, 3000)) for mode in ("I;16", "F")}
+        assert all(len(data) < 100_000 for data in tiffs.values())
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/predict", files={
+                    "files": (f"smear-{i}.tif", tiffs["I;16" if i % 2 else "F"],
+                              "image/tiff")}) for i in range(20)))
+
+        answers = asyncio.run(burst())
+        peak = _peak_rss_bytes(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 429}, [r.text for r in answers]
+    assert statuses.count(200) >= 2  # decoded and answered, not just refused
+    for r in answers:
+        assert r.json().get("predictions") or "busy" in r.json()["error"], r.text
+    assert peak < 1024 ** 3, f"peak RSS {peak / 1024 ** 2:.0f} MiB with statuses {statuses}"
+
+
+def test_attack_request_over_the_decode_memory_is_refused_from_its_headers(
+        tmp_path: Path, registry: FakeRegistry) -> None:
+    """A 16-bit TIFF within the pixel limits whose real decode bytes (9 a pixel, not the 3
+    the pixel budget assumed) exceed the whole decode memory: 413 from the header, with
+    the reason, before any decoding; an 8-bit image of the same pixels still passes."""
+    tiff = _blank_tiff("I;16", (1000, 1000))
+    with make_client(tmp_path, registry, decode_memory_bytes=8_000_000) as c:
+        wait_version(c, "1")
+        r = c.post("/v1/predict", files={"files": ("deep.tif", tiff, "image/tiff")})
+        assert r.status_code == 413, r.text
+        assert "LEUKOFED_INFERENCE_DECODE_MEMORY_BYTES" in r.json()["error"]
+        flat = io.BytesIO()
+        Image.new("L", (1000, 1000)).save(flat, format="JPEG")
+        ok = c.post("/v1/predict", files={"files": ("flat.jpg", flat.getvalue(), "image/jpeg")})
+        assert ok.status_code == 200, ok.text
