@@ -257,15 +257,27 @@ DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
                    "dataset_fingerprint", "bad_files", "paused", "nonce")
 
 
+def signed_fields(answer: Mapping[str, Any], *apart: str) -> dict[str, Any]:
+    """Every field of ``answer`` but its signature and ``apart`` (hashed on their own): what
+    a fit answer or a masked vector carries beside its payload (metrics, timings, class
+    counts, dataset fingerprint, acquisition-profile and stain sums, byte count, ...), all of
+    it under the signature. Issue 26, finding 7: those fields were once added or changeable
+    after signing, and the acquisition profile becomes the served model's refer check."""
+    return {k: v for k, v in answer.items() if k != "signature" and k not in apart}
+
+
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
     """What an answer's signature covers, besides run, round and hospital: the weights and
-    count of an update, a calibration or head statistics, the splits of an evaluation, the
-    declaration of a describe."""
+    count of an update plus every other field it carries, the weights and count of a
+    calibration or head statistics, the splits of an evaluation, the declaration of a
+    describe."""
     if kind in ("update", "calibration", "head statistics"):
         blob, n = answer.get("weights"), answer.get("num_examples")
         if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
             raise SignatureRejected("forged", "answer has no weight bytes or example count")
-        return update_digest(blob, n) if kind == "update" else payload_digest(kind, blob, n)
+        if kind == "update":
+            return update_digest(blob, n, signed_fields(answer, "weights", "num_examples"))
+        return payload_digest(kind, blob, n)
     if kind == "evaluation":
         return payload_digest(kind, answer.get("splits"), answer.get("num_examples"))
     if kind == "describe":
@@ -298,10 +310,12 @@ def verify_answer(keys: Mapping[str, Ed25519PublicKey], answer: Mapping[str, Any
                                 f"not {task_id!r}")
 
 
-def update_digest(blob: bytes, num_examples: int) -> str:
-    """What a hospital's signature covers besides run/round/hospital: the exact weight bytes
-    and the example count (it sets the update's weight in FedAvg, so it must not be altered)."""
-    return payload_digest("update", blob, int(num_examples))
+def update_digest(blob: bytes, num_examples: int, side: Mapping[str, Any] | None = None
+                  ) -> str:
+    """What a hospital's signature covers besides run/round/hospital: the exact weight bytes,
+    the example count (it sets the update's weight in FedAvg, so it must not be altered) and
+    ``side``, every other field of the answer (``signed_fields``), canonically encoded."""
+    return payload_digest("update", blob, int(num_examples), dict(side or {}))
 
 
 def sign_update(key: Ed25519PrivateKey, hospital: str, run: str, round: int, blob: bytes,

@@ -29,7 +29,7 @@ import numpy as np
 
 from leukofed import secagg
 from leukofed.protocol import SecAggReveal
-from leukofed.signing import SignatureRejected
+from leukofed.signing import SignatureRejected, signed_fields
 from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
 from leukofed.validation import UpdateRejected, declaration
 
@@ -44,6 +44,11 @@ STAGES = ("keys", "shares", "masked", "reveal")
 SIGNED_FIELDS = {"keys": ("purpose", "c_pk", "s_pk", "cap"),
                  "shares": ("purpose", "ciphertexts", "threshold"),
                  "masked": ("purpose", "masked", "coords"), "reveal": ("purpose", "reveals")}
+# A masked vector's signature covers every field of its answer (leukofed.signing.
+# signed_fields), not only those above: the fit metrics, class counts, dataset fingerprint,
+# acquisition-profile and stain sums, timings and counts that ride beside it are read too
+# (issue 26, finding 7: they were once added after signing).
+SIGNED_WHOLE = frozenset({"masked"})
 
 
 class SecureAborted(Exception):
@@ -109,7 +114,8 @@ class SecureGather:
     def _stage(self, stage: str, task: str, args_of: Mapping[str, list[Any]],
                deadline: float, body_of: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Send, collect, then for each answer: the signature over the raw signed fields
-        first (nothing of an unsigned or forged answer is interpreted), then the shape
+        (a masked vector's: every field of its answer, SIGNED_WHOLE) first (nothing of an
+        unsigned or forged answer is interpreted), then the shape
         (``body_of(hospital, body)`` returns the checked body or raises). Whatever one
         answer raises leaves that hospital out of this secure sum with the reason in the
         events; the others go on. Returns (good answers, reasons for the rest)."""
@@ -127,7 +133,8 @@ class SecureGather:
                 raw = {k: answer[k] for k in SIGNED_FIELDS[stage]}
                 check = getattr(self.traffic.deps.verifier, "secagg", None)
                 if check is not None:
-                    check(answer.get("signature"), h, self.run_id, self.round, stage, raw)
+                    check(answer.get("signature"), h, self.run_id, self.round, stage,
+                          signed_fields(answer) if stage in SIGNED_WHOLE else raw)
                 body = body_of(h, raw)
             except SignatureRejected as exc:
                 failures[h] = f"signature {exc.reason}: {exc.message}"

@@ -287,21 +287,23 @@ class HospitalClient:
         delta, weight, extras = update_to_sum(cfg.secure, global_weights, weights, n)
         answer = self._masked_answer("fit", cfg, blob, global_weights, delta, weight, extras,
                                      n)
-        if answer["status"] == "ok":
-            done = time.perf_counter()
-            answer.update(extra, timings={**timings, "total_s": done - start,
-                                          "encode_s": done - start - sum(timings.values())})
-        return answer
+        if answer["status"] != "ok":
+            return answer
+        done = time.perf_counter()
+        answer.update(extra, timings={**timings, "total_s": done - start,
+                                      "encode_s": done - start - sum(timings.values())})
+        return self.secure.sign_masked(cfg, answer)  # last: over every field it carries
 
     def _masked_answer(self, task: str, cfg: RoundConfig, blob: bytes,
                        like: dict[str, np.ndarray], tensors: dict[str, np.ndarray],
                        weight: float, extras: dict[str, float], n: int) -> WireMap:
         """A fit or calibrate answer under secure aggregation: the masked vector, logged in
-        the participation log; a protocol error is an error answer with its reason."""
+        the participation log; a protocol error is an error answer with its reason. Not yet
+        signed: the caller adds its fields, then signs it whole (SecureSessions.sign_masked)."""
         digest = hashlib.sha256(blob).hexdigest()
         try:
             answer = self.secure.masked(cfg, like, tensors, weight, extras,
-                                        global_sha256=digest)
+                                        global_sha256=digest, sign=False)
         except secagg.SecAggError as exc:
             return self._error(task, cfg, f"secure aggregation: {exc.reason}: {exc.message}")
         # Written (and fsynced) before the vector leaves: the key a restarted worker reloads.
@@ -384,8 +386,10 @@ class HospitalClient:
             answer = self._masked_answer("calibrate", cfg, blob, stats,
                                          secagg.bn_moments(stats), float(used),
                                          {"count": 1.0}, used)
+            if answer["status"] != "ok":
+                return answer
             answer["seconds"] = time.perf_counter() - start
-            return answer
+            return self.secure.sign_masked(cfg, answer)
         out = encode_weights({n: weights[n] for n in sorted(self.trainers.bn_names)})
         digest = hashlib.sha256(out).hexdigest()
         self.participation.append(run=cfg.run_id, round=cfg.round, task="calibrate",

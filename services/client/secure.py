@@ -236,10 +236,12 @@ class SecureSessions:
 
     def masked(self, cfg: RoundConfig, like: Mapping[str, np.ndarray],
                tensors: Mapping[str, np.ndarray], weight: float, extras: Mapping[str, float],
-               global_sha256: str | None = None) -> dict[str, Any]:
-        """The signed answer fields of a masked vector: ``weight * tensors`` (clipped to the
-        spec's ranges) plus the extras, quantised and masked. ``global_sha256``: the global
-        weights the task carried (default: a digest of ``like``); one vector per key."""
+               global_sha256: str | None = None, sign: bool = True) -> dict[str, Any]:
+        """The answer of a masked vector: ``weight * tensors`` (clipped to the spec's ranges)
+        plus the extras, quantised and masked. ``global_sha256``: the global weights the
+        task carried (default: a digest of ``like``); one vector per key. Signed whole
+        (``sign_masked``) unless ``sign`` is off: a caller that adds fields to the answer
+        (the worker's metrics, class counts, profile sums, timings) signs it after them."""
         session = session_of(cfg)
         key = self.vector_key(cfg, global_sha256 or weights_digest(like))
         self.refuse_second_vector(cfg, key[3])
@@ -259,8 +261,20 @@ class SecureSessions:
                                      session.bits)
         masked = self._party(session).masked_input(q, received)
         self._spent.add(key)  # only now: a vector that could not be masked never left
-        body = {"purpose": session.purpose, "masked": secagg.pack(masked, session.bits),
-                "coords": int(len(q))}
-        signed = self._signed(session, "masked", body)
-        signed["clipped_coordinates"] = clipped
-        return signed
+        answer = {"status": "ok", "hospital": self.hospital, "run_id": session.run,
+                  "round": session.round, "stage": "masked", "purpose": session.purpose,
+                  "masked": secagg.pack(masked, session.bits), "coords": int(len(q)),
+                  "clipped_coordinates": int(clipped)}
+        return self.sign_masked(cfg, answer) if sign else answer
+
+    def sign_masked(self, cfg: RoundConfig, answer: dict[str, Any]) -> dict[str, Any]:
+        """Sign a masked-vector answer over every field it carries (leukofed.signing.
+        signed_fields): the vector and all that rides beside it, so nothing of it can be
+        added or changed afterwards (issue 26, finding 7). Call it once, after the last
+        field is set; unsigned without a key (development mode)."""
+        session = session_of(cfg)
+        if self.signing_key is not None:
+            answer["signature"] = signing.sign_secagg(
+                self.signing_key, self.hospital, session.run, session.round, "masked",
+                signing.signed_fields(answer))
+        return answer

@@ -302,6 +302,16 @@ def test_attack_second_secure_sum_on_the_same_weights_is_refused(
 
     first = secure_sum(0.6, victim)
     assert first["status"] == "ok" and first["masked"], first.get("reason")
+    # Issue 26, finding 7: the worker signs its masked vector with the report beside it
+    # (metrics, class counts, fingerprint, profile sums, timings), after the last is set.
+    public = {"a": signing.load_public_key(keys_dir / "a.pub")}
+    body = signing.signed_fields(first)
+    assert {"metrics", "class_counts", "dataset_fingerprint", "acquisition", "stain_sums",
+            "timings", "bytes"} <= set(body)
+    signing.verify_secagg(public, first["signature"], "a", "r1", 1, "masked", body)
+    with pytest.raises(signing.SignatureRejected, match="signed digest"):
+        signing.verify_secagg(public, first["signature"], "a", "r1", 1, "masked",
+                              {**body, "metrics": {"loss": 0.0, "accuracy": 1.0}})
     again = secure_sum(0.7, victim)  # a new session: another threshold, same weights
     assert again["status"] == "error" and "replay" in again["reason"], again
     assert "masked" not in again and len(fits) == 1  # refused before training

@@ -48,6 +48,7 @@ from leukofed.signing import (
     sign,
     sign_secagg,
     sign_update,
+    signed_fields,
     verify_secagg,
 )
 from leukofed.strategies import pool_batchnorm_stats
@@ -941,8 +942,7 @@ def test_secure_sessions_full_round_caps_the_weight() -> None:
         answer = sessions[h].masked(
             _cfg(1, spec=spec.to_dict(), cap=caps[h], total_weight=total_weight,
                  received=received[h]), like, {"w": values[h]}, claimed[h], {"count": 1.0})
-        body = {"purpose": "fit", "masked": answer["masked"], "coords": answer["coords"]}
-        verify_secagg(public, answer["signature"], h, RUN, 1, "masked", body)
+        verify_secagg(public, answer["signature"], h, RUN, 1, "masked", signed_fields(answer))
         assert answer["clipped_coordinates"] == 0
         masked[h] = unpack(answer["masked"], spec.size(like), 24)
     reveals = {h: sessions[h].reveal(_cfg(1, survivors=list(HOSPITALS), dropped=[]))["reveals"]

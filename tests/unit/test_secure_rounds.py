@@ -287,9 +287,10 @@ def signing_hospital(delta: float, n: int, key: Ed25519PrivateKey,
             weights = decode_weights(args[0])
             local = {k: v + delta for k, v in weights.items()}
             delta_t, weight, extras = update_to_sum(cfg.secure, weights, local, n)
-            out = s.masked(cfg, weights, delta_t, weight, extras)
+            # As the worker: the report beside the vector first, then signed whole.
+            out = s.masked(cfg, weights, delta_t, weight, extras, sign=False)
             out.update(metrics={"loss": 1.0}, timings={"total_s": 1.0})
-            return out
+            return s.sign_masked(cfg, out)
         return honest(task, args, hospital)
     return answer
 
@@ -323,13 +324,20 @@ def _run_with_malformed_reveal(tmp_path, tamper, sign_tampered: bool = True):
     behaviours = {h: signing_hospital(*deltas[h], keys[h],
                                       tamper if h == "c" else None, sign_tampered)
                   for h in deltas}
+    run, rec, tracker = run_signed(tmp_path, behaviours, keys)
+    return run, rec, tracker, deltas
+
+
+def run_signed(tmp_path, behaviours: dict[str, Any], keys: dict[str, Ed25519PrivateKey],
+               rounds: int = 2) -> tuple[Any, dict[str, Any], FakeTracker]:
+    """A secure run of ``behaviours`` in which the aggregator checks every secure-aggregation
+    message against the public halves of ``keys``: (run, its record, the tracker)."""
     clock, tracker = Clock(), FakeTracker()
     d = FakeDispatcher(clock, behaviours, live=set(behaviours))
     run = make_run(tmp_path, d, clock, tracker, hospitals=sorted(behaviours),
-                   min_fit_clients=2, secure_aggregation="on", rounds=2)
+                   min_fit_clients=2, secure_aggregation="on", rounds=rounds)
     run.deps.verifier = SecureAnswersVerifier({h: k.public_key() for h, k in keys.items()})
-    rec = run.execute()
-    return run, rec, tracker, deltas
+    return run, run.execute(), tracker
 
 
 @pytest.mark.parametrize("how", sorted(MALFORMED_REVEALS))

@@ -21,8 +21,7 @@ from test_secure_rounds import SecureAnswersVerifier, signing_hospital
 
 from leukofed.protocol import RoundConfig
 from leukofed.secagg import pack, unpack
-from leukofed.signing import sign_secagg
-from services.aggregator.secure import SIGNED_FIELDS
+from leukofed.signing import sign_secagg, signed_fields
 
 # Declared (and used) training images: a count of 400. Three hospitals, so that each has
 # the two neighbours a hospital shares its secrets with at the least.
@@ -72,7 +71,7 @@ def forging_hospital(key: Ed25519PrivateKey, forge: Forge):
         vector = unpack(out["masked"], out["coords"], bits).astype(np.int64)
         out["masked"] = pack(forge(vector, secure) % 2**bits, bits)
         out["signature"] = sign_secagg(key, hospital, cfg.run_id, cfg.round, "masked",
-                                       {k: out[k] for k in SIGNED_FIELDS["masked"]})
+                                       signed_fields(out))
         return out
     return answer
 
