@@ -57,6 +57,8 @@ def carry_earlier(doc: dict[str, Any], path: str | Path) -> None:
     if not Path(path).exists():
         return
     earlier = json.loads(Path(path).read_text())
+    for key, value in earlier.items():  # other sections (a join scenario) stay too
+        doc.setdefault(key, value)
     doc["scenarios"] = earlier["scenarios"]
     doc["command"] = f"{earlier['command']}; {doc['command']}"
     doc["date"] = f"{earlier['date']}; {doc['date']}"
