@@ -37,7 +37,7 @@ DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "feda
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
                    "gw": 0, "rounds": 0, "mode": "federated",
-                   "bnfix": 0, "head": 0}
+                   "bnfix": 0, "head": 0, "bs": 0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -57,7 +57,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     rounds, when the statistics have settled); head 1: after each round the classifier head
     is refitted on virtual features drawn from the hospitals' pooled per-class feature statistics
     (leukofed.head_rebalance) and sent on in the global weights, head 2: refitted for the
-    evaluated model only, the next round starts from the averaged head)."""
+    evaluated model only, the next round starts from the averaged head; bs 1: each
+    hospital draws its round's images class-balanced (with replacement, every class it holds
+    eight or more images of equally often, rarer ones as they are), so its batches mix
+    classes as a pooled shuffle would)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -241,6 +244,9 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             if rnd < (joins or {}).get(h, 1):
                 continue
             set_model_weights(model, global_w)
+            if v["bs"]:
+                idx = balanced_indices(y, np.random.default_rng([args.seed, rnd, i]))
+                x, y = x[idx], y[idx]
             local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]), pooled_class_weights=pooled)
@@ -280,6 +286,19 @@ def rebalanced_head(model: Any, hospitals: dict[str, Any], seed: int) -> dict[st
     stats = [head_rebalance.class_feature_stats(*head_features(model, x, y), len(CLASSES))
              for x, y in hospitals.values()]
     return head_rebalance.rebalanced_head(weights_from_model(model), stats, seed)
+
+
+def balanced_indices(y: np.ndarray, rng: np.random.Generator, min_images: int = 8
+                     ) -> np.ndarray:
+    """``len(y)`` indices, shuffled: every class with at least ``min_images`` images drawn
+    equally often (with replacement), the rarer classes' images once each (repeating two
+    images forty times teaches those two images)."""
+    classes = np.unique(y)
+    common = [c for c in classes if (y == c).sum() >= min_images]
+    rare = np.flatnonzero(np.isin(y, [c for c in classes if c not in common]))
+    per_class = (len(y) - len(rare)) // max(len(common), 1)
+    drawn = [rng.choice(np.flatnonzero(y == c), per_class, replace=True) for c in common]
+    return rng.permutation(np.concatenate([rare, *drawn]).astype(np.int64))
 
 
 def local_steps(train_images: dict[str, int], epochs: int, batch: int) -> float:
