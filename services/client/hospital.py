@@ -390,17 +390,23 @@ class HospitalClient:
                 return answer
             answer["seconds"] = time.perf_counter() - start
             return self.secure.sign_masked(cfg, answer)
-        out = encode_weights({n: weights[n] for n in sorted(self.trainers.bn_names)})
+        tensors = {n: weights[n] for n in sorted(self.trainers.bn_names)}
+        return self._measured_answer(cfg, "calibrate", "calibration", tensors, used, blob,
+                                     task_id, start)
+
+    def _measured_answer(self, cfg: RoundConfig, task: str, kind: str,
+                         tensors: dict[str, np.ndarray], used: int, blob: bytes,
+                         task_id: str, start: float) -> WireMap:
+        """A calibrate task's plain answer: the measured tensors, logged and signed."""
+        out = encode_weights(tensors)
         digest = hashlib.sha256(out).hexdigest()
-        self.participation.append(run=cfg.run_id, round=cfg.round, task="calibrate",
-                                  status="ok", bytes=len(out), sha256=digest,
-                                  num_examples=used)
+        self.participation.append(run=cfg.run_id, round=cfg.round, task=task, status="ok",
+                                  bytes=len(out), sha256=digest, num_examples=used)
         answer = CalibrateAnswer(
             hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
             bytes=len(out), sha256=digest, num_examples=used,
             seconds=time.perf_counter() - start).encode()
-        return self._sign_answer(answer, cfg, kind="calibration", blob=blob,
-                                 task_id=task_id)
+        return self._sign_answer(answer, cfg, kind=kind, blob=blob, task_id=task_id)
 
     def _head_statistics(self, cfg: RoundConfig, trainer: Any, blob: bytes, task_id: str,
                          start: float) -> WireMap:
@@ -424,17 +430,9 @@ class HospitalClient:
         turns = len(features) // used  # rows per image: 4 with the rotation ensemble
         stats = class_feature_stats(features, labels, len(CLASSES),
                                     min_rows=turns * HEAD_MIN_CLASS_IMAGES)
-        out = encode_weights({f"head/{k}": v for k, v in stats.to_arrays().items()})
-        digest = hashlib.sha256(out).hexdigest()
-        self.participation.append(run=cfg.run_id, round=cfg.round, task="head_statistics",
-                                  status="ok", bytes=len(out), sha256=digest,
-                                  num_examples=used)
-        answer = CalibrateAnswer(
-            hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
-            bytes=len(out), sha256=digest, num_examples=used,
-            seconds=time.perf_counter() - start).encode()
-        return self._sign_answer(answer, cfg, kind="head statistics", blob=blob,
-                                 task_id=task_id)
+        tensors = {f"head/{k}": v for k, v in stats.to_arrays().items()}
+        return self._measured_answer(cfg, "head_statistics", "head statistics", tensors,
+                                     used, blob, task_id, start)
 
     def describe(self, auth: Any = None, config: WireMap | None = None, blob: bytes = b"",
                  task_id: str = "") -> WireMap:
