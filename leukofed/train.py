@@ -30,6 +30,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from leukofed.data import ImageRecord  # noqa: E402
+from leukofed.head_rebalance import HEAD_LAYER  # noqa: E402
 from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.labs import Acquisition, load_acquired_image  # noqa: E402
 from leukofed.metrics import classification_metrics  # noqa: E402
@@ -404,17 +405,14 @@ def head_features(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: 
     """The inputs of the classifier head (``HEAD_LAYER``) for un-augmented images, in
     inference mode, with their labels. With the rotation ensemble each image gives four rows
     (its four turns, each of which the head scores before the mean), labels repeated."""
-    from leukofed.head_rebalance import HEAD_LAYER
-
     extract = keras.Model(model.inputs, model.get_layer(HEAD_LAYER).input)
+    starts = range(0, len(x), batch_size)
     out = [np.asarray(extract(tf.constant(x[i : i + batch_size], tf.float32), training=False))
-           for i in range(0, len(x), batch_size)]
+           for i in starts]
     if not out:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    turns = [len(f) // min(batch_size, len(x) - i)
-             for f, i in zip(out, range(0, len(x), batch_size))]
-    labels = np.concatenate([np.tile(y[i : i + batch_size], t)
-                             for t, i in zip(turns, range(0, len(x), batch_size))])
+    turns = len(out[0]) // min(batch_size, len(x))  # RotationStack: each batch's turns stacked
+    labels = np.concatenate([np.tile(y[i : i + batch_size], turns) for i in starts])
     return np.concatenate(out), labels
 
 

@@ -11,12 +11,7 @@ from leukofed.head_rebalance import HEAD_WEIGHTS, FeatureStats, rebalanced_head
 from leukofed.protocol import EvaluateAnswer, RoundConfig, WireAnswer, WireMap
 from leukofed.strategies import pool_batchnorm_stats
 from leukofed.transport import TASK_CALIBRATE, TASK_EVALUATE
-from leukofed.validation import (
-    UpdateRejected,
-    check_evaluations,
-    check_tensor_answers,
-    validate_batchnorm_stats,
-)
+from leukofed.validation import check_evaluations, check_tensor_answers, validate_batchnorm_stats
 from leukofed.wire import encode_weights
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import Weights
@@ -96,22 +91,19 @@ def rebalance_head(g: Gather, cfg: RunConfig, server_round: int, weights: Weight
     turns = 4 if cfg.rotation_ensemble else 1  # head_features: a row per rotation
     answers, failures, blob = _send(g, cfg, server_round, TASK_CALIBRATE, weights, hospitals,
                                     measure="head", calibration_images=cfg.calibration_images)
-
-    def check(tensors: dict[str, object]) -> None:
-        try:
-            FeatureStats.from_arrays({k.removeprefix("head/"): v for k, v in tensors.items()},
-                                     classes, dim)
-        except (KeyError, ValueError) as exc:
-            raise UpdateRejected("schema", f"head statistics: {exc}") from None
-
+    # The sums are checked below, where the answer's image count is at hand.
     usable, rejected = check_tensor_answers(
         answers, lambda a, h: g.verify(a, h, server_round, "head statistics", TASK_CALIBRATE,
                                        blob),
-        g.declared, check, kind="calibration")
+        g.declared, lambda tensors: None, kind="calibration")
     stats: list[FeatureStats] = []
     for hospital, (answer, tensors) in usable.items():
-        s = FeatureStats.from_arrays({k.removeprefix("head/"): v for k, v in tensors.items()},
-                                     classes, dim)
+        try:
+            s = FeatureStats.from_arrays(
+                {k.removeprefix("head/"): v for k, v in tensors.items()}, classes, dim)
+        except (KeyError, ValueError) as exc:
+            rejected[hospital] = f"schema: head statistics: {exc}"
+            continue
         # No more rows than the images it says it measured (a rare class may be left out).
         if s.count.sum() > answer.num_examples * turns or (s.count % turns).any():
             rejected[hospital] = (f"count: {s.count.sum():.0f} feature rows for "
@@ -121,19 +113,17 @@ def rebalance_head(g: Gather, cfg: RunConfig, server_round: int, weights: Weight
     for hospital, reason in rejected.items():
         g.event(f"round {server_round}: head statistics from {hospital} rejected ({reason})",
                 round=server_round, hospital=hospital, rejected=reason.split(":")[0])
-    pooled = sum((s.count for s in stats), np.zeros(classes)) / turns
-    summary: dict[str, object] = {
-        "hospitals": sorted(h for h in usable if h not in rejected), "rejected": rejected,
-        "failed": failures, "pooled_class_images": [int(c) for c in pooled],
-        "seconds": 0.0}
-    if not stats:
+    out = weights
+    if stats:
+        out = {**weights, **rebalanced_head(weights, stats, seed=cfg.seed * 7919 + server_round)}
+    else:
         g.event(f"round {server_round}: no usable head statistics; the averaged head stays",
                 round=server_round)
-        summary["seconds"] = g.deps.clock() - start
-        return weights, summary
-    out = {**weights, **rebalanced_head(weights, stats, seed=cfg.seed * 7919 + server_round)}
-    summary["seconds"] = g.deps.clock() - start
-    return out, summary
+    pooled = sum((s.count for s in stats), np.zeros(classes)) / turns
+    return out, {"hospitals": sorted(h for h in usable if h not in rejected),
+                 "rejected": rejected, "failed": failures,
+                 "pooled_class_images": [int(c) for c in pooled],
+                 "seconds": g.deps.clock() - start}
 
 
 def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
