@@ -58,6 +58,12 @@ class RoundConfig(BaseModel):
     # calibrate: what to measure on the global weights: BatchNorm statistics, or the
     # per-class feature statistics under the classifier head (leukofed.head_rebalance)
     measure: Literal["batchnorm", "head"] = "batchnorm"
+    # evaluate: the membership-inference audit (leukofed.membership). Members: up to this
+    # many training images (a fixed sample); non-members: the val and test splits. 0: off.
+    membership_images: int = Field(0, ge=0)
+    # ...and the round whose global model is the calibrated attack's reference: the hospital
+    # keeps its images' losses under that model (in memory, never sent).
+    membership_reference_round: int = Field(1, ge=1)
     # Local differential privacy (leukofed.privacy): the hospital clips its update delta to
     # dp_clip_norm and adds N(0, (dp_noise_multiplier * dp_clip_norm)^2) before sending.
     dp_mode: Literal["", "local"] = ""
@@ -197,6 +203,8 @@ class EvaluateAnswer(_Answer):
     splits: dict[Literal["val", "test"], SplitResult]
     num_examples: Count = 0
     seconds: Number = 0.0
+    # Histograms of the membership attack's statistic (leukofed.membership), when asked.
+    membership: Opaque | None = None
 
 
 class DescribeAnswer(_Answer):

@@ -54,8 +54,10 @@ ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
 # update: a fit answer; calibration, evaluation, describe: the other answers (a signature of
 # one kind is never valid as another); secagg: the secure-aggregation stages; model: a
-# registered version's ONNX file, signed by the aggregator for the inference service.
-KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model")
+# registered version's ONNX file, signed by the aggregator for the inference service;
+# approval: the aggregator's "approved for serving" statement on an alias (leukofed.approval).
+KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model",
+         "approval")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -269,8 +271,8 @@ def signed_fields(answer: Mapping[str, Any], *apart: str) -> dict[str, Any]:
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
     """What an answer's signature covers, besides run, round and hospital: the weights and
     count of an update plus every other field it carries, the weights and count of a
-    calibration or head statistics, the splits of an evaluation, the declaration of a
-    describe."""
+    calibration or head statistics, the splits of an evaluation (and its membership-audit
+    histograms), the declaration of a describe."""
     if kind in ("update", "calibration", "head statistics"):
         blob, n = answer.get("weights"), answer.get("num_examples")
         if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
@@ -279,7 +281,11 @@ def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
             return update_digest(blob, n, signed_fields(answer, "weights", "num_examples"))
         return payload_digest(kind, blob, n)
     if kind == "evaluation":
-        return payload_digest(kind, answer.get("splits"), answer.get("num_examples"))
+        membership = answer.get("membership")
+        if membership is None:  # the digest of answers without the audit is unchanged
+            return payload_digest(kind, answer.get("splits"), answer.get("num_examples"))
+        return payload_digest(kind, answer.get("splits"), answer.get("num_examples"),
+                              membership)
     if kind == "describe":
         return payload_digest(kind, {k: answer.get(k) for k in DESCRIBE_FIELDS})
     raise ValueError(f"no answer of kind {kind!r}")
@@ -413,14 +419,19 @@ def model_digest(model_name: str, version: str, onnx_sha256: str) -> str:
 
 
 def sign_model(key: Ed25519PrivateKey, model_name: str, version: str, onnx_sha256: str,
-               weights_sha256: str, run: str = "", round: int = 0) -> str:
+               weights_sha256: str, run: str = "", round: int = 0,
+               artifact_uri: str | None = None) -> str:
     """The aggregator's signature of a registered version, as text for an MLflow tag
     (base64 of the msgpack envelope). The Keras weights' digest rides in the signed claims,
-    so an auditor can check the Keras artifact against the same signature."""
+    so an auditor can check the Keras artifact against the same signature, and so does the
+    ONNX file's address (``artifact_uri``): the inference service downloads from the signed
+    address, never from an editable tag (issue 26, finding 6)."""
+    extra = {"model": model_name, "version": str(version), "onnx_sha256": onnx_sha256,
+             "weights_sha256": weights_sha256}
+    if artifact_uri is not None:
+        extra["artifact_uri"] = artifact_uri
     env = sign(key, kind="model", signer=AGGREGATOR, run=run, round=round, hospital="",
-               digest=model_digest(model_name, version, onnx_sha256),
-               extra={"model": model_name, "version": str(version), "onnx_sha256": onnx_sha256,
-                      "weights_sha256": weights_sha256})
+               digest=model_digest(model_name, version, onnx_sha256), extra=extra)
     return base64.b64encode(msgpack.packb(env, use_bin_type=True)).decode("ascii")
 
 

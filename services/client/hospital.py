@@ -20,6 +20,7 @@ from leukofed import secagg, signing
 from leukofed.calibration import calibration_sums
 from leukofed.data import Dataset, scan_dataset
 from leukofed.labels import CLASSES
+from leukofed.membership import per_image_loss
 from leukofed.protocol import (
     CalibrateAnswer,
     DescribeAnswer,
@@ -92,6 +93,9 @@ class HospitalClient:
         self._profiles: dict[tuple[str, int], WireMap] = {}
         self._local_bn_run: str | None = None  # FedBN: run whose local statistics we hold
         self._local_bn: dict[str, np.ndarray] = {}  # ...and those statistics
+        # run -> (reference round, image size, member losses, non-member losses): the
+        # membership audit's calibrated attack (leukofed.membership); never sent.
+        self._membership_reference: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
         self._signing_key = (signing.load_private_key(settings.signing_key_file)
                              if settings.signing_key_file else None)
         self._aggregator_key = (signing.load_public_key(settings.aggregator_public_key_file)
@@ -337,6 +341,7 @@ class HospitalClient:
         if refusal:
             return refusal
         splits = {}
+        held_out: list[np.ndarray] = []  # per-image losses: the audit's non-members
         for name in ("val", "test"):
             x, y = self.arrays(name, cfg.image_size)
             splits[name] = {"n": 0}
@@ -346,15 +351,47 @@ class HospitalClient:
                 # the version's calibration from them without any per-image score.
                 splits[name] = {**split_metrics(y, probs),
                                 "calibration": calibration_sums(probs, y)}
+                held_out.append(per_image_loss(probs, y))
+        membership = (self._membership(cfg, trainer, held_out)
+                      if cfg.membership_images else None)
         self.participation.append(run=cfg.run_id, round=cfg.round, task="evaluate",
                                   status="ok", bytes=0,
-                                  num_examples=sum(s["n"] for s in splits.values()))
+                                  num_examples=sum(s["n"] for s in splits.values()),
+                                  **({"membership_histograms": sorted(membership["attacks"])}
+                                     if membership else {}))
         answer = EvaluateAnswer(
             hospital=self.hospital, run_id=cfg.run_id, round=cfg.round,
             splits={k: SplitResult.model_validate(v) for k, v in splits.items()},
-            num_examples=splits["test"]["n"], seconds=time.perf_counter() - start).encode()
+            num_examples=splits["test"]["n"], seconds=time.perf_counter() - start,
+            membership=membership).encode()
         return self._sign_answer(answer, cfg, kind="evaluation", blob=blob,
                                  task_id=task_id)
+
+    def _membership(self, cfg: RoundConfig, trainer: Any, held_out: list[np.ndarray]
+                    ) -> dict[str, Any] | None:
+        """The membership-inference audit's histograms (leukofed.membership): the global
+        model's per-image loss on a fixed sample of up to ``membership_images`` training
+        images (members) and on the val and test images (non-members), binned on the shared
+        edges. The losses under the reference round's model stay here, in memory, for the
+        calibrated attack of later rounds; only histograms leave. None without images."""
+        from leukofed.membership import hospital_histograms
+
+        x, y = self.arrays("train", cfg.image_size)
+        used = min(len(x), cfg.membership_images)
+        nonmember = np.concatenate(held_out) if held_out else np.zeros(0)
+        if used == 0 or not len(nonmember):
+            return None
+        # The same images every round (a fixed seed), so a reference loss matches its image.
+        idx = np.sort(np.random.default_rng(0).permutation(len(x))[:used])
+        member = per_image_loss(trainer.predict(x[idx]), y[idx])
+        ref = self._membership_reference.get(cfg.run_id)
+        if cfg.round == cfg.membership_reference_round:
+            self._membership_reference = {cfg.run_id: (cfg.round, cfg.image_size, member,
+                                                       nonmember)}
+        elif (ref is not None and ref[0] < cfg.round and ref[1] == cfg.image_size
+              and ref[2].shape == member.shape and ref[3].shape == nonmember.shape):
+            return hospital_histograms(member, nonmember, ref[2], ref[3], ref[0])
+        return hospital_histograms(member, nonmember)
 
     def calibrate(self, blob: bytes, config: WireMap | None = None, auth: Any = None,
                   task_id: str = "") -> WireMap:

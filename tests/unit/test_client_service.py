@@ -82,6 +82,40 @@ def test_fit_evaluate_describe_send_only_aggregates(client: HospitalClient,
     assert entries[0]["sha256"] == fit["sha256"] and entries[0]["bytes"] == fit["bytes"]
 
 
+def test_evaluate_sends_membership_histograms_never_per_image_losses(
+        client: HospitalClient, global_blob: bytes) -> None:
+    """The membership audit (leukofed.membership): histograms on fixed bins of the loss on
+    a fixed sample of training images and on the val and test images; from the reference
+    round on, also of the loss relative to the reference round's, kept at the hospital."""
+    import numpy as np
+
+    from leukofed.membership import ATTACKS, validate_histograms
+
+    cfg = {**CFG, "membership_images": 10}
+    first = client.evaluate(global_blob, cfg)
+    held_out = first["splits"]["val"]["n"] + first["splits"]["test"]["n"]
+    hist = validate_histograms(first["membership"], max_members=10, max_nonmembers=held_out)
+    assert set(hist) == {"loss"}  # round 1 is the reference: nothing to compare with yet
+    assert hist["loss"]["members"].sum() == 10 and hist["loss"]["nonmembers"].sum() == held_out
+    second = client.evaluate(global_blob, {**cfg, "round": 2})
+    assert second["membership"]["reference_round"] == 1
+    hist = validate_histograms(second["membership"])
+    assert set(hist) == set(ATTACKS)
+    # The same weights as the reference: every image's loss ratio is 1, one bin holds all.
+    assert hist["loss_ratio"]["members"].max() == 10
+    assert hist["loss_ratio"]["nonmembers"].max() == held_out
+    # Fixed size whatever the number of images; no float anywhere (counts only).
+    wire = msgpack.packb(second["membership"], use_bin_type=True)
+    assert len(wire) < 4 * sum(b for _, _, b in ATTACKS.values()) + 200
+    assert not any(isinstance(v, float) for a in second["membership"]["attacks"].values()
+                   for side in a.values() for v in side)
+    assert np.isfinite(hist["loss"]["members"]).all()
+    assert "membership" not in client.evaluate(global_blob, {**CFG, "round": 3})  # not asked
+    logged = [e for e in client.participation.entries() if e["task"] == "evaluate"]
+    assert [e.get("membership_histograms") for e in logged] == [
+        ["loss"], ["loss", "loss_ratio"], None]
+
+
 def test_paused_and_expired_tasks_are_declined(client: HospitalClient, global_blob: bytes
                                                ) -> None:
     client.pause_switch.pause("audit")

@@ -161,6 +161,16 @@ def test_every_answer_is_signed_for_its_kind_its_task_and_its_global_weights(key
     assert check(forged) == "forged"  # the numbers are covered
     assert check(evaluation, global_digest=signing.blob_digest(b"another model")) == "replay"
     assert check(evaluation, task_id="task-41") == "replay"
+    # The membership audit's histograms are covered too: added or changed, they are forged.
+    from leukofed.membership import hospital_histograms
+
+    hist = hospital_histograms([0.1, 0.2], [0.5])
+    assert check({**evaluation, "membership": hist}) == "forged"
+    audited = {**evaluation, "membership": hist}
+    audited["signature"] = signing.sign_answer(key, "evaluation", "a", "r1", 3, audited, glob,
+                                               "task-42")
+    assert check(audited) == "ok"
+    assert check({**audited, "membership": hospital_histograms([0.5, 0.2], [0.1])}) == "forged"
     update = answer(key)
     assert check({**update, "splits": None}, kind="evaluation", global_digest=None,
                  task_id=None) == "forged"  # an update's signature is not an evaluation's
