@@ -58,6 +58,9 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
             keys = sorted(k.decode() for k in auditor.scan_iter(count=1000))
             channels = sorted(c.decode() for c in auditor.pubsub_channels())
             patterns = auditor.pubsub_numpat()  # kombu's PSUBSCRIBEs (remote control)
+            # Before the attempts below: the honest round as the hospitals' ACL users (an
+            # exact command allowlist, gen_acl.HOSPITAL_COMMANDS) was refused nothing.
+            refusals = auditor.acl_log(count=100)
             a = redis.Redis(port=port, username="a", password=pw["a"])
             b_keys = [k for k in keys if k.startswith("b:")]
             # b's worker listens for remote control on this one (a PSUBSCRIBE pattern
@@ -71,6 +74,7 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
     assert set(run["history"][0]["participants"]) == {"a", "b"}
     for w in workers:
         assert "NOPERM" not in w.log(), w.log()[-3000:]  # the honest path never hits the ACL
+    assert refusals == [], refusals
     # Nothing shared: every key and channel of the round is under one hospital's prefix
     # (kombu's unacked/unacked_index and bindings included).
     assert keys and all(k.startswith(("a:", "b:")) for k in keys), keys

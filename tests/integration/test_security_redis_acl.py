@@ -87,8 +87,8 @@ def test_attack_hospital_flushes_everyones_scripts(acl_redis) -> None:
     a = redis.Redis(port=port, username="a", password=pw["a"])
     agg = redis.Redis(port=port, username="aggregator", password=pw["aggregator"])
     # register_script: EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA again, on a's own key
-    bump = a.register_script("return redis.call('INCR', KEYS[1])")
-    assert bump(keys=["a:counter"]) == 1 and bump(keys=["a:counter"]) == 2
+    put = a.register_script("redis.call('SET', KEYS[1], ARGV[1]) return 1")
+    assert put(keys=["a:counter"], args=[1]) == 1 and put(keys=["a:counter"], args=[2]) == 1
     assert a.eval("return redis.call('GET', KEYS[1])", 1, "a:counter") == b"2"
     with pytest.raises(redis.exceptions.NoPermissionError):
         a.eval("return redis.call('GET', KEYS[1])", 1, "b:celery-task-meta-1")
