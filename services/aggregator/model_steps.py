@@ -18,6 +18,8 @@ from services.aggregator.deps import Weights
 from services.aggregator.gather import Gather
 from services.aggregator.round_logic import CalibrationSums, without_calibration
 
+MEMBERSHIP_REFERENCE_ROUND = 1  # the calibrated membership attack's reference model
+
 
 def task_config(cfg: RunConfig, run_id: str, server_round: int, deadline: float,
                 **config: object) -> WireMap:
@@ -136,7 +138,11 @@ def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
     if not hospitals:
         return {}, sums
     deadline = g.deps.clock() + cfg.round_deadline_s
-    config_map = task_config(cfg, g.run_id, server_round, deadline, bn_mode=cfg.bn_mode)
+    # The membership audit rides on evaluation (leukofed.membership): round 1's model is the
+    # calibrated attack's reference, which each hospital keeps for its own images.
+    config_map = task_config(cfg, g.run_id, server_round, deadline, bn_mode=cfg.bn_mode,
+                             membership_images=cfg.membership_images,
+                             membership_reference_round=MEMBERSHIP_REFERENCE_ROUND)
     blob = encode_weights(weights)
     valid: dict[str, EvaluateAnswer] = {}
 
@@ -149,7 +155,7 @@ def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
                     f"({exc.reason}: {exc.message})", round=server_round,
                     hospital=h, rejected=exc.reason)
         if hospital in ok:
-            sums.add(hospital, ok[hospital])
+            sums.add(hospital, ok[hospital], g.declared.get(hospital))
             valid[hospital] = without_calibration(ok[hospital])
         return {"status": "ok", "hospital": hospital}
 

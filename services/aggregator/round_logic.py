@@ -158,12 +158,21 @@ class CalibrationSums:
         # Held as arrays (leukofed.calibration.validated_arrays), lists only in report().
         self.pooled: dict[str, JsonMap | None] = {"val": None, "test": None}
         self.skipped: dict[str, str] = {}
+        # The membership audit's histograms, pooled the same way (leukofed.membership).
+        self.membership: dict[str, dict[str, np.ndarray]] | None = None
+        self.membership_hospitals: list[str] = []
+        self.membership_skipped: dict[str, str] = {}
 
-    def add(self, hospital: str, evaluation: EvaluateAnswer) -> None:
+    def add(self, hospital: str, evaluation: EvaluateAnswer,
+            declared: Mapping[str, int] | None = None) -> None:
         """A hospital with malformed sums keeps its accuracy numbers; only calibration
-        leaves it out (with the reason in ``skipped``)."""
+        leaves it out (with the reason in ``skipped``). Its membership histograms likewise
+        (``membership_skipped``): no more members than its declared training split, no more
+        non-members than its val and test splits (``declared``)."""
         from leukofed.calibration import add_sums, validated_arrays
 
+        if evaluation.membership is not None:
+            self._add_membership(hospital, evaluation.membership, declared)
         checked = {}
         try:
             for split in self.pooled:
@@ -176,6 +185,30 @@ class CalibrationSums:
             self.skipped[hospital] = f"calibration sums unusable: {exc}"
             return
         self.pooled.update(added)
+
+    def _add_membership(self, hospital: str, histograms: Mapping[str, Any],
+                        declared: Mapping[str, int] | None) -> None:
+        from leukofed.membership import add_histograms, validate_histograms
+
+        d = declared or {}
+        try:
+            checked = validate_histograms(
+                histograms, max_members=d.get("train"),
+                max_nonmembers=(d["val"] + d["test"]) if "val" in d and "test" in d else None)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.membership_skipped[hospital] = f"membership histograms unusable: {exc}"
+            return
+        self.membership = add_histograms(self.membership, checked)
+        self.membership_hospitals.append(hospital)
+
+    def membership_report(self) -> JsonMap | None:
+        """The membership-inference audit of the version (leukofed.membership.attack_report)
+        from the pooled histograms; None when no hospital sent usable ones."""
+        from leukofed.membership import attack_report
+
+        if self.membership is None:
+            return None
+        return attack_report(self.membership, hospitals=len(self.membership_hospitals))
 
     def report(self, coverage: float) -> JsonMap | None:
         """Temperature and conformal quantiles fitted on the pooled validation sums,
@@ -192,12 +225,14 @@ class CalibrationSums:
 
 
 def without_calibration(evaluation: EvaluateAnswer) -> EvaluateAnswer:
-    """The answer as the round keeps it once its sums are pooled: counts and scalars."""
-    return evaluation.model_copy(update={"splits": {
+    """The answer as the round keeps it once its sums (and membership histograms) are
+    pooled: counts and scalars."""
+    return evaluation.model_copy(update={"membership": None, "splits": {
         k: v.model_copy(update={"calibration": None}) for k, v in evaluation.splits.items()}})
 
 
-def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
+def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float,
+                     sums: CalibrationSums | None = None
                      ) -> tuple[JsonMap | None, dict[str, str]]:
     """Fit the version's temperature and conformal quantiles from the hospitals' validation
     sums, and measure them on the pooled test sums (leukofed.calibration): no per-image
@@ -205,7 +240,7 @@ def pool_calibration(evaluations: Mapping[str, EvaluateAnswer], coverage: float
 
     Returns (calibration report or None, {hospital: why its sums were left out}). A hospital
     with malformed sums keeps its accuracy numbers; only calibration leaves it out."""
-    sums = CalibrationSums()
+    sums = sums if sums is not None else CalibrationSums()
     for hospital in sorted(evaluations):
         sums.add(hospital, evaluations[hospital])
     return sums.report(coverage), sums.skipped
@@ -281,6 +316,7 @@ class PooledRound:
     calibration: JsonMap | None
     # (hospital, message) for each hospital left out of a pooled number, in order
     left_out: list[tuple[str, str]] = field(default_factory=list)
+    membership: JsonMap | None = None  # the membership-inference audit (leukofed.membership)
 
 
 def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
@@ -298,11 +334,20 @@ def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
     if sums is not None:
         calibration, unusable = sums.report(coverage), sums.skipped
     else:
-        calibration, unusable = pool_calibration(evaluations, coverage)
+        sums = CalibrationSums()
+        calibration, unusable = pool_calibration(evaluations, coverage, sums)
     left_out += [(h, f"left out of calibration ({reason})") for h, reason in unusable.items()]
+    left_out += [(h, f"left out of the membership audit ({reason})")
+                 for h, reason in sums.membership_skipped.items()]
     if calibration is not None:
         metrics.update(calibration_metrics(calibration))
-    return PooledRound(metrics, matrices, profile, stain_targets, calibration, left_out)
+    membership = sums.membership_report()
+    if membership is not None:
+        from leukofed.membership import report_metrics
+
+        metrics.update(report_metrics(membership))
+    return PooledRound(metrics, matrices, profile, stain_targets, calibration, left_out,
+                       membership)
 
 
 def round_summary(server_round: int, attempt: int, selected: list[str], answered: Iterable[str],
@@ -316,6 +361,7 @@ def round_summary(server_round: int, attempt: int, selected: list[str], answered
     return {
         "acquisition_profile": pooled.profile, "stain_targets": pooled.stain_targets,
         "calibration": pooled.calibration, "server_conformal": conformal,
+        "membership": pooled.membership,
         "class_counts": training_class_counts(reports, used),
         "round": server_round, "attempt": attempt, "selected": selected,
         "participants": dict(participants),

@@ -448,3 +448,45 @@ def test_the_default_run_sends_no_head_statistics_task(tmp_path) -> None:
     assert rec["status"] == "completed", rec["reason"]
     assert not any(task.endswith("calibrate") for _, task, _ in d.sent)
     assert "head_rebalance" not in rec["rounds"][0]
+
+
+def test_membership_histograms_are_pooled_into_the_round_and_its_metrics(tmp_path) -> None:
+    """Each hospital's evaluate answer carries membership histograms (leukofed.membership);
+    the round pools them exactly into the audit and its membership_* metrics, and a hospital
+    claiming more members than its declared training split is left out of the audit only."""
+    from leukofed.membership import attack_report, hospital_histograms, validate_histograms
+
+    rng = np.random.default_rng(0)
+    losses = {"a": (rng.lognormal(-3, 1, 300), rng.lognormal(-1, 1, 100)),
+              "b": (rng.lognormal(-3, 1, 50), rng.lognormal(-1, 1, 80))}
+
+    def with_histograms(delta: float, n: int):
+        base = honest(delta, n)
+
+        def answer(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+            out = base(task, args, hospital)
+            if task.endswith("evaluate"):
+                assert args[1]["membership_images"] == 512
+                assert args[1]["membership_reference_round"] == 1
+                out["membership"] = hospital_histograms(*losses[hospital])
+            return out
+        return answer
+
+    clock = Clock()
+    d = FakeDispatcher(clock, {"a": with_histograms(1.0, 1), "b": with_histograms(3.0, 3),
+                               "c": with_histograms(1.0, 1)}, live={"a", "b", "c"})
+    losses["c"] = (rng.lognormal(-3, 1, 20_000), rng.lognormal(-1, 1, 10))  # > declared
+    run = make_run(tmp_path, d, clock, FakeTracker(), min_fit_clients=2, rounds=1,
+                   hospitals=["a", "b", "c"])
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    summary = rec["rounds"][0]
+    audit = summary["membership"]
+    expected = attack_report(validate_histograms(hospital_histograms(
+        np.concatenate([losses["a"][0], losses["b"][0]]),
+        np.concatenate([losses["a"][1], losses["b"][1]]))), hospitals=2)
+    assert audit == expected and audit["members"] == 350 and audit["nonmembers"] == 180
+    assert summary["global"]["membership_auc"] == audit["auc"] > 0.8
+    assert summary["global"]["membership_tpr_at_1pct_fpr"] == audit["tpr_at_1pct_fpr"]
+    assert any("c left out of the membership audit" in e["message"] and "declared" in
+               e["message"] for e in rec["events"])
