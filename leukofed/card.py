@@ -2,9 +2,9 @@
 
 ``build_card(info)`` turns what is known about one version (its training data, its
 federation, its test confusion matrix, its calibration, its conformal coverage, its shortcut
-audit, its out-of-distribution referral) into a JSON-able dict; ``card_markdown``,
-``card_html`` and ``card_summary`` render that dict for the registry, a browser and
-``leukofed promote``.
+audit, its membership-inference audit, its out-of-distribution referral) into a JSON-able
+dict; ``card_markdown``, ``card_html`` and ``card_summary`` render that dict for the
+registry, a browser and ``leukofed promote``.
 
 Every metric carries a 95% bootstrap interval computed from the test confusion matrix alone
 (``bootstrap_intervals``): resampling the test images with replacement is the same as drawing
@@ -257,6 +257,14 @@ def _federation(federation: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(privacy, Mapping):
         privacy_out: dict[str, Any] | None = {"epsilon": finite_number(privacy.get("epsilon")),
                                               "delta": finite_number(privacy.get("delta"))}
+        if privacy.get("level") == "example":
+            # DP-SGD at each hospital: one training image is the unit; every hospital's own
+            # spent epsilon (the run's is the largest of them).
+            spent = privacy.get("hospitals")
+            privacy_out.update(
+                level="example", unit="one training image (docs/security.md)",
+                hospitals={str(h): finite_number(v) for h, v in spent.items()}
+                if isinstance(spent, Mapping) else {})
     else:
         privacy_out = None
     return {
@@ -385,6 +393,44 @@ def _audit(audit: Mapping[str, Any] | None, bound: float) -> dict[str, Any]:
             "reading": _audit_reading(metrics, bound)}
 
 
+def _pair(value: Any) -> list[float | None] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    return [finite_number(value[0]), finite_number(value[1])]
+
+
+def _membership(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The membership-inference audit (leukofed.membership.attack_report), as the card
+    keeps it: the strongest attack's numbers at top level, each attack's beside them."""
+    if not isinstance(report, Mapping) or finite_number(report.get("auc")) is None:
+        return _not_measured()
+    from leukofed.membership import reading
+
+    auc = finite_number(report.get("auc"))
+    out: dict[str, Any] = {
+        "measured": True, "attack": _str(report.get("attack")),
+        "attack_text": _str(report.get("attack_text")),
+        "auc": auc, "auc_interval": _pair(report.get("auc_interval")),
+        "members": _int(report.get("members")), "nonmembers": _int(report.get("nonmembers")),
+        "hospitals": _int(report.get("hospitals")),
+        "advantage": finite_number(report.get("advantage")),
+        "level": finite_number(report.get("level")),
+        "reading": reading(auc),
+    }
+    for key in ("1pct", "0p1pct"):
+        out[f"tpr_at_{key}_fpr"] = finite_number(report.get(f"tpr_at_{key}_fpr"))
+        out[f"tpr_at_{key}_fpr_interval"] = _pair(report.get(f"tpr_at_{key}_fpr_interval"))
+        out[f"tpr_at_{key}_fpr_resolved"] = bool(report.get(f"tpr_at_{key}_fpr_resolved"))
+    attacks = report.get("attacks")
+    out["attacks"] = {str(name): {
+        "auc": finite_number(a.get("auc")), "auc_interval": _pair(a.get("auc_interval")),
+        "tpr_at_1pct_fpr": finite_number(a.get("tpr_at_1pct_fpr")),
+        "members": _int(a.get("members")), "nonmembers": _int(a.get("nonmembers"))}
+        for name, a in (attacks.items() if isinstance(attacks, Mapping) else ())
+        if isinstance(a, Mapping)}
+    return out
+
+
 def _referral(info: Mapping[str, Any]) -> dict[str, Any]:
     share = finite_number(info.get("referred_share"))
     profile_images = _int(info.get("acquisition_profile_images"))
@@ -434,6 +480,7 @@ def build_card(info: dict[str, Any], n_boot: int = 1000, seed: int = 0, level: f
         "calibration": _calibration(info.get("calibration")),
         "conformal": _conformal(info.get("calibration"), info.get("conformal_test")),
         "audit": _audit(info.get("audit"), float(max_follow_colour)),
+        "membership": _membership(info.get("membership")),
         "referral": _referral(info),
         "limitations": [dict(item) for item in LIMITATIONS],
         "main_limitation": MAIN_LIMITATION,
@@ -529,6 +576,13 @@ def _sections(card: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]
         privacy_text = ("none (no differential privacy)" if not privacy else
                         f"differential privacy, epsilon {_f(privacy.get('epsilon'), 2)}, "
                         f"delta {_g(privacy.get('delta'))}")
+        if privacy and privacy.get("level") == "example":
+            spent = ", ".join(f"{h} {_f(e, 2)}" for h, e in
+                              sorted((privacy.get("hospitals") or {}).items()))
+            privacy_text = (f"example-level differential privacy (DP-SGD at each hospital; "
+                            f"the unit is one training image, not one patient): epsilon "
+                            f"{_f(privacy.get('epsilon'), 2)} (the largest hospital's), delta "
+                            f"{_g(privacy.get('delta'))}; per hospital: {spent or 'none'}")
         sections.append(("Federation", [("table", (["", ""], [
             ["strategy", _text(fed.get("strategy"))],
             ["round of this version", f"{_text(fed.get('round'))} of {_text(fed.get('rounds'))}"],
@@ -617,6 +671,8 @@ def _sections(card: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]
         sections.append(("Stain (shortcut) audit",
                          [("p", f"Shortcut audit: {NOT_MEASURED}.")]))
 
+    sections.append(("Membership inference (privacy audit)", _membership_blocks(card)))
+
     ref = card.get("referral") or {}
     if ref.get("measured"):
         sections.append(("Out-of-distribution referral", [("table", (["", ""], [
@@ -632,6 +688,42 @@ def _sections(card: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]
     sections.append(("Known limitations", [("list", [
         f"{item.get('title')}. {item.get('text')}" for item in card.get("limitations", [])])]))
     return sections
+
+
+def _interval_text(value: Any, interval: Any) -> str:
+    low, high = interval if isinstance(interval, (list, tuple)) and len(interval) == 2 \
+        else (None, None)
+    return f"{_f(value)} [{_f(low)}, {_f(high)}]"
+
+
+def _membership_blocks(card: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    mem = card.get("membership") or {}
+    if not mem.get("measured"):
+        return [("p", f"Membership-inference audit: {NOT_MEASURED}.")]
+    level = finite_number(mem.get("level")) or 0.95
+    rows = [["AUC (0.5: a coin)", _interval_text(mem.get("auc"), mem.get("auc_interval"))]]
+    for key, label in (("1pct", "1%"), ("0p1pct", "0.1%")):
+        note = "" if mem.get(f"tpr_at_{key}_fpr_resolved") else \
+            " (too few non-members to resolve: read at zero false positives)"
+        rows.append([f"true-positive rate at {label} false-positive rate{note}",
+                     _interval_text(mem.get(f"tpr_at_{key}_fpr"),
+                                    mem.get(f"tpr_at_{key}_fpr_interval"))])
+    rows.append(["membership advantage (max TPR - FPR)", _f(mem.get("advantage"))])
+    attacks = [[name, _interval_text(a.get("auc"), a.get("auc_interval")),
+                _f(a.get("tpr_at_1pct_fpr")), _text(a.get("members")),
+                _text(a.get("nonmembers"))]
+               for name, a in (mem.get("attacks") or {}).items()]
+    return [
+        ("p", f"{str(mem.get('reading', '')).capitalize()}."),
+        ("p", f"Attack: {_text(mem.get('attack'))}, {_text(mem.get('attack_text'))}, the "
+              f"stronger of the attacks tried. Members: {_text(mem.get('members'))} training "
+              f"images; non-members: {_text(mem.get('nonmembers'))} validation and test "
+              f"images, from {_text(mem.get('hospitals'))} hospitals, pooled from per-"
+              f"hospital histograms (no per-image number left a hospital). {level:.0%} "
+              "bootstrap intervals over the pooled bins."),
+        ("table", (["", f"value [{level:.0%} CI]"], rows)),
+        ("table", (["attack", "AUC", "TPR at 1% FPR", "members", "non-members"], attacks)),
+    ]
 
 
 def _md(value: Any) -> str:
@@ -700,7 +792,7 @@ def card_html(card: dict[str, Any]) -> str:
 
 
 def card_summary(card: dict[str, Any]) -> str:
-    """Seven plain lines for ``leukofed promote`` to print before it moves an alias."""
+    """Eight plain lines for ``leukofed promote`` to print before it moves an alias."""
     model = card.get("model") or {}
     met = card.get("metrics") or {}
     lines = [f"model card {model.get('name')} version {model.get('version')}"]
@@ -737,5 +829,13 @@ def card_summary(card: dict[str, Any]) -> str:
                      f"{_f(m.get('audit_original_accuracy'))}")
     else:
         lines.append(f"shortcut audit: {NOT_MEASURED}")
+    mem = card.get("membership") or {}
+    if mem.get("measured"):
+        lines.append(f"membership audit ({mem.get('attack')}): AUC "
+                     f"{_interval_text(mem.get('auc'), mem.get('auc_interval'))}, TPR at 1% "
+                     f"FPR {_f(mem.get('tpr_at_1pct_fpr'))} ({mem.get('members')} members, "
+                     f"{mem.get('nonmembers')} non-members): {mem.get('reading')}")
+    else:
+        lines.append(f"membership audit: {NOT_MEASURED}")
     lines.append(f"main limitation: {card.get('main_limitation', MAIN_LIMITATION)}")
     return "\n".join(lines)

@@ -25,7 +25,9 @@ CURVE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1",
               "audit_histogram_accuracy",
               # calibration (leukofed.calibration): ECE before and after, conformal coverage
               "val_ece_before", "val_ece_after", "test_conformal_coverage",
-              "server_test_set_refer_share")
+              "server_test_set_refer_share",
+              # the membership-inference audit (leukofed.membership): 0.5 is a coin
+              "membership_auc", "membership_tpr_at_1pct_fpr")
 
 
 def flat_params(cfg: RunConfig) -> dict[str, str]:
@@ -100,12 +102,12 @@ def card_info(cfg: RunConfig, record: dict[str, Any], summary: dict[str, Any],
         "federation": {"strategy": cfg.strategy, "rounds": cfg.rounds,
                        "round": summary["round"],
                        "secure_aggregation": "secure_aggregation" in summary,
-                       "privacy": ({"epsilon": float(privacy["epsilon"]),
-                                    "delta": float(privacy["delta"])} if privacy else None)},
+                       "privacy": _card_privacy(privacy)},
         "test": test,
         "calibration": summary.get("calibration"),
         "conformal_test": summary.get("server_conformal"),
         "audit": {k: v for k, v in glob.items() if k.startswith("audit_")} or None,
+        "membership": summary.get("membership"),
         "referred_share": None,
         "acquisition_profile_images": (summary["acquisition_profile"]["count"]
                                        if summary.get("acquisition_profile") else None),
@@ -120,10 +122,29 @@ def _aggregation_tag(secure: dict[str, Any] | None) -> str:
             f"threshold {secure['threshold_fraction']}): the aggregator saw only the sum")
 
 
+def _card_privacy(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's privacy: epsilon and delta; at the example level each hospital's too."""
+    if not privacy:
+        return None
+    out: dict[str, Any] = {"epsilon": float(privacy["epsilon"]),
+                           "delta": float(privacy["delta"])}
+    if privacy.get("level") == "example":
+        out.update(level="example", hospitals={h: float(v["epsilon"]) for h, v in
+                                               privacy.get("hospitals", {}).items()})
+    return out
+
+
 def _privacy_tag(privacy: dict[str, Any] | None) -> str:
     """The budget spent up to this version, as every registered version carries it."""
     if not privacy:
         return "none (no differential privacy in this run)"
+    if privacy.get("level") == "example":
+        spent = ", ".join(f"{h} {float(v['epsilon']):.4g}"
+                          for h, v in sorted(privacy.get("hospitals", {}).items()))
+        return (f"example-level DP-SGD (unit: one training image): epsilon "
+                f"{float(privacy['epsilon']):.4g} at delta {float(privacy['delta']):g}, the "
+                f"largest hospital's (per hospital: {spent or 'none'}; clip norm "
+                f"{float(privacy['clip_norm']):.4g} per image, RDP accountant)")
     return (f"{privacy['mode']} DP-FedAvg: epsilon {float(privacy['epsilon']):.4g} at delta "
             f"{float(privacy['delta']):g} (noise multiplier {privacy['noise_multiplier']:g}, "
             f"clip norm {float(privacy['clip_norm']):.4g}, sampling rate "
@@ -195,7 +216,8 @@ class MlflowTracker:
             tags["dp_epsilon"] = f"{float(summary['privacy']['epsilon']):.6g}"
             tags["dp_delta"] = f"{float(summary['privacy']['delta']):g}"
         tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
-                     if k.endswith(("accuracy", "macro_f1", "loss")) or k.startswith("audit_")})
+                     if k.endswith(("accuracy", "macro_f1", "loss"))
+                     or k.startswith(("audit_", "membership_"))})
         extra: dict[str, Any] = {"run_id": record["id"], "round": summary["round"]}
         # What the training data looked like travels with the model: the inference service
         # refers images unlike it (leukofed.ood), `leukofed evaluate` recolours with the

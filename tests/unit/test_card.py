@@ -239,15 +239,16 @@ def test_missing_sections_say_not_measured() -> None:
     card = build_card({"model_name": "m", "version": 1})
     json.dumps(card, allow_nan=False)
     for key in ("training", "federation", "metrics", "calibration", "conformal", "audit",
-                "referral"):
+                "membership", "referral"):
         assert card[key]["measured"] is False, key
         assert card[key]["note"] == NOT_MEASURED, key
     md, page, summary = card_markdown(card), card_html(card), card_summary(card)
     for label in ("Training data", "Federation", "Test metrics", "Calibration",
-                  "Conformal coverage", "Shortcut audit", "Out-of-distribution referral"):
+                  "Conformal coverage", "Shortcut audit", "Membership-inference audit",
+                  "Out-of-distribution referral"):
         assert f"{label}: {NOT_MEASURED}" in md, label
         assert f"{label}: {NOT_MEASURED}" in page, label
-    assert summary.count(NOT_MEASURED) == 4
+    assert summary.count(NOT_MEASURED) == 5
     assert "Single source laboratory" in md and "main limitation" in summary
 
 

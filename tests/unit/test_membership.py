@@ -138,3 +138,27 @@ def test_more_images_than_declared_are_refused() -> None:
     mi.validate_histograms(h, max_members=30, max_nonmembers=10)
     with pytest.raises(ValueError, match="30 members scored, 20 declared"):
         mi.validate_histograms(h, max_members=20)
+
+
+def test_the_card_carries_the_audit_and_promote_reads_it_out() -> None:
+    from leukofed.card import build_card, card_html, card_markdown, card_summary
+
+    rng = np.random.default_rng(3)
+    report = mi.attack_report(mi.validate_histograms(mi.hospital_histograms(
+        rng.lognormal(-3, 1, 400), rng.lognormal(-2, 1, 300))), hospitals=3)
+    card = build_card({"model_name": "m", "version": "round 2", "membership": report})
+    mem = card["membership"]
+    assert mem["measured"] and mem["attack"] == "loss" and mem["hospitals"] == 3
+    assert (mem["members"], mem["nonmembers"]) == (400, 300)
+    assert mem["auc"] == report["auc"] and mem["tpr_at_1pct_fpr"] == report["tpr_at_1pct_fpr"]
+    assert mem["tpr_at_1pct_fpr_resolved"] and not mem["tpr_at_0p1pct_fpr_resolved"]
+    right = f"right {100 * report['auc']:.0f}% of the time where a coin is right 50%"
+    assert right in mem["reading"]
+    md = card_markdown(card)
+    assert "## Membership inference (privacy audit)" in md and right in md
+    assert "too few non-members to resolve" in md  # 300 < 1 / 0.1%
+    assert right in card_html(card)
+    assert "membership audit (loss): AUC" in card_summary(card) and right in card_summary(card)
+    empty = build_card({"model_name": "m", "version": "1"})
+    assert empty["membership"]["measured"] is False
+    assert "membership audit: not measured" in card_summary(empty)
