@@ -7,7 +7,8 @@ writes, under ``secrets/`` (git-ignored):
 * ``redis/users.acl``: one Redis user per hospital (its own key prefix, an allowlist of
   commands), the aggregator, the health check (PING only) and the monitor (gen_acl.py);
 * ``tls/``: a CA, the broker's certificate (names ``redis``, ``localhost``) and one client
-  certificate per party (make_certs.py);
+  certificate per broker user: each hospital, the aggregator, the health check and the
+  monitor (make_certs.py; the broker requires one, ``tls-auth-clients yes``);
 * ``keys/``: the aggregator's and each hospital's Ed25519 key pair (leukofed.signing), and
   ``keys/hospitals/`` with only the hospitals' public keys (what the aggregator and each
   hospital's peers read);
@@ -46,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = "change-me"
 SERVICE_UID = 10001  # the leukofed images' user
 REDIS_UID = 999  # the redis image's user
+# Broker users that are not parties: the redis container's health check and Flower.
+SERVICE_CLIENTS = ("healthcheck", "monitor")
 # .env variables drawn at random when empty or change-me (Redis ones come from the ACL).
 GENERATED = ("POSTGRES_PASSWORD", "AGGREGATOR_ADMIN_TOKEN", "INFERENCE_API_KEY",
              "MLFLOW_ADMIN_PASSWORD", "MLFLOW_AGGREGATOR_PASSWORD", "MLFLOW_INFERENCE_PASSWORD",
@@ -108,7 +111,9 @@ def generate(hospitals: list[str], out: Path, env_path: Path) -> dict[str, str]:
     users = [*hospitals, "aggregator", "healthcheck", "monitor"]
     keep = {u: env[redis_variable(u)] for u in users if not unset(env.get(redis_variable(u)))}
     passwords = gen_acl.generate(hospitals, out / "redis", passwords=keep, service_users=True)
-    make_certs.generate([*hospitals, "aggregator"], out / "tls",
+    # A client certificate for every broker user: redis.conf has tls-auth-clients yes, so
+    # the health check and the monitor present one too (a password alone gets nobody in).
+    make_certs.generate([*hospitals, "aggregator", *SERVICE_CLIENTS], out / "tls",
                         server_names=["redis", "localhost"])
     keys = out / "keys"
     for name in ["aggregator", *hospitals]:
@@ -156,7 +161,8 @@ def hospital_credentials(out: Path, hospital: str) -> Path:
 def give_to_containers(out: Path) -> str | None:
     """chown each file to the container user reading it; returns the command when not root."""
     redis_files = [out / "redis" / "users.acl", out / "tls" / "server.key",
-                   out / "tls" / "server.crt"]
+                   out / "tls" / "server.crt", out / "tls" / "healthcheck.key",
+                   out / "tls" / "healthcheck.crt"]
     if os.geteuid() != 0:
         return (f"sudo chown -R {SERVICE_UID}:{SERVICE_UID} {out} && sudo chown "
                 f"{REDIS_UID}:{REDIS_UID} {' '.join(str(p) for p in redis_files)}")

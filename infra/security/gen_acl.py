@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from leukofed.liveness import heartbeat_key  # noqa: E402
 from leukofed.signing import write_private  # noqa: E402
-from leukofed.transport import check_hospital_id, key_prefix  # noqa: E402
+from leukofed.transport import check_hospital_id, key_prefix, queue_name  # noqa: E402
 
 # Celery/kombu need these beyond key and pub/sub commands; @dangerous is what must never run.
 COMMANDS = "+@all -@dangerous -@admin +info +client|setname +client|id"
@@ -96,9 +97,23 @@ def _secret_file(path: Path, value: str) -> None:
     write_private(path, (value + "\n").encode())  # 0600 from the start, even over a 0644
 
 
-# The compose stack's two service users: the health check may only PING; the monitor
-# (Flower) sees every hospital's prefix, as the aggregator does.
+# The compose stack's two service users. The health check may only PING. The monitor
+# (Flower) counts: it reads the length of each hospital's queue and its worker's heartbeat
+# (a timestamp), read-only (%R~) and nothing else. It gets no result key, no unacknowledged
+# hash, no LRANGE of a queue and no channel, so it sees no update, no task and no weights
+# (issue 26, finding 9: it had the aggregator's rights and could read every update).
 HEALTHCHECK_LINE = "user healthcheck on #{digest} resetkeys resetchannels -@all +ping"
+MONITOR_COMMANDS = ("-@all +auth +hello +ping +select +quit +reset +client|setname "
+                    "+client|id +llen +exists +type +ttl +pttl +get +mget")
+
+
+def monitor_line(password: str, hospitals: list[str]) -> str:
+    """Read-only counting on each hospital's queue (its priority variants included) and
+    heartbeat key; no channel at all."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    keys = " ".join(f"%R~{key_prefix(h)}{queue_name(h)}* %R~{heartbeat_key(h)}"
+                    for h in hospitals)
+    return f"user monitor on #{digest} resetkeys {keys} resetchannels {MONITOR_COMMANDS}"
 
 
 def generate(hospitals: list[str], out: Path, db: int = 0,
@@ -122,7 +137,7 @@ def generate(hospitals: list[str], out: Path, db: int = 0,
     if service_users:
         digest = hashlib.sha256(passwords["healthcheck"].encode()).hexdigest()
         lines.append(HEALTHCHECK_LINE.format(digest=digest))
-        lines.append(user_line("monitor", passwords["monitor"], prefixes, db))
+        lines.append(monitor_line(passwords["monitor"], hospitals))
     # The ACL holds the passwords' digests: only its reader (Redis) may see it.
     write_private(out / "users.acl", ("\n".join(lines) + "\n").encode())
     for user, password in passwords.items():
