@@ -3,9 +3,11 @@ champion) points at it.
 
 A version is judged on what it already carries, nothing is measured again: its model card
 (``leukofed.card``: test metrics on the aggregator's held-out split, conformal coverage and
-refer share) and its shortcut-audit tags (``audit_*``, ``leukofed.audit``). Each floor is one
-row with the version's value; a metric the version does not carry fails its row as
-*missing*, so a version registered without a card, a test split or calibration cannot pass.
+refer share) and its shortcut-audit tags (``audit_*``, ``leukofed.audit``); with
+``max_membership_auc`` set (off by default) also its membership-inference audit
+(``leukofed.membership``). Each floor is one row with the version's value; a metric the
+version does not carry fails its row as *missing*, so a version registered without a card, a
+test split or calibration cannot pass.
 
 The floors are ``GateFloors`` (``LEUKOFED_GATE_*`` environment variables, or the options of
 ``leukofed promote``); ``check_gate`` is pure: dicts in, a ``GateVerdict`` out.
@@ -23,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from leukofed.audit import DEFAULT_MAX_FOLLOW_COLOUR, audit_verdict
 from leukofed.card import finite_number
 from leukofed.labels import CLASSES
+from leukofed.membership import SUGGESTED_MAX_AUC
 
 # How the classes read in the gate's table (leukofed.card shows them the same way).
 _CLASS_NAMES = {"Benign": "Benign", "Early": "Early Pre-B", "Pre": "Pre-B", "Pro": "Pro-B"}
@@ -54,6 +57,11 @@ class GateFloors(BaseSettings):
                                       "LEUKOFED_MAX_FOLLOW_COLOUR"),
         description="release gate (shortcut audit): highest share of recoloured test images "
                     "whose answer follows the new colour")
+    max_membership_auc: float | None = Field(
+        None, ge=0.5, le=1, description="release gate (privacy): highest AUC of the model "
+        "card's membership-inference audit (leukofed.membership; 0.5: an attacker does no "
+        f"better than a coin). Off (unset) by default; suggested {SUGGESTED_MAX_AUC:g} "
+        "(docs/privacy.md). When set, a version without the audit fails as missing")
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,27 @@ def check_gate(card: Mapping[str, Any] | None, tags: Mapping[str, Any],
                                floors.max_follow_colour)[1]
         colour = replace(colour, note=reason)
     checks.append(colour)
+    if floors.max_membership_auc is not None:
+        checks.append(_membership_check(card, tags, floors.max_membership_auc))
     return GateVerdict(tuple(checks))
+
+
+def _membership_check(card: Mapping[str, Any], tags: Mapping[str, Any], ceiling: float
+                      ) -> GateCheck:
+    """The membership-inference audit's AUC (the card's, else the version's tag) at most
+    ``ceiling``; the note says what failing means."""
+    membership = card.get("membership") or {}
+    auc = finite_number(membership.get("auc")) if membership.get("measured") else None
+    if auc is None:
+        auc = finite_number(tags.get("membership_auc"))
+    check = _at_most("membership_auc", "membership audit: attack AUC (0.5: a coin)", auc,
+                     ceiling)
+    if check.passed:
+        return check
+    from leukofed.membership import reading
+
+    return replace(check, note=reading(auc) if auc is not None else
+                   "the version carries no membership audit")
 
 
 def format_gate(verdict: GateVerdict) -> str:

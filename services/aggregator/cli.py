@@ -209,6 +209,10 @@ def promote(
     a floor is refused; --force --reason TEXT overrides, and the override is recorded."""
     from pydantic import ValidationError
 
+    max_membership_auc: Annotated[float | None, typer.Option(
+        help="highest AUC of the card's membership-inference audit (0.5: a coin): release "
+             "gate floor, off unless set (suggested 0.6, docs/privacy.md; env "
+             "LEUKOFED_GATE_MAX_MEMBERSHIP_AUC)")] = None,
     from leukofed.audit import format_audit
     from leukofed.gate import GateFloors, check_gate, format_gate
     from registry.client import HISTORY_TAG, OVERRIDE_TAG, Registry, RegistryError
@@ -222,7 +226,8 @@ def promote(
     given = {"min_macro_f1": min_macro_f1, "min_sensitivity": min_sensitivity,
              "min_specificity": min_specificity, "min_class_recall": min_class_recall,
              "max_coverage_shortfall": max_coverage_shortfall,
-             "max_refer_share": max_refer_share, "max_follow_colour": max_follow_colour}
+             "max_refer_share": max_refer_share, "max_follow_colour": max_follow_colour,
+             "max_membership_auc": max_membership_auc}
     try:
         floors = GateFloors(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:

@@ -16,7 +16,8 @@ ALL_FLOORS = ["macro_f1", "malignant_sensitivity", "malignant_specificity", "rec
 @pytest.fixture
 def floors(monkeypatch: pytest.MonkeyPatch) -> GateFloors:
     for name in ("MIN_MACRO_F1", "MIN_SENSITIVITY", "MIN_SPECIFICITY", "MIN_CLASS_RECALL",
-                 "MAX_COVERAGE_SHORTFALL", "MAX_REFER_SHARE", "MAX_FOLLOW_COLOUR"):
+                 "MAX_COVERAGE_SHORTFALL", "MAX_REFER_SHARE", "MAX_FOLLOW_COLOUR",
+                 "MAX_MEMBERSHIP_AUC"):
         monkeypatch.delenv(f"LEUKOFED_GATE_{name}", raising=False)
     monkeypatch.delenv("LEUKOFED_MAX_FOLLOW_COLOUR", raising=False)
     return GateFloors()
@@ -119,3 +120,26 @@ def test_floors_come_from_the_environment_and_arguments_win(
         "macro_f1", "follow_colour"]
     with pytest.raises(ValueError):
         GateFloors(min_macro_f1=1.5)
+
+
+def test_the_membership_floor_is_off_by_default_and_judges_the_cards_audit(
+        floors: GateFloors) -> None:
+    """leukofed.membership: off unless set; then the card's audit AUC (else the version's
+    membership_auc tag) must be at most the ceiling, and a version without it is missing."""
+    from leukofed.membership import SUGGESTED_MAX_AUC
+
+    assert floors.max_membership_auc is None
+    card = gate_card()
+    assert check_gate(card, GOOD_AUDIT, floors).passed  # no audit, no floor: passes
+    strict = floors.model_copy(update={"max_membership_auc": SUGGESTED_MAX_AUC})
+    verdict = check_gate(card, GOOD_AUDIT, strict)
+    assert verdict.failed_names() == ["membership_auc"] and verdict.failed[0].missing
+    leaky = {**card, "membership": {"measured": True, "auc": 0.71}}
+    verdict = check_gate(leaky, GOOD_AUDIT, strict)
+    assert verdict.failed_names() == ["membership_auc"]
+    assert "right 71% of the time" in format_gate(verdict)
+    assert check_gate({**card, "membership": {"measured": True, "auc": 0.52}}, GOOD_AUDIT,
+                      strict).passed
+    assert check_gate(card, {**GOOD_AUDIT, "membership_auc": "0.55"}, strict).passed
+    with pytest.raises(ValueError):
+        GateFloors(max_membership_auc=0.4)
