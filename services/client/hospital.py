@@ -43,6 +43,7 @@ from leukofed.transport import (
 )
 from leukofed.wire import WireFormatError, decode_weights, encode_weights
 from services.client.audit import ParticipationLog, PauseSwitch
+from services.client.completed import CompletedTasks
 from services.client.secure import SecureSessions, spent_keys
 from services.client.settings import ClientSettings
 
@@ -101,6 +102,12 @@ class HospitalClient:
         self._aggregator_key = (signing.load_public_key(settings.aggregator_public_key_file)
                                 if settings.aggregator_public_key_file else None)
         self._task_nonces = signing.NonceCache()
+        # Signed tasks that ran to their answer, on disk (issue 26, finding 11): a replay is
+        # refused after a restart too, while an unfinished task that Celery delivers again
+        # after a crash (acks_late) still runs. nonce -> signed_at of the tasks checked here
+        # and not yet answered.
+        self.completed_tasks = CompletedTasks(settings.state_path, settings.task_max_age_s)
+        self._verified: dict[str, float] = {}
         peers = (signing.load_public_keys(settings.peer_public_keys_dir)
                  if settings.peer_public_keys_dir else {})
         # The masked vectors already sent (participation log): a restart does not reopen them.
@@ -165,6 +172,10 @@ class HospitalClient:
             signing.verify_task(self._aggregator_key, auth, task, self.hospital, args,
                                 nonces=self._task_nonces,
                                 max_age_s=self.settings.task_max_age_s)
+            nonce = str(auth["nonce"])
+            if self.completed_tasks.completed(nonce):
+                raise signing.SignatureRejected(
+                    "replay", f"task with nonce {nonce} was completed here before")
         except signing.SignatureRejected as exc:
             log.warning("refused %s task: %s (%s)", task, exc.reason, exc.message)
             self.participation.append(run=cfg.run_id, round=cfg.round,
@@ -173,7 +184,18 @@ class HospitalClient:
             return _status("declined", self.hospital, reason=f"task_{exc.reason}",
                            message=f"task refused: {exc.message}", round=cfg.round,
                            run_id=cfg.run_id)
+        self._verified[nonce] = float(auth["signed_at"])
         return None
+
+    def task_completed(self, auth: Any) -> None:
+        """Record that the task signed with ``auth`` has its answer (the worker calls this
+        once the task function returned): from now on a replay of it is refused, by this
+        process and by any later one. Only a task whose signature this client verified is
+        recorded, so nobody else can grow the record."""
+        nonce = auth.get("nonce") if isinstance(auth, dict) else None
+        signed_at = self._verified.pop(str(nonce), None)
+        if signed_at is not None:
+            self.completed_tasks.record(str(nonce), signed_at)
 
     def _gate(self, task: str, cfg: RoundConfig) -> WireMap | None:
         """A decline answer when paused or past the round deadline, else None."""
@@ -216,6 +238,9 @@ class HospitalClient:
         refusal = self._second_vector("fit", cfg, blob)
         if refusal:  # before training: the same weights and seed would give the same update
             return refusal
+        dp, refusal = self._privacy_plan(cfg, trainer)
+        if refusal:  # before training: nothing of these images is used past their budget
+            return refusal
         self._before_training(cfg)
         from leukofed.train import local_fit
         from leukofed.wire import weights_from_model
@@ -226,13 +251,16 @@ class HospitalClient:
             return self._error("fit", cfg, "no training images at this hospital")
         seed = (cfg.seed * 1_000_003 + cfg.round * 101
                 + zlib.crc32(self.hospital.encode())) % 2**31
-        stats = local_fit(trainer, x, y, epochs=cfg.local_epochs,
-                          batch_size=cfg.batch_size,
-                          learning_rate=cfg.learning_rate,
-                          proximal_mu=cfg.proximal_mu,
-                          class_balanced=cfg.class_balanced, seed=seed,
-                          logit_adjustment=cfg.logit_adjustment,
-                          augmentation=cfg.augmentation)
+        if dp is not None:
+            stats = self._dp_fit(cfg, trainer, x, y, dp)
+        else:
+            stats = local_fit(trainer, x, y, epochs=cfg.local_epochs,
+                              batch_size=cfg.batch_size,
+                              learning_rate=cfg.learning_rate,
+                              proximal_mu=cfg.proximal_mu,
+                              class_balanced=cfg.class_balanced, seed=seed,
+                              logit_adjustment=cfg.logit_adjustment,
+                              augmentation=cfg.augmentation)
         trained = time.perf_counter()
         own = weights_from_model(trainer.model)
         if cfg.bn_mode == "local":
@@ -246,15 +274,18 @@ class HospitalClient:
             # ever sees this hospital's exact update. OS entropy, never a known seed.
             weights = privatize_local(decode_weights(blob), weights, cfg.dp_clip_norm,
                                       cfg.dp_noise_multiplier, np.random.default_rng())
+        spent = {k: float(v) for k, v in stats.items() if k.startswith("dp_")}
         extra = {
-            "metrics": {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])},
+            "metrics": {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"]),
+                        **{k: v for k, v in spent.items() if k != "dp_epsilon_total"}},
             "class_counts": _counts(y), "dataset_fingerprint": self.dataset()[0].fingerprint,
             **(self.training_profile(cfg.image_size) if cfg.send_profile else {}),
         }
         if cfg.secure is not None:
             return self._secure_fit(cfg, blob, weights, len(x), extra,
                                     {"load_s": loaded - start,
-                                     "train_s": float(stats["train_seconds"])}, start)
+                                     "train_s": float(stats["train_seconds"])}, start,
+                                    log_extra=spent)
         out = encode_weights(weights, fp16=cfg.fp16)
         digest = hashlib.sha256(out).hexdigest()
         done = time.perf_counter()
@@ -262,13 +293,106 @@ class HospitalClient:
                                   status="ok", bytes=len(out), sha256=digest,
                                   num_examples=int(len(x)), fp16=cfg.fp16,
                                   learning_rate=cfg.learning_rate,
-                                  logit_adjustment=cfg.logit_adjustment)
+                                  logit_adjustment=cfg.logit_adjustment, **spent)
         answer = FitAnswer.model_validate(dict(
             hospital=self.hospital, run_id=cfg.run_id, round=cfg.round, weights=out,
             bytes=len(out), sha256=digest, num_examples=int(len(x)),
             timings={"load_s": loaded - start, "train_s": float(stats["train_seconds"]),
                      "encode_s": done - trained, "total_s": done - start}, **extra)).encode()
         return self._sign_answer(answer, cfg, blob=blob, task_id=task_id)
+
+    # ------------------------------------------------------------ privacy budget
+
+    @property
+    def ledger(self) -> Any:
+        """What this hospital's images have spent (leukofed.dp_sgd.HospitalLedger)."""
+        from leukofed.dp_sgd import HospitalLedger
+
+        return HospitalLedger(self.settings.state_path)
+
+    def _privacy_plan(self, cfg: RoundConfig, trainer: Any) -> tuple[Any, WireMap | None]:
+        """(DP-SGD parameters for this round or None, None), or (None, the refusal): a
+        round past the run's target epsilon or past this hospital's own limit
+        (``max_epsilon``), or a fit without example-level DP while that limit is set."""
+        limit = self.settings.max_epsilon
+        if cfg.dp_level != "example":
+            if limit is None:
+                return None, None
+            return None, self._refuse_budget(
+                cfg, "fit", f"this hospital accepts only example-level differentially private "
+                f"training (its LEUKOFED_CLIENT_MAX_EPSILON is {limit:g}); a fit without it "
+                "would spend an unbounded epsilon on its images")
+        from leukofed import dp_sgd
+
+        try:
+            dp_sgd.check_model(trainer.model)
+        except dp_sgd.BatchMixingModel as exc:
+            return None, self._error("fit", cfg, str(exc))
+        n = len(self.dataset()[1]["train"])
+        if n == 0:
+            return None, self._error("fit", cfg, "no training images at this hospital")
+        if cfg.dp_clip_norm <= 0 or cfg.dp_delta <= 0 or (
+                cfg.dp_noise_multiplier <= 0 and (cfg.dp_target_epsilon <= 0
+                                                  or cfg.dp_rounds < 1)):
+            return None, self._error("fit", cfg, "example-level DP needs dp_clip_norm, "
+                                     "dp_delta and a noise multiplier or a target epsilon "
+                                     "with the run's rounds")
+        q, steps = dp_sgd.sampling_plan(n, cfg.batch_size, cfg.local_epochs)
+        sigma = cfg.dp_noise_multiplier or dp_sgd.calibrate_noise(
+            cfg.dp_target_epsilon, cfg.dp_delta, q, steps * cfg.dp_rounds)
+        event = (sigma, q, steps)
+        ledger = self.ledger
+        if cfg.dp_target_epsilon > 0:
+            after = ledger.epsilon(cfg.dp_delta, run=cfg.run_id, extra=event)
+            if after > cfg.dp_target_epsilon * (1 + 1e-6):
+                spent = ledger.epsilon(cfg.dp_delta, run=cfg.run_id)
+                return None, self._refuse_budget(
+                    cfg, "fit", f"this round would take the run's epsilon on this "
+                    f"hospital's images from {spent:.3f} to {after:.3f} at delta "
+                    f"{cfg.dp_delta:g}, above the run's target {cfg.dp_target_epsilon:g}")
+        if limit is not None:
+            delta = self.settings.epsilon_delta
+            after = ledger.epsilon(delta, extra=event)
+            if after > limit:
+                spent = ledger.epsilon(delta)
+                return None, self._refuse_budget(
+                    cfg, "fit", f"this round would take this hospital's epsilon over all "
+                    f"runs from {spent:.3f} to {after:.3f} at delta {delta:g}, above its "
+                    f"limit {limit:g} (LEUKOFED_CLIENT_MAX_EPSILON)")
+        return dp_sgd.DPSGDParams(cfg.dp_clip_norm, sigma, q, steps), None
+
+    def _dp_fit(self, cfg: RoundConfig, trainer: Any, x: np.ndarray, y: np.ndarray,
+                dp: Any) -> dict[str, float]:
+        """DP-SGD training (leukofed.dp_sgd), then the spending recorded in the ledger
+        before anything of it leaves. Returns local_fit's numbers and the dp_ ones."""
+        from leukofed.dp_sgd import LedgerEntry, dp_local_fit
+
+        stats = dp_local_fit(trainer, x, y, dp, learning_rate=cfg.learning_rate,
+                             proximal_mu=cfg.proximal_mu, class_balanced=cfg.class_balanced,
+                             augmentation=cfg.augmentation,
+                             logit_adjustment=cfg.logit_adjustment)
+        ledger = self.ledger
+        ledger.record(LedgerEntry(cfg.run_id, cfg.round, dp.noise_multiplier,
+                                  dp.sampling_rate, dp.steps, dp.clip_norm))
+        event = (dp.noise_multiplier, dp.sampling_rate, dp.steps)
+        spent = ledger.epsilon(cfg.dp_delta, run=cfg.run_id)
+        log.info("fit round %s: DP-SGD %d steps, noise %.3f, q %.4f: run epsilon %.3f at "
+                 "delta %g", cfg.round, dp.steps, dp.noise_multiplier, dp.sampling_rate,
+                 spent, cfg.dp_delta)
+        return {**stats, "dp_epsilon": spent,
+                "dp_epsilon_next": ledger.epsilon(cfg.dp_delta, run=cfg.run_id, extra=event),
+                "dp_noise_multiplier": dp.noise_multiplier, "dp_delta": cfg.dp_delta,
+                "dp_epsilon_total": ledger.epsilon(self.settings.epsilon_delta)}
+
+    def _refuse_budget(self, cfg: RoundConfig, task: str, message: str) -> WireMap:
+        """A task this hospital's privacy budget does not allow: said in its log (and the
+        participation log) and in its answer."""
+        log.warning("refused %s round %s of run %s: %s", task, cfg.round, cfg.run_id, message)
+        self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
+                                  status="refused", reason="privacy_budget", message=message,
+                                  bytes=0)
+        return _status("declined", self.hospital, reason="privacy_budget",
+                       message=f"refused: {message}", round=cfg.round, run_id=cfg.run_id)
 
     def _second_vector(self, task: str, cfg: RoundConfig, blob: bytes) -> WireMap | None:
         """An error answer when a masked vector for this run, round, purpose and global
@@ -282,15 +406,15 @@ class HospitalClient:
         return None
 
     def _secure_fit(self, cfg: RoundConfig, blob: bytes, weights: dict[str, np.ndarray],
-                    n: int, extra: WireMap, timings: dict[str, float], start: float
-                    ) -> WireMap:
+                    n: int, extra: WireMap, timings: dict[str, float], start: float,
+                    log_extra: dict[str, float] | None = None) -> WireMap:
         """The update as a masked vector (leukofed.secagg, services.client.secure)."""
         from services.client.secure import update_to_sum
 
         global_weights = decode_weights(blob)
         delta, weight, extras = update_to_sum(cfg.secure, global_weights, weights, n)
         answer = self._masked_answer("fit", cfg, blob, global_weights, delta, weight, extras,
-                                     n)
+                                     n, log_extra)
         if answer["status"] != "ok":
             return answer
         done = time.perf_counter()
@@ -300,7 +424,8 @@ class HospitalClient:
 
     def _masked_answer(self, task: str, cfg: RoundConfig, blob: bytes,
                        like: dict[str, np.ndarray], tensors: dict[str, np.ndarray],
-                       weight: float, extras: dict[str, float], n: int) -> WireMap:
+                       weight: float, extras: dict[str, float], n: int,
+                       log_extra: dict[str, float] | None = None) -> WireMap:
         """A fit or calibrate answer under secure aggregation: the masked vector, logged in
         the participation log; a protocol error is an error answer with its reason. Not yet
         signed: the caller adds its fields, then signs it whole (SecureSessions.sign_masked)."""
@@ -314,7 +439,8 @@ class HospitalClient:
         self.participation.append(run=cfg.run_id, round=cfg.round, task=task,
                                   status="ok", bytes=len(answer["masked"]), secure=True,
                                   num_examples=int(n), global_sha256=digest,
-                                  purpose=str((cfg.secure or {}).get("purpose")))
+                                  purpose=str((cfg.secure or {}).get("purpose")),
+                                  **(log_extra or {}))
         answer["bytes"] = len(answer["masked"])
         return answer
 
@@ -403,6 +529,11 @@ class HospitalClient:
         cfg, trainer, refusal = self._prepare(TASK_CALIBRATE, blob, config, auth)
         if refusal:
             return refusal
+        if self.settings.max_epsilon is not None:
+            return self._refuse_budget(
+                cfg, "calibrate", "exact statistics of this hospital's training images are "
+                f"outside any epsilon, and its LEUKOFED_CLIENT_MAX_EPSILON is "
+                f"{self.settings.max_epsilon:g}")
         if cfg.measure == "head":
             return self._head_statistics(cfg, trainer, blob, task_id, start)
         refusal = self._second_vector("calibrate", cfg, blob)

@@ -65,8 +65,15 @@ class ClientSettings(BaseSettings):
     peer_public_keys_dir: Path | None = Field(
         None, description="the other hospitals' <id>.pub: with it, secure aggregation checks "
         "that each neighbour's relayed keys are signed by that neighbour")
+    # How long a signed task stays valid (issue 26, finding 11: it was 7 days). A task also
+    # carries its round's deadline and is declined past it; this bounds what the deadline
+    # does not, and how long the record of completed tasks must keep a nonce. 6 h: the
+    # broker's visibility timeout, the longest a task waits before Celery redelivers it.
+    # Set it to at least the longest round deadline this hospital takes part in.
     task_max_age_s: float = Field(
-        7 * 24 * 3600.0, description="a signed task older than this is refused as expired")
+        6 * 3600.0, gt=0, le=7 * 24 * 3600.0,
+        description="a signed task older than this is refused as expired (at least the "
+        "longest round deadline of the runs this hospital joins)")
     # Secure aggregation: what this hospital does not take from the aggregator (the
     # neighbourhood is recomputed from the session's seed, docs/security.md section 8).
     secagg_min_neighbours: int = Field(
@@ -76,6 +83,15 @@ class ClientSettings(BaseSettings):
         0.6, gt=0.5, le=1.0, description="secure aggregation: share of the neighbours (and "
         "itself) needed to rebuild this hospital's secrets, at least; a run asking less "
         "gets this")
+
+    # Example-level differential privacy (leukofed.dp_sgd): this hospital's own budget.
+    max_epsilon: float | None = Field(
+        None, gt=0, description="the largest epsilon this hospital accepts on its training "
+        "images, over every run (example-level DP-SGD, RDP-composed, at epsilon_delta): it "
+        "refuses a fit that would exceed it, and every task that would use its training "
+        "images outside DP-SGD (a plain fit, BatchNorm or head statistics); none: no limit")
+    epsilon_delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which "
+                                 "max_epsilon is measured")
 
     @field_validator("hospital_id")
     @classmethod
