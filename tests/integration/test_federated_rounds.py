@@ -154,6 +154,23 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
     trained = {h["name"]: h for h in card["training"]["hospitals"]}
     assert set(trained) == {"a", "b"}
     assert sum(sum(h["class_counts"].values()) for h in trained.values()) == n_train
+    # The membership-inference audit on every version (leukofed.membership): pooled from the
+    # hospitals' loss histograms, on the card, in the version's tags and the run's metrics.
+    mem = card["membership"]
+    assert mem["measured"] and 0.0 <= mem["auc"] <= 1.0, mem
+    assert mem["attack"] in {"loss", "loss_ratio"} and mem["attack_text"]
+    assert set(mem["attacks"]) == {"loss", "loss_ratio"}  # round 1's model is the reference
+    assert 0.0 <= mem["tpr_at_1pct_fpr"] <= 1.0 and mem["hospitals"] == 2
+    last = run["history"][-1]["hospitals"]
+    assert mem["nonmembers"] == sum(last[h]["val_n"] + last[h]["test_n"] for h in "ab")
+    assert 0 < mem["members"] <= n_train
+    assert "where a coin is right 50%" in mem["reading"]
+    assert card_file["membership"] == mem
+    for v in by_round.values():
+        assert 0.0 <= float(v.tags["membership_auc"]) <= 1.0
+    for key in ("membership_auc", "membership_tpr_at_1pct_fpr", "membership_members"):
+        steps = client.get_metric_history(run["mlflow_run_id"], key)
+        assert sorted(m.step for m in steps) == [1, 2], key
     assert client.get_model_version_by_alias("leukofed-it-rounds", "candidate").version == \
         by_round[2].version
     assert run["versions"] == {"1": by_round[1].version, "2": by_round[2].version}
@@ -173,6 +190,9 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
             [round_learning_rate(1e-3, "cosine", r, 2) for r in (1, 2)])
         assert [e["learning_rate"] for e in fits] == pytest.approx([5e-4, 1e-3])
         assert all(e["logit_adjustment"] is True for e in fits)
+        evals = [e for e in lines if e["task"] == "evaluate" and e["status"] == "ok"]
+        assert [e.get("membership_histograms") for e in evals] == [
+            ["loss"], ["loss", "loss_ratio"]]  # what left: histograms, no per-image loss
         heads = [e for e in lines if e["task"] == "head_statistics" and e["status"] == "ok"]
         assert [e["round"] for e in heads] == [1, 2]
         assert all(e["bytes"] > 1000 and len(e["sha256"]) == 64 for e in fits)
