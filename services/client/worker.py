@@ -72,44 +72,52 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
 
     shared = SharedBlobs(lambda: app.backend.client)
 
+    # shared=False: these closures belong to this app and its clients only (Celery's default
+    # also attaches a task to every app made later in the process, so a second app here,
+    # a virtual worker's or a test's, ran the first app's closure and HospitalClient).
     # bind=True: the answer's signature names the Celery task id it answers.
     # global_ref: the global weights were stored once for every hospital (shared mode);
     # the signature (auth) is over the real weights, so it is checked as for inline ones.
-    @app.task(name=TASK_FIT, bind=True)
+    @app.task(name=TASK_FIT, bind=True, shared=False)
     def fit(self: Any, blob: bytes, config: WireMap, auth: Any = None,
             global_ref: str | None = None) -> WireMap:
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
-        return client_for(self.request).fit(shared.resolve(blob, global_ref), config, auth,
-                                            task_id=self.request.id)
+        client = client_for(self.request)
+        return answered(client, auth, client.fit(shared.resolve(blob, global_ref), config,
+                                                 auth, task_id=self.request.id))
 
-    @app.task(name=TASK_EVALUATE, bind=True)
+    @app.task(name=TASK_EVALUATE, bind=True, shared=False)
     def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
                  global_ref: str | None = None) -> WireMap:
-        return client_for(self.request).evaluate(shared.resolve(blob, global_ref), config,
-                                                 auth, task_id=self.request.id)
+        client = client_for(self.request)
+        return answered(client, auth, client.evaluate(shared.resolve(blob, global_ref),
+                                                      config, auth, task_id=self.request.id))
 
-    @app.task(name=TASK_CALIBRATE, bind=True)
+    @app.task(name=TASK_CALIBRATE, bind=True, shared=False)
     def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
                   global_ref: str | None = None) -> WireMap:
-        return client_for(self.request).calibrate(shared.resolve(blob, global_ref), config,
-                                                  auth, task_id=self.request.id)
+        client = client_for(self.request)
+        return answered(client, auth, client.calibrate(shared.resolve(blob, global_ref),
+                                                       config, auth, task_id=self.request.id))
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds
         def run(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
-            return client_for(self.request).secure_stage(task, blob, config, auth)
-        return app.task(name=task, bind=True)(run)
+            client = client_for(self.request)
+            return answered(client, auth, client.secure_stage(task, blob, config, auth))
+        return app.task(name=task, bind=True, shared=False)(run)
 
     for task in (TASK_SECAGG_KEYS, TASK_SECAGG_SHARES, TASK_SECAGG_REVEAL):
         secure_stage(task)
 
     # config: the run and the nonce the declaration is signed for (services/aggregator/
     # gather.py); blob: empty, kept so the task signature binds (blob, config) like others.
-    @app.task(name=TASK_DESCRIBE, bind=True)
+    @app.task(name=TASK_DESCRIBE, bind=True, shared=False)
     def describe(self: Any, blob: bytes = b"", config: WireMap | None = None,
                  auth: Any = None) -> WireMap:
-        return client_for(self.request).describe(auth, config=config, blob=blob,
-                                                 task_id=self.request.id)
+        client = client_for(self.request)
+        return answered(client, auth, client.describe(auth, config=config, blob=blob,
+                                                      task_id=self.request.id))
 
     def start_heartbeat(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:  # another app's worker in this process
@@ -119,6 +127,17 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
         app.leukofed_heartbeat = beating  # type: ignore[attr-defined]
 
     worker_ready.connect(start_heartbeat, weak=False)
+
+
+def answered(client: HospitalClient, auth: Any, answer: WireMap) -> WireMap:
+    """``answer``, once the task it answers is recorded as completed (services/client/
+    completed.py): a replay of it is refused from now on, after a restart too. A task that
+    raised, or a worker that died before this line, leaves no record, so Celery's redelivery
+    (acks_late) still runs it. The record is written just before Celery stores the result;
+    a crash in between makes the redelivery a refused replay, and the round goes on without
+    that answer."""
+    client.task_completed(auth)
+    return answer
 
 
 class SharedBlobs:
