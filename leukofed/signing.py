@@ -54,8 +54,10 @@ ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
 # update: a fit answer; calibration, evaluation, describe: the other answers (a signature of
 # one kind is never valid as another); secagg: the secure-aggregation stages; model: a
-# registered version's ONNX file, signed by the aggregator for the inference service.
-KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model")
+# registered version's ONNX file, signed by the aggregator for the inference service;
+# approval: the aggregator's "approved for serving" statement on an alias (leukofed.approval).
+KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model",
+         "approval")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -417,14 +419,19 @@ def model_digest(model_name: str, version: str, onnx_sha256: str) -> str:
 
 
 def sign_model(key: Ed25519PrivateKey, model_name: str, version: str, onnx_sha256: str,
-               weights_sha256: str, run: str = "", round: int = 0) -> str:
+               weights_sha256: str, run: str = "", round: int = 0,
+               artifact_uri: str | None = None) -> str:
     """The aggregator's signature of a registered version, as text for an MLflow tag
     (base64 of the msgpack envelope). The Keras weights' digest rides in the signed claims,
-    so an auditor can check the Keras artifact against the same signature."""
+    so an auditor can check the Keras artifact against the same signature, and so does the
+    ONNX file's address (``artifact_uri``): the inference service downloads from the signed
+    address, never from an editable tag (issue 26, finding 6)."""
+    extra = {"model": model_name, "version": str(version), "onnx_sha256": onnx_sha256,
+             "weights_sha256": weights_sha256}
+    if artifact_uri is not None:
+        extra["artifact_uri"] = artifact_uri
     env = sign(key, kind="model", signer=AGGREGATOR, run=run, round=round, hospital="",
-               digest=model_digest(model_name, version, onnx_sha256),
-               extra={"model": model_name, "version": str(version), "onnx_sha256": onnx_sha256,
-                      "weights_sha256": weights_sha256})
+               digest=model_digest(model_name, version, onnx_sha256), extra=extra)
     return base64.b64encode(msgpack.packb(env, use_bin_type=True)).decode("ascii")
 
 

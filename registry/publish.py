@@ -130,7 +130,7 @@ def publish_file(client: Any, model_name: str, version: str, run_id: str, path: 
         client.log_artifacts(run_id, str(model_file.parent), artifact_path=folder)
     uri = f"runs:/{run_id}/{folder}/{model_file.name}"
     signature = (signing.sign_model(signing_key, model_name, version, digest, weights_sha256,
-                                    run, round)
+                                    run, round, artifact_uri=uri)
                  if signing_key is not None else TAG_UNSIGNED)
     # The signature last: a reader seeing it knows the file and digest it names are there.
     for key, value in ((TAG_URI, uri), (TAG_SHA, digest),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -178,8 +179,27 @@ def register_onnx_version(tracking_uri: str, model_name: str, onnx: bytes,
         publish_file(client, model_name, version, run.info.run_id, path, "", 0.0,
                      signing_key)
     if champion:
+        if signing_key is not None:  # signed mode serves an alias only with its approval
+            approve(client, model_name, version, signing_key)
         client.set_registered_model_alias(model_name, "champion", version)
     return version
+
+
+_SEQ = itertools.count(int(time.time() * 1000))
+
+
+def approve(client: Any, model_name: str, version: str, signing_key: Any,
+            alias: str = "champion", **kwargs: Any) -> str:
+    """Tag ``version`` with the aggregator's approval for ``alias`` (leukofed.approval), as
+    its promotion does, with a sequence number newer than any before; returns the text."""
+    from leukofed.approval import approval_tag, make_approval
+    from registry.publish import TAG_SHA
+
+    sha = client.get_model_version(model_name, version).tags[TAG_SHA]
+    _, text = make_approval(signing_key, model=model_name, version=version, alias=alias,
+                            onnx_sha256=sha, approved_by="tests", seq=next(_SEQ), **kwargs)
+    client.set_model_version_tag(model_name, version, approval_tag(alias), text)
+    return text
 
 
 def register_tiny_model(tracking_uri: str, model_name: str, seed: int, image_size: int = 32,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from leukofed.approval import NotApproved
 from leukofed.calibration import Calibration
 from leukofed.export import ParityError, read_onnx_metadata
 from leukofed.ood import AcquisitionProfile
@@ -44,6 +45,7 @@ from .answers import (
     load_calibration,
     load_card,
 )
+from .approvals import ServingApprovals
 from .onnx_files import (
     UNCHECKED,
     ExportError,
@@ -176,7 +178,8 @@ class ServedModel:
 class ModelSource:
     def __init__(self, settings: InferenceSettings,
                  resolver: Callable[[], VersionInfo | None] | None = None,
-                 fetch_onnx: Callable[[VersionInfo], OnnxArtifact] | None = None) -> None:
+                 fetch_onnx: Callable[[VersionInfo], OnnxArtifact] | None = None,
+                 approvals: ServingApprovals | None = None) -> None:
         self.settings = settings
         self.current: ServedModel | None = None
         self.status = "starting: the registry has not been asked yet"
@@ -195,7 +198,15 @@ class ModelSource:
             self._registry = Registry(settings.tracking_uri, settings.model_name)
             key = (load_public_key(settings.model_public_key_file)
                    if settings.model_public_key_file else None)
-            store = OnnxStore(settings.onnx_cache_dir, self._registry, key)
+            if key is not None and not settings.model_version and approvals is None:
+                # Signed mode, following an alias: only an approved version is served.
+                approvals = ServingApprovals(key, settings.model_alias,
+                                             settings.onnx_cache_dir)
+            schemes = [x.strip().lower() for x in settings.artifact_schemes.split(",")
+                       if x.strip()]
+            store = OnnxStore(settings.onnx_cache_dir, self._registry, key, schemes,
+                              approve=approvals.check if approvals is not None else None)
+        self.approvals = approvals
         self._resolve = resolver or self._resolve_registry
         self._fetch = fetch_onnx or store.get
 
@@ -245,6 +256,8 @@ class ModelSource:
             self._note(self._missing_reason())
             return self.current
         if self.current is not None and self.current.version == info.version:
+            if self.approvals is not None:  # a renewed approval raises the newest seen
+                self.approvals.observe(info, self.current.sha256)
             return self.current
         if info.version in self.refused:
             return self.current
@@ -253,6 +266,14 @@ class ModelSource:
             served = self._load(info)
         except NotPublished as exc:
             self._note(str(exc))
+            return self.current
+        except NotApproved as exc:  # asked again at the next poll; the current one serves
+            reason = (f"version {info.version} is @{s.model_alias} but not approved for "
+                      f"serving ({exc.reason}: {exc}); still serving "
+                      f"{self.current.version if self.current else 'nothing'}")
+            if self.last_error != reason:
+                log.warning("%s", reason)
+            self._note(reason)
             return self.current
         except (ParityError, ExportError) as exc:
             why = ("not the file the aggregator signed" if isinstance(exc, UntrustedModel)

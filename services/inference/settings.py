@@ -83,6 +83,11 @@ class InferenceSettings(BaseSettings):
     # version is served, unchecked (development mode only).
     model_public_key_file: Path | None = Field(
         None, description="aggregator.pub: serve only versions whose ONNX it signed")
+    # Where a version's ONNX file may be downloaded from (issue 26, finding 6): the schemes
+    # of the addresses the aggregator signs; file://, http:// and the rest are refused.
+    artifact_schemes: str = Field(
+        "runs,models,mlflow-artifacts", description="URI schemes an ONNX file may be "
+        "downloaded from (comma list); any other address is refused before it is fetched")
 
     host: str = "127.0.0.1"
     port: int = 8000
