@@ -257,6 +257,14 @@ def _federation(federation: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(privacy, Mapping):
         privacy_out: dict[str, Any] | None = {"epsilon": finite_number(privacy.get("epsilon")),
                                               "delta": finite_number(privacy.get("delta"))}
+        if privacy.get("level") == "example":
+            # DP-SGD at each hospital: one training image is the unit; every hospital's own
+            # spent epsilon (the run's is the largest of them).
+            spent = privacy.get("hospitals")
+            privacy_out.update(
+                level="example", unit="one training image (docs/security.md)",
+                hospitals={str(h): finite_number(v) for h, v in spent.items()}
+                if isinstance(spent, Mapping) else {})
     else:
         privacy_out = None
     return {
@@ -568,6 +576,13 @@ def _sections(card: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]
         privacy_text = ("none (no differential privacy)" if not privacy else
                         f"differential privacy, epsilon {_f(privacy.get('epsilon'), 2)}, "
                         f"delta {_g(privacy.get('delta'))}")
+        if privacy and privacy.get("level") == "example":
+            spent = ", ".join(f"{h} {_f(e, 2)}" for h, e in
+                              sorted((privacy.get("hospitals") or {}).items()))
+            privacy_text = (f"example-level differential privacy (DP-SGD at each hospital; "
+                            f"the unit is one training image, not one patient): epsilon "
+                            f"{_f(privacy.get('epsilon'), 2)} (the largest hospital's), delta "
+                            f"{_g(privacy.get('delta'))}; per hospital: {spent or 'none'}")
         sections.append(("Federation", [("table", (["", ""], [
             ["strategy", _text(fed.get("strategy"))],
             ["round of this version", f"{_text(fed.get('round'))} of {_text(fed.get('rounds'))}"],

@@ -26,11 +26,19 @@ from services.aggregator.strategy_config import (
 
 
 class PrivacyConfig(BaseModel):
-    """Client-level differential privacy (leukofed.privacy). ``central``: the aggregator clips
-    every update and adds the noise; ``local``: each hospital does it before sending."""
+    """Differential privacy. ``level`` "client" (leukofed.privacy, DP-FedAvg): protects
+    whether a whole hospital took part; ``mode`` "central": the aggregator clips every update
+    and adds the noise; "local": each hospital does it before sending. ``level`` "example"
+    (leukofed.dp_sgd, DP-SGD): protects each training image; every hospital clips each
+    image's gradient to ``clip_norm``, adds noise at every local step, accounts its own
+    epsilon and stops at ``target_epsilon`` (its noise multiplier calibrated to reach it in
+    ``rounds`` rounds unless ``noise_multiplier`` is given)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    level: Literal["client", "example"] = Field(
+        "client", description="'client': one hospital is the unit (DP-FedAvg); 'example': one "
+        "training image is the unit (DP-SGD in each hospital's optimizer)")
     mode: Literal["central", "local"] = "central"
     noise_multiplier: float = Field(1.0, ge=0, le=1000,
                                     description="noise std / clip norm; 0 = clipping only")
@@ -47,7 +55,43 @@ class PrivacyConfig(BaseModel):
     def _adaptive(self) -> PrivacyConfig:
         if self.adaptive_clipping and self.mode != "central":
             raise ValueError("adaptive_clipping needs mode 'central'")
+        if self.level == "example":
+            self._check_example()
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _example_noise(cls, data: Any) -> Any:
+        """At level 'example' a noise multiplier left out is 0: each hospital calibrates its
+        own to reach target_epsilon in the run's rounds (its sampling rate is its own)."""
+        if isinstance(data, dict) and data.get("level") == "example" and \
+                "noise_multiplier" not in data:
+            data = {**data, "noise_multiplier": 0.0}
+        return data
+
+    def _check_example(self) -> None:
+        if self.mode != "central" or self.adaptive_clipping or self.count_noise is not None:
+            raise ValueError("level 'example' takes clip_norm (per image), delta, "
+                             "target_epsilon and optionally noise_multiplier; mode 'local', "
+                             "adaptive_clipping and count_noise are for level 'client'")
+        if self.noise_multiplier <= 0 and self.target_epsilon is None:
+            raise ValueError("level 'example' needs target_epsilon (each hospital calibrates "
+                             "its noise to it) or a noise_multiplier > 0")
+
+    @property
+    def example(self) -> bool:
+        """Example-level DP-SGD at the hospitals: no mechanism at the aggregator."""
+        return self.level == "example"
+
+    @property
+    def central(self) -> bool:
+        """Client-level DP whose clipping and noise the aggregator applies."""
+        return self.level == "client" and self.mode == "central"
+
+    @property
+    def calibrated(self) -> bool:
+        """Example level without a noise multiplier: each hospital calibrates its own."""
+        return self.example and self.noise_multiplier <= 0
 
 
 class SecureAggregationConfig(BaseModel):
@@ -229,6 +273,10 @@ class RunConfig(BaseModel):
         if self.bn_calibration == "on" and self.privacy is not None:
             raise ValueError("bn_calibration 'on' would release statistics outside the "
                              "privacy accounting; use norm 'group' with differential privacy")
+        if self.privacy is not None and self.privacy.example and self.norm != "group":
+            raise ValueError("privacy level 'example' needs norm 'group' (model compact_cnn): "
+                             "BatchNorm mixes the images of a batch, so clipping one image's "
+                             "gradient would bound nothing (leukofed.dp_sgd)")
         if self.secure_aggregation is not None:
             self._check_secure()
         if self.hospitals is not None and self.min_fit_clients > len(self.hospitals):
@@ -247,7 +295,8 @@ class RunConfig(BaseModel):
         if self.fp16:
             raise ValueError("fp16 does not apply under secure aggregation: "
                              "secure_aggregation.bits sets the width of what is sent")
-        if self.privacy is not None and self.privacy.mode == "local":
+        if self.privacy is not None and self.privacy.level == "client" and \
+                self.privacy.mode == "local":
             raise ValueError("privacy mode 'local' with secure aggregation adds every "
                              "hospital's noise to the sum; use mode 'central', whose noise "
                              "goes onto the unmasked sum")

@@ -43,6 +43,8 @@ from services.aggregator.privacy_step import (
     check_budget,
     clip_norm,
     dp_epsilon,
+    example_summary,
+    missing_accounting,
     poisson_sampling,
     privatize,
 )
@@ -115,6 +117,11 @@ def fit_config(cfg: RunConfig, record_id: str, server_round: int, strategy: Stra
 
 def _local_dp(cfg: RunConfig) -> dict[str, object]:
     p = cfg.privacy
+    if p is not None and p.example:
+        return {"dp_level": "example", "dp_clip_norm": p.clip_norm,
+                "dp_noise_multiplier": p.noise_multiplier,
+                "dp_target_epsilon": p.target_epsilon or 0.0, "dp_delta": p.delta,
+                "dp_rounds": cfg.rounds}
     if p is None or p.mode != "local":
         return {}
     return {"dp_mode": "local", "dp_clip_norm": p.clip_norm,
@@ -178,7 +185,7 @@ class FederatedRun:
                 self._track(cfg, rec["rounds"][-1], weights)
             for server_round in range(rec["completed_round"] + 1, cfg.rounds + 1):
                 self._check()
-                check_budget(cfg, server_round)
+                check_budget(cfg, server_round, rec["rounds"])
                 rec["current_round"] = server_round
                 store.save(rec)
                 weights = self._round(cfg, strategy, rng, server_round, weights)
@@ -251,8 +258,12 @@ class FederatedRun:
             summary["bn_calibration"] = bn_calibration
         if head is not None:
             summary["head_rebalance"] = head
+        if cfg.privacy is not None and cfg.privacy.example:
+            privacy = example_summary(cfg, fit.reports, self.record["rounds"])
+        elif privacy is not None:
+            privacy["epsilon"] = dp_epsilon(cfg, server_round)
         if privacy is not None:
-            privacy["epsilon"] = epsilon = dp_epsilon(cfg, server_round)
+            epsilon = float(privacy["epsilon"])  # type: ignore[arg-type]
             summary["privacy"] = privacy
             if np.isfinite(epsilon):  # an MLflow metric per round
                 summary["global"]["dp_epsilon"] = epsilon
@@ -301,7 +312,7 @@ class FederatedRun:
             fit_start = clock()
             if cfg.secure_aggregation is not None:
                 clip = (clip_norm(cfg, self.record["rounds"])
-                        if cfg.privacy is not None and cfg.privacy.mode == "central" else 0.0)
+                        if cfg.privacy is not None and cfg.privacy.central else 0.0)
                 try:
                     s = secure_fit(g, cfg, server_round, selected, blob, config, weights,
                                    strategy.bn_stat_names, clip)
@@ -341,12 +352,18 @@ class FederatedRun:
         g = self.gather
 
         def check(answers: Mapping[str, WireMap]) -> tuple[dict, dict[str, str]]:
-            return check_tensor_answers(
+            usable, rejected = check_tensor_answers(
                 answers, lambda a, h: g.verify(a, h, server_round, "update", TASK_FIT, blob),
                 g.declared, lambda update: validate_update(weights, update,
                                                            max_norm_ratio=cfg.max_norm_ratio))
+            for h, (a, _) in list(usable.items()):
+                problem = missing_accounting(cfg, a)
+                if problem:
+                    del usable[h]
+                    rejected[h] = problem
+            return usable, rejected
 
-        central_dp = cfg.privacy is not None and cfg.privacy.mode == "central"
+        central_dp = cfg.privacy is not None and cfg.privacy.central
         if strategy.streams and not central_dp:
             fold = UpdateFold(check)
             answers, failures = g.ask(server_round, TASK_FIT, selected, blob, config,

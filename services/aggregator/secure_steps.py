@@ -43,7 +43,7 @@ def secure_fit(g: Gather, cfg: RunConfig, server_round: int, selected: list[str]
 
     assert cfg.secure_aggregation is not None
     floats = {n: w for n, w in weights.items() if np.issubdtype(w.dtype, np.floating)}
-    dp = cfg.privacy is not None and cfg.privacy.mode == "central"
+    dp = cfg.privacy is not None and cfg.privacy.central
     ranges = update_ranges(floats, bn_names, cfg.secure_aggregation.update_range)
     if dp:  # a clipped delta has no coordinate beyond the clip norm
         ranges = {n: min(r, clip) for n, r in ranges.items()}

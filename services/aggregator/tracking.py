@@ -102,8 +102,7 @@ def card_info(cfg: RunConfig, record: dict[str, Any], summary: dict[str, Any],
         "federation": {"strategy": cfg.strategy, "rounds": cfg.rounds,
                        "round": summary["round"],
                        "secure_aggregation": "secure_aggregation" in summary,
-                       "privacy": ({"epsilon": float(privacy["epsilon"]),
-                                    "delta": float(privacy["delta"])} if privacy else None)},
+                       "privacy": _card_privacy(privacy)},
         "test": test,
         "calibration": summary.get("calibration"),
         "conformal_test": summary.get("server_conformal"),
@@ -123,10 +122,29 @@ def _aggregation_tag(secure: dict[str, Any] | None) -> str:
             f"threshold {secure['threshold_fraction']}): the aggregator saw only the sum")
 
 
+def _card_privacy(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's privacy: epsilon and delta; at the example level each hospital's too."""
+    if not privacy:
+        return None
+    out: dict[str, Any] = {"epsilon": float(privacy["epsilon"]),
+                           "delta": float(privacy["delta"])}
+    if privacy.get("level") == "example":
+        out.update(level="example", hospitals={h: float(v["epsilon"]) for h, v in
+                                               privacy.get("hospitals", {}).items()})
+    return out
+
+
 def _privacy_tag(privacy: dict[str, Any] | None) -> str:
     """The budget spent up to this version, as every registered version carries it."""
     if not privacy:
         return "none (no differential privacy in this run)"
+    if privacy.get("level") == "example":
+        spent = ", ".join(f"{h} {float(v['epsilon']):.4g}"
+                          for h, v in sorted(privacy.get("hospitals", {}).items()))
+        return (f"example-level DP-SGD (unit: one training image): epsilon "
+                f"{float(privacy['epsilon']):.4g} at delta {float(privacy['delta']):g}, the "
+                f"largest hospital's (per hospital: {spent or 'none'}; clip norm "
+                f"{float(privacy['clip_norm']):.4g} per image, RDP accountant)")
     return (f"{privacy['mode']} DP-FedAvg: epsilon {float(privacy['epsilon']):.4g} at delta "
             f"{float(privacy['delta']):g} (noise multiplier {privacy['noise_multiplier']:g}, "
             f"clip norm {float(privacy['clip_norm']):.4g}, sampling rate "
