@@ -317,6 +317,17 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float,
         tol=1e-3))
 
 
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(epsilon, delta) for a group of ``k`` records (one patient's k images) from a
+    per-record guarantee: (k eps, k e^((k-1) eps) delta) (Dwork and Roth 2014, Theorem 2.2
+    and its (eps, delta) form; Vadhan 2017, Lemma 2.2). Loose past k = 2-3: a hospital that
+    knows its patient ids does better by sampling patients and clipping each patient's
+    summed gradient (the guarantee is then per patient, at the accountant's epsilon)."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    return k * epsilon, min(1.0, k * math.exp((k - 1) * epsilon) * delta)
+
+
 @dataclass
 class LedgerEntry:
     run: str

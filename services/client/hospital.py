@@ -478,8 +478,11 @@ class HospitalClient:
                 splits[name] = {**split_metrics(y, probs),
                                 "calibration": calibration_sums(probs, y)}
                 held_out.append(per_image_loss(probs, y))
+        # A hospital with its own epsilon limit sends nothing computed on its training
+        # images outside DP-SGD: the audit's member histogram is an exact count of them.
         membership = (self._membership(cfg, trainer, held_out)
-                      if cfg.membership_images else None)
+                      if cfg.membership_images and self.settings.max_epsilon is None
+                      else None)
         self.participation.append(run=cfg.run_id, round=cfg.round, task="evaluate",
                                   status="ok", bytes=0,
                                   num_examples=sum(s["n"] for s in splits.values()),

@@ -109,6 +109,10 @@ def test_with_a_limit_set_plain_training_and_statistics_are_refused(
     assert "only example-level" in answer["message"]
     calibrate = client.calibrate(group_blob, {**plain, "measure": "head"})
     assert calibrate["status"] == "declined" and calibrate["reason"] == "privacy_budget"
+    # Evaluation of the val and test images goes on, without the membership audit's
+    # histogram of training-image losses (an exact count of them, outside any epsilon).
+    evaluation = client.evaluate(group_blob, {**plain, "membership_images": 5})
+    assert evaluation["status"] == "ok" and "membership" not in evaluation
 
 
 def test_batchnorm_model_is_refused_at_the_example_level(

@@ -200,3 +200,10 @@ def test_ledger_is_durable_and_composes_per_run_and_in_total(tmp_path) -> None:
     assert again.epsilon(1e-5, run="r1", extra=(1.2, 0.1, 20)) == pytest.approx(
         again.epsilon(1e-5))
     assert again.noise_for_run("r2") == 1.2 and again.noise_for_run("r3") is None
+
+
+def test_group_privacy_for_a_patient_with_several_images() -> None:
+    assert dp_sgd.group_privacy(1.0, 1e-5, 1) == (1.0, 1e-5)
+    eps, delta = dp_sgd.group_privacy(1.0, 1e-5, 3)
+    assert eps == 3.0 and delta == pytest.approx(3 * math.exp(2) * 1e-5)
+    assert dp_sgd.group_privacy(5.0, 1e-5, 10)[1] == 1.0  # meaningless: capped at 1
