@@ -141,6 +141,10 @@ class Registry:
         with _mlflow_errors(f"move @{alias}"):
             self.client.set_registered_model_alias(self.model_name, alias, str(version))
 
+    def delete_alias(self, alias: str) -> None:
+        with _mlflow_errors(f"remove @{alias}"):
+            self.client.delete_registered_model_alias(self.model_name, alias)
+
     def alias_history(self) -> list[dict[str, Any]]:
         """The alias moves ``promote`` recorded, oldest first (who, when, from, to, digest,
         and what the release gate said)."""
@@ -271,3 +275,7 @@ class Registry:
     def set_version_tag(self, version: str, key: str, value: str) -> None:
         with _mlflow_errors(f"tag version {version}"):
             self.client.set_model_version_tag(self.model_name, version, key, value)
+
+    def delete_version_tag(self, version: str, key: str) -> None:
+        with _mlflow_errors(f"untag version {version}"):
+            self.client.delete_model_version_tag(self.model_name, version, key)

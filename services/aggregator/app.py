@@ -26,7 +26,8 @@ from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.keras_ops import KerasModelOps
 from services.aggregator.manager import RunManager
 from services.aggregator.observability import AggregatorMetrics, RunContextFilter
-from services.aggregator.routers import hospitals, runs
+from services.aggregator.promotion import Promoter, PromotionWatcher
+from services.aggregator.routers import hospitals, promotions, runs
 from services.aggregator.run_records import RunStore
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.tracking import MlflowTracker
@@ -85,9 +86,21 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         metrics.collector.last_seen = lambda: dict(getattr(mgr.dispatcher, "last_seen", {}))
         add_filter(RunContextFilter(mgr))  # run_id and round on the round loop's lines
         app.state.mlflow_url = lambda rec: _mlflow_url(settings, rec)
+        watcher = None
+        if settings.tracking and signing_key is not None:
+            app.state.promoter = Promoter(Registry(settings.tracking_uri, settings.model_name),
+                                          signing_key, settings.state_dir,
+                                          settings.approval_ttl_s)
+            aliases = [a.strip() for a in settings.promotion_aliases.split(",") if a.strip()]
+            if aliases:
+                watcher = PromotionWatcher(app.state.promoter, aliases,
+                                           settings.promotion_watch_s)
+                watcher.start()
         mgr.start(resume=settings.resume_on_start)
         yield
         mgr.stop()
+        if watcher is not None:
+            watcher.stop()
 
     app = FastAPI(title="leukofed aggregator", version="1",
                   description="Start and follow federated training runs over the hospitals' "
@@ -100,6 +113,8 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
     admin = [Depends(require_admin)]
     app.include_router(runs.router, dependencies=admin)
     app.include_router(hospitals.router, dependencies=admin)
+    app.include_router(promotions.router, dependencies=admin)
+    app.state.promoter = None  # set by the lifespan when the aggregator can sign
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

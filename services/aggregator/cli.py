@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import time
@@ -172,9 +173,14 @@ def _gate_option(name: str, words: str) -> Any:
 
 
 def promote(
-    version: Annotated[str, typer.Argument(
-        help="model version, or 'best' (the highest-ranked version that passes the gate)")],
+    version: Annotated[str | None, typer.Argument(
+        help="model version, or 'best' (the highest-ranked version that passes the gate)")
+    ] = None,
     alias: str = "champion",
+    history: Annotated[bool, typer.Option(
+        "--history", help="show the aggregator's promotion log (who, when, what the gate "
+        "said, moves made in the MLflow UI and what became of them) and exit")] = False,
+    url: UrlOpt = DEFAULT_URL,
     metric: Annotated[str, typer.Option(
         help="tag used by 'best'; the default ranks by the worse of original and recoloured "
              "macro-F1, so a colour reader cannot win")] = "audit_worst_macro_f1",
@@ -203,22 +209,33 @@ def promote(
              "(the shortcut audit): release gate floor (default "
              f"{DEFAULT_MAX_FOLLOW_COLOUR:g}; env LEUKOFED_GATE_MAX_FOLLOW_COLOUR or "
              "LEUKOFED_MAX_FOLLOW_COLOUR)")] = None,
-) -> None:
-    """Point an alias (champion by default) at a registered model version, after showing
-    its model card, its shortcut audit and the release gate (leukofed.gate). A version below
-    a floor is refused; --force --reason TEXT overrides, and the override is recorded."""
-    from pydantic import ValidationError
-
     max_membership_auc: Annotated[float | None, typer.Option(
         help="highest AUC of the card's membership-inference audit (0.5: a coin): release "
              "gate floor, off unless set (suggested 0.6, docs/privacy.md; env "
              "LEUKOFED_GATE_MAX_MEMBERSHIP_AUC)")] = None,
+) -> None:
+    """Point an alias (champion by default) at a registered model version, after showing
+    its model card, its shortcut audit and the release gate (leukofed.gate). A version below
+    a floor is refused; --force --reason TEXT overrides, and the override is recorded.
+
+    With the aggregator's admin token (LEUKOFED_AGGREGATOR_ADMIN_TOKEN or _FILE) the move is
+    made by the aggregator (--url): it runs the gate again, signs the "approved for serving"
+    statement the inference service requires and records the move in its promotion log
+    (--history). Without it the alias is moved in MLflow only, as the MLflow UI does; the
+    aggregator's watcher then approves it (gate passed) or puts it back."""
+    from pydantic import ValidationError
+
     from leukofed.audit import format_audit
     from leukofed.gate import GateFloors, check_gate, format_gate
     from registry.client import HISTORY_TAG, OVERRIDE_TAG, Registry, RegistryError
     from registry.model_versions import DEFAULT_MODEL_NAME
     from registry.publish import TAG_SHA, TAG_SIGNATURE, TAG_UNSIGNED
 
+    if history:
+        _show_history(url)
+        return
+    if version is None:
+        raise typer.BadParameter("give a VERSION (or 'best'), or --history")
     if force and not (reason or "").strip():
         typer.echo("refused: --force needs --reason TEXT (why this version is promoted past "
                    "the release gate; it is recorded with the move)", err=True)
@@ -303,17 +320,64 @@ def promote(
     signed = tags.get(TAG_SIGNATURE) not in (None, "", TAG_UNSIGNED)
     typer.echo(f"ONNX file sha256: {tags.get(TAG_SHA) or 'none (not servable)'}; aggregator "
                f"signature: {'present (the inference service checks it)' if signed else 'none'}")
+    if _admin_token():  # the aggregator signs the approval and keeps the log
+        by = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+        entry = _request("POST", f"{url}/v1/promotions", json={
+            "version": str(version), "alias": alias, "model": name, "by": by,
+            "force": force, "reason": reason, "floors": floors.model_dump()})
+        typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
+                   f"round {tags.get('round', '?')})")
+        typer.echo(f"approved for serving by the aggregator: seq {entry['seq']}, by "
+                   f"{entry['by']}, expires {entry['expires_at']} (renewed by the "
+                   "aggregator while it stays); recorded in its promotion log "
+                   "(leukofed promote --history)")
+        return
     try:
         tags = registry.promote(version, alias, gate)
     except RegistryError as exc:  # e.g. a read-only (hospital) user with MLflow auth on
         typer.echo(f"MLflow refused to move @{alias}: {exc}", err=True)
         raise typer.Exit(1) from None
+    typer.echo("moved in MLflow only (no aggregator admin token here): where the inference "
+               "service checks signatures it serves this version once the aggregator's "
+               "promotion watcher has approved it; the watcher runs the same release gate "
+               "with the aggregator's floors and puts back a move that fails it, overrides "
+               "included. Promote through the aggregator (LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE"
+               ", --url) to have it signed at once.", err=True)
     typer.echo(f"{name} version {version} is now @{alias} (run {tags.get('run_id', '?')}, "
                f"round {tags.get('round', '?')})")
     if gate["gate"] == "overridden":
         typer.echo(f"override recorded in the alias history (tag {HISTORY_TAG} of {name}) "
                    f"and on version {version} (tag {OVERRIDE_TAG}): who, when, the reason "
                    "and the floors failed")
+
+
+def _admin_token() -> str | None:
+    from services.aggregator.auth import read_secret
+
+    return read_secret(os.environ.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN"),
+                       os.environ.get("LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE"))
+
+
+def _show_history(url: str) -> None:
+    """The promotion log: from the aggregator's API with the admin token, else from this
+    machine's aggregator state folder (LEUKOFED_AGGREGATOR_STATE_DIR)."""
+    from services.aggregator.promotion import PromotionLog, format_history
+    from services.aggregator.settings import AggregatorSettings
+
+    if _admin_token():
+        body = _request("GET", f"{url}/v1/promotions")
+        entries, broken = body["entries"], body["broken"]
+    else:
+        log = PromotionLog(AggregatorSettings().state_dir)
+        if not log.path.exists():
+            typer.echo(f"no promotion log at {log.path}: give the aggregator's admin token "
+                       "(LEUKOFED_AGGREGATOR_ADMIN_TOKEN_FILE) and --url to read it from the "
+                       "aggregator, or set LEUKOFED_AGGREGATOR_STATE_DIR", err=True)
+            raise typer.Exit(1)
+        entries, broken = log.entries(), log.verify()
+    typer.echo(format_history(entries, broken))
+    if broken:
+        raise typer.Exit(1)
 
 
 def _model_card(registry: Any, tags: dict[str, str]) -> dict[str, Any] | None:

@@ -83,6 +83,18 @@ class AggregatorSettings(BaseSettings):
     signing_key_file: Path | None = Field(None, description="aggregator.key: sign tasks")
     hospital_keys_dir: Path | None = Field(
         None, description="folder of <hospital>.pub; when set, unsigned updates are rejected")
+    # Promotion (services/aggregator/promotion.py, issue 26 finding 6): with a signing key and
+    # MLflow, the aggregator signs an "approved for serving" statement for each promotion,
+    # logs it in <state_dir>/promotions.jsonl, and watches these aliases: a move made in the
+    # MLflow UI passes the release gate and is approved, or is put back with the reason.
+    promotion_aliases: str = Field(
+        "champion", description="aliases the promotion watcher judges (comma list; empty: "
+        "no watcher)")
+    promotion_watch_s: float = Field(
+        5.0, gt=0, description="seconds between two looks at the watched aliases")
+    approval_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=60, description="how long a signed approval is valid; the "
+        "watcher renews the current one at half of it")
 
     @field_validator("isolated_hospitals")
     @classmethod
