@@ -147,6 +147,26 @@ def status(hospital_id: HospitalOpt = None, state_dir: StateOpt = None) -> None:
 
 
 @client_app.command()
+def privacy(hospital_id: HospitalOpt = None, state_dir: StateOpt = None,
+            delta: Annotated[float, typer.Option(help="delta of the epsilons shown")] = 1e-5
+            ) -> None:
+    """What this hospital's training images have spent under example-level differential
+    privacy (DP-SGD): epsilon per run and over every run (the total its
+    LEUKOFED_CLIENT_MAX_EPSILON limits), from its ledger."""
+    from leukofed.dp_sgd import HospitalLedger
+
+    ledger = HospitalLedger(_state_dir(hospital_id, state_dir))
+    entries = ledger.entries()
+    runs = sorted({e.run for e in entries})
+    typer.echo(json.dumps({
+        "ledger": str(ledger.path), "delta": delta,
+        "unit": "one training image (a patient with k images: leukofed.dp_sgd.group_privacy)",
+        "total_epsilon": ledger.epsilon(delta),
+        "runs": {r: {"epsilon": ledger.epsilon(delta, run=r),
+                     "rounds": sum(e.run == r for e in entries)} for r in runs}}, indent=1))
+
+
+@client_app.command()
 def describe(hospital_id: HospitalOpt = None,
              data_dir: Annotated[Path | None, typer.Option()] = None) -> None:
     """What the aggregator would learn from describe(): class counts and a fingerprint."""

@@ -137,3 +137,23 @@ def test_calibrated_noise_reaches_the_target_in_the_runs_rounds(
     _, q, steps = _one_round(client, DP)
     assert dp_sgd.epsilon_of([(sigma, q, steps)] * 3, 1e-5) <= 6.0
     assert answer["metrics"]["dp_epsilon"] < 6.0
+
+
+def test_hospital_it_sees_what_its_images_spent(tmp_path: Path) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from services.client.cli import register
+
+    ledger = dp_sgd.HospitalLedger(tmp_path)
+    ledger.record(dp_sgd.LedgerEntry("r1", 1, 1.2, 0.1, 20, 1.0))
+    ledger.record(dp_sgd.LedgerEntry("r2", 1, 1.2, 0.1, 20, 1.0))
+    app = typer.Typer()
+    register(app)
+    out = CliRunner().invoke(app, ["client", "privacy", "--state-dir", str(tmp_path)])
+    shown = json.loads(out.output)
+    assert shown["runs"]["r1"]["rounds"] == 1
+    assert shown["total_epsilon"] == pytest.approx(ledger.epsilon(1e-5))
+    assert shown["runs"]["r1"]["epsilon"] < shown["total_epsilon"]
