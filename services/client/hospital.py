@@ -275,9 +275,12 @@ class HospitalClient:
             weights = privatize_local(decode_weights(blob), weights, cfg.dp_clip_norm,
                                       cfg.dp_noise_multiplier, np.random.default_rng())
         spent = {k: float(v) for k, v in stats.items() if k.startswith("dp_")}
+        # Under DP-SGD the training loss and accuracy stay here: exact aggregates over the
+        # sampled images, outside the noise. What was spent is sent instead.
+        metrics = ({k: v for k, v in spent.items() if k != "dp_epsilon_total"} if dp else
+                   {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"])})
         extra = {
-            "metrics": {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"]),
-                        **{k: v for k, v in spent.items() if k != "dp_epsilon_total"}},
+            "metrics": metrics,
             "class_counts": _counts(y), "dataset_fingerprint": self.dataset()[0].fingerprint,
             **(self.training_profile(cfg.image_size) if cfg.send_profile else {}),
         }

@@ -59,6 +59,7 @@ def test_example_level_fit_reports_what_it_spent_everywhere(
     assert m["dp_epsilon_next"] == pytest.approx(
         dp_sgd.epsilon_of([_one_round(client, DP)] * 2, 1e-5))
     assert m["dp_noise_multiplier"] == 1.5
+    assert "loss" not in m and "accuracy" not in m  # exact training aggregates stay home
     assert "acquisition" not in answer  # exact statistics of the images stay home
     entries = client.ledger.entries()
     assert [(e.run, e.round, e.noise_multiplier) for e in entries] == [("r1", 1, 1.5)]
