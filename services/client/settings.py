@@ -89,7 +89,8 @@ class ClientSettings(BaseSettings):
         None, gt=0, description="the largest epsilon this hospital accepts on its training "
         "images, over every run (example-level DP-SGD, RDP-composed, at epsilon_delta): it "
         "refuses a fit that would exceed it, and every task that would use its training "
-        "images outside DP-SGD (a plain fit, BatchNorm or head statistics); none: no limit")
+        "images outside DP-SGD (a plain fit, BatchNorm or head statistics, the membership "
+        "audit's member histogram); none: no limit")
     epsilon_delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which "
                                  "max_epsilon is measured")
 
