@@ -21,6 +21,7 @@ from leukofed.logging import configure as configure_logging
 from leukofed.transport import make_celery
 from registry.client import Registry
 from services.aggregator.auth import read_secret, require_admin
+from services.aggregator.broker_guard import BrokerGuard
 from services.aggregator.deps import RunDeps
 from services.aggregator.dispatch import CeleryDispatcher
 from services.aggregator.keras_ops import KerasModelOps
@@ -84,6 +85,9 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         metrics.collector.live_hospitals = mgr.dispatcher.live_hospitals
         metrics.collector.progress = mgr.progress
         metrics.collector.last_seen = lambda: dict(getattr(mgr.dispatcher, "last_seen", {}))
+        guard = _broker_guard(settings)
+        if guard is not None:  # per-hospital limits and the memory alarm (issue 26, finding 9)
+            metrics.registry.register(guard)  # type: ignore[arg-type]
         add_filter(RunContextFilter(mgr))  # run_id and round on the round loop's lines
         app.state.mlflow_url = lambda rec: _mlflow_url(settings, rec)
         watcher = None
@@ -99,6 +103,9 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         mgr.start(resume=settings.resume_on_start)
         yield
         mgr.stop()
+        if guard is not None:
+            guard.stop()
+            metrics.registry.unregister(guard)  # type: ignore[arg-type]
         if watcher is not None:
             watcher.stop()
 
@@ -128,6 +135,19 @@ def create_app(settings: AggregatorSettings | None = None, manager: RunManager |
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _broker_guard(settings: AggregatorSettings) -> BrokerGuard | None:
+    """The broker guard, started, in isolated mode with a quota (else None): it connects as
+    the aggregator's own broker user, which already reaches every hospital's prefix."""
+    if not settings.isolated or settings.broker_quota_mb <= 0:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30,
+                                  **(settings.tls or {}))
+    return BrokerGuard(client, settings.isolated, int(settings.broker_quota_mb * 2**20),
+                       settings.broker_guard_interval_s).start()
 
 
 def _mlflow_url(settings: AggregatorSettings, record: dict[str, Any]) -> str | None:

@@ -34,6 +34,15 @@ class AggregatorSettings(BaseSettings):
     # naming another hospital gets a connection for it on first use.
     isolated_hospitals: str = Field(
         "", description="comma list of hospital ids isolated by key prefix; empty = off")
+    # Per-hospital limits on the broker (services/aggregator/broker_guard.py), isolated mode
+    # only: a hospital whose keys hold more is cut back, largest keys first; the sum of the
+    # quotas plus what hospitals can send in one interval must stay under Redis' maxmemory.
+    broker_quota_mb: float = Field(
+        256.0, ge=0, description="isolated mode: most broker memory one hospital's keys may "
+        "hold (MB); over it the aggregator deletes that hospital's largest keys (0: off)")
+    broker_guard_interval_s: float = Field(
+        2.0, gt=0, description="how often the broker guard measures each hospital's keys "
+        "and the broker's memory alarm (seconds)")
     mlflow_tracking_uri: str | None = Field(
         None, description="default: $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000")
     mlflow_experiment: str = "leukofed-federated"

@@ -223,3 +223,65 @@ def test_broker_configuration_as_the_issue_asks(broker: Broker) -> None:
     keys = [g for g in monitor if "~" in g and g != "resetkeys"]
     assert keys and all(g.startswith("%R~") for g in keys), keys
     assert not [g for g in monitor if g.startswith("&") or g.startswith("+@")]
+
+
+def test_attack_hospital_fills_broker_memory_with_real_bytes(broker: Broker) -> None:
+    """Without amplification a hospital can still send the bytes itself: SET under its own
+    prefix is what Celery's results need. Hospital a writes 4 MB values in bursts, more than
+    maxmemory in all; after each burst the aggregator's broker guard (what its thread runs
+    every interval_s) cuts a back to its quota, largest keys first, and the aggregator still
+    queues b's task. Then a floods key names: cut back to the key cap. b is never touched."""
+    from services.aggregator.broker_guard import BrokerGuard
+
+    a, aggregator = broker.client("a"), broker.client("aggregator")
+    quota = 8 * 2**20
+    guard = BrokerGuard(aggregator, HOSPITALS, quota_bytes=quota, max_keys=50)
+    aggregator.lpush("b:hospital.b", b"b's task" * 1000)
+    value = b"x" * (4 * 2**20)
+    written = 0
+    for burst in range(8):
+        for i in range(5):
+            a.set(f"a:junk:{burst}:{i}", value)
+            written += len(value)
+        deleted = guard.check()
+        assert set(deleted) == {"a"} and len(deleted["a"]) >= 3, deleted
+        assert guard.usage["a"][0] <= quota
+        aggregator.lpush("b:hospital.b", b"t" * 2**18)  # would fail at maxmemory
+    assert written > 2 * MAXMEMORY  # without the guard this could not have fit
+    assert aggregator.llen("b:hospital.b") == 9 and guard.enforced == {"a": 8}
+    pipe = a.pipeline(transaction=False)
+    for i in range(500):
+        pipe.set(f"a:name:{i}", b"1")
+    pipe.execute()
+    guard.check()
+    assert guard.usage["a"][1] <= 50 and guard.usage["b"][1] == 1
+    metrics = "".join(f"{m.name} {s.labels} {s.value}\n" for m in guard.collect()
+                      for s in m.samples)
+    assert "leukofed_broker_hospital_bytes {'hospital': 'a'}" in metrics
+    assert "leukofed_broker_memory_alarm {} 0" in metrics
+    aggregator.delete("b:hospital.b")
+    for key in aggregator.scan_iter(match="a:*"):
+        aggregator.unlink(key)
+
+
+def test_broker_memory_alarm(broker: Broker) -> None:
+    """Used memory at 80% of maxmemory raises the alarm (log and /metrics) before writes
+    start failing, whoever holds it."""
+    from services.aggregator.broker_guard import BrokerGuard
+
+    a, aggregator = broker.client("a"), broker.client("aggregator")
+    guard = BrokerGuard(aggregator, HOSPITALS, quota_bytes=2**30)
+    guard.check()
+    assert not guard.alarm and guard.memory is not None
+    value = b"x" * (2**20 - 64)  # under an allocator size class, so ~1 MB each
+    for i in range(MAXMEMORY // len(value)):
+        a.set(f"a:big:{i}", value)
+        guard.check()
+        if guard.alarm:
+            break
+    assert guard.alarm and guard.memory is not None and guard.memory[1] == MAXMEMORY
+    alarm = [s.value for m in guard.collect() if m.name == "leukofed_broker_memory_alarm"
+             for s in m.samples]
+    assert alarm == [1]
+    for key in aggregator.scan_iter(match="a:*"):
+        aggregator.unlink(key)

@@ -61,6 +61,8 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
             # Before the attempts below: the honest round as the hospitals' ACL users (an
             # exact command allowlist, gen_acl.HOSPITAL_COMMANDS) was refused nothing.
             refusals = auditor.acl_log(count=100)
+            # The broker guard (per-hospital quota, memory alarm) runs with the aggregator.
+            metrics = client.get("/metrics").text
             a = redis.Redis(port=port, username="a", password=pw["a"])
             b_keys = [k for k in keys if k.startswith("b:")]
             # b's worker listens for remote control on this one (a PSUBSCRIBE pattern
@@ -75,6 +77,8 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
     for w in workers:
         assert "NOPERM" not in w.log(), w.log()[-3000:]  # the honest path never hits the ACL
     assert refusals == [], refusals
+    assert 'leukofed_broker_hospital_bytes{hospital="a"}' in metrics
+    assert "leukofed_broker_memory_alarm 0.0" in metrics
     # Nothing shared: every key and channel of the round is under one hospital's prefix
     # (kombu's unacked/unacked_index and bindings included).
     assert keys and all(k.startswith(("a:", "b:")) for k in keys), keys
