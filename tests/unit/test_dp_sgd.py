@@ -117,10 +117,12 @@ def test_dp_local_fit_changes_weights_and_reports_steps(trainer: Trainer) -> Non
     y = np.arange(8) % 4
     before = [v.numpy().copy() for v in trainer.model.trainable_variables]
     params = dp_sgd.DPSGDParams(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5,
-                                steps=2)
+                                steps=4)
     stats = dp_sgd.dp_local_fit(trainer, x, y, params, augmentation="basic",
                                 rng=np.random.default_rng(0))
-    assert stats["steps"] == 2
+    assert stats["steps"] == 4
+    # Poisson batches of varying sizes share one trace of the per-example step.
+    assert dp_sgd.dp_step_for(trainer).per_example_grads.experimental_get_tracing_count() == 1
     assert any(not np.allclose(b, v.numpy())
                for b, v in zip(before, trainer.model.trainable_variables))
 
