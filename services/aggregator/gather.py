@@ -155,6 +155,8 @@ class Gather:
                     status = result.get("status") if isinstance(result, dict) else type(result)
                     reason = result.get("reason") if isinstance(result, dict) else ""
                     failures[hospital] = f"{status}: {reason}"
+                    if reason == "privacy_budget":  # the hospital's own numbers, for the run
+                        failures[hospital] += f" ({str(result.get('message', ''))[:300]})"
                 else:
                     answers[hospital] = on_answer(hospital, result) if on_answer else result
             if pending and d.clock() >= next_liveness:

@@ -157,3 +157,19 @@ def test_an_old_hospital_that_does_not_account_is_left_out(tmp_path) -> None:
     assert "DP-SGD" in rec["rounds"][0]["rejected"]["b"]
     assert set(rec["rounds"][0]["participants"]) == {"a"}
     assert np.isfinite(rec["rounds"][0]["global"]["dp_epsilon"])
+
+
+def test_a_hospital_refusing_for_its_budget_is_named_with_its_reason(tmp_path) -> None:
+    clock = Clock()
+
+    def refuses(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        return {"status": "declined", "hospital": hospital, "reason": "privacy_budget",
+                "message": "refused: this round would take this hospital's epsilon over "
+                           "all runs from 7.900 to 8.300 at delta 1e-05, above its limit 8"}
+
+    d = FakeDispatcher(clock, {"a": dp_hospital(0.1), "b": refuses}, live={"a", "b"})
+    rec = make_run(tmp_path, d, clock, rounds=1, norm="group", privacy=EXAMPLE).execute()
+    assert rec["status"] == "completed", rec["reason"]
+    assert "above its limit 8" in rec["rounds"][0]["failed"]["b"]
+    assert any("privacy_budget" in e["message"] and "8.300" in e["message"]
+               for e in rec["events"])
