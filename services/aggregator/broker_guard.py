@@ -168,9 +168,9 @@ class BrokerGuard:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - a broker outage must not end the guard
-                log.exception("broker guard: check failed (retrying in %.0f s)",
-                              self.interval_s)
+            except Exception as exc:  # noqa: BLE001 - a broker outage must not end the guard
+                log.warning("broker guard: check failed (retrying in %.0f s): %s: %s",
+                            self.interval_s, type(exc).__name__, exc)
             self._stop.wait(self.interval_s)
 
     # ------------------------------------------------------------ /metrics
