@@ -333,6 +333,49 @@ def test_each_party_has_its_own_broker_account_from_the_generated_acl(
         assert "+@all" not in users[h] and f"~{h}:*" in users[h]  # an allowlist, its prefix
 
 
+def test_every_broker_client_presents_a_certificate(compose: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    """Issue 26, finding 9: redis.conf requires client certificates (a password alone got
+    in), so every service that talks to the broker mounts its own certificate and key, and
+    `make secrets` writes one for each (the health check and the monitor included)."""
+    import compose_secrets
+
+    conf = (ROOT / "infra/redis/redis.conf").read_text().splitlines()
+    assert "tls-auth-clients yes" in conf and "port 0" in conf
+    compose_secrets.generate(list(HOSPITALS), tmp_path / "secrets", tmp_path / ".env")
+    tls = tmp_path / "secrets" / "tls"
+    for user in (*HOSPITALS, "aggregator", "healthcheck", "monitor"):
+        assert (tls / f"{user}.crt").is_file() and (tls / f"{user}.key").is_file(), user
+
+    def mounted(service: str) -> dict[str, str]:
+        """{path in the container: file under secrets/} of the service's bind mounts."""
+        out = {}
+        for volume in compose["services"][service]["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source.startswith("./secrets/"):
+                out[target] = source.removeprefix("./secrets/")
+        return out
+
+    redis = compose["services"]["redis"]
+    command = redis["healthcheck"]["test"][1]
+    cert = re.search(r"--cert (\S+)", command).group(1)
+    key = re.search(r"--key (\S+)", command).group(1)
+    assert mounted("redis")[cert] == "tls/healthcheck.crt"
+    assert mounted("redis")[key] == "tls/healthcheck.key"
+    flower = _env(compose["services"]["flower"])["CELERY_BROKER_URL"]
+    query = dict(p.split("=", 1) for p in urlsplit(flower).query.split("&"))
+    assert query["ssl_cert_reqs"] == "required"
+    assert mounted("flower")[query["ssl_certfile"]] == "tls/monitor.crt"
+    assert mounted("flower")[query["ssl_keyfile"]] == "tls/monitor.key"
+    aggregator = _env(compose["services"]["aggregator"])
+    assert mounted("aggregator")[aggregator["LEUKOFED_AGGREGATOR_TLS_CERT_FILE"]] == \
+        "tls/aggregator.crt"
+    for h in HOSPITALS:  # the client reads tls/<id>.crt from its credentials folder
+        bundle = tmp_path / "secrets" / f"hospital-{h}" / "tls"
+        assert (bundle / f"{h}.crt").is_file() and (bundle / f"{h}.key").is_file()
+        assert f"hospital-{h}" in mounted(f"client-{h}").values()
+
+
 def test_no_secret_in_the_repository(raw_compose: dict[str, Any]) -> None:
     secretish = re.compile(r"PASSWORD|SECRET|API_KEY|BASIC_AUTH|TOKEN")
     for name, svc in raw_compose["services"].items():
