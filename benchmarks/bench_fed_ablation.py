@@ -37,7 +37,7 @@ DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "feda
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
                    "gw": 0, "rounds": 0, "mode": "federated",
-                   "bnfix": 0, "head": 0, "bs": 0}
+                   "bnfix": 0, "head": 0, "bs": 0, "scaffold": 0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -49,7 +49,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     0 for --batch-size; norm batch|group: the compact CNN's normalisation; gw 1: class
     weights from the pooled counts at every hospital instead of its own; rounds N: this
     variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
-    mode hospital_batches: no federation, centralized training whose every batch comes from
+    mode central: the centralized reference trained with this variant's norm (and
+    passes); mode hospital_batches: no federation, centralized training whose every batch comes from
     one hospital, which separates label-skewed batches from model averaging; bnfix R:
     from round R on, hospitals train with BatchNorm in inference mode, normalising by the
     statistics pooled over every hospital on the round's global weights instead of by their
@@ -60,7 +61,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     evaluated model only, the next round starts from the averaged head; bs 1: each
     hospital draws its round's images class-balanced (with replacement, every class it holds
     eight or more images of equally often, rarer ones as they are), so its batches mix
-    classes as a pooled shuffle would)."""
+    classes as a pooled shuffle would); scaffold 1: SCAFFOLD's control variates (Karimireddy
+    et al. 2020): every local gradient is corrected by (global mean gradient - this
+    hospital's mean gradient), both from the previous round's local steps, so a step on one
+    hospital's batch follows the federation's gradient instead of its own label mix and
+    laboratory)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -136,12 +141,13 @@ def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any
     return out
 
 
-def central(args: Any, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch"
+            ) -> dict[str, Any]:
     from leukofed.models import build_model
     from leukofed.train import Trainer, evaluate, fit
 
     x, y = data["pooled"]
-    trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed))
+    trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed, norm=norm))
     curve: list[float] = []
     start = time.perf_counter()
     fit(trainer, (x, y), None, epochs, args.batch_size, args.learning_rate,
@@ -168,7 +174,8 @@ def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
         recalibrate_batchnorm,
     )
 
-    trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed))
+    trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed,
+                                  norm=v["norm"]))
     x_all, y_all = data["pooled"]
     trainer.reset(class_weights=class_weights(y_all))
     sets = {h: make_dataset(x, y, args.batch_size, training=True, seed=args.seed)
@@ -219,7 +226,8 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
         for la in bn_layers:
             la.trainable = not frozen
 
-    trainer = Trainer(model)
+    trainer = ScaffoldTrainer(model) if v["scaffold"] else Trainer(model)
+    control: dict[str, list[np.ndarray]] = {}  # SCAFFOLD: each hospital's mean gradient
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
     strategy = make_strategy(v["strategy"], bn_mode=v["bn"],
@@ -247,9 +255,13 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             if v["bs"]:
                 idx = balanced_indices(y, np.random.default_rng([args.seed, rnd, i]))
                 x, y = x[idx], y[idx]
+            if v["scaffold"]:
+                trainer.start_round(scaffold_correction(control, h, data["hospitals"]))
             local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]), pooled_class_weights=pooled)
+            if v["scaffold"]:
+                control[h] = trainer.mean_gradient()
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
         global_w = strategy.aggregate(global_w, results, rnd)
         set_model_weights(model, global_w)
@@ -274,6 +286,67 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start)
     return out
+
+
+def scaffold_correction(control: dict[str, list[np.ndarray]], hospital: str,
+                        hospitals: dict[str, Any]) -> list[np.ndarray] | None:
+    """SCAFFOLD's correction for ``hospital``: the federation's mean gradient (hospitals
+    weighted by their images, as FedAvg weighs their updates) minus its own, both as
+    measured over the last round's local steps; None before every hospital has one."""
+    if hospital not in control or len(control) < len(hospitals):
+        return None
+    n = {h: len(hospitals[h][1]) for h in control}
+    total = sum(n.values())
+    mean = [sum(n[h] * control[h][k] for h in control) / total
+            for k in range(len(control[hospital]))]
+    return [m - c for m, c in zip(mean, control[hospital])]
+
+
+def ScaffoldTrainer(model: Any) -> Any:  # noqa: N802 - a factory: TensorFlow loads lazily
+    """A Trainer whose step adds a fixed correction to every gradient and keeps the mean of
+    the uncorrected ones (SCAFFOLD option I along the local trajectory)."""
+    import tensorflow as tf
+
+    from leukofed.train import Trainer, adjusted_cross_entropy
+
+    class _Scaffold(Trainer):
+        def __init__(self, model: Any) -> None:
+            super().__init__(model)
+            vs = model.trainable_variables
+            self.correction = [tf.Variable(tf.zeros_like(v), trainable=False) for v in vs]
+            self.grad_sum = [tf.Variable(tf.zeros_like(v), trainable=False) for v in vs]
+            self.steps = tf.Variable(0.0, trainable=False)
+
+        def start_round(self, correction: list[np.ndarray] | None) -> None:
+            for c, g in zip(self.correction, self.grad_sum):
+                c.assign(tf.zeros_like(c))
+                g.assign(tf.zeros_like(g))
+            if correction is not None:
+                for c, value in zip(self.correction, correction):
+                    c.assign(value)
+            self.steps.assign(0.0)
+
+        def mean_gradient(self) -> list[np.ndarray]:
+            n = max(float(self.steps.numpy()), 1.0)
+            return [g.numpy() / n for g in self.grad_sum]
+
+        def _step(self, x: Any, y: Any) -> Any:
+            variables = self.model.trainable_variables
+            with tf.GradientTape() as tape:
+                probs = self.model(x, training=True)
+                per_example = adjusted_cross_entropy(probs, y, self.log_prior)
+                w = tf.gather(self.class_weights, y)
+                loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
+            grads = tape.gradient(loss, variables)
+            for g, s in zip(grads, self.grad_sum):
+                s.assign_add(g)
+            self.steps.assign_add(1.0)
+            self.optimizer.apply_gradients(
+                [(g + c, v) for g, c, v in zip(grads, self.correction, variables)])
+            correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
+            return loss, correct
+
+    return _Scaffold(model)
 
 
 def rebalanced_head(model: Any, hospitals: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -386,7 +459,7 @@ def markdown(doc: dict[str, Any]) -> str:
             config = r.get("config", {})
             rounds = config.get("rounds") or s["rounds"]
             # "hospital_batches" is centralized training whose batches come from one hospital
-            federation = fed and config.get("mode") != "hospital_batches"
+            federation = fed and config.get("mode") not in ("hospital_batches", "central")
             steps = local_steps(s["train_images"], r["epochs"], config.get("batch")
                                 or doc.get("batch_size", 32)) if federation else 0.0
             budget = (f"{rounds} x {r['epochs']}" if federation
@@ -471,8 +544,12 @@ def main() -> None:
             scenario["central"]["epochs"] = args.rounds * epochs_ref
         for name, v in variants.items():
             print(f"-- variant {name}: {v}", flush=True)
-            r = (central_hospital_batches(args, data, v) if v["mode"] == "hospital_batches"
-                 else federated(args, data, v))
+            if v["mode"] == "central":  # the reference itself, with this variant's norm
+                r = central(args, data, v["epochs"] * (v["rounds"] or args.rounds), v["norm"])
+            elif v["mode"] == "hospital_batches":
+                r = central_hospital_batches(args, data, v)
+            else:
+                r = federated(args, data, v)
             r.update(epochs=v["epochs"], config=v)
             scenario["variants"][name] = r
             print(f"  {name}: {r['accuracy']:.4f} (central {scenario['central']['accuracy']:.4f})",
