@@ -185,6 +185,8 @@ class HospitalClient:
                            message=f"task refused: {exc.message}", round=cfg.round,
                            run_id=cfg.run_id)
         self._verified[nonce] = float(auth["signed_at"])
+        while len(self._verified) > 1000:  # a task that raised leaves its nonce here
+            self._verified.pop(next(iter(self._verified)))
         return None
 
     def task_completed(self, auth: Any) -> None:
