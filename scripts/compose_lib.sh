@@ -97,12 +97,16 @@ JSON
 }
 
 # `promote best` as the ML engineer: the MLflow admin, from this machine, through the
-# published MLflow port. Prints the version that became champion.
+# published MLflow port; the move itself is made by the aggregator (its admin token), which
+# signs the approval the inference service requires (issue 26, finding 6). Prints the
+# version that became champion.
 promote_best() {  # RUN_ID [extra promote options]
     local run_id=$1; shift
     MLFLOW_TRACKING_URI="http://127.0.0.1:$DEMO_MLFLOW_PORT" MLFLOW_TRACKING_USERNAME=admin \
         MLFLOW_TRACKING_PASSWORD="$(env_value MLFLOW_ADMIN_PASSWORD)" \
-        "$VENV/leukofed" promote best --run-id "$run_id" "$@" | tee "$COMPOSE_WORK/promote.txt" >&2
+        LEUKOFED_AGGREGATOR_ADMIN_TOKEN=$(env_value AGGREGATOR_ADMIN_TOKEN) \
+        "$VENV/leukofed" promote best --run-id "$run_id" --url "$AGGREGATOR_URL" "$@" \
+        | tee "$COMPOSE_WORK/promote.txt" >&2
     sed -n 's/.* version \([0-9]*\) is now @champion.*/\1/p' "$COMPOSE_WORK/promote.txt"
 }
 

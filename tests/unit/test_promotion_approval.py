@@ -360,3 +360,40 @@ def test_promote_through_the_aggregator_api_signs_and_logs(world: World) -> None
     assert world.promoter.check("champion").action == "none"  # an override stays
     log = http.get("/v1/promotions").json()
     assert log["intact"] and [e["version"] for e in log["entries"]] == [good, weak]
+
+
+def test_leukofed_promote_with_the_admin_token_is_made_by_the_aggregator(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leukofed promote` shows the card and gate here, then asks the aggregator (admin
+    token) to move and sign; `--history` reads the aggregator's log through its API."""
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from services.aggregator.routers import promotions
+
+    api = FastAPI()
+    api.include_router(promotions.router)
+    api.state.promoter = world.promoter
+    http = TestClient(api)
+    sent: list[tuple[str, str]] = []
+
+    def request(method: str, url: str, timeout: float = 0, **kwargs: Any) -> httpx.Response:
+        sent.append((method, url))
+        assert kwargs["headers"]["Authorization"] == "Bearer t0ken"
+        return http.request(method, httpx.URL(url).path, json=kwargs.get("json"))
+
+    monkeypatch.setattr(httpx, "request", request)
+    monkeypatch.setenv("LEUKOFED_AGGREGATOR_ADMIN_TOKEN", "t0ken")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "engineer")
+    version = world.add(1)
+    result = CliRunner().invoke(app, ["promote", version, "--model-name", NAME,
+                                      "--url", "http://agg:8001"])
+    assert result.exit_code == 0, result.output
+    assert f"version {version} is now @champion" in result.output
+    assert "approved for serving by the aggregator: seq 1, by engineer" in result.output
+    assert sent == [("POST", "http://agg:8001/v1/promotions")]
+    assert world.alias() == version and world.tag(version, approvals.approval_tag("champion"))
+    history = CliRunner().invoke(app, ["promote", "--history", "--url", "http://agg:8001"])
+    assert history.exit_code == 0 and f"approved version {version}" in history.output

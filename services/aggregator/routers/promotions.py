@@ -24,7 +24,7 @@ class PromotionRequest(BaseModel):
     by: str = Field("", max_length=200, description="who asked (the MLflow user)")
     force: bool = False
     reason: str | None = Field(None, max_length=2000)
-    floors: dict[str, float] | None = None
+    floors: dict[str, float | None] | None = None
 
 
 def _promoter(request: Request) -> Any:
