@@ -129,11 +129,14 @@ def rebalance_head(g: Gather, cfg: RunConfig, server_round: int, weights: Weight
 
 
 def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
-             hospitals: list[str]) -> tuple[dict[str, EvaluateAnswer], CalibrationSums]:
+             hospitals: list[str], trained: set[str] | None = None
+             ) -> tuple[dict[str, EvaluateAnswer], CalibrationSums]:
     """Evaluation answers that hold together (leukofed.validation.validate_evaluation);
     the others are logged with their reason and left out of every pooled number. Each
     answer's calibration sums are pooled as it arrives and dropped from what is kept (they
-    are the bulk of an answer: ~90 KB, against a few hundred bytes of counts)."""
+    are the bulk of an answer: ~90 KB, against a few hundred bytes of counts). Membership
+    histograms are pooled only from ``trained`` (None: every hospital): a hospital the
+    model never trained on has no members."""
     sums = CalibrationSums()
     if not hospitals:
         return {}, sums
@@ -155,7 +158,12 @@ def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
                     f"({exc.reason}: {exc.message})", round=server_round,
                     hospital=h, rejected=exc.reason)
         if hospital in ok:
-            sums.add(hospital, ok[hospital], g.declared.get(hospital))
+            answer = ok[hospital]
+            if trained is not None and hospital not in trained and answer.membership:
+                sums.membership_skipped[hospital] = ("membership histograms unusable: the "
+                                                     "model has not trained on its images")
+                answer = answer.model_copy(update={"membership": None})
+            sums.add(hospital, answer, g.declared.get(hospital))
             valid[hospital] = without_calibration(ok[hospital])
         return {"status": "ok", "hospital": hospital}
 

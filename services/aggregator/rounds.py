@@ -245,8 +245,12 @@ class FederatedRun:
             new_weights, head = rebalance_head(self.gather, cfg, server_round, new_weights,
                                                sorted(fit.participants))
         eval_start = clock()
+        # The membership audit counts a hospital's training images as members only once the
+        # model has trained on them: it took part in this round or an earlier one.
+        trained = set(fit.participants).union(
+            *(r.get("participants", {}) for r in self.record["rounds"]))
         evaluations, calibration_sums = evaluate(self.gather, cfg, server_round, new_weights,
-                                                 fit.answered)
+                                                 fit.answered, trained)
         eval_wall = clock() - eval_start
         summary = self._summary(cfg, server_round, fit, evaluations, new_weights,
                                 calibration_sums)

@@ -453,7 +453,8 @@ def test_the_default_run_sends_no_head_statistics_task(tmp_path) -> None:
 def test_membership_histograms_are_pooled_into_the_round_and_its_metrics(tmp_path) -> None:
     """Each hospital's evaluate answer carries membership histograms (leukofed.membership);
     the round pools them exactly into the audit and its membership_* metrics, and a hospital
-    claiming more members than its declared training split is left out of the audit only."""
+    claiming more members than its declared training split is left out of the audit only,
+    and so is one whose update never counted (its training images are not members)."""
     from leukofed.membership import attack_report, hospital_histograms, validate_histograms
 
     rng = np.random.default_rng(0)
@@ -472,12 +473,22 @@ def test_membership_histograms_are_pooled_into_the_round_and_its_metrics(tmp_pat
             return out
         return answer
 
+    def rejected(task: str, args: list[Any], hospital: str) -> dict[str, Any]:
+        answer = with_histograms(1.0, 5)(task, args, hospital)
+        if task.endswith("fit"):  # its update never counts: the model has no members of it
+            w = decode_weights(answer["weights"])
+            w["dense/kernel"][0, 0] = np.nan
+            answer["weights"] = encode_weights(w)
+        return answer
+
     clock = Clock()
     d = FakeDispatcher(clock, {"a": with_histograms(1.0, 1), "b": with_histograms(3.0, 3),
-                               "c": with_histograms(1.0, 1)}, live={"a", "b", "c"})
+                               "c": with_histograms(1.0, 1), "d": rejected},
+                       live={"a", "b", "c", "d"})
     losses["c"] = (rng.lognormal(-3, 1, 20_000), rng.lognormal(-1, 1, 10))  # > declared
+    losses["d"] = (rng.lognormal(-1, 1, 100), rng.lognormal(-1, 1, 100))
     run = make_run(tmp_path, d, clock, FakeTracker(), min_fit_clients=2, rounds=1,
-                   hospitals=["a", "b", "c"])
+                   hospitals=["a", "b", "c", "d"])
     rec = run.execute()
     assert rec["status"] == "completed", rec["reason"]
     summary = rec["rounds"][0]
@@ -489,4 +500,6 @@ def test_membership_histograms_are_pooled_into_the_round_and_its_metrics(tmp_pat
     assert summary["global"]["membership_auc"] == audit["auc"] > 0.8
     assert summary["global"]["membership_tpr_at_1pct_fpr"] == audit["tpr_at_1pct_fpr"]
     assert any("c left out of the membership audit" in e["message"] and "declared" in
+               e["message"] for e in rec["events"])
+    assert any("d left out of the membership audit" in e["message"] and "not trained" in
                e["message"] for e in rec["events"])
