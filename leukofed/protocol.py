@@ -69,6 +69,14 @@ class RoundConfig(BaseModel):
     dp_mode: Literal["", "local"] = ""
     dp_clip_norm: float = Field(0.0, ge=0)
     dp_noise_multiplier: float = Field(0.0, ge=0)
+    # Example-level DP (leukofed.dp_sgd): DP-SGD in the hospital's optimizer, each image's
+    # gradient clipped to dp_clip_norm; noise dp_noise_multiplier, or 0: the hospital
+    # calibrates it so that dp_rounds rounds spend dp_target_epsilon at dp_delta. The
+    # hospital refuses a round that would exceed the target or its own limit.
+    dp_level: Literal["", "example"] = ""
+    dp_target_epsilon: float = Field(0.0, ge=0)
+    dp_delta: float = Field(0.0, ge=0, lt=1)
+    dp_rounds: int = Field(0, ge=0)
     # Secure aggregation (leukofed.secagg): session and stage inputs; None: plain answers.
     secure: dict[str, object] | None = None
     # describe: the aggregator's fresh challenge, signed back in the declaration, so a
