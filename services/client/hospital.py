@@ -26,6 +26,7 @@ from leukofed.protocol import (
     DescribeAnswer,
     EvaluateAnswer,
     FitAnswer,
+    Opaque,
     RoundConfig,
     SplitResult,
     Status,
@@ -502,7 +503,7 @@ class HospitalClient:
                                  task_id=task_id)
 
     def _membership(self, cfg: RoundConfig, trainer: Any, held_out: list[np.ndarray]
-                    ) -> dict[str, Any] | None:
+                    ) -> Opaque | None:
         """The membership-inference audit's histograms (leukofed.membership): the global
         model's per-image loss on a fixed sample of up to ``membership_images`` training
         images (members) and on the val and test images (non-members), binned on the shared
