@@ -81,6 +81,19 @@ def publish_onnx(client: Any, model_name: str, version: str, run_id: str, model:
                             signing_key, run, round, input_example=parity_images[:1])
 
 
+def onnx_requirements() -> list[str]:
+    """What the ONNX flavor needs to run, pinned to the versions installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("onnx", "onnxruntime", "numpy"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def save_mlflow_onnx(path: Path, out_dir: Path, input_example: np.ndarray | None = None
                      ) -> Path:
     """Save the ONNX file at ``path`` as an MLflow model (``onnx`` flavor) in ``out_dir``,
@@ -102,10 +115,13 @@ def save_mlflow_onnx(path: Path, out_dir: Path, input_example: np.ndarray | None
     example = np.asarray(input_example[:1], np.float32)
     output = session.run(None, {first.name: example})[0]
     # One file: the inference service downloads the model file alone, by URI.
+    # Explicit requirements: MLflow's inference of them imports the model's flavor in a
+    # subprocess, 2.2 s of the 2.9 s this save took per version on 2 cores.
     mlflow.onnx.save_model(onnx.load_from_string(data), str(out_dir),
                            signature=infer_signature(example, output),
                            input_example=example, save_as_external_data=False,
-                           onnx_execution_providers=["CPUExecutionProvider"])
+                           onnx_execution_providers=["CPUExecutionProvider"],
+                           pip_requirements=onnx_requirements())
     model_file = Path(out_dir) / Model.load(str(out_dir)).flavors["onnx"]["data"]
     # The parity-checked bytes, not onnx's re-serialisation of them: the signature and the
     # inference service's digest check name exactly these.
