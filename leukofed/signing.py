@@ -52,12 +52,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 ALG = "ed25519"
 DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid for another
-# update: a fit answer; calibration, evaluation, describe: the other answers (a signature of
-# one kind is never valid as another); secagg: the secure-aggregation stages; model: a
-# registered version's ONNX file, signed by the aggregator for the inference service;
-# approval: the aggregator's "approved for serving" statement on an alias (leukofed.approval).
-KINDS = ("update", "task", "secagg", "calibration", "evaluation", "describe", "model",
-         "approval")
+# update: a fit answer; calibration, head statistics, evaluation, describe: the other
+# answers (a signature of one kind is never valid as another); secagg: the
+# secure-aggregation stages; model: a registered version's ONNX file, signed by the
+# aggregator for the inference service; approval: the aggregator's "approved for serving"
+# statement on an alias (leukofed.approval). "head statistics" was missing here, so a
+# hospital with a key failed every head-statistics task (the answer could not be signed).
+KINDS = ("update", "task", "secagg", "calibration", "head statistics", "evaluation",
+         "describe", "model", "approval")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -255,39 +257,33 @@ def blob_digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-DESCRIBE_FIELDS = ("class_counts", "num_images", "splits", "split_counts",
-                   "dataset_fingerprint", "bad_files", "paused", "nonce")
-
-
 def signed_fields(answer: Mapping[str, Any], *apart: str) -> dict[str, Any]:
     """Every field of ``answer`` but its signature and ``apart`` (hashed on their own): what
-    a fit answer or a masked vector carries beside its payload (metrics, timings, class
-    counts, dataset fingerprint, acquisition-profile and stain sums, byte count, ...), all of
-    it under the signature. Issue 26, finding 7: those fields were once added or changeable
-    after signing, and the acquisition profile becomes the served model's refer check."""
+    an answer carries beside its payload (a fit answer's metrics, timings, class counts,
+    dataset fingerprint, acquisition-profile and stain sums, byte count; a calibration's
+    byte count, digest and seconds; an evaluation's seconds; the status, hospital, run id
+    and round of every answer), all of it under the signature. Issue 26, finding 7: those
+    fields were once added or changeable after signing, and the acquisition profile becomes
+    the served model's refer check."""
     return {k: v for k, v in answer.items() if k != "signature" and k not in apart}
 
 
 def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
-    """What an answer's signature covers, besides run, round and hospital: the weights and
-    count of an update plus every other field it carries, the weights and count of a
-    calibration or head statistics, the splits of an evaluation (and its membership-audit
-    histograms), the declaration of a describe."""
+    """What an answer's signature covers, besides run, round and hospital: every field the
+    answer carries (``signed_fields``), whatever its kind. An update's and a calibration's
+    or head statistics' weight bytes and example count are hashed apart (they must be
+    there); the rest of a fit, calibration, head-statistics, evaluation (splits, membership
+    histograms, seconds) or describe answer (the declaration and its nonce) is hashed
+    whole, so a field added, dropped or changed after signing makes it ``forged``."""
     if kind in ("update", "calibration", "head statistics"):
         blob, n = answer.get("weights"), answer.get("num_examples")
         if not isinstance(blob, bytes) or isinstance(n, bool) or not isinstance(n, int):
             raise SignatureRejected("forged", "answer has no weight bytes or example count")
         if kind == "update":
             return update_digest(blob, n, signed_fields(answer, "weights", "num_examples"))
-        return payload_digest(kind, blob, n)
-    if kind == "evaluation":
-        membership = answer.get("membership")
-        if membership is None:  # the digest of answers without the audit is unchanged
-            return payload_digest(kind, answer.get("splits"), answer.get("num_examples"))
-        return payload_digest(kind, answer.get("splits"), answer.get("num_examples"),
-                              membership)
-    if kind == "describe":
-        return payload_digest(kind, {k: answer.get(k) for k in DESCRIBE_FIELDS})
+        return payload_digest(kind, blob, n, signed_fields(answer, "weights", "num_examples"))
+    if kind in ("evaluation", "describe"):
+        return payload_digest(kind, signed_fields(answer))
     raise ValueError(f"no answer of kind {kind!r}")
 
 

@@ -49,6 +49,11 @@ SIGNED_FIELDS = {"keys": ("purpose", "c_pk", "s_pk", "cap"),
 # acquisition-profile and stain sums, timings and counts that ride beside it are read too
 # (issue 26, finding 7: they were once added after signing).
 SIGNED_WHOLE = frozenset({"masked"})
+# The fields every stage's answer carries beside its signed body (services.client.secure
+# SecureSessions._signed): each must equal what the signature's claims bind (hospital, run,
+# round, stage), and a keys, shares or reveal answer may carry nothing else, so no field
+# the aggregator could read is outside the signature (issue 26, finding 7).
+BOUND_FIELDS = ("status", "hospital", "run_id", "round", "stage")
 
 
 class SecureAborted(Exception):
@@ -135,6 +140,7 @@ class SecureGather:
                 if check is not None:
                     check(answer.get("signature"), h, self.run_id, self.round, stage,
                           signed_fields(answer) if stage in SIGNED_WHOLE else raw)
+                self._bound(h, stage, answer)
                 body = body_of(h, raw)
             except SignatureRejected as exc:
                 failures[h] = f"signature {exc.reason}: {exc.message}"
@@ -250,6 +256,22 @@ class SecureGather:
                                     for h in u2},
         }
         return SecureSum(sums, extras, answers, failures, summary)
+
+    def _bound(self, hospital: str, stage: str, answer: Mapping[str, Any]) -> None:
+        """SignatureRejected ``forged`` when a field outside the signed body is anything but
+        the value the signature's claims bind: an unsigned field added on the way to a keys,
+        shares or reveal answer, or a hospital, run, round or stage that is not this one."""
+        if stage not in SIGNED_WHOLE:
+            unsigned = sorted(set(answer) - set(SIGNED_FIELDS[stage])
+                              - {"signature", *BOUND_FIELDS})
+            if unsigned:
+                raise SignatureRejected("forged", f"fields outside the signature: "
+                                        f"{unsigned[:5]}")
+        claims = {"status": "ok", "hospital": hospital, "run_id": self.run_id,
+                  "round": self.round, "stage": stage}
+        wrong = sorted(k for k, v in claims.items() if k in answer and answer[k] != v)
+        if wrong:
+            raise SignatureRejected("forged", f"{wrong} not what the signature binds")
 
     # ---- answer shapes (the signed body of each stage)
     def _keys_body(self, hospital: str, body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,0 +1,349 @@
+"""Issue 26, finding 7 (the rest of it): "everything a hospital sends is covered by its
+signature". The fit answer was signed whole first (test_signed_side_data.py); calibration,
+head-statistics, evaluation and describe answers still signed only their payload (the
+weights and count, the splits, the declaration), so their other fields (seconds, byte
+count, digest, status, hospital, run id, round, anything added) could be rewritten on the
+broker, and a secure-aggregation keys, shares or reveal answer could carry fields outside
+its signed body. Now each plain answer is signed over every field it carries
+(leukofed.signing.answer_body), and a secure stage's answer may carry nothing beside its
+signed body but the fields the signature's claims bind, with exactly those values
+(services/aggregator/secure.py, SecureGather._bound).
+
+Each attack below changes one such field of a genuinely signed answer on its way (real
+Ed25519 keys, the aggregator's real verifier) and passes only because the aggregator
+refuses that answer: the hospital is named with the reason in the events and the round
+goes on with the others. On the commit before this one each tampered answer was taken.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_client_service import CFG, global_blob  # noqa: F401 - a fixture
+from test_declarations import HALF, Declaring
+from test_round_loop import Clock, HeadOps, calibrating, head_statistics, make_run
+from test_secure_rounds import run_signed, signing_hospital
+
+from leukofed.signing import (
+    NonceCache,
+    SignatureRejected,
+    UpdateVerifier,
+    blob_digest,
+    generate_keypair,
+    load_public_key,
+    sign_answer,
+)
+from leukofed.transport import TASK_SECAGG_KEYS, TASK_SECAGG_REVEAL, TASK_SECAGG_SHARES
+from leukofed.wire import decode_weights, encode_weights
+from services.client.hospital import HospitalClient
+from services.client.settings import ClientSettings
+
+Answer = dict[str, Any]
+Tamper = Callable[[Answer], None]
+Behaviour = Callable[[str, list[Any], str], Answer]
+
+
+def _set(field: str, value: Any) -> Tamper:
+    def tamper(answer: Answer) -> None:
+        answer[field] = value
+    return tamper
+
+
+# Fields outside the payload that each answer kind carries, rewritten after signing (each
+# was outside the signature before), and one added on the broker.
+COMMON: dict[str, Tamper] = {
+    "hospital": _set("hospital", "mallory"),
+    "run_id": _set("run_id", "another-run"),
+    "round": _set("round", 7),
+    "added_field": _set("note", "added on the broker"),
+}
+EVALUATION_TAMPERS = {**COMMON, "seconds": _set("seconds", 0.0)}
+CALIBRATION_TAMPERS = {**COMMON, "seconds": _set("seconds", 0.0), "bytes": _set("bytes", 1),
+                       "sha256": _set("sha256", "0" * 64)}
+DESCRIBE_TAMPERS = {**COMMON, "dropped_round": lambda a: a.pop("round")}
+
+
+def _kind(task: str, config: Answer) -> str:
+    short = task.rsplit(".", 1)[-1]
+    if short == "calibrate":
+        return "head statistics" if config.get("measure") == "head" else "calibration"
+    return {"fit": "update", "evaluate": "evaluation"}[short]
+
+
+def signed(key: Ed25519PrivateKey, inner: Behaviour, tamper: Tamper | None = None,
+           on: str = "") -> Behaviour:
+    """``inner``'s answers completed as the worker sends them (run id, round, timing, byte
+    count), signed with ``key`` for their kind, run, round and global weights as the worker
+    signs them (the last step), then changed by ``tamper`` on the way when the task is
+    ``on`` (someone with broker access)."""
+    def answer(task: str, args: list[Any], hospital: str) -> Answer:
+        blob, config = args[0], args[1]
+        out = {**inner(task, args, hospital), "run_id": config["run_id"],
+               "round": config["round"]}
+        short = task.rsplit(".", 1)[-1]
+        if short == "evaluate":
+            out.update(num_examples=out["splits"]["test"]["n"], seconds=0.5)
+        elif short == "calibrate":
+            out.update(bytes=len(out["weights"]), sha256=blob_digest(out["weights"]),
+                       seconds=0.2)
+        out["signature"] = sign_answer(key, _kind(task, config), hospital, config["run_id"],
+                                       config["round"], out, blob_digest(blob))
+        if tamper is not None and short == on:
+            tamper(out)
+        return out
+    return answer
+
+
+def evaluating(delta: float, n: int, confusion: list[list[int]]) -> Behaviour:
+    """Fit: every weight + ``delta`` with ``n`` examples; evaluate: ``confusion`` on the
+    test split."""
+    def answer(task: str, args: list[Any], hospital: str) -> Answer:
+        if task.endswith("evaluate"):
+            total = sum(map(sum, confusion))
+            return {"status": "ok", "hospital": hospital, "splits": {"test": {
+                "n": total, "loss": 0.5, "confusion_matrix": confusion,
+                "accuracy": sum(confusion[i][i] for i in range(4)) / total}}}
+        update = {k: v + np.asarray(delta, v.dtype) for k, v in decode_weights(args[0]).items()}
+        return {"status": "ok", "hospital": hospital, "weights": encode_weights(update),
+                "num_examples": n, "metrics": {"loss": 1.0}, "timings": {"total_s": 1.0}}
+    return answer
+
+
+PERFECT_4 = [[1 if i == j else 0 for j in range(4)] for i in range(4)]
+
+
+class TamperedDeclaring(Declaring):
+    """Signed declarations (real keys); b's is changed by ``tamper`` after it signed it."""
+
+    def __init__(self, *args: Any, tamper: Tamper | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tamper = tamper
+
+    def describe(self, hospital: str, config: Answer) -> Answer | None:
+        out = super().describe(hospital, config)
+        if out is not None and hospital == "b" and self.tamper is not None:
+            self.tamper(out)
+        return out
+
+
+def run_plain(tmp_path, behaviours: dict[str, Behaviour], keys: dict[str, Ed25519PrivateKey],
+              describe_tamper: Tamper | None = None, ops: Any = None, **config: Any
+              ) -> tuple[Answer, list[str]]:
+    """One round of ``behaviours``, each declared with a signed describe (16 training, 4
+    val, 4 test images), the aggregator checking every signature with its real verifier."""
+    clock = Clock()
+    d = TamperedDeclaring(clock, behaviours, keys, {}, tamper=describe_tamper)
+    run = make_run(tmp_path, d, clock, ops=ops, rounds=1, min_fit_clients=1,
+                   hospitals=sorted(behaviours), **config)
+    run.deps.verifier = UpdateVerifier({h: k.public_key() for h, k in keys.items()})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    return rec["rounds"][0], [e["message"] for e in rec["events"]]
+
+
+def _keys() -> dict[str, Ed25519PrivateKey]:
+    return {h: Ed25519PrivateKey.generate() for h in "ab"}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def run_evaluation(tmp_path, tamper: Tamper | None) -> tuple[Answer, list[str]]:
+    """a: half right on 4 test images; b: all 4 right, its evaluation then ``tamper``ed."""
+    keys = _keys()
+    return run_plain(tmp_path, {
+        "a": signed(keys["a"], evaluating(1.0, 16, HALF)),
+        "b": signed(keys["b"], evaluating(1.0, 16, PERFECT_4), tamper, on="evaluate")}, keys)
+
+
+def test_an_untouched_signed_evaluation_is_pooled(tmp_path) -> None:
+    """The control: both evaluations count (pooled test accuracy (2 + 4) / 8)."""
+    rnd, _ = run_evaluation(tmp_path, None)
+    assert rnd["global"]["test_accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("field", sorted(EVALUATION_TAMPERS))
+def test_attack_evaluation_field_outside_its_payload_changed_after_signing(
+        tmp_path, field: str) -> None:
+    """b's signed evaluation with ``field`` rewritten (or added) on the broker: refused
+    ``forged``, named in the events, left out of the pooled accuracy (a's 0.5); before,
+    the signature covered only its splits and count, and the answer was pooled."""
+    rnd, events = run_evaluation(tmp_path, EVALUATION_TAMPERS[field])
+    assert any("evaluation from b rejected (forged: payload does not match the signed "
+               "digest)" in m for m in events), events
+    assert rnd["global"]["test_accuracy"] == 0.5
+    assert rnd["participants"] == {"a": 16, "b": 16}  # its fit, untouched, still counts
+
+
+# ---------------------------------------------------------------- BatchNorm calibration
+
+
+def run_calibration(tmp_path, tamper: Tamper | None) -> Answer:
+    keys = _keys()
+    rnd, events = run_plain(tmp_path, {
+        "a": signed(keys["a"], calibrating(1.0, 1)),
+        "b": signed(keys["b"], calibrating(3.0, 3), tamper, on="calibrate")}, keys,
+        strategy="fedadam")
+    rnd["events"] = events
+    return rnd
+
+
+def test_untouched_signed_batchnorm_statistics_are_pooled(tmp_path) -> None:
+    rnd = run_calibration(tmp_path, None)
+    assert rnd["bn_calibration"]["hospitals"] == {"a": 1, "b": 3}
+
+
+@pytest.mark.parametrize("field", sorted(CALIBRATION_TAMPERS))
+def test_attack_calibration_field_outside_its_payload_changed_after_signing(
+        tmp_path, field: str) -> None:
+    """b's signed BatchNorm statistics with ``field`` rewritten on the broker: refused
+    ``forged``, named in the events; a's statistics alone are pooled (before: only the
+    weight bytes and count were signed, and b's answer was pooled)."""
+    rnd = run_calibration(tmp_path, CALIBRATION_TAMPERS[field])
+    cal = rnd["bn_calibration"]
+    assert cal["hospitals"] == {"a": 1}
+    assert cal["rejected"]["b"] == "forged: payload does not match the signed digest"
+    assert any("BatchNorm statistics from b rejected (forged" in m for m in rnd["events"])
+
+
+# ---------------------------------------------------------------- head statistics
+
+
+def run_head(tmp_path, tamper: Tamper | None) -> tuple[Answer, list[str]]:
+    keys = _keys()
+    return run_plain(tmp_path, {
+        "a": signed(keys["a"], head_statistics([4, 4, 4, 4])),
+        "b": signed(keys["b"], head_statistics([2, 6, 3, 5]), tamper, on="calibrate")},
+        keys, ops=HeadOps(), head_rebalance=True)
+
+
+def test_untouched_signed_head_statistics_are_pooled(tmp_path) -> None:
+    rnd, _ = run_head(tmp_path, None)
+    assert rnd["head_rebalance"]["hospitals"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("field", sorted(CALIBRATION_TAMPERS))
+def test_attack_head_statistics_field_outside_its_payload_changed_after_signing(
+        tmp_path, field: str) -> None:
+    rnd, events = run_head(tmp_path, CALIBRATION_TAMPERS[field])
+    head = rnd["head_rebalance"]
+    assert head["hospitals"] == ["a"] and head["pooled_class_images"] == [4, 4, 4, 4]
+    assert head["rejected"]["b"] == "forged: payload does not match the signed digest"
+    assert any("head statistics from b rejected (forged" in m for m in events), events
+
+
+# ---------------------------------------------------------------- describe
+
+
+@pytest.mark.parametrize("field", sorted(DESCRIBE_TAMPERS))
+def test_attack_declaration_field_outside_the_old_digest_changed_after_signing(
+        tmp_path, field: str) -> None:
+    """b's signed declaration with ``field`` rewritten, dropped or added on the broker (the
+    old digest covered only the declared numbers and the nonce): refused ``forged``, so b
+    is undeclared and nothing it sends counts this round; a's round goes on."""
+    keys = _keys()
+    rnd, events = run_plain(tmp_path, {h: signed(keys[h], evaluating(1.0, 16, HALF))
+                                       for h in "ab"}, keys,
+                            describe_tamper=DESCRIBE_TAMPERS[field])
+    assert any("describe answer of b refused (forged: payload does not match the signed "
+               "digest)" in m for m in events), events
+    assert rnd["participants"] == {"a": 16}
+    assert rnd["rejected"]["b"].startswith("undeclared")
+
+
+# ---------------------------------------------------------------- secure stages
+
+STAGE_TASKS = {"keys": TASK_SECAGG_KEYS, "shares": TASK_SECAGG_SHARES,
+               "reveal": TASK_SECAGG_REVEAL}
+SECURE_TAMPERS: dict[str, Tamper] = {
+    "added_field": _set("note", "added on the broker"),
+    "hospital": _set("hospital", "mallory"),
+    "round": _set("round", 7),
+    "stage": _set("stage", "masked"),
+}
+
+
+def stage_rewritten(key: Ed25519PrivateKey, n: int, stage: str, tamper: Tamper) -> Behaviour:
+    """The real secure side of a hospital (services.client.secure, signing with ``key``)
+    whose ``stage`` answer is changed by ``tamper`` on its way."""
+    honest = signing_hospital(0.1, n, key)
+
+    def answer(task: str, args: list[Any], hospital: str) -> Answer:
+        out = honest(task, args, hospital)
+        if task == STAGE_TASKS[stage]:
+            tamper(out)
+        return out
+    return answer
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_TASKS))
+@pytest.mark.parametrize("field", sorted(SECURE_TAMPERS))
+def test_attack_secure_stage_field_outside_its_signed_body(tmp_path, stage: str,
+                                                          field: str) -> None:
+    """d's keys, shares or reveal answer with a field beside its signed body added or
+    rewritten: refused (signature forged) at that stage with d named in the events; the
+    secure sum and the round go on with the others (before: the answer was taken, its
+    unsigned fields along with it)."""
+    keys = {h: Ed25519PrivateKey.generate() for h in "abcd"}
+    behaviours = {h: signing_hospital(0.1, 20, keys[h]) for h in "abc"}
+    behaviours["d"] = stage_rewritten(keys["d"], 20, stage, SECURE_TAMPERS[field])
+    _, rec, tracker = run_signed(tmp_path, behaviours, keys, rounds=1)
+    assert rec["status"] == "completed", rec["reason"]
+    assert len(tracker.registry) == 1, "the round's version is registered"
+    sa = rec["rounds"][0]["secure_aggregation"]
+    assert sa["answered"][stage] == ["a", "b", "c"]
+    assert any(f"secure fit {stage}: d rejected (signature forged" in e["message"]
+               and e.get("hospital") == "d" for e in rec["events"]), rec["events"]
+
+
+# ---------------------------------------------------------------- the real hospital
+
+
+def test_attack_real_hospital_answers_rewritten_on_the_broker(
+        tmp_path, synthetic_dataset, global_blob: bytes) -> None:  # noqa: F811
+    """The worker's own evaluate, calibrate (BatchNorm and head statistics) and describe
+    answers (services.client.hospital, its real key), after a msgpack round trip as Celery
+    carries them: each verifies as sent, and each field outside its old payload rewritten
+    afterwards makes the aggregator's verifier refuse it ``forged``."""
+    public = generate_keypair(tmp_path / "keys", "a")[1]
+    client = HospitalClient(ClientSettings(
+        hospital_id="a", data_dir=synthetic_dataset(per_class=12),
+        state_dir=tmp_path / "state", cache_dir=tmp_path / "cache", block_size=2,
+        signing_key_file=tmp_path / "keys/a.key"))
+    sent = {
+        "evaluation": (client.evaluate(global_blob, CFG, task_id="t-eval"), "t-eval",
+                       EVALUATION_TAMPERS),
+        "calibration": (client.calibrate(global_blob, {**CFG, "calibration_images": 10},
+                                         task_id="t-cal"), "t-cal", CALIBRATION_TAMPERS),
+        "head statistics": (client.calibrate(global_blob, {**CFG, "measure": "head"},
+                                             task_id="t-head"), "t-head",
+                            CALIBRATION_TAMPERS),
+        "describe": (client.describe(config={**CFG, "nonce": "n" * 32}, task_id="t-desc"),
+                     "t-desc", DESCRIBE_TAMPERS),
+    }
+    verifier = UpdateVerifier({"a": load_public_key(public)})
+
+    def check(answer: Answer, kind: str, task_id: str) -> str:
+        verifier.nonces = NonceCache()  # each a first delivery: a replay is not tested here
+        wire = msgpack.unpackb(msgpack.packb(answer, use_bin_type=True), raw=False)
+        try:
+            verifier(wire, "a", CFG["run_id"], CFG["round"], kind=kind, task_id=task_id,
+                     global_digest=None if kind == "describe" else blob_digest(global_blob))
+        except SignatureRejected as exc:
+            return f"{exc.reason}: {exc.message}"
+        return "ok"
+
+    for kind, (answer, task_id, tampers) in sent.items():
+        assert answer["status"] == "ok", (kind, answer)
+        assert check(answer, kind, task_id) == "ok", kind
+        for field, tamper in sorted(tampers.items()):
+            changed = copy.deepcopy(answer)  # the hospital's own signature rides along
+            tamper(changed)
+            assert check(changed, kind, task_id) == \
+                "forged: payload does not match the signed digest", (kind, field)
