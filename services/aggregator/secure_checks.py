@@ -47,7 +47,11 @@ def checked_count(result: SecureSum, spec: VectorSpec, unit_weights: bool = Fals
     count = float(result.extras["count"])
 
     def refused(why: str) -> SecureAborted:
-        return SecureAborted(f"secure {info['purpose']} refused: {why}; not used")
+        # The sum cannot say whose vector broke it (that would take seeing one vector):
+        # the event names the hospitals whose vectors it holds, the culprit among them.
+        return SecureAborted(f"secure {info['purpose']} refused: {why}; not used (a sum of "
+                             f"the vectors of {', '.join(sorted(caps))}, which cannot tell "
+                             "whose it was)")
 
     if not (math.isfinite(count) and expected - slack <= count <= expected + slack):
         raise refused(f"the unmasked count is {count:.6g}, the {len(caps)} survivors' "

@@ -95,6 +95,9 @@ def _refused_round_one(rec: dict[str, Any], tracker: FakeTracker, words: str) ->
     assert [a["round"] for a in rec.get("aborted_rounds", [])] == [1], rec.get("rounds")
     reason = rec["aborted_rounds"][0]["reason"]
     assert "secure fit refused" in reason and words in reason, reason
+    # The hospitals whose vectors were in the refused sum are named (c among them): the
+    # sum itself cannot say which one wrote its own coordinates.
+    assert "a sum of the vectors of a, b, c" in reason, reason
     assert any(e["message"].startswith("round 1 aborted: secure fit refused")
                for e in rec["events"])
     # Nothing of round 1 was registered (and so signed); round 2 was, with all three.
