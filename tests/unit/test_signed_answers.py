@@ -347,3 +347,47 @@ def test_attack_real_hospital_answers_rewritten_on_the_broker(
             tamper(changed)
             assert check(changed, kind, task_id) == \
                 "forged: payload does not match the signed digest", (kind, field)
+
+
+# ---------------------------------------------------------------- a bad count, one round
+
+BAD_COUNTS = {"inflated": (10**9, "inflated: claims 1000000000 training examples, "
+                                  "declared 16"),
+              "zero": (0, "schema: num_examples must be a positive int, got 0"),
+              "negative": (-5, "schema: num_examples must be a positive int, got -5")}
+
+
+def counting(key: Ed25519PrivateKey, bad: int) -> Behaviour:
+    """Signs every answer with its own key (so the signature holds); claims ``bad``
+    examples in its round-1 fit, 16 afterwards."""
+    def inner(task: str, args: list[Any], hospital: str) -> Answer:
+        n = bad if args[1]["round"] == 1 else 16
+        return evaluating(5.0, n, PERFECT_4)(task, args, hospital)
+    return signed(key, inner)
+
+
+@pytest.mark.parametrize("how", sorted(BAD_COUNTS))
+def test_attack_bad_count_from_one_hospital_leaves_the_other_rounds_running(
+        tmp_path, how: str) -> None:
+    """b signs a fit answer claiming 10**9, 0 or -5 examples in round 1 (its own key, so
+    only the count check stops it): b is rejected with the reason in an event naming it,
+    round 1 goes on with a, and round 2, where b is honest, counts both: the run
+    completes. (Under secure aggregation, where the count is checked on the sum only:
+    test_secure_sum_checks.py::test_attack_secure_count_coordinate_scales_the_mean.)"""
+    bad, reason = BAD_COUNTS[how]
+    keys = _keys()
+    clock = Clock()
+    d = TamperedDeclaring(clock, {"a": signed(keys["a"], evaluating(1.0, 16, HALF)),
+                                  "b": counting(keys["b"], bad)}, keys, {})
+    run = make_run(tmp_path, d, clock, rounds=2, min_fit_clients=1, hospitals=["a", "b"])
+    run.deps.verifier = UpdateVerifier({h: k.public_key() for h, k in keys.items()})
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    first, second = rec["rounds"]
+    assert first["participants"] == {"a": 16} and first["rejected"] == {"b": reason}
+    assert second["participants"] == {"a": 16, "b": 16}
+    named = [e for e in rec["events"] if e.get("hospital") == "b" and e.get("rejected")]
+    assert [e["message"] for e in named] == [f"round 1: update from b rejected ({reason})"]
+    weights, _ = run.store.read_checkpoint(rec)
+    # Round 1 is a's +1 alone (not b's +5 at 10**9 examples); round 2 the mean +3.
+    np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), 4.0))
