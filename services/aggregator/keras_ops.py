@@ -28,6 +28,7 @@ class KerasModelOps:
         self._models: dict[tuple[Any, ...], Any] = {}
         self._test: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._audit: dict[tuple[Any, ...], Any] = {}
+        self._histogram: dict[tuple[Any, ...], dict[str, float]] = {}
         self._lock = threading.Lock()
 
     def _model(self, cfg: RunConfig) -> Any:
@@ -98,11 +99,13 @@ class KerasModelOps:
             x, y = self._test_arrays(source, cfg.image_size)
             return y, predict_in_batches(self.keras_model(cfg, weights), x)
 
-    def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any
-                     ) -> dict[str, float]:
+    def server_audit(self, cfg: RunConfig, weights: Weights, stain_targets: Any,
+                     original: np.ndarray | None = None) -> dict[str, float]:
         """The shortcut audit (leukofed.audit) of these weights on the server's test split,
-        recoloured to the class stains the hospitals reported. The recoloured images and the
-        colour baseline are made once per test split and set of targets."""
+        recoloured to the class stains the hospitals reported. The recoloured images are
+        made once per test split and set of targets, the colour baseline (which does not
+        depend on them) once per test split. ``original``: these weights' probabilities on
+        the split (``server_predictions``), so they are not computed twice."""
         source = self._test_source(cfg)
         if source is None:
             return {}
@@ -115,9 +118,13 @@ class KerasModelOps:
             if key not in self._audit:
                 if len(x) == 0:
                     return {}
-                self._audit = {key: prepare_audit_set(x, y, targets, histogram_crossfit(x, y))}
+                split = (source, cfg.image_size)
+                if split not in self._histogram:
+                    self._histogram = {split: histogram_crossfit(x, y)}
+                self._audit = {key: prepare_audit_set(x, y, targets, self._histogram[split])}
             model = self.keras_model(cfg, weights)
-            return run_audit(lambda images: predict_in_batches(model, images), self._audit[key])
+            return run_audit(lambda images: predict_in_batches(model, images), self._audit[key],
+                             original)
 
     def _test_arrays(self, source: tuple[str, str], image_size: int
                      ) -> tuple[np.ndarray, np.ndarray]:

@@ -167,6 +167,22 @@ def test_audit_passes_a_model_that_cannot_see_colour(audit_set) -> None:
     assert "recoloured" in format_audit(m)
 
 
+def test_given_original_probabilities_are_used_not_predicted_again(audit_set) -> None:
+    _, _, audit = audit_set
+    seen: list[int] = []
+
+    def counting(images: np.ndarray) -> np.ndarray:
+        seen.append(len(images))
+        assert images is not audit.original
+        return cell_reader(images)
+
+    given = run_audit(counting, audit, original=cell_reader(audit.original))
+    assert len(seen) == 3  # recoloured, spatial, background only
+    assert given == run_audit(cell_reader, audit)
+    with pytest.raises(ValueError, match="original probabilities"):
+        run_audit(cell_reader, audit, original=cell_reader(audit.original)[:3])
+
+
 def test_verdict_without_audit_refuses() -> None:
     ok, reason = audit_verdict({})
     assert not ok and "no shortcut audit" in reason
