@@ -176,6 +176,9 @@ def check_gate(card: Mapping[str, Any] | None, tags: Mapping[str, Any],
     if not colour.passed:
         reason = audit_verdict({"audit_follow_colour": follow} if follow is not None else {},
                                floors.max_follow_colour)[1]
+        if follow is None and tags.get("skipped_colour_audit"):
+            # The aggregator did not audit it (services/aggregator/audit_plan.py).
+            reason = f"not audited: {tags['skipped_colour_audit']}"
         colour = replace(colour, note=reason)
     checks.append(colour)
     if floors.max_membership_auc is not None:
@@ -197,6 +200,8 @@ def _membership_check(card: Mapping[str, Any], tags: Mapping[str, Any], ceiling:
         return check
     from leukofed.membership import reading
 
+    if auc is None and tags.get("skipped_membership_audit"):
+        return replace(check, note=f"not audited: {tags['skipped_membership_audit']}")
     return replace(check, note=reading(auc) if auc is not None else
                    "the version carries no membership audit")
 

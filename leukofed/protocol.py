@@ -309,6 +309,8 @@ RoundSummary = TypedDict("RoundSummary", {
     "class_counts": dict[str, dict[str, int]], "timings": dict[str, float],
     "privacy": dict[str, object], "bn_calibration": dict[str, object],
     "head_rebalance": dict[str, object], "secure_aggregation": dict[str, object],
+    # which audits this version skipped and why ({"colour"|"membership": reason}; audit_plan)
+    "audit_skipped": dict[str, str],
 }, total=False)
 
 

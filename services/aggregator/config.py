@@ -179,6 +179,15 @@ class RunConfig(BaseModel):
         "training images (members) and its val and test images (non-members) and sends "
         "histograms of the per-image loss; the aggregator reads the attack's AUC and TPR at "
         "1% and 0.1% FPR from them. 0: off")
+    audits: Literal["promotable", "every"] = Field(
+        "promotable", description="which versions get the colour audit and the membership "
+        "audit: 'promotable' audits a version only when its server-test numbers already "
+        "reach the release gate's other floors (LEUKOFED_GATE_* of the aggregator), and "
+        "always round 1 (the membership reference) and the last round; the others are "
+        "registered, exported and signed as ever, tagged skipped_colour_audit or "
+        "skipped_membership_audit with the reason, and the gate refuses "
+        "them as not audited. 'every': every version (about 10 s of aggregator CPU and 5 s "
+        "per hospital a round at compact_cnn @128 on 2 cores; docs/ml-engineer.md)")
     hospitals: list[str] | None = Field(None, description="default: every live hospital")
     fraction: float = Field(1.0, gt=0, le=1, description="share of hospitals sampled per round")
     min_fit_clients: int = Field(1, ge=1)

@@ -129,14 +129,15 @@ def rebalance_head(g: Gather, cfg: RunConfig, server_round: int, weights: Weight
 
 
 def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
-             hospitals: list[str], trained: set[str] | None = None
+             hospitals: list[str], trained: set[str] | None = None, membership: bool = True
              ) -> tuple[dict[str, EvaluateAnswer], CalibrationSums]:
     """Evaluation answers that hold together (leukofed.validation.validate_evaluation);
     the others are logged with their reason and left out of every pooled number. Each
     answer's calibration sums are pooled as it arrives and dropped from what is kept (they
     are the bulk of an answer: ~90 KB, against a few hundred bytes of counts). Membership
     histograms are pooled only from ``trained`` (None: every hospital): a hospital the
-    model never trained on has no members."""
+    model never trained on has no members; ``membership`` False: not asked this round
+    (services/aggregator/audit_plan.py)."""
     sums = CalibrationSums()
     if not hospitals:
         return {}, sums
@@ -144,7 +145,7 @@ def evaluate(g: Gather, cfg: RunConfig, server_round: int, weights: Weights,
     # The membership audit rides on evaluation (leukofed.membership): round 1's model is the
     # calibrated attack's reference, which each hospital keeps for its own images.
     config_map = task_config(cfg, g.run_id, server_round, deadline, bn_mode=cfg.bn_mode,
-                             membership_images=cfg.membership_images,
+                             membership_images=cfg.membership_images if membership else 0,
                              membership_reference_round=MEMBERSHIP_REFERENCE_ROUND)
     blob = encode_weights(weights)
     valid: dict[str, EvaluateAnswer] = {}

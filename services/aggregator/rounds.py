@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leukofed.gate import GateFloors
 from leukofed.head_rebalance import HEAD_WEIGHTS
 from leukofed.protocol import FitReport, RoundConfig, RoundSummary, RunRecord, WireMap
 from leukofed.strategies import ClientResult, Strategy, make_strategy, round_learning_rate
 from leukofed.transport import TASK_FIT
 from leukofed.validation import check_tensor_answers, validate_update
 from leukofed.wire import encode_weights
+from services.aggregator.audit_plan import audit_skipped
 from services.aggregator.config import RunConfig
 from services.aggregator.deps import (
     Dispatcher,
@@ -37,7 +39,12 @@ from services.aggregator.deps import (
     Weights,
 )
 from services.aggregator.gather import Gather
-from services.aggregator.model_steps import calibrate, evaluate, rebalance_head
+from services.aggregator.model_steps import (
+    MEMBERSHIP_REFERENCE_ROUND,
+    calibrate,
+    evaluate,
+    rebalance_head,
+)
 from services.aggregator.privacy_step import (
     BudgetReached,
     check_budget,
@@ -136,6 +143,8 @@ class FederatedRun:
         self.cancel_requested = bool(record.get("cancel_requested"))
         self.stop_requested = False
         self.gather = Gather(deps, str(record["id"]), self.event, self._check)
+        # The floors a version must reach to be audited (audit_plan): the aggregator's own.
+        self.floors = GateFloors()
 
     def event(self, message: str, **fields: object) -> None:
         log.info("run %s: %s", self.record["id"], message)
@@ -244,16 +253,33 @@ class FederatedRun:
         if cfg.rebalances_head() and HEAD_WEIGHTS[0] in new_weights:
             new_weights, head = rebalance_head(self.gather, cfg, server_round, new_weights,
                                                sorted(fit.participants))
+        server_start = clock()
+        predictions = self.deps.model_ops.server_predictions(cfg, new_weights)
+        server_wall = clock() - server_start
+        # The membership audit only where the version may be promoted (audit_plan), judged
+        # on the server test split before the hospitals evaluate.
+        skipped: dict[str, str] = {}
+        if cfg.membership_images:
+            reason = audit_skipped(
+                cfg, self.floors,
+                server_test_report(*predictions, None)[1] if predictions is not None else None,
+                None, None, forced=server_round in (MEMBERSHIP_REFERENCE_ROUND, cfg.rounds),
+                before_calibration=True)
+            if reason is not None:
+                skipped["membership"] = reason
         eval_start = clock()
         # The membership audit counts a hospital's training images as members only once the
         # model has trained on them: it took part in this round or an earlier one.
         trained = set(fit.participants).union(
             *(r.get("participants", {}) for r in self.record["rounds"]))
         evaluations, calibration_sums = evaluate(self.gather, cfg, server_round, new_weights,
-                                                 fit.answered, trained)
+                                                 fit.answered, trained,
+                                                 membership="membership" not in skipped)
         eval_wall = clock() - eval_start
-        summary = self._summary(cfg, server_round, fit, evaluations, new_weights,
-                                calibration_sums)
+        summary, audit_wall = self._summary(cfg, server_round, fit, evaluations, new_weights,
+                                            calibration_sums, predictions, skipped)
+        if skipped:
+            summary["audit_skipped"] = skipped
         slowest = max((fit.reports[h].timings.get("total_s", 0.0)
                        for h in fit.participants if h in fit.reports), default=0.0)
         if fit.secure is not None:
@@ -273,7 +299,10 @@ class FederatedRun:
                 summary["global"]["dp_epsilon"] = epsilon
         summary["timings"] = {"round_s": clock() - started, "fit_wall_s": fit.wall_s,
                               "slowest_client_s": slowest,
-                              "overhead_s": max(0.0, fit.wall_s - slowest), "eval_s": eval_wall}
+                              "overhead_s": max(0.0, fit.wall_s - slowest), "eval_s": eval_wall,
+                              "slowest_eval_client_s": max(
+                                  (float(e.seconds) for e in evaluations.values()), default=0.0),
+                              "server_test_s": server_wall, "audit_s": audit_wall}
         self.record["rounds"].append(summary)
         self.deps.store.write_checkpoint(self.record, server_round, new_weights,
                                          strategy.state(), rng.bit_generator.state)
@@ -390,26 +419,37 @@ class FederatedRun:
 
     def _summary(self, cfg: RunConfig, server_round: int, fit: FitRound,
                  evaluations: dict, weights: Weights,
-                 calibration_sums: CalibrationSums | None = None) -> RoundSummary:
-        """Pool the round (round_logic) and read the new model on the server's test split."""
+                 calibration_sums: CalibrationSums | None,
+                 predictions: tuple[np.ndarray, np.ndarray] | None,
+                 skipped: dict[str, str]) -> tuple[RoundSummary, float]:
+        """Pool the round (round_logic), read the new model's ``predictions`` on the server's
+        test split, and audit it there where it may be promoted (audit_plan; ``skipped``
+        gets the reason where not). Returns the summary and the audit's seconds."""
         pooled = pool_round(fit.reports, fit.participants, evaluations, cfg.coverage,
                             calibration_sums)
         for hospital, message in pooled.left_out:
             self.event(f"round {server_round}: {hospital} {message}", round=server_round,
                        hospital=hospital)
         conformal = None
-        predictions = self.deps.model_ops.server_predictions(cfg, weights)
+        audit_wall = 0.0
         if predictions is not None:
             metrics, cm, conformal = server_test_report(*predictions, pooled.calibration)
             pooled.global_metrics.update({f"server_test_{k}": v for k, v in metrics.items()})
             pooled.confusion["server_test"] = cm
             if pooled.stain_targets is not None:
-                # Every version is read beside what colour alone achieves: leukofed.audit.
-                pooled.global_metrics.update(
-                    self.deps.model_ops.server_audit(cfg, weights, pooled.stain_targets))
+                reason = audit_skipped(cfg, self.floors, cm, pooled.calibration, conformal,
+                                       forced=server_round == cfg.rounds)
+                if reason is None:
+                    # A version is read beside what colour alone achieves: leukofed.audit.
+                    start = self.deps.clock()
+                    pooled.global_metrics.update(self.deps.model_ops.server_audit(
+                        cfg, weights, pooled.stain_targets, predictions[1]))
+                    audit_wall = self.deps.clock() - start
+                else:
+                    skipped["colour"] = reason
         return round_summary(server_round, fit.attempt, fit.selected, fit.answered,
                              fit.reports, fit.participants, fit.rejected, fit.failures,
-                             evaluations, pooled, conformal)
+                             evaluations, pooled, conformal), audit_wall
 
     def _abort_round(self, cfg: RunConfig, server_round: int, weights: Weights,
                      strategy: Strategy, rng: np.random.Generator, reason: str) -> Weights:
@@ -425,12 +465,20 @@ class FederatedRun:
         return weights
 
     def _track(self, cfg: RunConfig, summary: RoundSummary, weights: Weights) -> None:
-        rec, tracker = self.record, self.deps.tracker
+        rec, tracker, clock = self.record, self.deps.tracker, self.deps.clock
+        start = clock()
+        timings = summary.setdefault("timings", {})
         if tracker is not None:
             tracker.log_round(rec, summary)
+            logged = clock()
+            timings["log_s"] = logged - start
             if cfg.register_models:
+                # The tracker may add its parts (register_keras_s, onnx_s, card_s) to timings.
                 version = tracker.register(rec, cfg, summary, weights)
+                timings["register_s"] = clock() - logged
                 if version is not None:
                     rec["versions"][str(summary["round"])] = version
+        # After the round's MLflow metrics: the run record (run status) has them.
+        timings["track_s"] = clock() - start
         rec["registered_round"] = summary["round"]
         self.deps.store.save(rec)

@@ -240,18 +240,32 @@ class MlflowTracker:
         tags.update({k: f"{float(v):.6g}" for k, v in glob.items()
                      if "ece" in k or "coverage" in k or k.endswith(("refer_share",
                                                                      "answered"))})
+        # Audits skipped on a version that cannot be promoted (audit_plan): the gate says so.
+        for audit, reason in (summary.get("audit_skipped") or {}).items():
+            tags[f"skipped_{audit}_audit"] = reason
+        # Where registering a version's time goes, in the run record (run status).
+        timings = summary.setdefault("timings", {})
+        clock = time.perf_counter
+        start = clock()
         extra["card"] = build_card(card_info(cfg, record, summary, self.model_name))
         metadata = self.model_ops.metadata(cfg, extra)
         model = self.model_ops.keras_model(cfg, weights)
+        timings["card_s"] = clock() - start
+        start = clock()
         version = self.registry.register_round(model, metadata, record["mlflow_run_id"],
                                                record["id"], int(summary["round"]), tags)
+        timings["register_keras_s"] = clock() - start
+        start = clock()
         # ONNX is made where the model is made, checked against Keras and signed; only then
         # does `candidate` move, so nothing following it ever sees an unpublished version.
         self.registry.publish_onnx(version, record["mlflow_run_id"], model, metadata,
                                    self.model_ops.parity_images(cfg), self.signing_key,
                                    record["id"], int(summary["round"]))
         self.registry.set_alias(version, CANDIDATE_ALIAS)
+        timings["onnx_s"] = clock() - start
+        start = clock()
         self._log_card(record["mlflow_run_id"], with_version(extra["card"], version), version)
+        timings["card_s"] += clock() - start
         return version
 
     def _log_card(self, run_id: str, card: dict[str, Any], version: str) -> None:
