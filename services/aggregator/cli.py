@@ -66,6 +66,30 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
                 ssl_certfile=settings.https_cert_file, ssl_keyfile=settings.https_key_file)
 
 
+# (key, words) of a round's timings as `run status` shows them, in the round's order.
+_TIMING_PARTS = (("fit_wall_s", "fit"), ("eval_s", "evaluate"),
+                 ("server_test_s", "server test"), ("audit_s", "colour audit"),
+                 ("log_s", "MLflow log"), ("register_s", "register"))
+_REGISTER_PARTS = (("card_s", "card"), ("register_keras_s", "Keras"), ("onnx_s", "ONNX"))
+
+
+def timing_line(timings: dict[str, float], skipped: dict[str, str]) -> str:
+    """Where a round's seconds went: ``time: round 52.1 s = fit 30.1, evaluate 6.0, ...``
+    (empty without timings); the audits a version skipped are named, not explained (the
+    reasons are in ``run status --json`` and on the version's tags)."""
+    if "round_s" not in timings:
+        return ""
+    round_s = timings["round_s"] + timings.get("track_s", 0.0)
+    parts = [f"{words} {timings[k]:.1f}" for k, words in _TIMING_PARTS if k in timings]
+    inner = [f"{words} {timings[k]:.1f}" for k, words in _REGISTER_PARTS if k in timings]
+    line = f"time: round {round_s:.1f} s = " + ", ".join(parts)
+    if inner:
+        line += f" ({', '.join(inner)})"
+    if skipped:
+        line += f"; audits skipped (cannot be promoted): {', '.join(sorted(skipped))}"
+    return line
+
+
 def _progress_line(run: dict[str, Any]) -> str:
     latest = run.get("latest") or {}
     scores = "  ".join(f"{k}={latest[k]:.3f}" for k in (
@@ -145,6 +169,9 @@ def status(run_id: str, url: UrlOpt = DEFAULT_URL,
         typer.echo(f"  round {r['round']}: participants {r['participants']}  "
                    + "  ".join(f"{k}={v:.3f}" for k, v in g.items()
                                if k.endswith(("accuracy", "macro_f1"))))
+        line = timing_line(r.get("timings") or {}, r.get("audit_skipped") or {})
+        if line:
+            typer.echo(f"    {line}")
     if run.get("mlflow_url"):
         typer.echo(f"  MLflow: {run['mlflow_url']}")
 

@@ -162,3 +162,17 @@ def test_the_gate_refuses_a_skipped_audit_as_not_audited(tag: str, row: str) -> 
     assert not check.passed and check.missing
     assert check.note.startswith("not audited: cannot be promoted")
     assert "not audited" in format_gate(verdict)
+
+
+def test_run_status_shows_where_a_round_went() -> None:
+    from services.aggregator.cli import timing_line
+
+    t = {"round_s": 40.0, "fit_wall_s": 30.0, "eval_s": 6.0, "server_test_s": 2.5,
+         "audit_s": 0.0, "log_s": 0.5, "register_s": 3.0, "card_s": 0.2,
+         "register_keras_s": 1.3, "onnx_s": 1.5, "track_s": 3.5}
+    line = timing_line(t, {"colour": "cannot be promoted: ..."})
+    assert line.startswith("time: round 43.5 s = fit 30.0, evaluate 6.0, server test 2.5, "
+                           "colour audit 0.0, MLflow log 0.5, register 3.0 (card 0.2, "
+                           "Keras 1.3, ONNX 1.5)")
+    assert line.endswith("audits skipped (cannot be promoted): colour")
+    assert timing_line({}, {}) == ""
