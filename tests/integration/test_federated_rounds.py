@@ -125,6 +125,16 @@ def test_two_hospitals_two_rounds(tmp_path: Path, redis_server, mlflow_server) -
                 "audit_histogram_accuracy", "audit_worst_macro_f1"):
         assert 0.0 <= float(tags[key]) <= 1.0, key
     assert client.get_metric_history(run["mlflow_run_id"], "audit_follow_colour")
+    # Round 1's barely trained version cannot be promoted: registered and signed, not
+    # colour-audited (audits: promotable), and it says why; the last round always is.
+    assert by_round[1].tags["skipped_colour_audit"].startswith("cannot be promoted")
+    assert "audit_follow_colour" not in by_round[1].tags
+    assert by_round[1].tags["leukofed.onnx.sha256"]
+    assert run["history"][0]["audit_skipped"]["colour"] == by_round[1].tags[
+        "skipped_colour_audit"]
+    for r in run["history"]:  # where each round's seconds went (leukofed run status)
+        assert {"server_test_s", "audit_s", "track_s", "register_s", "onnx_s",
+                "register_keras_s", "card_s"} <= set(r["timings"]), r["timings"]
     n_train = sum(json.loads(tags["example_counts"]).values())
     assert tags["acquisition_profile"] == f"{n_train} training images"
     meta = mlflow.models.get_model_info(
