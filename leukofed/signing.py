@@ -56,10 +56,11 @@ DOMAIN = "leukofed-sig-v1"  # a signature for this protocol can never be valid f
 # answers (a signature of one kind is never valid as another); secagg: the
 # secure-aggregation stages; model: a registered version's ONNX file, signed by the
 # aggregator for the inference service; approval: the aggregator's "approved for serving"
-# statement on an alias (leukofed.approval). "head statistics" was missing here, so a
-# hospital with a key failed every head-statistics task (the answer could not be signed).
+# statement on an alias (leukofed.approval); status: a hospital's declined or error answer
+# (why it did not carry a task out). "head statistics" was missing here, so a hospital
+# with a key failed every head-statistics task (the answer could not be signed).
 KINDS = ("update", "task", "secagg", "calibration", "head statistics", "evaluation",
-         "describe", "model", "approval")
+         "describe", "status", "model", "approval")
 REASONS = ("unsigned", "unknown_key", "forged", "replay", "expired")
 _ENVELOPE_FIELDS = {"alg", "kind", "signer", "run", "round", "hospital", "nonce", "signed_at",
                     "digest", "extra", "sig"}
@@ -282,7 +283,7 @@ def answer_body(kind: str, answer: Mapping[str, Any]) -> Any:
         if kind == "update":
             return update_digest(blob, n, signed_fields(answer, "weights", "num_examples"))
         return payload_digest(kind, blob, n, signed_fields(answer, "weights", "num_examples"))
-    if kind in ("evaluation", "describe"):
+    if kind in ("evaluation", "describe", "status"):
         return payload_digest(kind, signed_fields(answer))
     raise ValueError(f"no answer of kind {kind!r}")
 

@@ -157,6 +157,9 @@ class Gather:
                     failures[hospital] = f"{status}: {reason}"
                     if reason == "privacy_budget":  # the hospital's own numbers, for the run
                         failures[hospital] += f" ({str(result.get('message', ''))[:300]})"
+                    unverified = self.unverified_refusal(result, hospital, server_round, task)
+                    if unverified:  # said, but not by the hospital's key: marked so
+                        failures[hospital] += f" [unverified: {unverified}]"
                 else:
                     answers[hospital] = on_answer(hospital, result) if on_answer else result
             if pending and d.clock() >= next_liveness:
@@ -178,6 +181,24 @@ class Gather:
             self.event(f"round {server_round} {task.rsplit('.', 1)[-1]}: {hospital} {reason}",
                        round=server_round, hospital=hospital)
         return answers, failures
+
+    def unverified_refusal(self, result: object, hospital: str, server_round: int,
+                           task: str) -> str:
+        """Why a declined or error answer is not known to be the hospital's: '' when it
+        carries the hospital's signature (kind ``status``) for this run, round and task, or
+        when signing is off. Such an answer never counts; what it says (its reason, a
+        privacy-budget message) goes into the events, marked when nobody vouches for it."""
+        verifier = self.deps.verifier
+        if verifier is None:
+            return ""
+        if not isinstance(result, dict):
+            return "not a map"
+        try:
+            verifier(result, hospital, self.run_id, server_round, kind="status",
+                     task_id=self.task_ids.get((task, hospital)))
+        except SignatureRejected as exc:
+            return f"{exc.reason}: {exc.message}"
+        return ""
 
     def lost(self, hospitals: list[str]) -> list[str]:
         """Those of ``hospitals`` whose worker has beaten before and stopped. A hospital

@@ -686,6 +686,19 @@ class HospitalClient:
             signing.blob_digest(blob) if blob else "", str(task_id or ""))
         return answer
 
+    def sign_refusal(self, answer: WireMap, task_id: str = "") -> WireMap:
+        """A declined or error answer signed (kind ``status``) for the run and round it
+        names and the task it answers, so the reason the aggregator records is this
+        hospital's (issue 26, finding 7). The worker calls it on every answer it sends;
+        answers that are not refusals, or already signed, pass unchanged."""
+        if (self._signing_key is None or not isinstance(answer, dict)
+                or answer.get("status") == "ok" or "signature" in answer):
+            return answer
+        answer["signature"] = signing.sign_answer(
+            self._signing_key, "status", self.hospital, str(answer.get("run_id", "")),
+            int(answer.get("round", 0) or 0), answer, "", str(task_id or ""))
+        return answer
+
     # Two seams, no-ops here. The test suite's drills (tests/integration/drills.py) override
     # them to stall a hospital or make it send a bad update, against real processes.
 

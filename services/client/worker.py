@@ -84,27 +84,31 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
         # auth: the aggregator's signature over (task, blob, config), see leukofed.signing
         client = client_for(self.request)
         return answered(client, auth, client.fit(shared.resolve(blob, global_ref), config,
-                                                 auth, task_id=self.request.id))
+                                                 auth, task_id=self.request.id),
+                        self.request.id)
 
     @app.task(name=TASK_EVALUATE, bind=True, shared=False)
     def evaluate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
                  global_ref: str | None = None) -> WireMap:
         client = client_for(self.request)
         return answered(client, auth, client.evaluate(shared.resolve(blob, global_ref),
-                                                      config, auth, task_id=self.request.id))
+                                                      config, auth, task_id=self.request.id),
+                        self.request.id)
 
     @app.task(name=TASK_CALIBRATE, bind=True, shared=False)
     def calibrate(self: Any, blob: bytes, config: WireMap, auth: Any = None,
                   global_ref: str | None = None) -> WireMap:
         client = client_for(self.request)
         return answered(client, auth, client.calibrate(shared.resolve(blob, global_ref),
-                                                       config, auth, task_id=self.request.id))
+                                                       config, auth, task_id=self.request.id),
+                        self.request.id)
 
     def secure_stage(task: str) -> Any:
         # blob: empty; the arguments keep the (blob, config) shape the task signature binds
         def run(self: Any, blob: bytes, config: WireMap, auth: Any = None) -> WireMap:
             client = client_for(self.request)
-            return answered(client, auth, client.secure_stage(task, blob, config, auth))
+            return answered(client, auth, client.secure_stage(task, blob, config, auth),
+                            self.request.id)
         return app.task(name=task, bind=True, shared=False)(run)
 
     for task in (TASK_SECAGG_KEYS, TASK_SECAGG_SHARES, TASK_SECAGG_REVEAL):
@@ -117,7 +121,8 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
                  auth: Any = None) -> WireMap:
         client = client_for(self.request)
         return answered(client, auth, client.describe(auth, config=config, blob=blob,
-                                                      task_id=self.request.id))
+                                                      task_id=self.request.id),
+                        self.request.id)
 
     def start_heartbeat(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:  # another app's worker in this process
@@ -129,15 +134,17 @@ def register_tasks(app: Celery, client_for: Callable[[Any], HospitalClient],
     worker_ready.connect(start_heartbeat, weak=False)
 
 
-def answered(client: HospitalClient, auth: Any, answer: WireMap) -> WireMap:
+def answered(client: HospitalClient, auth: Any, answer: WireMap, task_id: str = ""
+             ) -> WireMap:
     """``answer``, once the task it answers is recorded as completed (services/client/
     completed.py): a replay of it is refused from now on, after a restart too. A task that
     raised, or a worker that died before this line, leaves no record, so Celery's redelivery
     (acks_late) still runs it. The record is written just before Celery stores the result;
     a crash in between makes the redelivery a refused replay, and the round goes on without
-    that answer."""
+    that answer. A declined or error answer is signed here, for the task it answers
+    (HospitalClient.sign_refusal)."""
     client.task_completed(auth)
-    return answer
+    return client.sign_refusal(answer, task_id)
 
 
 class SharedBlobs:

@@ -391,3 +391,99 @@ def test_attack_bad_count_from_one_hospital_leaves_the_other_rounds_running(
     weights, _ = run.store.read_checkpoint(rec)
     # Round 1 is a's +1 alone (not b's +5 at 10**9 examples); round 2 the mean +3.
     np.testing.assert_allclose(weights["dense/kernel"], np.full((2, 2), 4.0))
+
+
+# ---------------------------------------------------------------- declined and error answers
+
+BUDGET = ("refused: this round would take the run's epsilon on this hospital's images from "
+          "7.900 to 8.400 at delta 1e-05, above the run's target 8")
+
+
+def refusing(key: Ed25519PrivateKey | None, tamper: Tamper | None = None) -> Behaviour:
+    """Declines every fit for its privacy budget, as the hospital words it; the answer
+    signed (kind ``status``) with ``key`` for its run, round and task as the worker signs
+    it (None: unsigned), then changed by ``tamper`` on the way."""
+    honest = evaluating(1.0, 16, HALF)
+
+    def answer(task: str, args: list[Any], hospital: str) -> Answer:
+        config = args[1]
+        if not task.endswith("fit"):
+            return signed(keys_of[hospital], honest)(task, args, hospital)
+        out: Answer = {"status": "declined", "hospital": hospital, "reason": "privacy_budget",
+                       "message": BUDGET, "round": config["round"],
+                       "run_id": config["run_id"]}
+        if key is not None:
+            out["signature"] = sign_answer(key, "status", hospital, config["run_id"],
+                                           config["round"], out)
+        if tamper is not None:
+            tamper(out)
+        return out
+    keys_of: dict[str, Ed25519PrivateKey] = {}
+    answer.keys_of = keys_of  # type: ignore[attr-defined]
+    return answer
+
+
+REFUSAL_TAMPERS: dict[str, Tamper] = {
+    "reason": _set("reason", "paused"),
+    "message": _set("message", "refused: this hospital leaves the consortium"),
+    "status": _set("status", "error"),
+}
+
+
+def run_refusal(tmp_path, b: Behaviour, keys: dict[str, Ed25519PrivateKey]
+                ) -> tuple[Answer, list[str]]:
+    b.keys_of.update(keys)  # type: ignore[attr-defined]
+    return run_plain(tmp_path, {"a": signed(keys["a"], evaluating(1.0, 16, HALF)), "b": b},
+                     keys)
+
+
+def test_a_signed_refusal_is_recorded_as_the_hospital_said_it(tmp_path) -> None:
+    keys = _keys()
+    rnd, events = run_refusal(tmp_path, refusing(keys["b"]), keys)
+    assert rnd["failed"]["b"] == f"declined: privacy_budget ({BUDGET})"
+    assert not any("unverified" in m for m in events), events
+
+
+@pytest.mark.parametrize("field", sorted(REFUSAL_TAMPERS))
+def test_attack_refusal_rewritten_on_the_broker_is_marked_unverified(tmp_path,
+                                                                     field: str) -> None:
+    """b's signed decline with its reason, message or status rewritten on the way (why b
+    did not train, as the run's events would tell it): still a failure (a refusal never
+    counts), but the events say it is not b's word (before: recorded as b's, unmarked)."""
+    keys = _keys()
+    rnd, events = run_refusal(tmp_path, refusing(keys["b"], REFUSAL_TAMPERS[field]), keys)
+    assert rnd["participants"] == {"a": 16}
+    assert rnd["failed"]["b"].endswith(
+        "[unverified: forged: payload does not match the signed digest]"), rnd["failed"]
+    assert any("fit: b " in m and "[unverified: forged" in m for m in events), events
+
+
+def test_attack_refusal_injected_unsigned_is_marked_unverified(tmp_path) -> None:
+    """An unsigned decline in b's name (injected on the broker in place of its answer)."""
+    keys = _keys()
+    rnd, _ = run_refusal(tmp_path, refusing(None), keys)
+    assert rnd["failed"]["b"].endswith("[unverified: unsigned: no signature]"), rnd["failed"]
+
+
+def test_the_worker_signs_its_refusals(tmp_path, synthetic_dataset) -> None:
+    """The worker's own decline (a paused hospital, services.client.worker.answered) is
+    signed for its run, round and task; rewritten, it no longer verifies."""
+    from services.client.worker import answered
+
+    public = generate_keypair(tmp_path / "keys", "a")[1]
+    client = HospitalClient(ClientSettings(
+        hospital_id="a", data_dir=synthetic_dataset(per_class=2),
+        state_dir=tmp_path / "state", cache_dir=tmp_path / "cache",
+        signing_key_file=tmp_path / "keys/a.key"))
+    client.pause_switch.pause("audit")
+    sent = answered(client, None, client.fit(b"", CFG, task_id="t-1"), "t-1")
+    assert sent["status"] == "declined" and sent["reason"] == "paused" and "signature" in sent
+    verifier = UpdateVerifier({"a": load_public_key(public)})
+    wire = msgpack.unpackb(msgpack.packb(sent, use_bin_type=True), raw=False)
+    verifier(wire, "a", CFG["run_id"], CFG["round"], kind="status", task_id="t-1")
+    verifier.nonces = NonceCache()
+    with pytest.raises(SignatureRejected, match="signed digest"):
+        verifier({**wire, "reason": "privacy_budget"}, "a", CFG["run_id"], CFG["round"],
+                 kind="status", task_id="t-1")
+    with pytest.raises(SignatureRejected, match="not 't-2'"):
+        verifier(wire, "a", CFG["run_id"], CFG["round"], kind="status", task_id="t-2")
