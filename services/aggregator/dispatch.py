@@ -48,6 +48,10 @@ class CeleryDispatcher:
         self.ping_timeout_s = ping_timeout_s
         self.last_seen: dict[str, float] = {}
         self.describes: dict[str, WireAnswer] = {}
+        # task id -> the hospital it was sent to: an answer shows that hospital alive, not
+        # whichever one the answer names (unsigned, and in isolated mode a hospital's own
+        # worker writes it: it could make another look live).
+        self._sent_to: dict[str, str] = {}
         self._lock = threading.Lock()
         for h in hospitals:
             self.app_for(h)
@@ -144,6 +148,10 @@ class CeleryDispatcher:
             task, args=sent, kwargs=kwargs,
             queue=queue_name(hospital), expires=max(1.0, expires - time.time()) + 30.0)
         _unsubscribe(app, handle.id)
+        with self._lock:
+            self._sent_to[handle.id] = hospital
+            while len(self._sent_to) > 100_000:  # handles never discarded (a crashed run)
+                self._sent_to.pop(next(iter(self._sent_to)))
         return handle
 
     def _auth(self, task: str, hospital: str, args: list[Any]) -> WireMap:
@@ -156,13 +164,16 @@ class CeleryDispatcher:
         if state not in states.READY_STATES:
             return False, None, None
         if state == states.SUCCESS:
-            result = handle.result
-            if isinstance(result, dict) and isinstance(result.get("hospital"), str):
-                self.seen(result["hospital"])
-            return True, result, None
+            with self._lock:
+                hospital = self._sent_to.get(handle.id)
+            if hospital is not None:
+                self.seen(hospital)
+            return True, handle.result, None
         return True, None, f"{state}: {handle.result!r}"[:500]
 
     def discard(self, handle: AsyncResult) -> None:
+        with self._lock:
+            self._sent_to.pop(handle.id, None)
         try:
             handle.forget()  # results hold weight blobs: do not leave them in Redis
         except Exception as exc:

@@ -487,3 +487,38 @@ def test_the_worker_signs_its_refusals(tmp_path, synthetic_dataset) -> None:
                  kind="status", task_id="t-1")
     with pytest.raises(SignatureRejected, match="not 't-2'"):
         verifier(wire, "a", CFG["run_id"], CFG["round"], kind="status", task_id="t-2")
+
+
+# ---------------------------------------------------------------- who an answer shows alive
+
+
+def test_attack_answer_naming_another_hospital_does_not_make_it_look_live() -> None:
+    """In isolated mode hospital a's worker writes the results under a's prefix, and its
+    answer's ``hospital`` field is whatever a puts there: an answer naming b made b look
+    seen (/v1/hospitals, leukofed_hospital_last_seen_seconds), although only a answered.
+    Now the dispatcher credits the hospital it sent the task to."""
+    from types import SimpleNamespace
+
+    from services.aggregator.dispatch import CeleryDispatcher
+
+    class Handle:
+        def __init__(self, task_id: str) -> None:
+            self.id, self.state = task_id, "SUCCESS"
+            self.result = {"status": "ok", "hospital": "b"}  # a's answer, naming b
+
+        def forget(self) -> None:
+            pass
+
+    class App:  # one hospital's Celery app (its key prefix)
+        backend = SimpleNamespace(result_consumer=None)
+
+        def send_task(self, *args: Any, **kwargs: Any) -> Handle:
+            return Handle("task-1")
+
+    d = CeleryDispatcher(None, hospital_app=lambda h: App())
+    handle = d.submit("a", "leukofed.client.fit", [b"", {}], expires=2e9)
+    done, result, _ = d.poll(handle)
+    assert done and result == {"status": "ok", "hospital": "b"}
+    assert set(d.last_seen) == {"a"}
+    d.discard(handle)
+    assert not d._sent_to  # forgotten with the handle
