@@ -50,7 +50,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     weights from the pooled counts at every hospital instead of its own; rounds N: this
     variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
     mode central: the centralized reference trained with this variant's norm (and
-    passes); mode hospital_batches: no federation, centralized training whose every batch comes from
+    passes), with la 2 on the pooled class prior (logit adjustment) instead of class
+    weights; mode hospital_batches: no federation, centralized training whose every batch comes from
     one hospital, which separates label-skewed batches from model averaging; bnfix R:
     from round R on, hospitals train with BatchNorm in inference mode, normalising by the
     statistics pooled over every hospital on the round's global weights instead of by their
@@ -141,8 +142,8 @@ def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any
     return out
 
 
-def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch"
-            ) -> dict[str, Any]:
+def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch",
+            logit_adjustment: bool = False) -> dict[str, Any]:
     from leukofed.models import build_model
     from leukofed.train import Trainer, evaluate, fit
 
@@ -151,7 +152,7 @@ def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch"
     curve: list[float] = []
     start = time.perf_counter()
     fit(trainer, (x, y), None, epochs, args.batch_size, args.learning_rate,
-        patience=epochs + 1, seed=args.seed, progress=False,
+        patience=epochs + 1, seed=args.seed, progress=False, logit_adjustment=logit_adjustment,
         on_epoch=lambda row: curve.append(evaluate(trainer, *data["test"])["accuracy"]))
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start, images=int(len(y)))
@@ -545,7 +546,8 @@ def main() -> None:
         for name, v in variants.items():
             print(f"-- variant {name}: {v}", flush=True)
             if v["mode"] == "central":  # the reference itself, with this variant's norm
-                r = central(args, data, v["epochs"] * (v["rounds"] or args.rounds), v["norm"])
+                r = central(args, data, v["epochs"] * (v["rounds"] or args.rounds), v["norm"],
+                            logit_adjustment=v["la"] == 2)
             elif v["mode"] == "hospital_batches":
                 r = central_hospital_batches(args, data, v)
             else:

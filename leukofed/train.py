@@ -441,13 +441,17 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     recalibrate_bn: bool = True,
     augmentation: str = DEFAULT_AUGMENTATION,
+    logit_adjustment: bool = False,
 ) -> FitResult:
     """Centralized training: cosine schedule, early stopping on validation macro-F1,
     best weights restored at the end. With ``recalibrate_bn`` BatchNorm statistics are
     recomputed on training images before each validation, so the model that is validated
-    (and kept) is the one that will be served."""
+    (and kept) is the one that will be served. ``logit_adjustment`` trains on the class
+    prior of ``train`` (the federated default's loss) instead of class weights."""
     x, y = train
-    trainer.reset(class_weights=class_weights(y) if class_balanced else np.ones(len(CLASSES)))
+    balanced = class_balanced and not logit_adjustment
+    trainer.reset(class_weights=class_weights(y) if balanced else np.ones(len(CLASSES)),
+                  log_prior=logit_prior(y) if logit_adjustment else None)
     ds = make_dataset(x, y, batch_size, training=True, seed=seed, augmentation=augmentation)
     steps = len(x) // batch_size if len(x) >= batch_size else 1
     result = FitResult()
