@@ -51,8 +51,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     variant's rounds, 0 for --rounds: with epochs, the same passes in more, shorter rounds;
     mode central: the centralized reference trained with this variant's norm (and
     passes), with la 2 on the pooled class prior (logit adjustment) instead of class
-    weights; mode hospital_batches: no federation, centralized training whose every batch comes from
-    one hospital, which separates label-skewed batches from model averaging; bnfix R:
+    weights (in a federated variant, la 3: every hospital's logit adjustment uses the
+    pooled prior instead of its own); mode hospital_batches: no federation, centralized
+    training whose every batch comes from one hospital, which separates label-skewed
+    batches from model averaging; bnfix R:
     from round R on, hospitals train with BatchNorm in inference mode, normalising by the
     statistics pooled over every hospital on the round's global weights instead of by their
     batch's own, which depend on its label mix (FixBN, Zhong et al. 2023: R past the early
@@ -260,7 +262,9 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
                 trainer.start_round(scaffold_correction(control, h, data["hospitals"]))
             local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
-                      logit_adjustment=bool(v["la"]), pooled_class_weights=pooled)
+                      logit_adjustment=bool(v["la"]), pooled_class_weights=pooled,
+                      pooled_class_counts=np.bincount(y_pool, minlength=len(CLASSES))
+                      if v["la"] == 3 else None)
             if v["scaffold"]:
                 control[h] = trainer.mean_gradient()
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))

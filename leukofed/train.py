@@ -236,7 +236,12 @@ def logit_prior(y: np.ndarray, n_classes: int = len(CLASSES), floor: float = 1e-
     Benign is rare, and a class it has none of gets almost no gradient (its adjusted
     probability is ~``floor`` times smaller), instead of being pushed down at every step.
     """
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return pooled_log_prior(np.bincount(y, minlength=n_classes), floor)
+
+
+def pooled_log_prior(counts: np.ndarray, floor: float = 1e-4) -> np.ndarray:
+    """``logit_prior`` from class counts (a federation's pooled counts, for example)."""
+    counts = np.asarray(counts, np.float64)
     freq = counts / max(counts.sum(), 1.0)
     return np.log(np.maximum(freq, floor)).astype(np.float32)
 
@@ -502,6 +507,7 @@ def local_fit(
     augmentation: str = DEFAULT_AUGMENTATION,
     logit_adjustment: bool = False,
     pooled_class_weights: np.ndarray | None = None,
+    pooled_class_counts: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
     trainer.model. Returns aggregate numbers only (nothing per image).
@@ -512,14 +518,18 @@ def local_fit(
     (a hospital's two Benign images weigh 20 times one of its Pre-B images) and still push
     classes it lacks down, which averaging does not undo. ``pooled_class_weights`` (the
     inverse frequencies of the federation's pooled counts) replace the local ones: every
-    hospital's loss is then its share of the centralized class-balanced loss."""
+    hospital's loss is then its share of the centralized class-balanced loss.
+    ``pooled_class_counts`` with ``logit_adjustment``: the prior is the federation's pooled
+    one instead of this hospital's, so the hospitals' losses sum to the centralized
+    logit-adjusted loss."""
     ones = np.ones(len(CLASSES), np.float32)
     local_weights = class_weights(y) if pooled_class_weights is None else pooled_class_weights
     trainer.reset(
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
         class_weights=local_weights if class_balanced and not logit_adjustment else ones,
-        log_prior=logit_prior(y) if logit_adjustment else None,
+        log_prior=(None if not logit_adjustment else logit_prior(y)
+                   if pooled_class_counts is None else pooled_log_prior(pooled_class_counts)),
     )
     ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed,
                       augmentation=augmentation)

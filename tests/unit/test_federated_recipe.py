@@ -40,6 +40,19 @@ def test_logit_prior_is_log_frequency_with_a_floor_for_absent_classes() -> None:
                                    math.log(1e-4)], rel=1e-6)
 
 
+def test_pooled_log_prior_sums_the_hospitals_counts_into_one_prior() -> None:
+    """The federation's pooled prior (ablation la=3, fit(logit_adjustment=True)) is the
+    prior of the union of the hospitals' labels, not the mean of their priors."""
+    from leukofed.train import logit_prior, pooled_log_prior
+
+    a, b = np.array([0, 0, 0, 1]), np.array([1, 1, 1, 1, 1, 1, 2, 3])
+    counts = np.bincount(a, minlength=4) + np.bincount(b, minlength=4)
+    assert pooled_log_prior(counts) == pytest.approx(logit_prior(np.concatenate([a, b])))
+    assert pooled_log_prior(counts) == pytest.approx(np.log([3 / 12, 7 / 12, 1 / 12, 1 / 12]),
+                                                     rel=1e-6)
+    assert pooled_log_prior(np.zeros(4))[0] == pytest.approx(math.log(1e-4))
+
+
 def _loss_and_grads(log_prior: np.ndarray, y: np.ndarray, logits: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """The training loss (leukofed.train.adjusted_cross_entropy, as Trainer's step uses it)
