@@ -157,7 +157,8 @@ def test_redis_config_uses_the_mounted_acl_file_and_persists() -> None:
 def test_redis_config_is_accepted_by_redis_server_and_speaks_only_tls(tmp_path: Path) -> None:
     # redis-server --test-memory is not a config check; instead start it on a free port
     # with the file (paths rewritten to tmp), certificates from make_certs.py and an ACL
-    # file, and expect a TLS client to get PONG and a plain-text one nothing.
+    # file, and expect a TLS client with its certificate to get PONG, and a TLS client
+    # without one (tls-auth-clients yes) and a plain-text one nothing.
     redis = shutil.which("redis-server")
     if redis is None:
         pytest.skip("redis-server not installed")
@@ -181,20 +182,31 @@ def test_redis_config_is_accepted_by_redis_server_and_speaks_only_tls(tmp_path: 
     (tmp_path / "redis.conf").write_text(conf)
     proc = subprocess.Popen([redis, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    # tls-auth-clients yes: a client presents its certificate (hospital a's here).
     context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.crt"))
+    context.load_cert_chain(tmp_path / "tls" / "a.crt", tmp_path / "tls" / "a.key")
+    bare = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.crt"))
+
+    def ping(ctx: ssl.SSLContext) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(b"AUTH healthcheck pw\r\nPING\r\n")
+            time.sleep(0.2)
+            return conn.recv(100)
+
     try:
         answer = b""
         for _ in range(50):
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
-                        context.wrap_socket(raw, server_hostname="localhost") as conn:
-                    conn.sendall(b"AUTH healthcheck pw\r\nPING\r\n")
-                    time.sleep(0.2)
-                    answer = conn.recv(100)
+                answer = ping(context)
                 break
             except OSError:
                 time.sleep(0.1)
         assert b"PONG" in answer, answer
+        refused = b""
+        with contextlib.suppress(OSError):  # a failed handshake is a refusal too
+            refused = ping(bare)
+        assert b"PONG" not in refused, "TLS without a client certificate got in"
         with socket.create_connection(("127.0.0.1", port), timeout=2) as plain:
             plain.sendall(b"AUTH healthcheck pw\r\nPING\r\n")
             time.sleep(0.2)
