@@ -312,7 +312,7 @@ def ScaffoldTrainer(model: Any) -> Any:  # noqa: N802 - a factory: TensorFlow lo
     the uncorrected ones (SCAFFOLD option I along the local trajectory)."""
     import tensorflow as tf
 
-    from leukofed.train import Trainer, adjusted_cross_entropy
+    from leukofed.train import Trainer
 
     class _Scaffold(Trainer):
         def __init__(self, model: Any) -> None:
@@ -335,21 +335,12 @@ def ScaffoldTrainer(model: Any) -> Any:  # noqa: N802 - a factory: TensorFlow lo
             n = max(float(self.steps.numpy()), 1.0)
             return [g.numpy() / n for g in self.grad_sum]
 
-        def _step(self, x: Any, y: Any) -> Any:
-            variables = self.model.trainable_variables
-            with tf.GradientTape() as tape:
-                probs = self.model(x, training=True)
-                per_example = adjusted_cross_entropy(probs, y, self.log_prior)
-                w = tf.gather(self.class_weights, y)
-                loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
-            grads = tape.gradient(loss, variables)
+        def _apply_gradients(self, grads: Any, variables: Any) -> None:
             for g, s in zip(grads, self.grad_sum):
                 s.assign_add(g)
             self.steps.assign_add(1.0)
             self.optimizer.apply_gradients(
                 [(g + c, v) for g, c, v in zip(grads, self.correction, variables)])
-            correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
-            return loss, correct
 
     return _Scaffold(model)
 

@@ -309,9 +309,14 @@ class Trainer:
             )
             loss_total = loss + 0.5 * self.proximal_mu * prox
         grads = tape.gradient(loss_total, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self._apply_gradients(grads, variables)
         correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
         return loss, correct
+
+    def _apply_gradients(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
+        """The optimizer step (traced into the train step); a subclass that corrects the
+        gradients (SCAFFOLD in benchmarks/bench_fed_ablation.py) overrides only this."""
+        self.optimizer.apply_gradients(zip(grads, variables))
 
     @property
     def learning_rate(self) -> float:
