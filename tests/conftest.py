@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LEUKOFED_DEV_MODE", "1")
 REAL_DATA = Path(os.environ.get("LEUKOFED_REAL_DATA", ROOT.parent / "shared" / "data" / "all-pbs"))
 VENV_BIN = Path(sys.executable).parent
+
+
+def infra_security(name: str) -> Any:
+    """A script of infra/security (gen_acl, make_certs, compose_secrets), loaded as a
+    module: they are scripts the operator runs, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "infra" / "security" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import ROOT, VENV_BIN, free_port, wait_for_port, write_synthetic_image
+from conftest import (
+    ROOT,
+    VENV_BIN,
+    free_port,
+    infra_security,
+    wait_for_port,
+    write_synthetic_image,
+)
 
 CLASS_FOLDERS = ("Benign", "Early", "Pre", "Pro")
 TINY = {"model": "compact_cnn", "image_size": 32, "local_epochs": 1, "batch_size": 8,
@@ -243,22 +250,12 @@ def run_to_end(client: Any, config: dict[str, Any], timeout: float) -> dict[str,
     return wait_run(lambda: client.get(f"/v1/runs/{run_id}").json(), finished, timeout)
 
 
-def gen_acl_module() -> Any:
-    """infra/security/gen_acl.py, a script rather than a package module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gen_acl", ROOT / "infra/security/gen_acl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
 def acl_redis_server(tmp_path: Path, hospitals: list[str], extra_acl_lines: tuple[str, ...] = ()
                      ) -> Iterator[tuple[int, dict[str, str]]]:
     """A real redis-server with the ACL file generated for ``hospitals``: (port, passwords)."""
     acl = tmp_path / "acl"
-    passwords = gen_acl_module().generate(hospitals, acl)
+    passwords = infra_security("gen_acl").generate(hospitals, acl)
     with (acl / "users.acl").open("a") as f:
         f.writelines(f"{line}\n" for line in extra_acl_lines)
     port = free_port()

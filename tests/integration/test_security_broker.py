@@ -6,7 +6,6 @@ allocate memory it did not send, and the monitor reads no update."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from conftest import ROOT, free_port, wait_for_port
+from conftest import ROOT, free_port, infra_security, wait_for_port
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -29,14 +28,6 @@ HOSPITALS = ["a", "b"]
 MAXMEMORY = 64 * 2**20  # small, so that an amplified write would cross it at once
 
 
-def _compose_secrets():
-    spec = importlib.util.spec_from_file_location(
-        "compose_secrets", ROOT / "infra/security/compose_secrets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class Broker:
     port: int
@@ -44,7 +35,7 @@ class Broker:
     passwords: dict[str, str]  # .env's values: REDIS_HOSPITAL_A_PASSWORD, ...
 
     def password(self, user: str) -> str:
-        return self.passwords[_compose_secrets().redis_variable(user)]
+        return self.passwords[infra_security("compose_secrets").redis_variable(user)]
 
     def client(self, user: str, certificate: str | None = "own") -> redis.Redis:
         """``user`` over TLS with its password; its own client certificate, another's
@@ -77,7 +68,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         pytest.fail("redis-server is not installed: run `make setup`")
     tmp = tmp_path_factory.mktemp("broker")
     secrets = tmp / "secrets"
-    values = _compose_secrets().generate(HOSPITALS, secrets, tmp / ".env")
+    values = infra_security("compose_secrets").generate(HOSPITALS, secrets, tmp / ".env")
     port = free_port()
     data = tmp / "data"
     data.mkdir()

@@ -6,7 +6,6 @@ client certificate from another CA and a client that does not trust our CA all f
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,21 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import ROOT, free_port, wait_for_port
+from conftest import ROOT, free_port, infra_security, wait_for_port
 from fedstack import Worker
 
 from leukofed.transport import make_celery, tls_options
 from services.aggregator.dispatch import CeleryDispatcher
 
 pytestmark = pytest.mark.integration
-
-
-def _make_certs():
-    spec = importlib.util.spec_from_file_location("make_certs",
-                                                  ROOT / "infra/security/make_certs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -54,7 +45,7 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run `make setup`")
     certs = tmp_path / "certs"
-    _make_certs().generate(["a"], certs)
+    infra_security("make_certs").generate(["a"], certs)
     port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
@@ -75,7 +66,7 @@ def test_certificates_are_what_the_script_promises(tmp_path: Path) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     certs = tmp_path / "certs"
-    written = _make_certs().generate(["a", "b"], certs, server_names=["redis"])
+    written = infra_security("make_certs").generate(["a", "b"], certs, server_names=["redis"])
     assert set(written) == {"ca", "server", "a", "b", "aggregator"}
     for key in certs.glob("*.key"):
         assert key.stat().st_mode & 0o777 == 0o600, key
@@ -91,7 +82,7 @@ def test_certificates_are_what_the_script_promises(tmp_path: Path) -> None:
         subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"),
                         str(certs / f"{name}.crt")], check=True, capture_output=True)
     ca_before = (certs / "ca.crt").read_bytes()
-    _make_certs().generate(["a", "b", "c"], certs)  # adding a hospital keeps the CA
+    infra_security("make_certs").generate(["a", "b", "c"], certs)  # adding a hospital keeps the CA
     assert (certs / "ca.crt").read_bytes() == ca_before and (certs / "c.crt").exists()
 
 
@@ -106,7 +97,7 @@ def test_only_tls_clients_with_our_certificates_get_in(tls_redis: TlsRedis,
     with pytest.raises(redis.exceptions.ConnectionError):  # alert or EOF, by timing
         redis.Redis.from_url(tls_redis.url, socket_timeout=5, **no_cert).ping()
     other = tmp_path / "other-ca"  # a certificate for "a", but minted by someone else's CA
-    _make_certs().generate(["a"], other)
+    infra_security("make_certs").generate(["a"], other)
     foreign = tls_options(str(tls_redis.certs / "ca.crt"), str(other / "a.crt"),
                           str(other / "a.key"))
     with pytest.raises(redis.exceptions.ConnectionError):
@@ -159,7 +150,7 @@ def test_inference_service_serves_https_with_our_certificate(tmp_path: Path) -> 
     import urllib.request
 
     certs = tmp_path / "certs"
-    _make_certs().generate(["a"], certs)
+    infra_security("make_certs").generate(["a"], certs)
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LEUKOFED_")},
            "LEUKOFED_DEV_MODE": "1",  # no API key or model key: HTTPS is what is tested
@@ -204,7 +195,7 @@ def test_aggregator_serves_https_and_the_cli_trusts_only_our_ca(tmp_path: Path,
     import sys
 
     certs = tmp_path / "certs"
-    _make_certs().generate(["a"], certs)
+    infra_security("make_certs").generate(["a"], certs)
     port = free_port()
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("LEUKOFED_") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
