@@ -38,15 +38,9 @@ def _tag_value(value: Any) -> str:
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from registry.publish import pinned_requirements
 
-    out = []
-    for package in ("tensorflow", "keras", "numpy"):
-        try:
-            out.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return out
+    return pinned_requirements("tensorflow", "keras", "numpy")
 
 
 def log_and_register(

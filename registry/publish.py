@@ -81,17 +81,23 @@ def publish_onnx(client: Any, model_name: str, version: str, run_id: str, model:
                             signing_key, run, round, input_example=parity_images[:1])
 
 
-def onnx_requirements() -> list[str]:
-    """What the ONNX flavor needs to run, pinned to the versions installed here."""
+def pinned_requirements(*packages: str) -> list[str]:
+    """``package==version`` for each of ``packages`` installed here (an MLflow model's
+    requirements, written out so that MLflow does not infer them in a subprocess)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("onnx", "onnxruntime", "numpy"):
+    for package in packages:
         try:
             out.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
             continue
     return out
+
+
+def onnx_requirements() -> list[str]:
+    """What the ONNX flavor needs to run, pinned to the versions installed here."""
+    return pinned_requirements("onnx", "onnxruntime", "numpy")
 
 
 def save_mlflow_onnx(path: Path, out_dir: Path, input_example: np.ndarray | None = None
