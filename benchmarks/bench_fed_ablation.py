@@ -37,7 +37,7 @@ DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "feda
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
                    "gw": 0, "rounds": 0, "mode": "federated",
-                   "bnfix": 0, "head": 0, "bs": 0, "scaffold": 0}
+                   "bnfix": 0, "head": 0, "bs": 0, "scaffold": 0, "fixhead": 0, "sbank": 0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -54,7 +54,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     weights (in a federated variant, la 3: every hospital's logit adjustment uses the
     pooled prior instead of its own); mode hospital_batches: no federation, centralized
     training whose every batch comes from one hospital, which separates label-skewed
-    batches from model averaging; bnfix R:
+    batches from model averaging; mode hospital_sum: no federation, each optimizer step the
+    sum of one batch's gradient from every hospital (weighted by its share of the images),
+    each forward pass (so its BatchNorm statistics) on one hospital's batch: what a
+    one-hospital forward pass costs apart from what a one-hospital step costs (its
+    reference: mode central with batch = hospitals x batch, the same images a step); bnfix R:
     from round R on, hospitals train with BatchNorm in inference mode, normalising by the
     statistics pooled over every hospital on the round's global weights instead of by their
     batch's own, which depend on its label mix (FixBN, Zhong et al. 2023: R past the early
@@ -68,7 +72,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     et al. 2020): every local gradient is corrected by (global mean gradient - this
     hospital's mean gradient), both from the previous round's local steps, so a step on one
     hospital's batch follows the federation's gradient instead of its own label mix and
-    laboratory)."""
+    laboratory); fixhead 1: the classifier head stays at its random initialisation and only
+    the features train (FedBABU, Oh et al. 2022: a head no hospital can bias towards its
+    own label mix), fixhead 2: the head fixed at a simplex equiangular tight frame (FedETF,
+    Li et al. 2023: every pair of classes equally far apart), zero bias; sbank 1: the
+    stain-transfer augmentation draws its targets from the federation's pooled per-class
+    stain statistics (leukofed.stain_bank) instead of the hospital's own batch (also in mode
+    hospital_batches)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -130,13 +140,27 @@ def referred_test_share(data: dict[str, Any]) -> float:
                           data["test"][0])
 
 
+def wrong_by_block(trainer: Any, data: dict[str, Any]) -> dict[str, int]:
+    """Misclassified test images per block of file numbers (leukofed.data groups: often one
+    patient): neighbouring images share their smear, so a gap of a few points can be one
+    block the model gets wrong rather than errors spread over many patients."""
+    x, y = data["test"]
+    wrong = np.argmax(trainer.predict(x), axis=1) != y
+    out: dict[str, int] = {}
+    for record, bad in zip(data["split"].test, wrong, strict=True):
+        if bad:
+            out[record.group] = out.get(record.group, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any]:
     from leukofed.audit import audit_set_from_train, run_audit
     from leukofed.train import evaluate
 
     m = evaluate(trainer, *data["test"])
     out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-           "recall": {c: m["per_class"][c]["recall"] for c in CLASSES}}
+           "recall": {c: m["per_class"][c]["recall"] for c in CLASSES},
+           "wrong_by_block": wrong_by_block(trainer, data)}
     out["audit"] = run_audit(trainer.predict, audit_set_from_train(*data["pooled"], *data["test"],
                                                                    len(CLASSES), seed))
     if data["unseen"] is not None:
@@ -145,7 +169,7 @@ def final_report(trainer: Any, data: dict[str, Any], seed: int) -> dict[str, Any
 
 
 def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch",
-            logit_adjustment: bool = False) -> dict[str, Any]:
+            logit_adjustment: bool = False, batch: int = 0) -> dict[str, Any]:
     from leukofed.models import build_model
     from leukofed.train import Trainer, evaluate, fit
 
@@ -153,7 +177,7 @@ def central(args: Any, data: dict[str, Any], epochs: int, norm: str = "batch",
     trainer = Trainer(build_model("compact_cnn", args.image_size, seed=args.seed, norm=norm))
     curve: list[float] = []
     start = time.perf_counter()
-    fit(trainer, (x, y), None, epochs, args.batch_size, args.learning_rate,
+    fit(trainer, (x, y), None, epochs, batch or args.batch_size, args.learning_rate,
         patience=epochs + 1, seed=args.seed, progress=False, logit_adjustment=logit_adjustment,
         on_epoch=lambda row: curve.append(evaluate(trainer, *data["test"])["accuracy"]))
     out = final_report(trainer, data, args.seed)
@@ -181,7 +205,9 @@ def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
                                   norm=v["norm"]))
     x_all, y_all = data["pooled"]
     trainer.reset(class_weights=class_weights(y_all))
-    sets = {h: make_dataset(x, y, args.batch_size, training=True, seed=args.seed)
+    bank = stain_bank_for(data, v, args.seed)
+    sets = {h: make_dataset(x, y, args.batch_size, training=True, seed=args.seed,
+                            stain_bank=bank)
             for h, (x, y) in data["hospitals"].items()}
     batches = {h: max(1, len(y) // args.batch_size) for h, (_, y) in data["hospitals"].items()}
     rng = np.random.default_rng(args.seed)
@@ -194,6 +220,62 @@ def central_hospital_batches(args: Any, data: dict[str, Any], v: dict[str, Any]
         for h in rng.permutation(order):
             trainer._train_step(*next(streams[h]))
         recalibrate_batchnorm(trainer.model, x_all)
+        print(f"  epoch {epoch + 1}/{epochs} test acc "
+              f"{evaluate(trainer, *data['test'])['accuracy']:.4f}", flush=True)
+    out = final_report(trainer, data, args.seed)
+    out.update(curve=[], seconds=time.perf_counter() - start)
+    return out
+
+
+def central_hospital_sum(args: Any, data: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
+    """Centralized training whose every step adds one batch's gradient from each hospital,
+    weighted by the hospital's share of the images (the pooled class-weighted loss), each
+    forward pass on one hospital's batch: the steps of pooled training, the BatchNorm batch
+    statistics (and stain transfers) of federated training."""
+    import tensorflow as tf
+
+    from leukofed.models import build_model
+    from leukofed.train import (
+        Trainer,
+        adjusted_cross_entropy,
+        class_weights,
+        cosine_lr,
+        evaluate,
+        make_dataset,
+        recalibrate_batchnorm,
+    )
+
+    model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
+    trainer = Trainer(model)
+    x_all, y_all = data["pooled"]
+    trainer.reset(class_weights=class_weights(y_all))
+    variables = model.trainable_variables
+    share = {h: len(y) / len(y_all) for h, (_, y) in data["hospitals"].items()}
+
+    @tf.function
+    def gradients(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            per_example = adjusted_cross_entropy(probs, y, trainer.log_prior)
+            w = tf.gather(trainer.class_weights, y)
+            loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
+        return tape.gradient(loss, variables)
+
+    streams = {h: iter(make_dataset(x, y, args.batch_size, training=True,
+                                    seed=args.seed).repeat())
+               for h, (x, y) in data["hospitals"].items()}
+    epochs = v["epochs"] * (v["rounds"] or args.rounds)
+    steps = len(y_all) // (args.batch_size * len(streams))
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        trainer.learning_rate = cosine_lr(args.learning_rate, epoch, epochs)
+        for _ in range(steps):
+            total = None
+            for h, stream in streams.items():
+                g = [share[h] * t for t in gradients(*next(stream))]
+                total = g if total is None else [a + b for a, b in zip(total, g, strict=True)]
+            trainer.optimizer.apply_gradients(zip(total, variables, strict=True))
+        recalibrate_batchnorm(model, x_all)
         print(f"  epoch {epoch + 1}/{epochs} test acc "
               f"{evaluate(trainer, *data['test'])['accuracy']:.4f}", flush=True)
     out = final_report(trainer, data, args.seed)
@@ -218,6 +300,8 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     from leukofed.wire import batchnorm_stat_names, set_model_weights, weights_from_model
 
     model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
+    if v["fixhead"]:
+        fix_head(model, etf=v["fixhead"] == 2, seed=args.seed)
     bn_layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
                  if la.__class__.__name__ == "BatchNormalization"]
     x_pool, y_pool = data["pooled"]
@@ -264,7 +348,8 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]), pooled_class_weights=pooled,
                       pooled_class_counts=np.bincount(y_pool, minlength=len(CLASSES))
-                      if v["la"] == 3 else None)
+                      if v["la"] == 3 else None,
+                      stain_bank=stain_bank_for(data, v, args.seed * 7 + rnd))
             if v["scaffold"]:
                 control[h] = trainer.mean_gradient()
             results.append(ClientResult(h, weights_from_model(model), int(len(x))))
@@ -291,6 +376,33 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     out = final_report(trainer, data, args.seed)
     out.update(curve=curve, seconds=time.perf_counter() - start)
     return out
+
+
+def stain_bank_for(data: dict[str, Any], v: dict[str, Any], seed: int) -> np.ndarray | None:
+    """With ``sbank``: stain targets drawn from every hospital's per-class stain moments,
+    pooled (what the aggregator would send each round); else None."""
+    if not v["sbank"]:
+        return None
+    from leukofed.stain_bank import class_stain_moments, draw_stain_bank
+
+    if "stain_moments" not in data:
+        data["stain_moments"] = [class_stain_moments(x, y, len(CLASSES))
+                                 for x, y in data["hospitals"].values()]
+    return draw_stain_bank(data["stain_moments"], seed=seed)
+
+
+def fix_head(model: Any, etf: bool, seed: int) -> None:
+    """Freeze the softmax head (before the Trainer is built, so the optimizer never sees
+    it); with ``etf`` first set it to a simplex equiangular tight frame, scaled so that a
+    unit-norm feature on a class direction gives that class logit 4 above the others."""
+    head = model.get_layer("probabilities")
+    if etf:
+        kernel, bias = head.get_weights()
+        d, k = kernel.shape
+        u, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, k)))
+        frame = u @ (np.eye(k) - np.ones((k, k)) / k) * np.sqrt(k / (k - 1))
+        head.set_weights([(4.0 * frame).astype(np.float32), np.zeros_like(bias)])
+    head.trainable = False
 
 
 def scaffold_correction(control: dict[str, list[np.ndarray]], hospital: str,
@@ -454,8 +566,9 @@ def markdown(doc: dict[str, Any]) -> str:
             gap = f"{100 * (c['accuracy'] - r['accuracy']):+.1f}" if fed else "-"
             config = r.get("config", {})
             rounds = config.get("rounds") or s["rounds"]
-            # "hospital_batches" is centralized training whose batches come from one hospital
-            federation = fed and config.get("mode") not in ("hospital_batches", "central")
+            # "hospital_*" modes are centralized training on one hospital's batches
+            federation = fed and config.get("mode") not in ("hospital_batches", "hospital_sum",
+                                                            "central")
             steps = local_steps(s["train_images"], r["epochs"], config.get("batch")
                                 or doc.get("batch_size", 32)) if federation else 0.0
             budget = (f"{rounds} x {r['epochs']}" if federation
@@ -542,7 +655,9 @@ def main() -> None:
             print(f"-- variant {name}: {v}", flush=True)
             if v["mode"] == "central":  # the reference itself, with this variant's norm
                 r = central(args, data, v["epochs"] * (v["rounds"] or args.rounds), v["norm"],
-                            logit_adjustment=v["la"] == 2)
+                            logit_adjustment=v["la"] == 2, batch=v["batch"])
+            elif v["mode"] == "hospital_sum":
+                r = central_hospital_sum(args, data, v)
             elif v["mode"] == "hospital_batches":
                 r = central_hospital_batches(args, data, v)
             else:

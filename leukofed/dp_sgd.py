@@ -265,7 +265,7 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
         idx = poisson_batch(len(x), params.sampling_rate, rng)
         xb = tf.constant(x[idx], tf.float32)
         if len(idx):
-            xb = augment(xb)
+            xb = augment(xb, tf.zeros([0, 2, 3]))  # no stain bank: the batch's own stains
         loss, c, b = step.step(xb, tf.constant(y[idx], tf.int64))
         total_loss += loss
         correct += c

@@ -113,13 +113,26 @@ def _jitter(x: tf.Tensor, contrast: float, brightness: float, channel: float) ->
     return tf.clip_by_value(((x - mean) * c + mean + shift) * gain, 0.0, 255.0)
 
 
-def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+def _stain_transfer(od: tf.Tensor, mean: tf.Tensor, std: tf.Tensor,
+                    bank: tf.Tensor) -> tf.Tensor:
     """Each image's optical densities moved to the statistics of another image of the batch
-    (any class), scaled by a random factor: stain stops telling the classes apart."""
+    (any class), or with a stain ``bank`` (M, 2, 3; M > 0) to one of its targets, scaled by
+    a random factor: stain stops telling the classes apart."""
     b = tf.shape(od)[0]
-    perm = tf.random.shuffle(tf.range(b))
-    target_mean = tf.gather(mean, perm) * tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
-    target_std = tf.gather(std, perm) * tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
+
+    def from_batch() -> tuple[tf.Tensor, tf.Tensor]:
+        perm = tf.random.shuffle(tf.range(b))
+        return tf.gather(mean, perm), tf.gather(std, perm)
+
+    def from_bank() -> tuple[tf.Tensor, tf.Tensor]:
+        # A hospital's batch holds its own classes and laboratory only: the federation's
+        # pooled stains (leukofed.stain_bank) stand in for the images it does not have.
+        pick = tf.gather(bank, tf.random.uniform([b], 0, tf.shape(bank)[0], tf.int32))
+        return (tf.reshape(pick[:, 0], [b, 1, 1, 3]), tf.reshape(pick[:, 1], [b, 1, 1, 3]))
+
+    target_mean, target_std = tf.cond(tf.shape(bank)[0] > 0, from_bank, from_batch)
+    target_mean *= tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
+    target_std *= tf.random.uniform([b, 1, 1, 3], 0.75, 1.3)
     # Bounded so that a dense smear moved to a faint one's statistics is not washed out.
     scale = tf.clip_by_value(target_std / std, 0.5, 2.0)
     return (od - mean) * scale + target_mean
@@ -152,23 +165,25 @@ def _acquisition(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(x + noise * tf.random.normal(tf.shape(x)), 0.0, 255.0)
 
 
-def augment_stain(x: tf.Tensor) -> tf.Tensor:
+def augment_stain(x: tf.Tensor, bank: tf.Tensor | None = None) -> tf.Tensor:
     """The stain-robust recipe (default): dihedral, then stain transfer between images of
     any class in optical-density space, mostly with cells and background moved to
     different stains, and a common stain intensity (lighter or darker staining, as between
     laboratories); brightness, contrast, gamma and channel jitter; another microscope's
     illumination, focus and noise. No random crops (they change cell size, which the classes
     differ by) and no grayscale (CellFocus finds cells by their purple). Chosen by
-    measurement: docs/shortcuts.md."""
+    measurement: docs/shortcuts.md. ``bank``: stain targets to transfer to instead of the
+    batch's own (``leukofed.stain_bank``)."""
     b = tf.shape(x)[0]
+    bank = tf.zeros([0, 2, 3]) if bank is None else bank
     x = _dihedral(x)
     od = -tf.math.log((x + 1.0) / 256.0)
     mean = tf.reduce_mean(od, axis=[1, 2], keepdims=True)
     std = tf.math.reduce_std(od, axis=[1, 2], keepdims=True) + 1e-3
     r, g, bl = x[..., 0:1], x[..., 1:2], x[..., 2:3]
     cells = tf.sigmoid(((r + bl) / 2.0 - g - 30.0) / 5.0)  # soft purple-cell mask
-    one = _stain_transfer(od, mean, std)
-    two = _stain_transfer(od, mean, std)
+    one = _stain_transfer(od, mean, std, bank)
+    two = _stain_transfer(od, mean, std, bank)
     # Most transfers move cells and background to different stains: measured, 0.8 instead of
     # 0.5 took the spatial recolouring's loss from 6.6 to 3.8 points and the recoloured one
     # from 2.4 to 0.4 (docs/shortcuts.md); per-image normalisation cannot undo it.
@@ -190,9 +205,10 @@ def augment_stain(x: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.random.uniform([b, 1, 1, 1]) < 0.5, _acquisition(x), x)
 
 
-def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION) -> tf.Tensor:
+def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION,
+            bank: tf.Tensor | None = None) -> tf.Tensor:
     if recipe == "stain":
-        return augment_stain(x)
+        return augment_stain(x, bank)
     if recipe == "basic":
         return augment_basic(x)
     raise ValueError(f"unknown augmentation {recipe!r}; choose from {AUGMENTATIONS}")
@@ -200,8 +216,10 @@ def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION) -> tf.Tensor:
 
 def make_dataset(
     x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, seed: int = 0,
-    augmentation: str = DEFAULT_AUGMENTATION,
+    augmentation: str = DEFAULT_AUGMENTATION, stain_bank: np.ndarray | None = None,
 ) -> tf.data.Dataset:
+    """Batches of ``(x, y)``; in ``training``, shuffled and augmented (``stain_bank``: the
+    stain transfer's targets, ``leukofed.stain_bank``; None: the batch's own images)."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose from {AUGMENTATIONS}")
     ds = tf.data.Dataset.from_tensor_slices((x, y))
@@ -211,7 +229,10 @@ def make_dataset(
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         augment_batch = _augment_function(augmentation)
-        ds = ds.map(lambda a, b: (augment_batch(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+        bank = tf.constant(np.zeros((0, 2, 3), np.float32) if stain_bank is None
+                           else np.asarray(stain_bank, np.float32).reshape(-1, 2, 3))
+        ds = ds.map(lambda a, b: (augment_batch(a, bank), b),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -221,8 +242,9 @@ def _augment_function(recipe: str) -> Any:
     dataset's map it was traced again for every local fit: 0.4-0.5 s of a hospital's
     round (measured, benchmarks/bench_scale.py), more than the training itself on a small
     partition, and paid by every hospital every round."""
-    return tf.function(lambda x: augment(x, recipe),
-                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    return tf.function(lambda x, bank: augment(x, recipe, bank),
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32),
+                                        tf.TensorSpec([None, 2, 3], tf.float32)])
 
 
 def logit_prior(y: np.ndarray, n_classes: int = len(CLASSES), floor: float = 1e-4
@@ -513,6 +535,7 @@ def local_fit(
     logit_adjustment: bool = False,
     pooled_class_weights: np.ndarray | None = None,
     pooled_class_counts: np.ndarray | None = None,
+    stain_bank: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One hospital's local training in a federated round, from the weights already set on
     trainer.model. Returns aggregate numbers only (nothing per image).
@@ -526,7 +549,9 @@ def local_fit(
     hospital's loss is then its share of the centralized class-balanced loss.
     ``pooled_class_counts`` with ``logit_adjustment``: the prior is the federation's pooled
     one instead of this hospital's, so the hospitals' losses sum to the centralized
-    logit-adjusted loss."""
+    logit-adjusted loss. ``stain_bank``: the federation's pooled stain targets for the
+    augmentation (``leukofed.stain_bank``), so that this hospital's images are moved to
+    the stains of classes and laboratories it does not hold."""
     ones = np.ones(len(CLASSES), np.float32)
     local_weights = class_weights(y) if pooled_class_weights is None else pooled_class_weights
     trainer.reset(
@@ -537,7 +562,7 @@ def local_fit(
                    if pooled_class_counts is None else pooled_log_prior(pooled_class_counts)),
     )
     ds = make_dataset(x, y, min(batch_size, len(x)), training=True, seed=seed,
-                      augmentation=augmentation)
+                      augmentation=augmentation, stain_bank=stain_bank)
     stats: dict[str, float] = {}
     total = 0.0
     for _ in range(epochs):
