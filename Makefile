@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-scale bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-precision bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -169,6 +169,10 @@ bench-federated-many: setup
 # memory, bytes through Redis at 10, 50 and 200 virtual hospitals (docs/benchmarks-scale.md).
 bench-scale: setup
 	$(PY) benchmarks/bench_scale.py
+
+# Training speed under float32 and mixed bfloat16 (the ratio on this machine).
+bench-precision: setup
+	$(PY) benchmarks/bench_precision.py
 
 test-browser: setup
 	.venv/bin/pytest -q tests/browser

@@ -317,8 +317,11 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     control: dict[str, list[np.ndarray]] = {}  # SCAFFOLD: each hospital's mean gradient
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
-    strategy = make_strategy(v["strategy"], bn_mode=v["bn"],
-                             bn_stat_names=batchnorm_stat_names(model), **params)
+    if v["strategy"] == "fedexp":
+        strategy = FedExP(bn_mode=v["bn"], bn_stat_names=batchnorm_stat_names(model))
+    else:
+        strategy = make_strategy(v["strategy"], bn_mode=v["bn"],
+                                 bn_stat_names=batchnorm_stat_names(model), **params)
     global_w = weights_from_model(model)
     curve = []
     pooled = class_weights(y_pool) if v["gw"] else None
@@ -403,6 +406,52 @@ def fix_head(model: Any, etf: bool, seed: int) -> None:
         frame = u @ (np.eye(k) - np.ones((k, k)) / k) * np.sqrt(k / (k - 1))
         head.set_weights([(4.0 * frame).astype(np.float32), np.zeros_like(bias)])
     head.trainable = False
+
+
+def fedexp_step(deltas: list[dict[str, np.ndarray]], weights: list[float],
+                eps: float = 1e-3) -> float:
+    """FedExP's server step size (Jhunjhunwala et al. 2023): the weighted mean of the
+    hospitals' squared update norms over twice the squared norm of their weighted mean
+    update, at least 1. Updates that disagree (heterogeneous hospitals) cancel in the mean,
+    so the mean moves less than any hospital did: the step extrapolates it back."""
+    w = np.asarray(weights, np.float64) / float(np.sum(weights))
+    mean_sq = sum(wi * sum(float(np.sum(d * d)) for d in delta.values())
+                  for wi, delta in zip(w, deltas, strict=True))
+    avg = {n: sum(wi * delta[n] for wi, delta in zip(w, deltas, strict=True))
+           for n in deltas[0]}
+    avg_sq = sum(float(np.sum(a * a)) for a in avg.values())
+    return max(1.0, mean_sq / (2.0 * (avg_sq + eps)))
+
+
+def _fedexp_class() -> Any:
+    from leukofed.strategies import Strategy, weighted_average
+
+    class FedExPStrategy(Strategy):
+        """FedAvg whose averaged update is scaled by ``fedexp_step`` (float weights; the
+        BatchNorm statistics are averaged, then recalibrated: the weights are no client's
+        average)."""
+
+        name = "fedexp"
+        steps: list[float] = []
+
+        def _combine(self, global_weights: Any, updates: list[dict[str, np.ndarray]],
+                     num_examples: list[float]) -> Any:
+            if not global_weights:
+                return {}
+            deltas = [{n: np.asarray(u[n], np.float64) - x for n, x in global_weights.items()}
+                      for u in updates]
+            eta = fedexp_step(deltas, num_examples)
+            self.steps.append(eta)
+            print(f"  fedexp server step {eta:.2f}", flush=True)
+            avg = weighted_average(updates, num_examples)
+            return {n: x + eta * (np.asarray(avg[n], np.float64) - x)
+                    for n, x in global_weights.items()}
+
+    return FedExPStrategy
+
+
+def FedExP(**kwargs: Any) -> Any:  # noqa: N802 - a factory: leukofed imports TensorFlow lazily
+    return _fedexp_class()(**kwargs)
 
 
 def scaffold_correction(control: dict[str, list[np.ndarray]], hospital: str,
@@ -540,6 +589,10 @@ def join_scenario(args: Any) -> dict[str, Any]:
     return out
 
 
+def scenario_key(s: dict[str, Any]) -> tuple[int, str, bool, int]:
+    return (s["hospitals"], s["partition"], s["labs"], s["rounds"])
+
+
 def markdown(doc: dict[str, Any]) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
@@ -642,9 +695,10 @@ def main() -> None:
             "variants": {}, "referred_test": referred_test_share(data)}
         epochs_ref = max(v["epochs"] * (v["rounds"] or args.rounds) for v in variants.values()
                          ) // args.rounds
-        key = (int(n), scenario["partition"], args.labs)
-        before = next((e for e in doc["scenarios"] if (e["hospitals"], e["partition"], e["labs"])
-                       == key and e["rounds"] == args.rounds), None)
+        # A scenario is its hospitals, partition, laboratories and rounds: --append with
+        # other --rounds adds a scenario beside the one already there instead of replacing it.
+        key = (int(n), scenario["partition"], args.labs, args.rounds)
+        before = next((e for e in doc["scenarios"] if scenario_key(e) == key), None)
         if before and before["central"]["epochs"] == args.rounds * epochs_ref:
             scenario["central"] = before["central"]  # --append: the same reference, kept
             scenario["variants"] = before["variants"]
@@ -667,7 +721,7 @@ def main() -> None:
             print(f"  {name}: {r['accuracy']:.4f} (central {scenario['central']['accuracy']:.4f})",
                   flush=True)
             doc["scenarios"] = [s for s in doc["scenarios"]
-                                if (s["hospitals"], s["partition"], s["labs"]) != key
+                                if scenario_key(s) != key
                                 ] + [scenario]
             write_json(args.out, doc)
             Path(args.doc).write_text(markdown(doc))
