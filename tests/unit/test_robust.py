@@ -167,10 +167,13 @@ def test_one_poisoning_hospital_breaks_fedavg_not_the_robust_strategies() -> Non
     # whatever the argmax: 20.7 measured (chance is ln 4 = 1.4), the robust ones under 0.01.
     assert acc["fedavg"] <= 0.5, acc
     assert acc["fedavg_loss"] >= 5.0, acc
-    # Margins leave room for thread-order noise in TF on 2 cores.
+    # Margins leave room for thread-order noise in TF on 2 cores, and for the augmentation's
+    # random stream, which depends on what the suite ran before in the same process: the
+    # robust ones measured loss 0.0001-0.001 alone and 0.58 (accuracy 0.75) once in the full
+    # suite. Below chance (ln 4 = 1.39) is a working model; FedAvg's broken one is 18-21.
     for name in ("fedmedian", "fedtrimmedavg", "multikrum"):
         assert acc[name] >= 0.6, acc
-        assert acc[f"{name}_loss"] <= 0.5, acc
+        assert acc[f"{name}_loss"] <= 1.0, acc
     # Krum serves one honest hospital's model trained on 16 images: measured 0.5-1.0, so its
     # accuracy says little; what Krum promises is that the attacker is never the one kept.
     assert acc["krum"] > acc["fedavg"], acc
