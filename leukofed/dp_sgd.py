@@ -246,7 +246,7 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
     by default (a known seed would tell an observer which images each step used)."""
     from leukofed.labels import CLASSES
     from leukofed.models import DEFAULT_AUGMENTATION
-    from leukofed.train import _augment_function, class_weights, logit_prior
+    from leukofed.train import NO_STAIN_BANK, _augment_function, class_weights, logit_prior
 
     step = dp_step_for(trainer)
     ones = np.ones(len(CLASSES), np.float32)
@@ -265,7 +265,7 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
         idx = poisson_batch(len(x), params.sampling_rate, rng)
         xb = tf.constant(x[idx], tf.float32)
         if len(idx):
-            xb = augment(xb, tf.zeros([0, 2, 3]))  # no stain bank: the batch's own stains
+            xb = augment(xb, NO_STAIN_BANK)
         loss, c, b = step.step(xb, tf.constant(y[idx], tf.int64))
         total_loss += loss
         correct += c

@@ -165,17 +165,16 @@ def _acquisition(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(x + noise * tf.random.normal(tf.shape(x)), 0.0, 255.0)
 
 
-def augment_stain(x: tf.Tensor, bank: tf.Tensor | None = None) -> tf.Tensor:
+def augment_stain(x: tf.Tensor, bank: tf.Tensor) -> tf.Tensor:
     """The stain-robust recipe (default): dihedral, then stain transfer between images of
     any class in optical-density space, mostly with cells and background moved to
     different stains, and a common stain intensity (lighter or darker staining, as between
     laboratories); brightness, contrast, gamma and channel jitter; another microscope's
     illumination, focus and noise. No random crops (they change cell size, which the classes
     differ by) and no grayscale (CellFocus finds cells by their purple). Chosen by
-    measurement: docs/shortcuts.md. ``bank``: stain targets to transfer to instead of the
-    batch's own (``leukofed.stain_bank``)."""
+    measurement: docs/shortcuts.md. ``bank``: the stain transfer's targets
+    (``leukofed.stain_bank``), or ``NO_STAIN_BANK``: other images of the batch."""
     b = tf.shape(x)[0]
-    bank = tf.zeros([0, 2, 3]) if bank is None else bank
     x = _dihedral(x)
     od = -tf.math.log((x + 1.0) / 256.0)
     mean = tf.reduce_mean(od, axis=[1, 2], keepdims=True)
@@ -205,13 +204,16 @@ def augment_stain(x: tf.Tensor, bank: tf.Tensor | None = None) -> tf.Tensor:
     return tf.where(tf.random.uniform([b, 1, 1, 1]) < 0.5, _acquisition(x), x)
 
 
-def augment(x: tf.Tensor, recipe: str = DEFAULT_AUGMENTATION,
-            bank: tf.Tensor | None = None) -> tf.Tensor:
+def augment(x: tf.Tensor, recipe: str, bank: tf.Tensor) -> tf.Tensor:
     if recipe == "stain":
         return augment_stain(x, bank)
     if recipe == "basic":
         return augment_basic(x)
     raise ValueError(f"unknown augmentation {recipe!r}; choose from {AUGMENTATIONS}")
+
+
+# No stain targets: the stain transfer draws from the batch's own images.
+NO_STAIN_BANK = np.zeros((0, 2, 3), np.float32)
 
 
 def make_dataset(
@@ -229,7 +231,7 @@ def make_dataset(
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         augment_batch = _augment_function(augmentation)
-        bank = tf.constant(np.zeros((0, 2, 3), np.float32) if stain_bank is None
+        bank = tf.constant(NO_STAIN_BANK if stain_bank is None
                            else np.asarray(stain_bank, np.float32).reshape(-1, 2, 3))
         ds = ds.map(lambda a, b: (augment_batch(a, bank), b),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -241,7 +243,8 @@ def _augment_function(recipe: str) -> Any:
     """The recipe as one tf.function, traced once per process. Inlined into each new
     dataset's map it was traced again for every local fit: 0.4-0.5 s of a hospital's
     round (measured, benchmarks/bench_scale.py), more than the training itself on a small
-    partition, and paid by every hospital every round."""
+    partition, and paid by every hospital every round. Called as ``f(images, bank)``
+    (``NO_STAIN_BANK`` or ``leukofed.stain_bank`` targets)."""
     return tf.function(lambda x, bank: augment(x, recipe, bank),
                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32),
                                         tf.TensorSpec([None, 2, 3], tf.float32)])
@@ -321,10 +324,7 @@ class Trainer:
     def _step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            probs = self.model(x, training=True)
-            per_example = adjusted_cross_entropy(probs, y, self.log_prior)
-            w = tf.gather(self.class_weights, y)
-            loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
+            loss, probs = self.loss(x, y)
             # FedProx: mu/2 * ||w - w_global||^2 keeps local models near the global one.
             prox = tf.add_n(
                 [tf.reduce_sum(tf.square(v - a)) for v, a in zip(variables, self.anchor)]
@@ -334,6 +334,14 @@ class Trainer:
         self._apply_gradients(grads, variables)
         correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
         return loss, correct
+
+    def loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(class-weighted, logit-adjusted loss of a training-mode forward pass, its
+        probabilities): the train step's objective without the FedProx term."""
+        probs = self.model(x, training=True)
+        per_example = adjusted_cross_entropy(probs, y, self.log_prior)
+        w = tf.gather(self.class_weights, y)
+        return tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6), probs
 
     def _apply_gradients(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
         """The optimizer step (traced into the train step); a subclass that corrects the
