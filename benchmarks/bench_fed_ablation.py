@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from common import carry_earlier, header, write_json
 
+from leukofed.strategies import Strategy, weighted_average  # NumPy only, no TensorFlow
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "fedavg",
@@ -237,7 +239,6 @@ def central_hospital_sum(args: Any, data: dict[str, Any], v: dict[str, Any]) -> 
     from leukofed.models import build_model
     from leukofed.train import (
         Trainer,
-        adjusted_cross_entropy,
         class_weights,
         cosine_lr,
         evaluate,
@@ -255,10 +256,7 @@ def central_hospital_sum(args: Any, data: dict[str, Any], v: dict[str, Any]) -> 
     @tf.function
     def gradients(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            per_example = adjusted_cross_entropy(probs, y, trainer.log_prior)
-            w = tf.gather(trainer.class_weights, y)
-            loss = tf.reduce_sum(w * per_example) / tf.maximum(tf.reduce_sum(w), 1e-6)
+            loss, _ = trainer.loss(x, y)
         return tape.gradient(loss, variables)
 
     streams = {h: iter(make_dataset(x, y, args.batch_size, training=True,
@@ -423,35 +421,24 @@ def fedexp_step(deltas: list[dict[str, np.ndarray]], weights: list[float],
     return max(1.0, mean_sq / (2.0 * (avg_sq + eps)))
 
 
-def _fedexp_class() -> Any:
-    from leukofed.strategies import Strategy, weighted_average
+class FedExP(Strategy):
+    """FedAvg whose averaged update is scaled by ``fedexp_step`` (float weights; the
+    BatchNorm statistics are averaged, then recalibrated: the weights are no client's
+    average)."""
 
-    class FedExPStrategy(Strategy):
-        """FedAvg whose averaged update is scaled by ``fedexp_step`` (float weights; the
-        BatchNorm statistics are averaged, then recalibrated: the weights are no client's
-        average)."""
+    name = "fedexp"
 
-        name = "fedexp"
-        steps: list[float] = []
-
-        def _combine(self, global_weights: Any, updates: list[dict[str, np.ndarray]],
-                     num_examples: list[float]) -> Any:
-            if not global_weights:
-                return {}
-            deltas = [{n: np.asarray(u[n], np.float64) - x for n, x in global_weights.items()}
-                      for u in updates]
-            eta = fedexp_step(deltas, num_examples)
-            self.steps.append(eta)
-            print(f"  fedexp server step {eta:.2f}", flush=True)
-            avg = weighted_average(updates, num_examples)
-            return {n: x + eta * (np.asarray(avg[n], np.float64) - x)
-                    for n, x in global_weights.items()}
-
-    return FedExPStrategy
-
-
-def FedExP(**kwargs: Any) -> Any:  # noqa: N802 - a factory: leukofed imports TensorFlow lazily
-    return _fedexp_class()(**kwargs)
+    def _combine(self, global_weights: Any, updates: list[dict[str, np.ndarray]],
+                 num_examples: list[float]) -> Any:
+        if not global_weights:
+            return {}
+        deltas = [{n: np.asarray(u[n], np.float64) - x for n, x in global_weights.items()}
+                  for u in updates]
+        eta = fedexp_step(deltas, num_examples)
+        print(f"  fedexp server step {eta:.2f}", flush=True)
+        avg = weighted_average(updates, num_examples)
+        return {n: x + eta * (np.asarray(avg[n], np.float64) - x)
+                for n, x in global_weights.items()}
 
 
 def scaffold_correction(control: dict[str, list[np.ndarray]], hospital: str,
