@@ -258,14 +258,14 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
     step.noise_multiplier.assign(params.noise_multiplier)
     step.expected_batch.assign(max(params.sampling_rate * len(x), 1e-9))
     rng = rng or np.random.default_rng()
-    augment = _augment_function(augmentation or DEFAULT_AUGMENTATION)
+    stored = "uint8" if x.dtype == np.uint8 else "float32"
+    augment = _augment_function(augmentation or DEFAULT_AUGMENTATION, stored)
     total_loss = correct = seen = 0.0
     start = time.perf_counter()
     for _ in range(params.steps):
         idx = poisson_batch(len(x), params.sampling_rate, rng)
-        xb = tf.constant(x[idx], tf.float32)
-        if len(idx):
-            xb = augment(xb, NO_STAIN_BANK)
+        xb = tf.constant(x[idx], tf.as_dtype(stored))
+        xb = augment(xb, NO_STAIN_BANK) if len(idx) else tf.cast(xb, tf.float32)
         loss, c, b = step.step(xb, tf.constant(y[idx], tf.int64))
         total_loss += loss
         correct += c

@@ -21,6 +21,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from leukofed.labels import CLASSES  # noqa: E402
 from leukofed.preprocessing import PREPROCESSING  # noqa: E402
@@ -84,6 +85,39 @@ class CellFocus(keras.layers.Layer):
                 "softness": self.softness, "rim": self.rim, "fill": self.fill}
 
 
+@keras.saving.register_keras_serializable(package="leukofed")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, trained with TensorFlow's fused kernel.
+
+    Keras 3 computes a training-mode BatchNorm from separate moment, normalise and
+    update ops, forward and backward: measured 68 of a 145 ms train step of the compact CNN
+    (batch 32, 128 px, this 2-core CPU); the fused kernel and its fused gradient take 30 ms
+    of that back (``make bench-train-speed``). Same variables, same names, same moving
+    statistics (the biased batch variance, as Keras keeps), so checkpoints, the wire format
+    and FedAvg's BatchNorm handling are unchanged; inference (and so the ONNX export) runs
+    Keras' own code. Anything the fused kernel does not cover (masks, renorm, a
+    non-channels-last axis, float16 inputs) runs Keras' code too."""
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        fusable = (training and self.trainable and mask is None and not self.renorm
+                   and self.scale and self.center and inputs.dtype == "float32"
+                   and len(inputs.shape) == 4 and self.axis in (-1, 3))
+        if not fusable:
+            return super().call(inputs, training=training, mask=mask)
+        empty = tf.constant([], tf.float32)
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=empty,
+            variance=empty, epsilon=self.epsilon, is_training=True, data_format="NHWC")
+        # The kernel returns the unbiased variance (for tf.keras 2's moving average); Keras 3
+        # keeps the biased one.
+        n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+        variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+        return outputs
+
+
 def compact_cnn(inputs: keras.KerasTensor, width: int = 16, norm: str = "batch",
                 stem_stride: int = 1) -> keras.KerasTensor:
     """Four conv blocks (conv-norm-ReLU x2, max-pool): ~0.3M parameters at width 16.
@@ -103,7 +137,7 @@ def compact_cnn(inputs: keras.KerasTensor, width: int = 16, norm: str = "batch",
             if norm == "group":
                 x = keras.layers.GroupNormalization(groups=8, name=f"block{i}_gn{j}")(x)
             else:
-                x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+                x = FusedBatchNormalization(name=f"block{i}_bn{j}")(x)
             x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     return keras.layers.GlobalAveragePooling2D()(x)

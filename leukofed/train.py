@@ -99,7 +99,8 @@ def _dihedral(x: tf.Tensor) -> tf.Tensor:
 def augment_basic(x: tf.Tensor) -> tf.Tensor:
     """The old recipe: dihedral transforms and a small colour jitter. It leaves the stain,
     so a model trained with it can (and does) classify by colour: docs/shortcuts.md."""
-    return _jitter(_dihedral(x), contrast=0.1, brightness=0.08, channel=0.04)
+    return _jitter(tf.cast(_dihedral(x), tf.float32), contrast=0.1, brightness=0.08,
+                   channel=0.04)
 
 
 def _jitter(x: tf.Tensor, contrast: float, brightness: float, channel: float) -> tf.Tensor:
@@ -175,7 +176,7 @@ def augment_stain(x: tf.Tensor, bank: tf.Tensor) -> tf.Tensor:
     measurement: docs/shortcuts.md. ``bank``: the stain transfer's targets
     (``leukofed.stain_bank``), or ``NO_STAIN_BANK``: other images of the batch."""
     b = tf.shape(x)[0]
-    x = _dihedral(x)
+    x = tf.cast(_dihedral(x), tf.float32)  # on the stored bytes when given uint8: 4x less to move
     od = -tf.math.log((x + 1.0) / 256.0)
     mean = tf.reduce_mean(od, axis=[1, 2], keepdims=True)
     std = tf.math.reduce_std(od, axis=[1, 2], keepdims=True) + 1e-3
@@ -193,18 +194,22 @@ def augment_stain(x: tf.Tensor, bank: tf.Tensor) -> tf.Tensor:
     # Laboratories stain lighter or darker as a whole (labs.INSIDE "intensity" 0.8-1.25,
     # so one lab to another is 0.64-1.56x): log-uniform over that ratio.
     od = od * tf.exp(tf.random.uniform([b, 1, 1, 1], math.log(0.65), math.log(1.55)))
+    # A gamma on the transmitted light is a scale of the optical density ((e^-od)^g =
+    # e^(-g od)), so it joins the intensity instead of costing a pow over every pixel.
+    od = od * tf.random.uniform([b, 1, 1, 1], 0.7, 1.4)
     x = tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
-    gamma = tf.random.uniform([b, 1, 1, 1], 0.7, 1.4)
-    x = 255.0 * tf.pow(x / 255.0 + 1e-6, gamma)
     # No grayscale: the model's CellFocus finds cells by their purple, and a grayscale
     # photograph is referred as out of distribution (leukofed.ood) rather than answered.
     x = _jitter(x, contrast=0.3, brightness=0.12, channel=0.15)
     # Half the images keep this microscope's optics: measured, always applying them cost
     # ~1 point of test accuracy on the dataset's own acquisition.
-    return tf.where(tf.random.uniform([b, 1, 1, 1]) < 0.5, _acquisition(x), x)
+    # (Computed on those images only: the optics cost a third of the recipe's time.)
+    chosen = tf.where(tf.random.uniform([b]) < 0.5)
+    return tf.tensor_scatter_nd_update(x, chosen, _acquisition(tf.gather_nd(x, chosen)))
 
 
 def augment(x: tf.Tensor, recipe: str, bank: tf.Tensor) -> tf.Tensor:
+    """A training batch (uint8 or float32, 0-255) augmented by ``recipe``, as float32."""
     if recipe == "stain":
         return augment_stain(x, bank)
     if recipe == "basic":
@@ -228,9 +233,14 @@ def make_dataset(
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=training and len(x) >= batch_size)
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
+    # Training batches reach the augmentation as stored (uint8 from load_arrays), which
+    # turns them into float32 itself: its flips and turns then move a quarter of the bytes.
+    stored = "uint8" if training and x.dtype == np.uint8 else "float32"
+    if stored == "float32":
+        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     if training:
-        augment_batch = _augment_function(augmentation)
+        augment_batch = _augment_function(augmentation, stored)
         bank = tf.constant(NO_STAIN_BANK if stain_bank is None
                            else np.asarray(stain_bank, np.float32).reshape(-1, 2, 3))
         ds = ds.map(lambda a, b: (augment_batch(a, bank), b),
@@ -239,14 +249,15 @@ def make_dataset(
 
 
 @functools.cache
-def _augment_function(recipe: str) -> Any:
-    """The recipe as one tf.function, traced once per process. Inlined into each new
-    dataset's map it was traced again for every local fit: 0.4-0.5 s of a hospital's
-    round (measured, benchmarks/bench_scale.py), more than the training itself on a small
-    partition, and paid by every hospital every round. Called as ``f(images, bank)``
-    (``NO_STAIN_BANK`` or ``leukofed.stain_bank`` targets)."""
+def _augment_function(recipe: str, dtype: str = "float32") -> Any:
+    """The recipe as one tf.function for images of ``dtype`` ("uint8" or "float32"),
+    traced once per process. Inlined into each new dataset's map it was traced again for
+    every local fit: 0.4-0.5 s of a hospital's round (measured, benchmarks/bench_scale.py),
+    more than the training itself on a small partition, and paid by every hospital every
+    round. Called as ``f(images, bank)`` (``NO_STAIN_BANK`` or ``leukofed.stain_bank``
+    targets); returns float32 images."""
     return tf.function(lambda x, bank: augment(x, recipe, bank),
-                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32),
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype)),
                                         tf.TensorSpec([None, 2, 3], tf.float32)])
 
 

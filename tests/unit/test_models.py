@@ -156,3 +156,45 @@ def test_cell_focus_is_the_square_window_it_describes_and_commutes_with_turns() 
     for k in (1, 2, 3):
         turned = np.asarray(layer(np.ascontiguousarray(np.rot90(x, k, axes=(1, 2)))))
         assert np.allclose(np.rot90(turned, -k, axes=(1, 2)), got, atol=1e-3)
+
+
+def test_fused_batchnorm_trains_and_serves_exactly_as_keras_batchnorm() -> None:
+    """The fused kernel is a speed-up only: same outputs, gradients and moving statistics
+    (Keras keeps the biased batch variance; the kernel hands back the unbiased one)."""
+    import tensorflow as tf
+
+    from leukofed.models import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, (4, 3, 3, 5)).astype(np.float32))  # n = 36 a channel
+    layers = [keras.layers.BatchNormalization(momentum=0.7), FusedBatchNormalization(momentum=0.7)]
+    results = []
+    for layer in layers:
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5, dtype=np.float32))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5, dtype=np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y * tf.range(1.0, 6.0))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance,
+                        layer(x, training=False)])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(np.asarray(fused_value), np.asarray(keras_value),
+                                   rtol=1e-4, atol=1e-4)
+    # Frozen (not trainable) it runs in inference mode, as Keras' layer does.
+    layers[1].trainable = False
+    np.testing.assert_allclose(np.asarray(layers[1](x, training=True)),
+                               np.asarray(layers[1](x, training=False)), rtol=1e-6)
+
+
+def test_compact_cnn_batchnorm_is_the_fused_layer_with_unchanged_weight_names() -> None:
+    from leukofed.models import FusedBatchNormalization
+
+    model = build_model("compact_cnn", 64, seed=0)
+    bns = [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
+    assert bns and all(isinstance(la, FusedBatchNormalization) for la in bns)
+    assert [w.path for w in bns[0].weights] == [
+        "block0_bn0/gamma", "block0_bn0/beta", "block0_bn0/moving_mean",
+        "block0_bn0/moving_variance"]
