@@ -9,7 +9,7 @@ ROUNDS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-scale bench-precision bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-precision bench-train-speed bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -173,6 +173,10 @@ bench-scale: setup
 # Training speed under float32 and mixed bfloat16 (the ratio on this machine).
 bench-precision: setup
 	$(PY) benchmarks/bench_precision.py
+
+# Training speed against an earlier commit (SPEED_BASE=rev), alternated, medians.
+bench-train-speed: setup
+	$(PY) benchmarks/bench_train_speed.py $(if $(SPEED_BASE),--base $(SPEED_BASE))
 
 test-browser: setup
 	.venv/bin/pytest -q tests/browser
