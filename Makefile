@@ -6,6 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 HOSPITALS ?= 3
 ROUNDS ?=
+LOCAL_EPOCHS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
@@ -101,7 +102,7 @@ logs:
 	@bash scripts/stack.sh logs $(NAME)
 
 demo: setup
-	@DATA=$(DATA) HOSPITALS=$(HOSPITALS) ROUNDS=$(ROUNDS) MODEL=$(MODEL) IMAGE_SIZE=$(IMAGE_SIZE) bash scripts/demo.sh
+	@DATA=$(DATA) HOSPITALS=$(HOSPITALS) ROUNDS=$(ROUNDS) LOCAL_EPOCHS=$(LOCAL_EPOCHS) MODEL=$(MODEL) IMAGE_SIZE=$(IMAGE_SIZE) bash scripts/demo.sh
 
 # Deployment (issue 5): static checks of docker-compose.yml and the Dockerfiles, the generated
 # configuration reference, and the images (needs a Docker engine; none runs on the dev boxes).
