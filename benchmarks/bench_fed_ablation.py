@@ -286,9 +286,7 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
               after_round: Any = None) -> dict[str, Any]:
     """FedAvg-family rounds over ``data["hospitals"]``; a hospital in ``joins`` takes part
     from that round on; ``after_round(round, trainer)`` sees each new global model."""
-    import keras
-
-    from leukofed.models import build_model
+    from leukofed.models import batchnorm_layers, build_model
     from leukofed.strategies import ClientResult, make_strategy, round_learning_rate
     from leukofed.train import (
         Trainer,
@@ -302,8 +300,7 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
     model = build_model("compact_cnn", args.image_size, seed=args.seed, norm=v["norm"])
     if v["fixhead"]:
         fix_head(model, etf=v["fixhead"] == 2, seed=args.seed)
-    bn_layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
-                 if isinstance(la, keras.layers.BatchNormalization)]
+    bn_layers = batchnorm_layers(model)
     x_pool, y_pool = data["pooled"]
 
     def pooled_bn(frozen: bool = False) -> None:

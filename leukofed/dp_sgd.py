@@ -115,8 +115,9 @@ def poisson_batch(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
 
 def check_model(model: keras.Model) -> None:
     """BatchMixingModel when a layer normalises over the batch (BatchNorm)."""
-    mixing = [la.name for la in model._flatten_layers(include_self=False, recursive=True)
-              if isinstance(la, keras.layers.BatchNormalization)]
+    from leukofed.models import batchnorm_layers
+
+    mixing = [la.name for la in batchnorm_layers(model)]
     if mixing:
         raise BatchMixingModel(
             f"example-level differential privacy needs a model without BatchNorm (it mixes "
@@ -246,7 +247,13 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
     by default (a known seed would tell an observer which images each step used)."""
     from leukofed.labels import CLASSES
     from leukofed.models import DEFAULT_AUGMENTATION
-    from leukofed.train import NO_STAIN_BANK, _augment_function, class_weights, logit_prior
+    from leukofed.train import (
+        NO_STAIN_BANK,
+        _augment_function,
+        class_weights,
+        logit_prior,
+        stored_dtype,
+    )
 
     step = dp_step_for(trainer)
     ones = np.ones(len(CLASSES), np.float32)
@@ -258,7 +265,7 @@ def dp_local_fit(trainer: Any, x: np.ndarray, y: np.ndarray, params: DPSGDParams
     step.noise_multiplier.assign(params.noise_multiplier)
     step.expected_batch.assign(max(params.sampling_rate * len(x), 1e-9))
     rng = rng or np.random.default_rng()
-    stored = "uint8" if x.dtype == np.uint8 else "float32"
+    stored = stored_dtype(x)
     augment = _augment_function(augmentation or DEFAULT_AUGMENTATION, stored)
     total_loss = correct = seen = 0.0
     start = time.perf_counter()

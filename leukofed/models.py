@@ -210,14 +210,18 @@ def _backbone_output(
     return keras.layers.GlobalAveragePooling2D()(x)
 
 
+def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer (nested models included; the fused one is one too)."""
+    return [la for la in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(la, keras.layers.BatchNormalization)]
+
+
 def set_bn_momentum(model: keras.Model, momentum: float) -> int:
     """Set momentum on every BatchNormalization layer (nested models included)."""
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = momentum
-            count += 1
-    return count
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.momentum = momentum
+    return len(layers)
 
 
 def build_model(

@@ -40,6 +40,7 @@ from leukofed.models import (  # noqa: E402
     DEFAULT_CELL_FOCUS,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_ROTATION_ENSEMBLE,
+    batchnorm_layers,
 )
 from leukofed.preprocessing import load_image  # noqa: E402
 from leukofed.strategies import cosine_lr  # noqa: E402  (one schedule for epochs and rounds)
@@ -240,7 +241,7 @@ def make_dataset(
     ds = ds.batch(batch_size, drop_remainder=training and len(x) >= batch_size)
     # Training batches reach the augmentation as stored (uint8 from load_arrays), which
     # turns them into float32 itself: its flips and turns then move a quarter of the bytes.
-    stored = "uint8" if training and x.dtype == np.uint8 else "float32"
+    stored = stored_dtype(x) if training else "float32"
     if stored == "float32":
         ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -251,6 +252,12 @@ def make_dataset(
         ds = ds.map(lambda a, b: (augment_batch(a, bank), b),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def stored_dtype(x: np.ndarray) -> str:
+    """The augmentation's input type for images ``x``: "uint8" as stored by load_arrays
+    (the cheap path), anything else as "float32"."""
+    return "uint8" if x.dtype == np.uint8 else "float32"
 
 
 @functools.cache
@@ -438,8 +445,7 @@ def recalibrate_batchnorm(
     final weights over a fixed sample removes the lag. Runs eagerly because the momentum
     changes every batch (i/(i+1) gives the running mean of batch statistics).
     """
-    layers = [la for la in model._flatten_layers(include_self=False, recursive=True)
-              if isinstance(la, keras.layers.BatchNormalization)]
+    layers = batchnorm_layers(model)
     if not layers or len(x) == 0:
         return
     saved = [la.momentum for la in layers]

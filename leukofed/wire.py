@@ -239,10 +239,9 @@ def trainable_names(model: Any) -> set[str]:
 
 def batchnorm_stat_names(model: Any) -> set[str]:
     """Names of every BatchNormalization moving_mean and moving_variance (nested included)."""
-    import keras
+    from leukofed.models import batchnorm_layers
 
     ids = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            ids.update({id(layer.moving_mean), id(layer.moving_variance)})
+    for layer in batchnorm_layers(model):
+        ids.update({id(layer.moving_mean), id(layer.moving_variance)})
     return {name for name, v in _named_variables(model) if id(v) in ids}
