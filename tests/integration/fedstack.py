@@ -237,6 +237,19 @@ def wait_run(get: Callable[[], dict[str, Any]], until: Callable[[dict[str, Any]]
                        f"\nevents: {[e['message'] for e in run.get('events', [])][-15:]}")
 
 
+def wait_live(dispatcher: Any, expected: set[str], timeout: float = 60) -> set[str] | None:
+    """Poll the dispatcher's ping until exactly ``expected`` answer (or time runs out) and
+    return the last answer. One short ping right after a worker logs "ready." can miss it on a
+    loaded 2-core box (CI once saw {'a'} for {'a', 'b'}); a worker that never answers still
+    fails the caller's assertion."""
+    deadline = time.monotonic() + timeout
+    live = dispatcher.live_hospitals()
+    while live != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        live = dispatcher.live_hospitals()
+    return live
+
+
 def finished(run: dict[str, Any]) -> bool:
     return run.get("status") in ("completed", "failed", "cancelled")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from fedstack import TINY, Worker, acl_redis_server, finished, wait_run
+from fedstack import TINY, Worker, acl_redis_server, finished, wait_live, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_full_round_with_isolation_while_a_cannot_touch_b(acl_redis, tmp_path: P
             state_dir=tmp_path / "agg", cache_dir=tmp_path / "cache", tracking=False,
             poll_interval_s=0.1, ping_timeout_s=1.0)
         with TestClient(create_app(settings)) as client:
-            assert client.app.state.dispatcher.live_hospitals() == {"a", "b"}
+            assert wait_live(client.app.state.dispatcher, {"a", "b"}) == {"a", "b"}
             response = client.post("/v1/runs", json={
                 **TINY, "rounds": 1, "hospitals": ["a", "b"], "min_fit_clients": 2,
                 "round_deadline_s": 120, "max_round_retries": 0})

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 from conftest import ROOT, free_port, infra_security, wait_for_port
-from fedstack import Worker
+from fedstack import Worker, wait_live
 
 from leukofed.transport import make_celery, tls_options
 from services.aggregator.dispatch import CeleryDispatcher
@@ -134,7 +134,7 @@ def test_celery_round_trip_over_tls(tls_redis: TlsRedis, tmp_path: Path) -> None
         # The aggregator's side, built the way services/aggregator/app.py builds it.
         app = make_celery("aggregator-tls", tls_redis.url, tls=tls_redis.tls("aggregator"))
         dispatcher = CeleryDispatcher(app, ping_timeout_s=2.0)
-        assert dispatcher.live_hospitals() == {"a"}  # remote control over TLS
+        assert wait_live(dispatcher, {"a"}) == {"a"}  # remote control over TLS
         described = dispatcher.describe(["a"], timeout_s=60)
     finally:
         worker.stop()
