@@ -39,7 +39,8 @@ DEFAULT_VARIANT = {"schedule": "cosine", "la": 1, "epochs": 2, "strategy": "feda
                    "server_lr": 1.0, "momentum": 0.9, "bn": "average", "lr": 0.0,
                    "bncal": -1, "batch": 0, "norm": "batch",
                    "gw": 0, "rounds": 0, "mode": "federated",
-                   "bnfix": 0, "head": 0, "bs": 0, "scaffold": 0, "fixhead": 0, "sbank": 0}
+                   "bnfix": 0, "head": 0, "bs": 0, "scaffold": 0, "fixhead": 0, "sbank": 0,
+                   "eps": 0.0, "lamix": 0.0}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -80,7 +81,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     Li et al. 2023: every pair of classes equally far apart), zero bias; sbank 1: the
     stain-transfer augmentation draws its targets from the federation's pooled per-class
     stain statistics (leukofed.stain_bank) instead of the hospital's own batch (also in mode
-    hospital_batches)."""
+    hospital_batches); eps X: the hospitals' Adam epsilon (0: Keras' 1e-7): Adam divides by
+    the gradient's own scale, so a hospital whose logit-adjusted loss is already near zero
+    (one class held) still takes full-sized steps in whatever direction its tiny gradient
+    points, and a larger epsilon makes tiny gradients take tiny steps; lamix M: each
+    hospital's logit-adjustment prior is (1 - M) x its own class frequencies + M x the
+    federation's pooled ones, so a hospital holding one class still learns from it (M 0 is
+    the default, M 1 is la 3)."""
     name, *pairs = text.split(":")
     out = dict(DEFAULT_VARIANT)
     for pair in pairs:
@@ -311,6 +318,9 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             la.trainable = not frozen
 
     trainer = ScaffoldTrainer(model) if v["scaffold"] else Trainer(model)
+    if v["eps"]:
+        trainer.optimizer.epsilon = v["eps"]  # read when the train step is traced
+    pooled_freq = np.bincount(y_pool, minlength=len(CLASSES)) / len(y_pool)
     control: dict[str, list[np.ndarray]] = {}  # SCAFFOLD: each hospital's mean gradient
     params = {"server_lr": v["server_lr"], "momentum": v["momentum"]} \
         if v["strategy"] == "fedavgm" else {}
@@ -348,7 +358,9 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]), pooled_class_weights=pooled,
                       pooled_class_counts=np.bincount(y_pool, minlength=len(CLASSES))
-                      if v["la"] == 3 else None,
+                      if v["la"] == 3 else (1 - v["lamix"]) * np.bincount(
+                          y, minlength=len(CLASSES)) / len(y) + v["lamix"] * pooled_freq
+                      if v["lamix"] else None,
                       stain_bank=stain_bank_for(data, v, args.seed * 7 + rnd))
             if v["scaffold"]:
                 control[h] = trainer.mean_gradient()
