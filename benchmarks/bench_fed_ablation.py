@@ -288,6 +288,18 @@ def central_hospital_sum(args: Any, data: dict[str, Any], v: dict[str, Any]) -> 
     return out
 
 
+def prior_counts(v: dict[str, Any], y: np.ndarray, pooled_freq: np.ndarray
+                 ) -> np.ndarray | None:
+    """What local_fit's logit adjustment reads as class counts (None: the hospital's own):
+    the pooled frequencies (la 3), or its own mixed with them (lamix M)."""
+    if v["la"] == 3:
+        return pooled_freq
+    if v["lamix"]:
+        own = np.bincount(y, minlength=len(CLASSES)) / len(y)
+        return (1 - v["lamix"]) * own + v["lamix"] * pooled_freq
+    return None
+
+
 def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
               joins: dict[str, int] | None = None,
               after_round: Any = None) -> dict[str, Any]:
@@ -357,10 +369,7 @@ def federated(args: Any, data: dict[str, Any], v: dict[str, Any],
             local_fit(trainer, x, y, epochs=v["epochs"], batch_size=v["batch"] or args.batch_size,
                       learning_rate=lr, seed=args.seed * 1_000_003 + rnd * 101 + i,
                       logit_adjustment=bool(v["la"]), pooled_class_weights=pooled,
-                      pooled_class_counts=np.bincount(y_pool, minlength=len(CLASSES))
-                      if v["la"] == 3 else (1 - v["lamix"]) * np.bincount(
-                          y, minlength=len(CLASSES)) / len(y) + v["lamix"] * pooled_freq
-                      if v["lamix"] else None,
+                      pooled_class_counts=prior_counts(v, y, pooled_freq),
                       stain_bank=stain_bank_for(data, v, args.seed * 7 + rnd))
             if v["scaffold"]:
                 control[h] = trainer.mean_gradient()

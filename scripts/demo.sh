@@ -5,7 +5,7 @@
 # held-out test image classified by the inference service, which picks up the champion.
 #
 # Environment (all optional): DATA=../shared/data/all-pbs HOSPITALS=3 ALPHA=0.5 SCHEME=dirichlet
-#   ROUNDS=10 LOCAL_EPOCHS=6 MODEL=compact_cnn IMAGE_SIZE=128 STRATEGY=fedavg BATCH_SIZE=32
+#   ROUNDS=9 LOCAL_EPOCHS=6 MODEL=compact_cnn IMAGE_SIZE=128 STRATEGY=fedavg BATCH_SIZE=32
 #   LEARNING_RATE=0.001 SEED=0 FP16=false, LEUKOFED_CLIENT_TEST_FRACTION=0.05, and the
 #   ports of scripts/stack.sh.
 # The stack runs signed (scripts/stack.sh makes its keys and secrets in KEYS_DIR, default
