@@ -10,7 +10,7 @@ LOCAL_EPOCHS ?=
 MODEL ?=
 IMAGE_SIZE ?=
 
-.PHONY: setup test test-unit lint lock bench-scale bench-precision bench-train-speed bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
+.PHONY: setup test test-unit lint lock bench-scale bench-precision bench-train-speed bench-federated-many bench-federated-ablation bench-central bench-federated bench-strategies bench-privacy bench-privacy-example bench-inference bench-inference-rotation bench-inference-ab bench-secagg bench-refer up down \
 	status logs demo test-browser test-security keys acl secrets test-inference-alone test-fast
 
 setup:
@@ -84,6 +84,23 @@ bench-privacy: setup
 	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(DP_SCENARIOS) \
 	  --central-from benchmarks/results/federated-64px.json \
 	  --out benchmarks/results/federated-privacy.json --doc docs/benchmarks-federated-privacy.md
+	$(MAKE) bench-privacy-example
+
+# Example-level DP (DP-SGD at each hospital, GroupNorm, batch 128, 12 x 2) at several target
+# epsilons beside the same configuration without noise, then the default recipe without DP;
+# privacy_table.py writes benchmarks/results/privacy.json and docs/benchmarks-privacy.md
+# from them and the client-level runs. About 10 minutes a DP row on 2 cores.
+EXAMPLE_DP_SCENARIOS ?= 3:iid:fedavg:labs:eps8,3:iid:fedavg:labs:gn,3:iid:fedavg:labs:eps20,3:iid:fedavg:labs:eps3,3:iid:fedavg:labs:eps1
+bench-privacy-example: setup
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios $(EXAMPLE_DP_SCENARIOS) \
+	  --batch-size 128 --rounds 12 --local-epochs 2 \
+	  --central-from benchmarks/results/federated.json \
+	  --out benchmarks/results/federated-example-dp.json --doc docs/benchmarks-federated-example-dp.md
+	$(PY) benchmarks/bench_federated.py --data $(DATA) --scenarios 3:iid:fedavg:labs \
+	  --batch-size 32 --rounds 12 --local-epochs 2 --append \
+	  --central-from benchmarks/results/federated.json \
+	  --out benchmarks/results/federated-example-dp.json --doc docs/benchmarks-federated-example-dp.md
+	$(PY) benchmarks/privacy_table.py
 
 # The local stack runs signed: its keys, admin token and API key are made once in .run/keys
 # (scripts/stack.sh, leukofed/local_keys.py). LEUKOFED_DEV_MODE=1 make up (or make demo)

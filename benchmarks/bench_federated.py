@@ -22,6 +22,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,23 @@ def scenario_name(s: dict[str, Any]) -> str:
     return f"{s['hospitals']}h-{s['scheme']}{alpha}-{s['strategy']}{params}{fp}{bn}"
 
 
-def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int]) -> dict:
+@dataclass
+class Hooks:
+    """What a scenario does beyond the plain run (bench_join.py: a laboratory that joins).
+    ``prepare(hospitals_dir)`` after the partition; ``first_ids``: the hospitals whose
+    workers start with the stack (None: all); ``min_fit``: the run's quorum (None: every
+    hospital); ``on_round(round, record, env)`` after each finished round, the stack still
+    up (record: the run's, with its registered versions; env: the stack's)."""
+
+    prepare: Callable[[Path], None] | None = None
+    first_ids: list[str] | None = None
+    min_fit: int | None = None
+    on_round: Callable[[int, dict[str, Any], dict[str, str]], None] | None = None
+
+
+def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int],
+                 hooks: Hooks | None = None) -> dict:
+    hooks = hooks or Hooks()
     name = scenario_name(s)
     work = ROOT / ".run" / "bench-federated" / name
     env = {"RUN_DIR": str(work / "run"), "REDIS_PORT": str(ports["redis"]),
@@ -87,7 +105,10 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                str(s["alpha"]), "--seed", str(args.seed), "--split-manifest", str(split),
                "--force", *(["--labs", "--lab-seed", str(args.seed)] if s.get("labs") else []))
     print(table, flush=True)
-    sh("scripts/stack.sh", "up", env=env)
+    if hooks.prepare:
+        hooks.prepare(work / "hospitals")
+    sh("scripts/stack.sh", "up", env={
+        **env, **({"HOSPITAL_IDS": ",".join(hooks.first_ids)} if hooks.first_ids else {})})
     api = f"http://127.0.0.1:{ports['aggregator']}"
     try:
         ids = sorted(p.name for p in (work / "hospitals").iterdir()
@@ -103,7 +124,8 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                   "bn_mode": s["bn_mode"], "privacy": s.get("privacy"),
                   "norm": s.get("norm", "batch"),
                   "bn_calibration": s.get("bn_calibration", "auto"),
-                  "hospitals": ids, "min_fit_clients": len(ids), "round_deadline_s": 1800,
+                  "hospitals": ids, "min_fit_clients": hooks.min_fit or len(ids),
+                  "round_deadline_s": 1800,
                   "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
                   "server_test_manifest": str(split), "register_models": True,
                   "secure_aggregation": "on" if s.get("secure") else "off"}
@@ -119,6 +141,8 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                 print(f"  round {r['round']:>2}  test acc {g.get('server_test_accuracy', 0):.4f}"
                       f"  macro-F1 {g.get('server_test_macro_f1', 0):.4f}"
                       f"  {r['timings']['round_s']:.1f}s", flush=True)
+                if hooks.on_round:
+                    hooks.on_round(r["round"], rec, env)
             seen = len(rec["history"])
             if rec["status"] in ("completed", "failed", "cancelled"):
                 break
@@ -150,16 +174,26 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
             "overhead_s": r["timings"]["overhead_s"], "eval_s": r["timings"]["eval_s"],
             "bytes_per_hospital": r["bytes"],
             "dp_epsilon": g.get("dp_epsilon"),
+            "participants": sorted(r["hospitals"]),
         })
     last = rec["history"][-1]
     final["audit"] = {k: v for k, v in last["global"].items() if k.startswith("audit_")}
+    # The membership-inference audit (leukofed.membership; run on the last round) and the
+    # clinical pair, for the privacy table (benchmarks/privacy_table.py).
+    final["membership"] = {k: v for k, v in last["global"].items()
+                           if k.startswith("membership_")}
+    final["malignant"] = {k: last["global"].get(f"server_test_malignant_{k}")
+                          for k in ("sensitivity", "specificity")}
     final["hospital_test_accuracy"] = {h: m.get("test_accuracy")
                                        for h, m in last["hospitals"].items()}
     # Calibration fitted from the hospitals' validation sums, measured on the server test.
     final["calibration"] = {k: last["global"].get(k) for k in CALIBRATION_KEYS}
     return {"scenario": name, **s, "image_size": size, "partition_table": table,
+            "batch_size": args.batch_size, "rounds_budget": args.rounds,
+            "local_epochs": args.local_epochs,
             "virtual_hospitals": virtual,
-            "run_id": run_id, "wall_s": wall, "rounds": rounds, "final": final}
+            "run_id": run_id, "versions": rec.get("versions", {}), "wall_s": wall,
+            "rounds": rounds, "final": final}
 
 
 def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, size: int,

@@ -1,0 +1,155 @@
+"""A laboratory joins a running federation, through the real stack (issue 24, item 3).
+
+N hospitals, each its own simulated laboratory (Dirichlet label skew), train from round 1;
+hospital N+1, whose laboratory lies outside the training range (leukofed.labs "outside"),
+starts its worker once round ``--join-round`` - 1 is done and takes part from the next
+round it is live for. The version of the round before it first took part and the final
+version are read back from MLflow and judged on the aggregator's held-out test images
+under the joining laboratory: the share the version's own acquisition check refers, and
+the accuracy; beside the same images under each training laboratory. The result is the
+``join`` section of ``benchmarks/results/federated.json`` (its scenarios stay as they are).
+
+    .venv/bin/python benchmarks/bench_join.py            # 3 hospitals + 1, join at round 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_federated import ROOT, VENV, Hooks, run_scenario, sh  # noqa: E402
+from common import header, referred_share, write_json  # noqa: E402
+
+# The joining laboratory's draw: the in-process harness's (bench_fed_ablation.py --join).
+JOINING_LAB_STREAM = 3
+
+
+def judge(version: str, mlflow_url: str, split: Path, size: int,
+          labs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Accuracy and referred share of ``version`` on the test split under each laboratory
+    (acquisition files), the refer check being the version's own acquisition profile."""
+    import mlflow
+
+    from leukofed.labs import load_acquisition
+    from leukofed.metrics import classification_metrics
+    from leukofed.ood import AcquisitionProfile
+    from leukofed.splits import read_manifest
+    from leukofed.train import load_arrays
+    from registry.model_versions import DEFAULT_MODEL_NAME, load_version
+    from services.aggregator.keras_ops import predict_in_batches
+
+    mlflow.set_tracking_uri(mlflow_url)
+    loaded = load_version(version, DEFAULT_MODEL_NAME)
+    profile = AcquisitionProfile.from_dict(loaded.metadata["acquisition_profile"])
+    out = {}
+    for name, lab_file in labs.items():
+        x, y = load_arrays(read_manifest(split).test, size, acquisition=load_acquisition(lab_file))
+        m = classification_metrics(y, predict_in_batches(loaded.model, x))
+        out[name] = {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
+                     "referred": referred_share(profile, x)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "all-pbs"))
+    p.add_argument("--hospitals", type=int, default=3, help="hospitals from round 1")
+    p.add_argument("--join-round", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--model", default="compact_cnn")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--virtual-above", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
+    args = p.parse_args()
+    from leukofed.labs import ACQUISITION_FILE, draw_acquisition, write_acquisition
+    from leukofed.partition import hospital_ids
+
+    work = ROOT / ".run" / "bench-federated"
+    work.mkdir(parents=True, exist_ok=True)
+    split = work / "split.json"
+    sh(str(VENV / "leukofed"), "data", "split", args.data, str(split), "--seed", str(args.seed))
+    ports = {"redis": 6390, "mlflow": 5090, "aggregator": 8091}
+    ids = hospital_ids(args.hospitals + 1)
+    joiner = ids[-1]
+    lab = draw_acquisition(np.random.default_rng([args.seed, JOINING_LAB_STREAM]), "outside",
+                           name="joining")
+    labs: dict[str, Path] = {}
+    judged: dict[str, Any] = {}
+    state = {"started_at": None}
+
+    def prepare(hospitals: Path) -> None:  # the joiner's laboratory: outside the range
+        write_acquisition(hospitals / joiner / ACQUISITION_FILE, lab)
+        labs.update({h: hospitals / h / ACQUISITION_FILE for h in ids})
+
+    def on_round(rnd: int, rec: dict[str, Any], env: dict[str, str]) -> None:
+        mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
+        joined = any(joiner in r["hospitals"] for r in rec["history"])
+        # The version the joining laboratory would be served just before it joins (judged
+        # from the round before its worker starts until it first takes part).
+        if not joined and rnd >= args.join_round - 1:
+            judged["before"] = {"round": rnd, "version": rec["versions"][str(rnd)],
+                                **judge(rec["versions"][str(rnd)], mlflow_url, split,
+                                        args.image_size, labs)}
+        if rnd == args.join_round - 1 and state["started_at"] is None:
+            print(f"  starting hospital {joiner}'s worker (laboratory outside the range)",
+                  flush=True)
+            sh("scripts/stack.sh", "up", env={**env, "HOSPITAL_IDS": joiner})
+            state["started_at"] = rnd
+        if rnd == args.rounds:
+            judged["after"] = {"round": rnd, "version": rec["versions"][str(rnd)],
+                               **judge(rec["versions"][str(rnd)], mlflow_url, split,
+                                       args.image_size, labs)}
+
+    s = {"hospitals": args.hospitals + 1, "scheme": "dirichlet", "strategy": "fedavg",
+         "labs": True, "recipe": "new", "fp16": False, "alpha": args.alpha,
+         "bn_mode": "average", "norm": "batch", "bn_calibration": "auto", "secure": False,
+         "params": {}}
+    args.scenarios = None
+    res = run_scenario(s, args, split, ports, Hooks(
+        prepare=prepare, first_ids=ids[:-1], min_fit=args.hospitals, on_round=on_round))
+    first = next((r["round"] for r in res["rounds"] if joiner in r["participants"]), None)
+    before, after = judged.get("before", {}), judged["after"]
+    others = {h: after[h]["accuracy"] for h in ids[:-1]}
+    join = {
+        "command": header()["command"], "date": header()["date"],
+        "hospitals": args.hospitals, "joining_hospital": joiner, "joining_lab": lab.to_dict(),
+        "worker_started_after_round": state["started_at"], "first_round_with_joiner": first,
+        "rounds": args.rounds,
+        "rounds_after_join": args.rounds - first + 1 if first else 0,
+        "version_before": before.get("version"), "version_after": after["version"],
+        "joining_lab_referred_before": before.get(joiner, {}).get("referred"),
+        "joining_lab_accuracy_before": before.get(joiner, {}).get("accuracy"),
+        "joining_lab_referred_after": after[joiner]["referred"],
+        "joining_lab_accuracy_after": after[joiner]["accuracy"],
+        "other_labs": others,
+        "other_labs_accuracy": float(np.mean(list(others.values()))),
+        "other_labs_referred": float(np.mean([after[h]["referred"] for h in ids[:-1]])),
+        "test_accuracy": res["rounds"][-1]["test_accuracy"],
+        "participants_by_round": {r["round"]: r["participants"] for r in res["rounds"]},
+        "audit": res["final"].get("audit"), "referred": res["final"].get("referred"),
+        "partition_table": res["partition_table"], "run_id": res["run_id"],
+        "wall_s": res["wall_s"],
+        "targets": {"joining_lab_referred_after_at_most": 0.05,
+                    "accuracy_within_points_of_others": 2.0},
+    }
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {**header(), "scenarios": []}
+    doc["join"] = join
+    write_json(out, doc)
+    print(json.dumps({k: v for k, v in join.items() if k not in (
+        "joining_lab", "audit", "partition_table", "participants_by_round")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
