@@ -38,7 +38,10 @@ def level_of(s: dict[str, Any]) -> str:
 def row(s: dict[str, Any], source: str) -> dict[str, Any]:
     """One scenario of a bench_federated results file as a row of the privacy table."""
     final, summary = s.get("final") or {}, s["summary"]
-    audit, membership = final.get("audit") or {}, final.get("membership") or {}
+    # The same offline audit for every row where it was run (audit_final_versions.py): a
+    # DP version has no federated colour audit, its hospitals send no stain statistics.
+    audit = final.get("audit_offline") or final.get("audit") or {}
+    membership = final.get("membership") or {}
     malignant = final.get("malignant") or {}
     privacy = s.get("privacy") or {}
     level = level_of(s)
@@ -69,7 +72,12 @@ def row(s: dict[str, Any], source: str) -> dict[str, Any]:
                                    else None),
         "follow_colour": audit.get("audit_follow_colour"),
         "colour_forest_accuracy": audit.get("audit_histogram_accuracy"),
-        "referred_test": (final.get("referred") or {}).get("in_distribution_test"),
+        "audit_source": ("offline" if final.get("audit_offline") else
+                         "federated" if final.get("audit") else None),
+        # The card's refer share: test images whose 95% prediction set is not one class.
+        "referred_test": (final.get("calibration") or {}).get("server_test_set_refer_share"),
+        # Outside the version's acquisition profile (none under example-level DP).
+        "outside_profile_test": (final.get("referred") or {}).get("in_distribution_test"),
         "mean_round_s": summary.get("mean_round_s"),
         "mean_fit_wall_s": (sum(r["fit_wall_s"] for r in rounds) / len(rounds)
                             if rounds else None),
@@ -122,8 +130,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "- accuracy, malignant sensitivity / specificity: the final round's model on the "
         "aggregator's 422 held-out test images; *recoloured*: the same images recoloured "
         "to another class's stain (gap in points, share of answers that follow the colour); "
-        "*forest*: the colour-histogram forest on the same split; *referred*: share of the "
-        "test images the version's acquisition check refers; *AUC / TPR@1%*: the "
+        "*forest*: the colour-histogram forest on the same split (cross-fitted on the test "
+        "split, as the aggregator does); *referred*: share of the test images whose 95% "
+        "prediction set is not one class (the card's refer share); *outside*: share outside "
+        "the version's acquisition profile (none is built under example-level DP: its "
+        "hospitals send no image statistics); *AUC / TPR@1%*: the "
         "federated membership-inference audit of the final version (0.5 is a coin); "
         "*fit x*: local training wall time against the non-private row of the same "
         "configuration",
@@ -133,8 +144,8 @@ def markdown(doc: dict[str, Any]) -> str:
         + (", ".join(doc["target_met_by"]) or "**no row**"), "",
         "| level | epsilon | norm | batch | rounds x epochs | accuracy | macro-F1 "
         "| sens. / spec. | AUC | TPR@1% | recoloured (gap, follow) | forest | referred "
-        "| round s | fit x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| outside | round s | fit x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         eps = r["epsilon"]
@@ -148,7 +159,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {f(r['macro_f1'])} | {f(r['malignant_sensitivity'], 2)} / "
             f"{f(r['malignant_specificity'], 2)} | {f(r['membership_auc'])} "
             f"| {f(r['tpr_at_1pct_fpr'])} | {rec} | {f(r['colour_forest_accuracy'])} "
-            f"| {f(r['referred_test'])} | {f(r['mean_round_s'], 1)} "
+            f"| {f(r['referred_test'])} | {f(r['outside_profile_test'])} "
+            f"| {f(r['mean_round_s'], 1)} "
             f"| {f(r['fit_time_ratio_to_non_private'], 2)} |")
     lines += ["", "Scenarios: " + "; ".join(f"`{r['scenario']}` ({r['source']})"
                                             for r in doc["rows"]), ""]

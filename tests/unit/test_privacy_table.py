@@ -29,7 +29,8 @@ def scenario(name: str, privacy: dict[str, Any] | None, accuracy: float, epsilon
                             "audit_follow_colour": 0.03, "audit_histogram_accuracy": 0.9},
                   "membership": {"membership_auc": auc, "membership_tpr_at_1pct_fpr": 0.01},
                   "malignant": {"sensitivity": sensitivity, "specificity": 0.9},
-                  "referred": {"in_distribution_test": 0.04}},
+                  "referred": {"in_distribution_test": 0.04},
+                  "calibration": {"server_test_set_refer_share": 0.06}},
     }
 
 
@@ -50,6 +51,13 @@ def test_rows_levels_time_ratio_and_target(tmp_path: Path, monkeypatch: Any) -> 
     client = write(tmp_path / "client.json", [
         scenario("dp0.1", {"mode": "central", "noise_multiplier": 0.1}, 0.15, 1510.0, 0.5,
                  fit_s=5.0, batch=32)])
+    # The DP row has no federated colour audit, only the offline one (audit_final_versions)
+    scenarios = json.loads(example.read_text())["scenarios"]
+    scenarios[1]["final"]["audit"] = {}
+    scenarios[1]["final"]["audit_offline"] = {
+        "audit_original_accuracy": 0.60, "audit_recoloured_accuracy": 0.55,
+        "audit_follow_colour": 0.2, "audit_histogram_accuracy": 0.9}
+    write(example, scenarios)
     doc = privacy_table.build(example, client)
     rows = {r["scenario"]: r for r in doc["rows"]}
     assert [rows[n]["level"] for n in ("none-gn", "eps8", "dp0.1")] == [
@@ -59,7 +67,13 @@ def test_rows_levels_time_ratio_and_target(tmp_path: Path, monkeypatch: Any) -> 
     # DP fit time against the non-private row of the same norm, batch and budget
     assert rows["eps8"]["fit_time_ratio_to_non_private"] == 2.5
     assert rows["dp0.1"]["fit_time_ratio_to_non_private"] is None  # no companion there
-    assert abs(rows["eps8"]["recolouring_gap_points"] - 2.0) < 1e-9
+    assert abs(rows["eps8"]["recolouring_gap_points"] - 5.0) < 1e-9
+    assert rows["eps8"]["audit_source"] == "offline"
+    assert rows["none-gn"]["audit_source"] == "federated"
+    assert abs(rows["none-gn"]["recolouring_gap_points"] - 2.0) < 1e-9
+    # the card's refer share (prediction sets), and the acquisition check's apart
+    assert rows["eps8"]["referred_test"] == 0.06
+    assert rows["eps8"]["outside_profile_test"] == 0.04
     assert rows["eps8"]["malignant_sensitivity"] == 0.97
     assert rows["eps8"]["membership_auc"] == 0.50
     # eps20 is accurate but above epsilon 8; eps8 is private enough but not accurate
