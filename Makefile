@@ -100,6 +100,7 @@ bench-privacy-example: setup
 	  --batch-size 32 --rounds 12 --local-epochs 2 --append \
 	  --central-from benchmarks/results/federated.json \
 	  --out benchmarks/results/federated-example-dp.json --doc docs/benchmarks-federated-example-dp.md
+	$(PY) benchmarks/audit_final_versions.py benchmarks/results/federated-example-dp.json
 	$(PY) benchmarks/privacy_table.py
 
 # The local stack runs signed: its keys, admin token and API key are made once in .run/keys

@@ -636,7 +636,7 @@ def main() -> None:
         doc["scenarios"].append(res)
         write_json(args.out, doc)
     plot(doc, ROOT / doc["curves_png"])
-    if any(r.get("privacy") for r in doc["scenarios"]):
+    if privacy_rows(doc):  # client-level rows (example-level ones: privacy_table.py)
         doc["epsilon_png"] = f"docs/img/{Path(args.out).stem}-epsilon.png"
         plot_epsilon(doc, ROOT / doc["epsilon_png"])
         write_json(args.out, doc)

@@ -35,8 +35,11 @@ def level_of(s: dict[str, Any]) -> str:
     return "example" if privacy.get("level") == "example" else "client"
 
 
-def row(s: dict[str, Any], source: str) -> dict[str, Any]:
-    """One scenario of a bench_federated results file as a row of the privacy table."""
+def row(s: dict[str, Any], source: str, config: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+    """One scenario of a bench_federated results file as a row of the privacy table
+    (``config``: the file's run configuration, for scenarios that do not carry theirs)."""
+    config = config or {}
     final, summary = s.get("final") or {}, s["summary"]
     # The same offline audit for every row where it was run (audit_final_versions.py): a
     # DP version has no federated colour audit, its hospitals send no stain statistics.
@@ -55,10 +58,12 @@ def row(s: dict[str, Any], source: str) -> dict[str, Any]:
         "delta": privacy.get("delta", 1e-5) if level != "none" else None,
         "noise_multiplier": privacy.get("noise_multiplier"),
         "norm": s.get("norm", "batch"), "recipe": s.get("recipe", "new"),
-        "image_size": s.get("image_size"), "hospitals": s["hospitals"],
+        "image_size": s.get("image_size") or (64 if s.get("recipe") == "old"
+                                               else config.get("image_size")),
+        "hospitals": s["hospitals"],
         "scheme": s["scheme"], "labs": s.get("labs", False),
-        "batch_size": s.get("batch_size"), "rounds": len(rounds),
-        "local_epochs": s.get("local_epochs"),
+        "batch_size": s.get("batch_size", config.get("batch_size")), "rounds": len(rounds),
+        "local_epochs": s.get("local_epochs", config.get("local_epochs")),
         "accuracy": summary.get("final_test_accuracy"),
         "macro_f1": summary.get("final_test_macro_f1"),
         "best_round_accuracy": summary.get("best_test_accuracy"),
@@ -91,7 +96,7 @@ def build(example: Path, client: Path) -> dict[str, Any]:
             doc = json.loads(path.read_text())
             name = (str(path.resolve().relative_to(ROOT.resolve()))
                     if path.resolve().is_relative_to(ROOT.resolve()) else str(path))
-            rows += [row(s, name) for s in doc["scenarios"]]
+            rows += [row(s, name, doc.get("config")) for s in doc["scenarios"]]
     # The time cost: each DP row's local training against the non-private row of the same
     # configuration (same norm, batch, budget), as a ratio of fit wall time.
     for r in rows:
@@ -112,6 +117,41 @@ def build(example: Path, client: Path) -> dict[str, Any]:
         TARGET_SENSITIVITY, "membership_auc_at_most": TARGET_AUC},
         "target_met_by": [r["scenario"] for r in meets]})
     return doc
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Accuracy and malignant specificity against epsilon (example level), the non-private
+    rows of the same sources as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in doc["rows"] if r["level"] == "example" and r["epsilon"]),
+                  key=lambda r: r["epsilon"])
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    if rows:
+        eps = [r["epsilon"] for r in rows]
+        ax.plot(eps, [r["accuracy"] for r in rows], "o-", label="accuracy (DP-SGD)")
+        ax.plot(eps, [r["malignant_specificity"] or 0 for r in rows], "s--",
+                label="malignant specificity (DP-SGD)")
+    sources = {r["source"] for r in rows}
+    for r, style in zip([r for r in doc["rows"] if r["level"] == "none"
+                         and r["source"] in sources], (":", "-.", "--")):
+        ax.axhline(r["accuracy"], color="grey", linestyle=style,
+                   label=f"no DP: {r['norm'].capitalize()}Norm, batch {r['batch_size']} "
+                         f"({r['accuracy']:.3f})")
+    ax.axhline(TARGET_ACCURACY, color="red", linewidth=0.8, label="target accuracy")
+    ax.axvline(TARGET_EPSILON, color="red", linewidth=0.8, linestyle=":")
+    ax.set(xscale="log", ylim=(0, 1), xlabel="epsilon at delta 1e-5 (log)",
+           ylabel="on the aggregator's test split",
+           title="Example-level DP, 3 hospitals: what each epsilon costs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -142,10 +182,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{TARGET_ACCURACY}, malignant sensitivity >= {TARGET_SENSITIVITY}, membership "
         f"AUC <= {TARGET_AUC}; met by: "
         + (", ".join(doc["target_met_by"]) or "**no row**"), "",
-        "| level | epsilon | norm | batch | rounds x epochs | accuracy | macro-F1 "
+        "| level | epsilon | norm | px | batch | rounds x epochs | accuracy | macro-F1 "
         "| sens. / spec. | AUC | TPR@1% | recoloured (gap, follow) | forest | referred "
         "| outside | round s | fit x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         eps = r["epsilon"]
@@ -154,7 +194,8 @@ def markdown(doc: dict[str, Any]) -> str:
                f"{r['recoloured_accuracy']:.3f} ({r['recolouring_gap_points']:.1f}, "
                f"{100 * (r['follow_colour'] or 0):.1f}%)")
         lines.append(
-            f"| {r['level']} | {eps_s} | {r['norm']} | {f(r['batch_size'])} "
+            f"| {r['level']} | {eps_s} | {r['norm']} | {f(r['image_size'])} "
+            f"| {f(r['batch_size'])} "
             f"| {r['rounds']} x {f(r['local_epochs'])} | {f(r['accuracy'])} "
             f"| {f(r['macro_f1'])} | {f(r['malignant_sensitivity'], 2)} / "
             f"{f(r['malignant_specificity'], 2)} | {f(r['membership_auc'])} "
@@ -162,6 +203,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {f(r['referred_test'])} | {f(r['outside_profile_test'])} "
             f"| {f(r['mean_round_s'], 1)} "
             f"| {f(r['fit_time_ratio_to_non_private'], 2)} |")
+    if doc.get("plot_png"):
+        lines += ["", f"![accuracy against epsilon](../{doc['plot_png']})"]
     lines += ["", "Scenarios: " + "; ".join(f"`{r['scenario']}` ({r['source']})"
                                             for r in doc["rows"]), ""]
     return "\n".join(lines)
@@ -175,6 +218,8 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-privacy.md"))
     args = p.parse_args()
     doc = build(Path(args.example), Path(args.client))
+    doc["plot_png"] = "docs/img/privacy-epsilon.png"
+    plot(doc, ROOT / doc["plot_png"])
     write_json(args.out, doc)
     Path(args.doc).write_text(markdown(doc))
     print(markdown(doc))
