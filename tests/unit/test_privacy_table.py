@@ -4,13 +4,20 @@ files shaped as bench_federated.py writes them (made up here: no training)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+# benchmarks/common.py turns on the services' development mode for the whole process when
+# imported (benchmarks start bare services); the tests after this one must not inherit it.
+_DEV_MODE = os.environ.get("LEUKOFED_DEV_MODE")
 import privacy_table  # noqa: E402
+
+if _DEV_MODE is None:
+    os.environ.pop("LEUKOFED_DEV_MODE", None)
 
 
 def scenario(name: str, privacy: dict[str, Any] | None, accuracy: float, epsilon: float | None,
