@@ -137,13 +137,17 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
         while True:
             rec = httpx.get(f"{api}/v1/runs/{run_id}", timeout=30).json()
             for r in rec["history"][seen:]:
+                # A round shows in the history a moment before its version is registered:
+                # a hook that reads the version waits for the next poll.
+                if hooks.on_round and str(r["round"]) not in rec.get("versions", {}):
+                    break
                 g = r["global"]
                 print(f"  round {r['round']:>2}  test acc {g.get('server_test_accuracy', 0):.4f}"
                       f"  macro-F1 {g.get('server_test_macro_f1', 0):.4f}"
                       f"  {r['timings']['round_s']:.1f}s", flush=True)
                 if hooks.on_round:
                     hooks.on_round(r["round"], rec, env)
-            seen = len(rec["history"])
+                seen += 1
             if rec["status"] in ("completed", "failed", "cancelled"):
                 break
             time.sleep(2)
@@ -444,6 +448,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   "not a plain average).", ""]
     lines += robustness_lines(doc)
     lines += calibration_lines(doc)
+    lines += join_lines(doc)
     if doc.get("epsilon_png"):
         lines += ["## Accuracy against epsilon", "",
                   f"Plot: `{doc['epsilon_png']}`. Central mode, adaptive clipping (target "
@@ -462,6 +467,34 @@ def markdown(doc: dict[str, Any]) -> str:
 def f(v: Any) -> str:
     """A table cell: three decimals, or "-" when not measured."""
     return "-" if v is None else f"{float(v):.3f}"
+
+
+def join_lines(doc: dict[str, Any]) -> list[str]:
+    """The ``join`` section (benchmarks/bench_join.py): a laboratory that joins."""
+    j = doc.get("join")
+    if not j:
+        return []
+    others = ", ".join(f"{h} {a:.3f}" for h, a in j["other_labs"].items())
+    return [
+        "## A laboratory joins", "",
+        f"`{j['command']}` ({j['date']}): {j['hospitals']} hospitals (Dirichlet, each its "
+        f"own laboratory) train from round 1; hospital {j['joining_hospital']}, whose "
+        f"laboratory lies outside the training range, starts its worker after round "
+        f"{j['worker_started_after_round']} and first takes part in round "
+        f"{j['first_round_with_joiner']} of {j['rounds']}. Judged on the aggregator's test "
+        "images under each laboratory, by the version of the round before it joined and "
+        "the final one (the refer check: each version's own acquisition profile).", "",
+        "| | joining laboratory referred | joining laboratory accuracy | training "
+        "laboratories' accuracy (mean) | training laboratories referred |",
+        "|---|---|---|---|---|",
+        f"| before joining (version {j['version_before']}) | "
+        f"{f(j['joining_lab_referred_before'])} | {f(j['joining_lab_accuracy_before'])} "
+        "| - | - |",
+        f"| after {j['rounds_after_join']} rounds with it (version {j['version_after']}) | "
+        f"{f(j['joining_lab_referred_after'])} | {f(j['joining_lab_accuracy_after'])} | "
+        f"{f(j['other_labs_accuracy'])} ({others}) | {f(j['other_labs_referred'])} |", "",
+        "Targets: the joining laboratory referred <= 0.05 after joining, its accuracy within "
+        "2 points of the others'.", ""]
 
 
 def calibration_lines(doc: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_federated import ROOT, VENV, Hooks, run_scenario, sh  # noqa: E402
+from bench_federated import ROOT, VENV, Hooks, markdown, run_scenario, sh  # noqa: E402
 from common import header, referred_share, write_json  # noqa: E402
 
 # The joining laboratory's draw: the in-process harness's (bench_fed_ablation.py --join).
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--virtual-above", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
     args = p.parse_args()
     from leukofed.labs import ACQUISITION_FILE, draw_acquisition, write_acquisition
     from leukofed.partition import hospital_ids
@@ -147,6 +148,8 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.is_file() else {**header(), "scenarios": []}
     doc["join"] = join
     write_json(out, doc)
+    if doc.get("scenarios"):
+        Path(args.doc).write_text(markdown(doc))
     print(json.dumps({k: v for k, v in join.items() if k not in (
         "joining_lab", "audit", "partition_table", "participants_by_round")}, indent=1))
 
