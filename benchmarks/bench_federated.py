@@ -50,6 +50,16 @@ def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
+def prepare_split(data: str, seed: int) -> tuple[Path, dict[str, int]]:
+    """The block split every scenario shares (test blocks held out at the aggregator), and
+    the ports the benchmark's stacks use (apart from a stack `make up` may be running)."""
+    work = ROOT / ".run" / "bench-federated"
+    work.mkdir(parents=True, exist_ok=True)
+    split = work / "split.json"
+    sh(str(VENV / "leukofed"), "data", "split", data, str(split), "--seed", str(seed))
+    return split, {"redis": 6390, "mlflow": 5090, "aggregator": 8091}
+
+
 def scenario_name(s: dict[str, Any]) -> str:
     fp = "-fp16" if s["fp16"] else ""
     bn = "-fedbn" if s["bn_mode"] == "local" else ""
@@ -618,11 +628,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
     args = p.parse_args()
-    work = ROOT / ".run" / "bench-federated"
-    work.mkdir(parents=True, exist_ok=True)
-    split = work / "split.json"
-    sh(str(VENV / "leukofed"), "data", "split", args.data, str(split), "--seed", str(args.seed))
-    ports = {"redis": 6390, "mlflow": 5090, "aggregator": 8091}
+    split, ports = prepare_split(args.data, args.seed)
     doc = header()
     doc["config"] = {k: getattr(args, k) for k in ("model", "image_size", "rounds",
                                                    "local_epochs", "batch_size",

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_federated import ROOT, VENV, Hooks, markdown, run_scenario, sh  # noqa: E402
+from bench_federated import (  # noqa: E402
+    ROOT,
+    Hooks,
+    markdown,
+    prepare_split,
+    run_scenario,
+    sh,
+)
 from common import header, referred_share, write_json  # noqa: E402
 
 # The joining laboratory's draw: the in-process harness's (bench_fed_ablation.py --join).
@@ -76,11 +83,7 @@ def main() -> None:
     from leukofed.labs import ACQUISITION_FILE, draw_acquisition, write_acquisition
     from leukofed.partition import hospital_ids
 
-    work = ROOT / ".run" / "bench-federated"
-    work.mkdir(parents=True, exist_ok=True)
-    split = work / "split.json"
-    sh(str(VENV / "leukofed"), "data", "split", args.data, str(split), "--seed", str(args.seed))
-    ports = {"redis": 6390, "mlflow": 5090, "aggregator": 8091}
+    split, ports = prepare_split(args.data, args.seed)
     ids = hospital_ids(args.hospitals + 1)
     joiner = ids[-1]
     lab = draw_acquisition(np.random.default_rng([args.seed, JOINING_LAB_STREAM]), "outside",
