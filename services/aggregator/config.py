@@ -198,6 +198,13 @@ class RunConfig(BaseModel):
     max_norm_ratio: float = Field(10.0, gt=0)
     jit_compile: bool = Field(
         False, description="XLA for the local train step (measured slower on CPU for most models)")
+    join_probation_margin: float | None = Field(
+        0.05, ge=0, le=1, description="a hospital that joins after the run's first round "
+        "has its laboratory answered (its acquisition statistics in the served profile, "
+        "leukofed.ood) only once the new model's accuracy on its own validation images is "
+        "within this margin of the established hospitals' at its class mix (at least 20 "
+        "images; services/aggregator/round_logic.profile_members); until then its images are "
+        "referred. None: every participant's laboratory answered from the round it joins")
     coverage: float = Field(0.95, ge=0.5, lt=1, description="conformal prediction sets: "
                             "the share of images whose set holds the true class, per class "
                             "(leukofed.calibration); a set of more than one class says refer")

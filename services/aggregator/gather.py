@@ -49,6 +49,7 @@ class Gather:
         # The step in progress (round, task, selected, answered, failed, deadline): shown by
         # the run's API and /metrics while a round runs.
         self.progress: dict[str, object] = {}
+        self.candidates: list[str] = []  # the hospitals the last selection chose from
 
     # ------------------------------------------------------------ select
 
@@ -58,6 +59,11 @@ class Gather:
         d = self.deps
         while True:
             live = self.live(cfg.hospitals)
+            # Who could have been chosen: a run's first selection makes them its established
+            # hospitals (round_logic.profile_members), sampled this round or not.
+            self.candidates = sorted((set(live) & set(cfg.hospitals) if cfg.hospitals
+                                      else set(live)) if live is not None
+                                     else cfg.hospitals or ())
             if poisson_sampling(cfg):
                 pool = sorted(cfg.hospitals or live or ())
                 if pool or d.clock() >= deadline:

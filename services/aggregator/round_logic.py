@@ -117,7 +117,81 @@ def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None,
     return out
 
 
-def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
+# A hospital that joins a run after its first round has its laboratory answered (its
+# acquisition statistics in the served profile) only once the model does about as well on
+# its own validation images as on the established hospitals' (``profile_members``).
+PROBATION_MIN_VAL_IMAGES = 20
+
+
+def _recalls(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall per class, support per class) of a confusion matrix (rows: true class)."""
+    support = cm.sum(axis=1)
+    return np.diag(cm) / np.maximum(support, 1), support
+
+
+def profile_members(used: Iterable[str], evaluations: Mapping[str, EvaluateAnswer],
+                    established: Iterable[str] | None, margin: float | None
+                    ) -> tuple[set[str], set[str], dict[str, str]]:
+    """Whose acquisition statistics the served profile pools this round, and who is
+    established from now on.
+
+    The refer check answers an image only when it looks like the pooled training images
+    (leukofed.ood). Pooling a joining hospital's statistics at once makes its laboratory
+    "answered" the round it joins, before the model has learned it: measured through the
+    real stack, a laboratory from outside the training range went from 100% referred to
+    1.4% while 30% of its answers were wrong (docs/federated-recipe.md, point 16). So the
+    hospitals of a run's first round are established; a later one is on probation until the
+    new model's accuracy on its own validation split is within ``margin`` of what the
+    established hospitals' pooled per-class recalls give at its class mix (classes they do
+    not hold are left out of both), on at least ``PROBATION_MIN_VAL_IMAGES`` images. Once
+    established, always (no flapping between rounds). ``established`` None: the run's first
+    round; ``margin`` None: no probation (every participant pooled, as before).
+
+    Returns (hospitals to pool, established after this round, {hospital on probation:
+    why})."""
+    used = set(used)
+    if established is None or margin is None:
+        return used, used | set(established or ()), {}
+    established = set(established)
+    others = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    for h in established:
+        split = evaluations[h].splits.get("val") if h in evaluations else None
+        if split is not None and split.confusion_matrix is not None:
+            others += np.asarray(split.confusion_matrix, np.int64)
+    recall_others, support_others = _recalls(others)
+    passed: set[str] = set()
+    held: dict[str, str] = {}
+    for h in sorted(used - established):
+        if not others.sum():
+            held[h] = ("on probation: no established hospital's validation this round to "
+                       "compare with; its images stay referred")
+            continue
+        split = evaluations[h].splits.get("val") if h in evaluations else None
+        cm = (np.asarray(split.confusion_matrix, np.int64)
+              if split is not None and split.confusion_matrix is not None else None)
+        known = support_others > 0
+        n = int(cm[known].sum()) if cm is not None else 0
+        if n < PROBATION_MIN_VAL_IMAGES:
+            held[h] = (f"on probation: {n} validation images of classes the established "
+                       f"hospitals hold, fewer than {PROBATION_MIN_VAL_IMAGES} to show that "
+                       "the model answers its laboratory; its images stay referred")
+            continue
+        assert cm is not None
+        support = cm.sum(axis=1)
+        accuracy = float(np.diag(cm)[known].sum() / n)
+        expected = float((support[known] * recall_others[known]).sum() / n)
+        if accuracy >= expected - margin:
+            passed.add(h)
+        else:
+            held[h] = (f"on probation: accuracy {accuracy:.3f} on its {n} validation images "
+                       f"against {expected:.3f} for the established hospitals at its class "
+                       f"mix (margin {margin:g}); its images stay referred until it is within it")
+    members = used & (established | passed)
+    return members or used, established | passed, held
+
+
+def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str],
+                           profile_from: Iterable[str] | None = None
                            ) -> tuple[JsonMap | None, list[list[list[float]]] | None,
                                       dict[str, str]]:
     """Pool the participants' acquisition statistics and per-class stain sums, exactly.
@@ -125,7 +199,10 @@ def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
     Returns (acquisition profile as stored in a version's metadata, class stain targets
     for the shortcut audit, {hospital: why its statistics were left out}). A hospital whose
     statistics are missing or malformed still contributes its update; only the profile
-    leaves it out, with the reason logged."""
+    leaves it out, with the reason logged. ``profile_from``: the participants whose
+    acquisition statistics the profile pools (``profile_members``; default all); the stain
+    targets pool every participant."""
+    profile_from = set(used) if profile_from is None else set(profile_from)
     from leukofed.audit import targets_from_sums
     from leukofed.ood import AcquisitionProfile, ProfileStats
 
@@ -134,12 +211,14 @@ def pool_training_profiles(answers: Mapping[str, FitReport], used: Iterable[str]
     skipped: dict[str, str] = {}
     for hospital in sorted(used):
         answer = answers.get(hospital)
-        try:
-            stats = ProfileStats.from_dict(dict(answer.acquisition or {}) if answer else {})
-        except (ValueError, KeyError, TypeError) as exc:
-            skipped[hospital] = f"acquisition statistics unusable: {exc}"
-            continue
-        pooled = stats if pooled is None else pooled.merge(stats)
+        if hospital in profile_from:
+            try:
+                stats = ProfileStats.from_dict(dict(answer.acquisition or {}) if answer
+                                               else {})
+            except (ValueError, KeyError, TypeError) as exc:
+                skipped[hospital] = f"acquisition statistics unusable: {exc}"
+                continue
+            pooled = stats if pooled is None else pooled.merge(stats)
         if answer is not None and answer.stain_sums is not None:
             sums.append(answer.stain_sums)
     profile = None
@@ -317,20 +396,26 @@ class PooledRound:
     # (hospital, message) for each hospital left out of a pooled number, in order
     left_out: list[tuple[str, str]] = field(default_factory=list)
     membership: JsonMap | None = None  # the membership-inference audit (leukofed.membership)
+    # hospitals whose laboratory the run answers from now on (profile_members)
+    established: list[str] = field(default_factory=list)
 
 
 def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
                evaluations: Mapping[str, EvaluateAnswer], coverage: float,
-               sums: CalibrationSums | None = None) -> PooledRound:
+               sums: CalibrationSums | None = None, established: Iterable[str] | None = None,
+               probation_margin: float | None = None) -> PooledRound:
     """Pooled evaluation metrics, acquisition profile, stain targets and calibration of a
     round; ``used``: the hospitals whose update counted, ``reports`` their fit answers;
     ``sums``: the calibration sums already pooled as the evaluations arrived (else pooled
-    here from ``evaluations``)."""
+    here from ``evaluations``); ``established`` and ``probation_margin``: a joining
+    hospital's probation (``profile_members``)."""
     pooled, matrices = combine_evaluations(evaluations)
     metrics = {f"{split}_{k}": v for split, m in pooled.items() for k, v in m.items()}
-    profile, stain_targets, skipped = pool_training_profiles(reports, used)
+    members, now_established, probation = profile_members(used, evaluations, established,
+                                                           probation_margin)
+    profile, stain_targets, skipped = pool_training_profiles(reports, used, members)
     left_out = [(h, f"left out of the acquisition profile ({reason})")
-                for h, reason in skipped.items()]
+                for h, reason in {**probation, **skipped}.items()]
     if sums is not None:
         calibration, unusable = sums.report(coverage), sums.skipped
     else:
@@ -347,7 +432,7 @@ def pool_round(reports: Mapping[str, FitReport], used: Iterable[str],
 
         metrics.update(report_metrics(membership))
     return PooledRound(metrics, matrices, profile, stain_targets, calibration, left_out,
-                       membership)
+                       membership, sorted(now_established))
 
 
 def round_summary(server_round: int, attempt: int, selected: list[str], answered: Iterable[str],

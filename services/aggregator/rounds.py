@@ -325,6 +325,10 @@ class FederatedRun:
             self._check()
             deadline = clock() + cfg.round_deadline_s
             selected = g.select(cfg, rng, deadline)
+            if "established_hospitals" not in self.record:
+                # The run's first selection: every hospital it could choose from is
+                # established (its laboratory answered); later ones join on probation.
+                self.record["established_hospitals"] = sorted(set(g.candidates) | set(selected))
             if poisson and len(selected) < cfg.min_fit_clients:
                 raise RoundAborted(
                     f"the Poisson sample took {len(selected)} of {g.pool_size} hospitals, "
@@ -426,7 +430,9 @@ class FederatedRun:
         test split, and audit it there where it may be promoted (audit_plan; ``skipped``
         gets the reason where not). Returns the summary and the audit's seconds."""
         pooled = pool_round(fit.reports, fit.participants, evaluations, cfg.coverage,
-                            calibration_sums)
+                            calibration_sums, self.record.get("established_hospitals"),
+                            cfg.join_probation_margin)
+        self.record["established_hospitals"] = pooled.established
         for hospital, message in pooled.left_out:
             self.event(f"round {server_round}: {hospital} {message}", round=server_round,
                        hospital=hospital)

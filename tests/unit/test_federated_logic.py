@@ -222,3 +222,72 @@ def test_training_class_counts_for_the_card_skip_what_is_missing_or_malformed() 
     typed = {h: FitReport.decode(a) for h, a in answers.items()}
     assert training_class_counts(typed, ["a", "b", "c"]) == {
         "a": {"Benign": 3, "Early": 4, "Pre": 5, "Pro": 6}}
+
+
+def _val_evaluation(confusion: list[list[int]]) -> EvaluateAnswer:
+    n = int(np.sum(confusion))
+    return EvaluateAnswer.decode({"splits": {"val": {"n": n, "confusion_matrix": confusion}},
+                                  "num_examples": n})
+
+
+def _diagonal(correct: list[int], wrong: list[int]) -> list[list[int]]:
+    """A confusion matrix with ``correct[c]`` right and ``wrong[c]`` called class c + 1."""
+    cm = np.zeros((4, 4), int)
+    for c in range(4):
+        cm[c, c] = correct[c]
+        cm[c, (c + 1) % 4] += wrong[c]
+    return cm.tolist()
+
+
+def test_a_joining_hospital_is_answered_only_once_the_model_does_as_well_on_its_images(
+) -> None:
+    from services.aggregator.round_logic import profile_members
+
+    # a and b established: recall Benign 0.9, Early 0.8, Pre 1.0, Pro 1.0 on their pooled val
+    established_val = {"a": _val_evaluation(_diagonal([9, 8, 10, 10], [1, 2, 0, 0])),
+                       "b": _val_evaluation(_diagonal([9, 8, 10, 10], [1, 2, 0, 0]))}
+    # d holds Benign and Early only: the established hospitals would score
+    # (20 x 0.9 + 20 x 0.8) / 40 = 0.85 at its class mix
+    lagging = {**established_val, "d": _val_evaluation(_diagonal([14, 12, 0, 0], [6, 8, 0, 0]))}
+    members, established, held = profile_members(["a", "b", "d"], lagging, ["a", "b"], 0.05)
+    assert members == {"a", "b"} and established == {"a", "b"}
+    assert "0.650" in held["d"] and "0.850" in held["d"] and "referred" in held["d"]
+    # within the margin (0.825 >= 0.85 - 0.05): answered from this round on
+    close = {**established_val, "d": _val_evaluation(_diagonal([17, 16, 0, 0], [3, 4, 0, 0]))}
+    members, established, held = profile_members(["a", "b", "d"], close, ["a", "b"], 0.05)
+    assert members == {"a", "b", "d"} and established == {"a", "b", "d"} and not held
+    # once established, a bad round does not take it back out
+    members, established, _ = profile_members(["a", "b", "d"], lagging, ["a", "b", "d"], 0.05)
+    assert members == {"a", "b", "d"}
+    # too few validation images to tell: stays referred
+    few = {**established_val, "d": _val_evaluation(_diagonal([5, 5, 0, 0], [0, 0, 0, 0]))}
+    members, _, held = profile_members(["a", "b", "d"], few, ["a", "b"], 0.05)
+    assert members == {"a", "b"} and "10 validation images" in held["d"]
+    # the run's first round: everyone is established; no probation configured: everyone
+    assert profile_members(["a", "b"], established_val, None, 0.05)[:2] == (
+        {"a", "b"}, {"a", "b"})
+    assert profile_members(["a", "b", "d"], lagging, ["a", "b"], None)[0] == {"a", "b", "d"}
+    # no established hospital took part: the profile pools who did rather than nothing
+    members, established, held = profile_members(["d"], lagging, ["a", "b"], 0.05)
+    assert members == {"d"} and established == {"a", "b"} and "d" in held
+
+
+def test_the_pooled_profile_leaves_a_hospital_on_probation_out() -> None:
+    from leukofed.ood import AcquisitionProfile, ProfileStats
+    from services.aggregator.round_logic import pool_round
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(150, 256, (12, 32, 32, 3), dtype=np.uint8)
+    reports = {h: FitReport.decode({"acquisition": ProfileStats.of_images(part).to_dict()})
+               for h, part in (("a", images[:4]), ("b", images[4:8]), ("d", images[8:]))}
+    evaluations = {"a": _val_evaluation(_diagonal([9, 8, 10, 10], [1, 2, 0, 0])),
+                   "b": _val_evaluation(_diagonal([9, 8, 10, 10], [1, 2, 0, 0])),
+                   "d": _val_evaluation(_diagonal([14, 12, 0, 0], [6, 8, 0, 0]))}
+    pooled = pool_round(reports, ["a", "b", "d"], evaluations, 0.95,
+                        established=["a", "b"], probation_margin=0.05)
+    assert AcquisitionProfile.from_dict(pooled.profile).count == 8
+    assert pooled.established == ["a", "b"]
+    assert any(h == "d" and "probation" in why for h, why in pooled.left_out)
+    first = pool_round(reports, ["a", "b", "d"], evaluations, 0.95, probation_margin=0.05)
+    assert AcquisitionProfile.from_dict(first.profile).count == 12
+    assert first.established == ["a", "b", "d"]

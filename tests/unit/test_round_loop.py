@@ -245,6 +245,24 @@ def test_hospital_joining_between_rounds_takes_part_next_round(tmp_path) -> None
     run.deps.tracker = tracker
     rec = run.execute()
     assert [r["selected"] for r in rec["rounds"]] == [["a"], ["a", "b"]]
+    # b's laboratory is not answered yet: nothing shows the model does well on its images
+    # (these fake hospitals send no validation split), so it stays on probation
+    assert rec["established_hospitals"] == ["a"]
+    assert any("b left out of the acquisition profile (on probation" in e["message"]
+               for e in rec["events"])
+
+
+def test_hospitals_live_at_the_start_but_not_sampled_are_not_joiners(tmp_path) -> None:
+    # Partial participation: a share of three sampled a round. All three were there when the
+    # run began, so all three are established, whichever the first round took.
+    clock = Clock()
+    d = FakeDispatcher(clock, {h: honest(1.0, 1) for h in "abc"}, live={"a", "b", "c"})
+    run = make_run(tmp_path, d, clock, hospitals=None, fraction=0.34, rounds=2)
+    rec = run.execute()
+    assert rec["status"] == "completed", rec["reason"]
+    assert len(rec["rounds"][0]["selected"]) < 3  # one of them was not in round 1
+    assert rec["established_hospitals"] == ["a", "b", "c"]
+    assert not any("probation" in e["message"] for e in rec["events"])
 
 
 def calibrating(delta: float, n: int, stats: dict[str, Any] | None = None,
