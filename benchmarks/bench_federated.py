@@ -94,6 +94,7 @@ class Hooks:
     first_ids: list[str] | None = None
     min_fit: int | None = None
     on_round: Callable[[int, dict[str, Any], dict[str, str]], None] | None = None
+    config: dict[str, Any] | None = None  # run-configuration keys to add or override
 
 
 def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int],
@@ -139,6 +140,7 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
                   "seed": args.seed, "fp16": s["fp16"], "jit_compile": False,
                   "server_test_manifest": str(split), "register_models": True,
                   "secure_aggregation": "on" if s.get("secure") else "off"}
+        config.update(hooks.config or {})
         run = httpx.post(f"{api}/v1/runs", json=config, timeout=30)
         run.raise_for_status()
         run_id = run.json()["id"]
@@ -504,7 +506,10 @@ def join_lines(doc: dict[str, Any]) -> list[str]:
         f"{f(j['joining_lab_referred_after'])} | {f(j['joining_lab_accuracy_after'])} | "
         f"{f(j['other_labs_accuracy'])} ({others}) | {f(j['other_labs_referred'])} |", "",
         "Targets: the joining laboratory referred <= 0.05 after joining, its accuracy within "
-        "2 points of the others'.", ""]
+        "2 points of the others'.", "",
+        f"Probation margin (`join_probation_margin`): {j.get('join_probation_margin')}; "
+        f"laboratories answered at the end: {j.get('established_at_end')}."
+        + "".join(f" {m}." for m in j.get("probation_events", [])[-1:]), ""]
 
 
 def calibration_lines(doc: dict[str, Any]) -> list[str]:

@@ -79,6 +79,9 @@ def main() -> None:
     p.add_argument("--virtual-above", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks-federated.md"))
+    p.add_argument("--probation-margin", default="0.05",
+                   help="the run's join_probation_margin; 'none': every participant's "
+                        "laboratory answered from the round it joins (before 2026-12-08)")
     args = p.parse_args()
     from leukofed.labs import ACQUISITION_FILE, draw_acquisition, write_acquisition
     from leukofed.partition import hospital_ids
@@ -90,7 +93,8 @@ def main() -> None:
                            name="joining")
     labs: dict[str, Path] = {}
     judged: dict[str, Any] = {}
-    state = {"started_at": None}
+    state: dict[str, Any] = {"started_at": None, "record": {}}
+    margin = None if args.probation_margin == "none" else float(args.probation_margin)
 
     def prepare(hospitals: Path) -> None:  # the joiner's laboratory: outside the range
         write_acquisition(hospitals / joiner / ACQUISITION_FILE, lab)
@@ -98,6 +102,7 @@ def main() -> None:
 
     def on_round(rnd: int, rec: dict[str, Any], env: dict[str, str]) -> None:
         mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
+        state["record"] = rec
         joined = any(joiner in r["hospitals"] for r in rec["history"])
         # The version the joining laboratory would be served just before it joins (judged
         # from the round before its worker starts until it first takes part).
@@ -121,7 +126,9 @@ def main() -> None:
          "params": {}}
     args.scenarios = None
     res = run_scenario(s, args, split, ports, Hooks(
-        prepare=prepare, first_ids=ids[:-1], min_fit=args.hospitals, on_round=on_round))
+        prepare=prepare, first_ids=ids[:-1], min_fit=args.hospitals, on_round=on_round,
+        config={"join_probation_margin": margin}))
+    record = state["record"]
     first = next((r["round"] for r in res["rounds"] if joiner in r["participants"]), None)
     before, after = judged.get("before", {}), judged["after"]
     others = {h: after[h]["accuracy"] for h in ids[:-1]}
@@ -129,8 +136,12 @@ def main() -> None:
         "command": header()["command"], "date": header()["date"],
         "hospitals": args.hospitals, "joining_hospital": joiner, "joining_lab": lab.to_dict(),
         "worker_started_after_round": state["started_at"], "first_round_with_joiner": first,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "join_probation_margin": margin,
         "rounds_after_join": args.rounds - first + 1 if first else 0,
+        # whose laboratory the final version answers, and why the joiner's is not (if so)
+        "established_at_end": record.get("established_hospitals"),
+        "probation_events": [e["message"] for e in record.get("events", [])
+                             if "probation" in e.get("message", "")][-3:],
         "version_before": before.get("version"), "version_after": after["version"],
         "joining_lab_referred_before": before.get(joiner, {}).get("referred"),
         "joining_lab_accuracy_before": before.get(joiner, {}).get("accuracy"),

@@ -43,6 +43,9 @@ def get_run(run_id: str, request: Request) -> dict[str, Any]:
     return {**_brief(record), "config": record["config"], "versions": record["versions"],
             "history": record["rounds"], "aborted_rounds": record.get("aborted_rounds", []),
             "events": record["events"][-100:],
+            # Whose laboratory the run's versions answer; a hospital that joined later and
+            # is not listed is on probation (its images referred; the events say why).
+            "established_hospitals": record.get("established_hospitals"),
             # While a round runs: its step, selected / answered / failed, deadline.
             "progress": request.app.state.manager.progress(run_id),
             "mlflow_url": request.app.state.mlflow_url(record)}
