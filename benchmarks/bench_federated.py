@@ -482,13 +482,20 @@ def f(v: Any) -> str:
 
 
 def join_lines(doc: dict[str, Any]) -> list[str]:
-    """The ``join`` section (benchmarks/bench_join.py): a laboratory that joins."""
-    j = doc.get("join")
-    if not j:
-        return []
+    """The ``join`` sections (benchmarks/bench_join.py): a laboratory that joins, with the
+    default probation and without it."""
+    lines: list[str] = []
+    for key, title in (("join", "A laboratory joins"),
+                       ("join_without_probation", "A laboratory joins, without probation")):
+        if doc.get(key):
+            lines += one_join_lines(doc[key], title)
+    return lines
+
+
+def one_join_lines(j: dict[str, Any], title: str) -> list[str]:
     others = ", ".join(f"{h} {a:.3f}" for h, a in j["other_labs"].items())
     return [
-        "## A laboratory joins", "",
+        f"## {title}", "",
         f"`{j['command']}` ({j['date']}): {j['hospitals']} hospitals (Dirichlet, each its "
         f"own laboratory) train from round 1; hospital {j['joining_hospital']}, whose "
         f"laboratory lies outside the training range, starts its worker after round "

@@ -103,7 +103,7 @@ def main() -> None:
     def on_round(rnd: int, rec: dict[str, Any], env: dict[str, str]) -> None:
         mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
         state["record"] = rec
-        joined = any(joiner in r["hospitals"] for r in rec["history"])
+        joined = any(joiner in r["hospitals"] for r in rec["history"] if r["round"] <= rnd)
         # The version the joining laboratory would be served just before it joins (judged
         # from the round before its worker starts until it first takes part).
         if not joined and rnd >= args.join_round - 1:
@@ -160,7 +160,9 @@ def main() -> None:
     }
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {**header(), "scenarios": []}
-    doc["join"] = join
+    # The default (a joining laboratory on probation) is the "join" section; the
+    # same scenario without probation is kept beside it for comparison.
+    doc["join" if margin is not None else "join_without_probation"] = join
     write_json(out, doc)
     if doc.get("scenarios"):
         Path(args.doc).write_text(markdown(doc))
