@@ -334,6 +334,6 @@ class RunRecord(TypedDict, total=False):
     cancel_requested: bool
     aborted_rounds: list[dict[str, object]]
     rejections: dict[str, dict[str, int]]  # hospital -> reason -> count
-    # Hospitals whose laboratory the run answers: the first round's, and later ones once out
-    # of probation (services/aggregator/round_logic.profile_members).
+    # Hospitals whose laboratory the run answers: those its first selection could choose,
+    # and later ones once out of probation (services/aggregator/round_logic.profile_members).
     established_hospitals: list[str]

@@ -61,9 +61,8 @@ class Gather:
             live = self.live(cfg.hospitals)
             # Who could have been chosen: a run's first selection makes them its established
             # hospitals (round_logic.profile_members), sampled this round or not.
-            self.candidates = sorted((set(live) & set(cfg.hospitals) if cfg.hospitals
-                                      else set(live)) if live is not None
-                                     else cfg.hospitals or ())
+            pool = set(cfg.hospitals or ()) if live is None else set(live)
+            self.candidates = sorted(pool & set(cfg.hospitals) if cfg.hospitals else pool)
             if poisson_sampling(cfg):
                 pool = sorted(cfg.hospitals or live or ())
                 if pool or d.clock() >= deadline:

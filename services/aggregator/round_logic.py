@@ -123,10 +123,13 @@ def hospital_metrics(fit: FitReport | None, evaluation: EvaluateAnswer | None,
 PROBATION_MIN_VAL_IMAGES = 20
 
 
-def _recalls(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall per class, support per class) of a confusion matrix (rows: true class)."""
-    support = cm.sum(axis=1)
-    return np.diag(cm) / np.maximum(support, 1), support
+def _val_confusion(evaluations: Mapping[str, EvaluateAnswer], hospital: str
+                   ) -> np.ndarray | None:
+    """A hospital's validation confusion matrix from its evaluate answer, if it sent one."""
+    split = evaluations[hospital].splits.get("val") if hospital in evaluations else None
+    if split is None or split.confusion_matrix is None:
+        return None
+    return np.asarray(split.confusion_matrix, np.int64)
 
 
 def profile_members(used: Iterable[str], evaluations: Mapping[str, EvaluateAnswer],
@@ -155,10 +158,12 @@ def profile_members(used: Iterable[str], evaluations: Mapping[str, EvaluateAnswe
     established = set(established)
     others = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
     for h in established:
-        split = evaluations[h].splits.get("val") if h in evaluations else None
-        if split is not None and split.confusion_matrix is not None:
-            others += np.asarray(split.confusion_matrix, np.int64)
-    recall_others, support_others = _recalls(others)
+        cm = _val_confusion(evaluations, h)
+        if cm is not None:
+            others += cm
+    support_others = others.sum(axis=1)
+    recall_others = np.diag(others) / np.maximum(support_others, 1)
+    known = support_others > 0  # classes the established hospitals hold
     passed: set[str] = set()
     held: dict[str, str] = {}
     for h in sorted(used - established):
@@ -166,10 +171,7 @@ def profile_members(used: Iterable[str], evaluations: Mapping[str, EvaluateAnswe
             held[h] = ("on probation: no established hospital's validation this round to "
                        "compare with; its images stay referred")
             continue
-        split = evaluations[h].splits.get("val") if h in evaluations else None
-        cm = (np.asarray(split.confusion_matrix, np.int64)
-              if split is not None and split.confusion_matrix is not None else None)
-        known = support_others > 0
+        cm = _val_confusion(evaluations, h)
         n = int(cm[known].sum()) if cm is not None else 0
         if n < PROBATION_MIN_VAL_IMAGES:
             held[h] = (f"on probation: {n} validation images of classes the established "
