@@ -205,11 +205,26 @@ def run_scenario(s: dict[str, Any], args: Any, split: Path, ports: dict[str, int
     # Calibration fitted from the hospitals' validation sums, measured on the server test.
     final["calibration"] = {k: last["global"].get(k) for k in CALIBRATION_KEYS}
     return {"scenario": name, **s, "image_size": size, "partition_table": table,
-            "batch_size": args.batch_size, "rounds_budget": args.rounds,
-            "local_epochs": args.local_epochs,
+            "batch_size": args.batch_size, "local_epochs": args.local_epochs,
             "virtual_hospitals": virtual,
-            "run_id": run_id, "versions": rec.get("versions", {}), "wall_s": wall,
-            "rounds": rounds, "final": final}
+            "run_id": run_id, "wall_s": wall, "rounds": rounds, "final": final}
+
+
+def score_under_lab(model: Any, profile: Any, split: Path, size: int, lab_file: Path
+                    ) -> dict[str, Any]:
+    """Accuracy, macro-F1 and referred share of ``model`` on the test split rendered under a
+    simulated laboratory (an acquisition file); ``profile``: the version's acquisition
+    profile (None: no refer check, referred None)."""
+    from leukofed.labs import load_acquisition
+    from leukofed.metrics import classification_metrics
+    from leukofed.splits import read_manifest
+    from leukofed.train import load_arrays
+    from services.aggregator.keras_ops import predict_in_batches
+
+    x, y = load_arrays(read_manifest(split).test, size, acquisition=load_acquisition(lab_file))
+    m = classification_metrics(y, predict_in_batches(model, x))
+    return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
+            "referred": None if profile is None else referred_share(profile, x)}
 
 
 def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, size: int,
@@ -219,14 +234,12 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     it would refer (its own acquisition profile, leukofed.ood; probes: leukofed.probes)."""
     import mlflow
 
-    from leukofed.labs import ACQUISITION_FILE, UNSEEN_LAB_DIR, load_acquisition
-    from leukofed.metrics import classification_metrics
+    from leukofed.labs import ACQUISITION_FILE, UNSEEN_LAB_DIR
     from leukofed.ood import AcquisitionProfile
     from leukofed.probes import probe_sets
     from leukofed.splits import read_manifest
     from leukofed.train import load_arrays
     from registry.model_versions import DEFAULT_MODEL_NAME, load_version
-    from services.aggregator.keras_ops import predict_in_batches
 
     mlflow.set_tracking_uri(f"http://127.0.0.1:{ports['mlflow']}")
     version = rec["versions"][str(rec["history"][-1]["round"])]
@@ -246,11 +259,7 @@ def final_model_report(rec: dict[str, Any], ports: dict[str, int], split: Path, 
     subset = x[:: max(1, len(x) // 120)][:120]
     out["referred"].update({k: referred(v) for k, v in probe_sets(subset, seed).items()})
     def under(lab_file: Path) -> dict[str, Any]:
-        lx, ly = load_arrays(read_manifest(split).test, size,
-                             acquisition=load_acquisition(lab_file))
-        m = classification_metrics(ly, predict_in_batches(loaded.model, lx))
-        return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
-                "referred": referred(lx)}
+        return score_under_lab(loaded.model, profile, split, size, lab_file)
 
     lab_file = hospitals / UNSEEN_LAB_DIR / ACQUISITION_FILE
     if lab_file.is_file():

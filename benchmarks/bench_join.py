@@ -29,38 +29,30 @@ from bench_federated import (  # noqa: E402
     markdown,
     prepare_split,
     run_scenario,
+    score_under_lab,
     sh,
 )
-from common import header, referred_share, write_json  # noqa: E402
+from common import header, write_json  # noqa: E402
 
 # The joining laboratory's draw: the in-process harness's (bench_fed_ablation.py --join).
 JOINING_LAB_STREAM = 3
 
 
 def judge(version: str, mlflow_url: str, split: Path, size: int,
-          labs: dict[str, Path]) -> dict[str, dict[str, float]]:
+          labs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Accuracy and referred share of ``version`` on the test split under each laboratory
     (acquisition files), the refer check being the version's own acquisition profile."""
     import mlflow
 
-    from leukofed.labs import load_acquisition
-    from leukofed.metrics import classification_metrics
     from leukofed.ood import AcquisitionProfile
-    from leukofed.splits import read_manifest
-    from leukofed.train import load_arrays
     from registry.model_versions import DEFAULT_MODEL_NAME, load_version
-    from services.aggregator.keras_ops import predict_in_batches
 
     mlflow.set_tracking_uri(mlflow_url)
     loaded = load_version(version, DEFAULT_MODEL_NAME)
-    profile = AcquisitionProfile.from_dict(loaded.metadata["acquisition_profile"])
-    out = {}
-    for name, lab_file in labs.items():
-        x, y = load_arrays(read_manifest(split).test, size, acquisition=load_acquisition(lab_file))
-        m = classification_metrics(y, predict_in_batches(loaded.model, x))
-        out[name] = {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
-                     "referred": referred_share(profile, x)}
-    return out
+    profile_dict = loaded.metadata.get("acquisition_profile")
+    profile = AcquisitionProfile.from_dict(profile_dict) if profile_dict else None
+    return {name: score_under_lab(loaded.model, profile, split, size, lab_file)
+            for name, lab_file in labs.items()}
 
 
 def main() -> None:
